@@ -1,0 +1,1 @@
+"""Thin KFP v2 components: parse inputs, call :mod:`medseg`, write artefacts."""

@@ -1,0 +1,21 @@
+"""The container image every component runs in on a cluster: one registry prefix and tag, configurable.
+
+``MEDSEG_IMAGE_REGISTRY`` (default ``ghcr.io/medseg-ops``) and ``MEDSEG_IMAGE_TAG`` (default the package
+version) are read when the pipeline module is imported, i.e. when it is compiled.
+"""
+
+import os
+
+import medseg
+
+REGISTRY = os.environ.get("MEDSEG_IMAGE_REGISTRY", "ghcr.io/medseg-ops")
+TAG = os.environ.get("MEDSEG_IMAGE_TAG", medseg.__version__)
+
+
+def image(stage: str) -> str:
+    return f"{REGISTRY}/medseg-{stage}:{TAG}"
+
+
+# kfp.local runs components in this same environment, where medseg is installed already: never let a
+# component pip-install kfp or anything else from an index at run time.
+COMPONENT_OPTIONS = {"install_kfp_package": False}

@@ -1,0 +1,23 @@
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Output
+
+from components.image import COMPONENT_OPTIONS, image
+
+
+@dsl.component(base_image=image("base"), **COMPONENT_OPTIONS)
+def promote(model_name: str, version: str, evaluation: Input[Artifact], margin: float, primary_region: str, mlflow_tracking_uri: str, decision: Output[Artifact]) -> NamedTuple("Promotion", [("promoted", bool), ("champion_version", str)]):
+    """Gate the challenger against the champion on the same test cases; move ``champion`` if it passes."""
+    from collections import namedtuple
+    from pathlib import Path
+
+    from medseg import schemas
+    from medseg.io import write_json
+    from medseg.registry.registry import promote as run_promote
+
+    metrics = schemas.Metrics.load(Path(evaluation.path))
+    out = run_promote(model_name, version, mlflow_tracking_uri, metrics.per_case, margin=margin, primary_region=primary_region)
+    write_json(decision.path, out)
+    decision.metadata.update({"promoted": bool(out["promoted"]), "reason": str(out["reason"])})
+    return namedtuple("Promotion", ["promoted", "champion_version"])(bool(out["promoted"]), str(out.get("champion_version") or ""))

@@ -1,0 +1,23 @@
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Output
+
+from components.image import COMPONENT_OPTIONS, image
+
+
+@dsl.component(base_image=image("serve"), **COMPONENT_OPTIONS)
+def serve(model_name: str, alias: str, dataset: Input[Dataset], mlflow_tracking_uri: str, result: Output[Artifact]) -> NamedTuple("Served", [("endpoint_ok", bool), ("model_version", str)]):
+    """Start the KServe model server on 127.0.0.1 with ``models:/NAME@ALIAS``, send one held-out case over
+    the V2 protocol, write the returned segmentation (NIfTI + PNG overlay) and stop the server.
+
+    On a cluster the same model URI is what the InferenceService loads.
+    """
+    from collections import namedtuple
+    from pathlib import Path
+
+    from medseg.serving.smoke import smoke_test
+
+    out = smoke_test(f"models:/{model_name}@{alias}", model_name, Path(dataset.path), Path(result.path), tracking_uri=mlflow_tracking_uri)
+    result.metadata.update(out)
+    return namedtuple("Served", ["endpoint_ok", "model_version"])(bool(out["endpoint_ok"]), str(out["model_version"]))

@@ -1,0 +1,21 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components.image import COMPONENT_OPTIONS, image
+
+
+@dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)
+def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_params: dict, mlflow_tracking_uri: str, pipeline_run_id: str, model: Output[Model]):
+    """Final training with the tuned parameters; writes the model package."""
+    import shutil
+    from pathlib import Path
+
+    from medseg.training.stage import merged_params, run_train
+
+    cfg = merged_params(train_params, Path(best_params.path))
+    work = Path(model.path + ".work")
+    result = run_train(Path(preprocessed.path), work, cfg, tracking_uri=mlflow_tracking_uri or None,
+                       tags={"pipeline_run_id": pipeline_run_id, "stage": "train"}, progress=True)
+    shutil.move(str(result.model_dir), model.path)
+    shutil.rmtree(work, ignore_errors=True)
+    model.metadata.update({"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch, "seconds_per_step": result.seconds_per_step})

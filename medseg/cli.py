@@ -1,0 +1,210 @@
+"""``medseg <stage> ...``: one entry point; each stage's function is the one KFP and DVC call too.
+
+Heavy libraries (torch, monai, mlflow, kserve) are imported only by the subcommand that needs them, so
+``medseg --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+
+def _stage(module: str):
+    return importlib.import_module(module)
+
+
+# ----------------------------------------------------------------------------- stage commands
+def _add_preprocess(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, type=Path, help="canonical dataset folder (output of ingest)")
+    p.add_argument("--out", required=True, type=Path, help="preprocessed folder to write")
+    p.add_argument("--device-budget", default="cpu", help="cpu | gpu:<GiB> (default: cpu)")
+    p.add_argument("--configurations", nargs="+", default=["3d_fullres"], help="3d_fullres and/or 3d_lowres")
+    p.add_argument("--workers", type=int, default=None, help="parallel cases (default: cores)")
+
+
+def _run_preprocess(a: argparse.Namespace) -> int:
+    plans = _stage("medseg.preprocessing.preprocess").run_preprocessing(a.dataset, a.out, a.device_budget, tuple(a.configurations), a.workers)
+    c = plans.configuration()
+    print(f"plans: spacing {[round(s, 3) for s in c.spacing]} mm, patch {c.patch_size}, batch {c.batch_size}, "
+          f"features {c.network['features']}, {c.n_parameters:,} parameters → {a.out}")
+    return 0
+
+
+def _add_train_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preprocessed", required=True, type=Path, help="preprocessed folder (output of preprocess)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (its 'train' section)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI; 'none' disables)")
+
+
+def _train_params(a: argparse.Namespace) -> dict:
+    from medseg.pipeline.runner import load_params
+
+    return dict(load_params(a.params).get("train", {})) if a.params and a.params.exists() else {}
+
+
+def _tracking(a: argparse.Namespace) -> str | None:
+    from medseg.tracking import default_tracking_uri
+
+    if a.tracking_uri == "none":
+        return None
+    return a.tracking_uri or default_tracking_uri()
+
+
+def _add_tune(p: argparse.ArgumentParser) -> None:
+    _add_train_common(p)
+    p.add_argument("--out", required=True, type=Path, help="best_params.json to write")
+    p.add_argument("--trials", type=int, default=None, help="number of trials (default: params tune.n_trials)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///work/optuna.db)")
+    p.add_argument("--study", default="medseg", help="study name (resumed if it exists)")
+
+
+def _run_tune(a: argparse.Namespace) -> int:
+    from medseg.pipeline.runner import load_params
+    from medseg.training.stage import run_tune
+    from medseg.training.tuning import sqlite_url
+
+    params = load_params(a.params) if a.params.exists() else {}
+    tune_cfg = params.get("tune", {})
+    storage = a.storage or sqlite_url(Path(params.get("work_dir", "work")) / "optuna.db")
+    Path(params.get("work_dir", "work")).mkdir(parents=True, exist_ok=True)
+    best = run_tune(a.preprocessed, a.out, {**_train_params(a), **tune_cfg.get("trial_params", {})}, a.trials or int(tune_cfg.get("n_trials", 3)), storage, a.study, _tracking(a))
+    print(f"best: {best.params} (val dice {best.best_value:.4f}, {best.n_trials} trials, {best.n_pruned} pruned) → {a.out}")
+    return 0
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    _add_train_common(p)
+    p.add_argument("--out", required=True, type=Path, help="training folder (checkpoint; the model package in OUT/model)")
+    p.add_argument("--best-params", type=Path, default=None, help="best_params.json from tune (overrides params)")
+    p.add_argument("--config", dest="configuration", default=None, help="configuration (default 3d_fullres)")
+    p.add_argument("--fold", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_latest.pt")
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    import dataclasses
+
+    from medseg.training.stage import merged_params, run_train
+
+    cfg = merged_params(_train_params(a), a.best_params)
+    overrides = {k: getattr(a, k) for k in ("configuration", "fold", "epochs", "seed") if getattr(a, k) is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    r = run_train(a.preprocessed, a.out, cfg, _tracking(a), resume=a.resume)
+    print(f"best val dice {r.best_val_dice:.4f} at epoch {r.best_epoch + 1}/{r.epochs_run}, {r.seconds_per_step:.2f} s/step → {r.model_dir}")
+    return 0
+
+
+def _add_eval_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="model package folder")
+    p.add_argument("--dataset", required=True, type=Path, help="canonical dataset folder (its test split is predicted)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--mirror", action="store_true", help="mirroring test-time augmentation (8× slower)")
+
+
+def _run_eval_model(a: argparse.Namespace) -> int:
+    m = _stage("medseg.evaluation.stage").run_evaluate(a.model, a.dataset, a.out, overlap=a.overlap, mirror=a.mirror)
+    print("held-out mean Dice: " + ", ".join(f"{k} {v['dice']:.4f}" for k, v in m.mean.items() if k in ("WT", "TC", "ET") or len(m.mean) <= 6) + f" → {a.out}")
+    return 0
+
+
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="pipeline_cmd", required=True)
+    r = sub.add_parser("run", help="run the training pipeline locally with kfp.local", description="Run the training pipeline locally with kfp.local.")
+    r.add_argument("--source", type=Path, default=None, help="raw dataset folder (default: WORK/raw, the synthetic data)")
+    r.add_argument("--params", type=Path, default=Path("params.yaml"))
+    r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///WORK/mlflow.db)")
+    c = sub.add_parser("compile", help="compile to versioned YAML for a Kubeflow cluster", description="Compile the pipeline to pipelines/compiled/<name>-<version>.yaml.")
+    c.add_argument("--out-dir", type=Path, default=None)
+
+
+def _run_pipeline(a: argparse.Namespace) -> int:
+    from medseg.pipeline import runner
+
+    if a.pipeline_cmd == "compile":
+        print(runner.compile_pipeline(a.out_dir))
+        return 0
+    params = runner.load_params(a.params)
+    paths = runner.work_paths(params)
+    from medseg.training.tuning import sqlite_url
+
+    source = a.source or paths["raw"]
+    tracking = a.tracking_uri or f"sqlite:///{paths['mlflow_db']}"
+    args = runner.pipeline_arguments(params, source, tracking, sqlite_url(paths["optuna_db"]))
+    result = runner.run_local(args, paths["kfp"])
+    print(runner.summarize(result))
+    return 0
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--out", type=Path, default=Path("demo_output"), help="where the served segmentation and overlay are copied")
+
+
+def _run_demo(a: argparse.Namespace) -> int:
+    return _stage("medseg.demo").run_demo(a.params, a.out)
+
+
+# module with add_arguments/run, or (adder, runner) pairs
+COMMANDS: dict[str, tuple[str, object]] = {
+    "synth": ("write synthetic BraTS 2023-style cases (real MNI anatomy + tumour)", "medseg.synth"),
+    "ingest": ("validate a raw dataset and write the canonical dataset + manifest + splits", "medseg.ingest.ingest"),
+    "preprocess": ("fingerprint → plan (under a device budget) → preprocess", (_add_preprocess, _run_preprocess)),
+    "tune": ("Optuna study of short pruned trainings → best_params.json", (_add_tune, _run_tune)),
+    "train": ("train a network and write its model package", (_add_train, _run_train)),
+    "evaluate-model": ("predict the held-out test split with a model package and score it", (_add_eval_model, _run_eval_model)),
+    "evaluate": ("score prediction NIfTI files against labels (Dice, IoU, HD95, ...)", "medseg.evaluation.report"),
+    "registry": ("MLflow registry: list, show, promote, rollback", "medseg.registry.registry"),
+    "serve": ("start the KServe model server on 127.0.0.1", "medseg.serving.server"),
+    "predict": ("send a case to a model server (V2 protocol) and write the segmentation", "medseg.serving.client"),
+    "pipeline": ("run the Kubeflow pipeline locally (kfp.local) or compile it", (_add_pipeline, _run_pipeline)),
+    "demo": ("synthetic data → pipeline → registry → served prediction, end to end", (_add_demo, _run_demo)),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description="medseg-ops: 3D medical image segmentation, from raw data to a served model.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+    for name, (help_text, target) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if isinstance(target, str):
+            module = _stage(target)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+        else:
+            adder, runner = target
+            adder(p)
+            p.set_defaults(_run=runner)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "urllib3", "httpx", "matplotlib", "numexpr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        code = args._run(args)
+    except MedsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

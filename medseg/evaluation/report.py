@@ -1,0 +1,340 @@
+"""Evaluate a folder of predictions against reference labels and write the report.
+
+Output folder (every file written atomically; ``metrics.json`` last, so its presence means the
+report is complete)::
+
+    dice_boxplot.png   Dice per region across cases (box plot with the cases as points)
+    per_case.csv       one row per case: case_id, then <name>_<metric> for every label/region and metric
+    report.md          mean table (regions, then labels) and a per-case Dice table for the regions
+    metrics.json       schemas.Metrics: n_cases, mean (with Dice/HD95 medians), per_case
+
+Files pair by nnU-Net naming: ``<pred_dir>/<CASE><file_ending>`` with ``<label_dir>/<CASE><file_ending>``.
+The CLI (``medseg evaluate``) calls :func:`add_arguments` and :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _stdio
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medseg import io
+from medseg.errors import MedsegError
+from medseg.evaluation.metrics import (
+    HD95_PENALTY_MM,
+    METRIC_NAMES,
+    aggregate,
+    as_label_map,
+    evaluate_case,
+    evaluation_keys,
+)
+from medseg.schemas import METRICS_JSON, PER_CASE_CSV, DatasetJson, Metrics
+
+__all__ = [
+    "REPORT_MD",
+    "DICE_BOXPLOT_PNG",
+    "evaluate_arrays",
+    "evaluate_folder",
+    "markdown_table",
+    "write_report",
+    "add_arguments",
+    "run",
+]
+
+REPORT_MD = "report.md"
+DICE_BOXPLOT_PNG = "dice_boxplot.png"
+#: Largest difference (mm) tolerated between the prediction's and the label's affine entries: NIfTI
+#: stores the affine as float32, so a prediction written by another tool may differ in the last bits.
+AFFINE_ATOL_MM = 1e-3
+
+CasePair = tuple[str, np.ndarray, np.ndarray, Sequence[float]]
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate_arrays(
+    pairs: Iterable[CasePair],
+    dataset_json: DatasetJson,
+    out_dir: str | Path,
+    *,
+    penalty_mm: float = HD95_PENALTY_MM,
+    progress: bool = False,
+    total: int | None = None,
+) -> Metrics:
+    """Evaluate in-memory cases and write the report files to ``out_dir``.
+
+    Args:
+        pairs: ``(case_id, pred, ref, spacing_mm)`` per case; ``pred``/``ref`` are label maps of shape
+            (I, J, K) and ``spacing_mm`` the voxel size in mm in the same order. May be a generator:
+            cases are consumed one at a time, so only one case is held in memory.
+        dataset_json: gives ``labels`` (name → value) and ``regions`` (name → values).
+        out_dir: folder for ``metrics.json``, ``per_case.csv``, ``report.md``, ``dice_boxplot.png``.
+        penalty_mm: HD95 / ASSD when exactly one of the two masks is empty.
+        progress: show a progress bar on stderr.
+        total: number of cases, for the progress bar when ``pairs`` has no ``len``.
+
+    Returns:
+        The :class:`~medseg.schemas.Metrics` written to ``metrics.json``.
+
+    Raises:
+        MedsegError: no cases, a duplicate case id, or a case that cannot be evaluated (the message
+            names the case).
+    """
+    keys = evaluation_keys(dataset_json.labels, dataset_json.regions)
+    if "case_id" in keys:
+        raise MedsegError("a label or region may not be called 'case_id'")
+    per_case: list[dict] = []
+    seen: set[str] = set()
+    for case_id, pred, ref, spacing in _progress(pairs, progress, total):
+        case_id = str(case_id)
+        if case_id in seen:
+            raise MedsegError(f"case {case_id} given twice")
+        seen.add(case_id)
+        try:
+            result = evaluate_case(pred, ref, spacing, dataset_json.labels, dataset_json.regions, penalty_mm)
+        except MedsegError as exc:
+            raise MedsegError(f"case {case_id}: {exc}", exc.path) from None
+        per_case.append({"case_id": case_id, **result})
+    if not per_case:
+        raise MedsegError("no cases to evaluate")
+    metrics = Metrics(
+        n_cases=len(per_case), mean=aggregate(per_case), per_case=per_case, hd95_penalty_mm=float(penalty_mm)
+    )
+    write_report(metrics, out_dir, regions=list(dataset_json.regions), title=dataset_json.name)
+    return metrics
+
+
+def evaluate_folder(
+    pred_dir: str | Path,
+    label_dir: str | Path,
+    dataset_json: DatasetJson,
+    out_dir: str | Path,
+    case_ids: Sequence[str] | None = None,
+    progress: bool = True,
+    *,
+    penalty_mm: float = HD95_PENALTY_MM,
+) -> Metrics:
+    """Evaluate ``pred_dir/<CASE>.nii.gz`` against ``label_dir/<CASE>.nii.gz`` and write the report.
+
+    Args:
+        pred_dir: folder of predicted label maps, nnU-Net naming (``<CASE><file_ending>``, no channel suffix).
+        label_dir: folder of reference label maps (e.g. ``labelsTr`` / ``labelsTs``), same naming.
+        dataset_json: labels, regions and ``file_ending``.
+        out_dir: report folder (see the module docstring).
+        case_ids: the cases to evaluate. ``None``: every label file in ``label_dir``; each then needs
+            a prediction (prediction files without a label are ignored with a note on stderr).
+        progress: show a progress bar on stderr.
+        penalty_mm: HD95 / ASSD when exactly one of the two masks is empty.
+
+    Spacing comes from the label's header. All prediction and label files are checked to exist
+    before any is read, so a missing file fails at once.
+
+    Raises:
+        MedsegError: naming the file, when a folder or file is missing, unreadable, not an integer
+            label map, or when a prediction's shape or affine differs from its label's.
+    """
+    pred_dir, label_dir = Path(pred_dir), Path(label_dir)
+    ending = dataset_json.file_ending or ".nii.gz"
+    for folder, what in ((pred_dir, "prediction"), (label_dir, "label")):
+        if not folder.is_dir():
+            raise MedsegError(f"{what} folder not found", folder)
+    if case_ids is None:
+        case_ids = _cases_in(label_dir, ending)
+        if not case_ids:
+            raise MedsegError(f"no label files *{ending}", label_dir)
+        extra = sorted(set(_cases_in(pred_dir, ending)) - set(case_ids))
+        if extra:
+            shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+            print(f"note: {len(extra)} prediction(s) without a label not evaluated: {shown}", file=sys.stderr)
+    case_ids = [str(c) for c in case_ids]
+    if not case_ids:
+        raise MedsegError("no cases to evaluate")
+    for folder, what in ((label_dir, "label"), (pred_dir, "prediction")):
+        missing = [folder / f"{c}{ending}" for c in case_ids if not (folder / f"{c}{ending}").is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
+            raise MedsegError(f"{what} file not found{more}", missing[0])
+
+    def pairs() -> Iterator[CasePair]:
+        for case_id in case_ids:
+            label_path, pred_path = label_dir / f"{case_id}{ending}", pred_dir / f"{case_id}{ending}"
+            ref, ref_affine, header = io.load_nifti(label_path)
+            pred, pred_affine, _ = io.load_nifti(pred_path)
+            if pred.shape != ref.shape:
+                raise MedsegError(f"shape {tuple(pred.shape)} differs from the label's {tuple(ref.shape)} ({label_path})", pred_path)
+            if not np.allclose(pred_affine, ref_affine, rtol=0.0, atol=AFFINE_ATOL_MM):
+                diff = float(np.max(np.abs(pred_affine - ref_affine)))
+                raise MedsegError(f"affine differs from the label's by up to {diff:.4g} ({label_path})", pred_path)
+            yield case_id, _label_map(pred, pred_path), _label_map(ref, label_path), io.nifti_spacing(header)
+
+    return evaluate_arrays(
+        pairs(), dataset_json, out_dir, penalty_mm=penalty_mm, progress=progress, total=len(case_ids)
+    )
+
+
+def _cases_in(folder: Path, ending: str) -> list[str]:
+    return sorted(
+        p.name[: -len(ending)] for p in folder.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")
+    )
+
+
+def _label_map(array: np.ndarray, path: Path) -> np.ndarray:
+    try:
+        return as_label_map(array, "label map")
+    except MedsegError as exc:
+        raise MedsegError(str(exc), path) from None
+
+
+def _progress(items: Iterable[CasePair], enabled: bool, total: int | None) -> Iterable[CasePair]:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc="evaluate", unit="case", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- report files
+def write_report(
+    metrics: Metrics, out_dir: str | Path, regions: Sequence[str] | None = None, title: str = ""
+) -> Path:
+    """Write ``dice_boxplot.png``, ``per_case.csv``, ``report.md`` and (last) ``metrics.json``.
+
+    ``regions`` are the names shown in the box plot and the per-case Dice table; when none of them is
+    in ``metrics.mean`` (e.g. a dataset without regions) every label/region name is shown.
+    ``title`` (e.g. the dataset name) goes into the report heading. Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    names = list(metrics.mean)
+    shown = [r for r in (regions or []) if r in metrics.mean] or names
+    io.write_bytes(out_dir / DICE_BOXPLOT_PNG, dice_boxplot_png(metrics, shown))
+    io.write_text(out_dir / PER_CASE_CSV, per_case_csv(metrics))
+    io.write_text(out_dir / REPORT_MD, report_markdown(metrics, shown, title))
+    metrics.save(out_dir / METRICS_JSON)
+    return out_dir
+
+
+def _metric_order(metrics: Metrics, name: str) -> list[str]:
+    """Metric names of one label/region in the per-case entries: METRIC_NAMES first, others after."""
+    first = next(c[name] for c in metrics.per_case)
+    return [m for m in METRIC_NAMES if m in first] + [m for m in first if m not in METRIC_NAMES]
+
+
+def per_case_csv(metrics: Metrics) -> str:
+    """CSV text: header ``case_id,<name>_<metric>,...``, then one row per case (full float precision)."""
+    names = list(metrics.mean)
+    columns = [(n, m) for n in names for m in _metric_order(metrics, n)]
+    buf = _stdio.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case_id"] + [f"{n}_{m}" for n, m in columns])
+    for case in metrics.per_case:
+        writer.writerow([case.get("case_id", "")] + [repr(float(case[n][m])) for n, m in columns])
+    return buf.getvalue()
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(metrics: Metrics) -> str:
+    """The mean-over-cases table in Markdown: one row per name of ``metrics.mean`` in its order
+    (regions, then labels, as :func:`~medseg.evaluation.metrics.evaluate_case` orders them)."""
+    lines = [
+        "| Structure | Dice (mean / median) | IoU | HD95 mm (mean / median) | ASSD mm | Sensitivity | Volume ml (pred / ref) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in metrics.mean.items():
+        dice_cell = _fmt(m["dice"]) + (f" / {_fmt(m['dice_median'])}" if "dice_median" in m else "")
+        hd_cell = _fmt(m["hd95"], 2) + (f" / {_fmt(m['hd95_median'], 2)}" if "hd95_median" in m else "")
+        vol_cell = f"{_fmt(m['pred_volume_ml'], 2)} / {_fmt(m['ref_volume_ml'], 2)}"
+        cells = [name, dice_cell, _fmt(m["iou"]), hd_cell, _fmt(m["assd"], 2), _fmt(m["sensitivity"]), vol_cell]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(metrics: Metrics, regions: Sequence[str], title: str = "") -> str:
+    """The whole ``report.md``: conventions, :func:`markdown_table`, box plot, per-case Dice table."""
+    header = f"# Evaluation report{f': {title}' if title else ''}\n"
+    intro = (
+        f"\n{metrics.n_cases} case(s). Means over cases; medians after the slash.\n"
+        f"HD95: {metrics.hd95_convention}. ASSD: mean symmetric surface distance in mm.\n"
+        f"Empty masks: {metrics.empty_handling} (penalty {metrics.hd95_penalty_mm:g} mm; ASSD likewise).\n"
+    )
+    per_case = ["| Case | " + " | ".join(regions) + " |", "|---|" + "---:|" * len(regions)]
+    for case in metrics.per_case:
+        cells = [str(case.get("case_id", ""))] + [_fmt(case[r]["dice"]) for r in regions]
+        per_case.append("| " + " | ".join(cells) + " |")
+    return (
+        header
+        + intro
+        + "\n## Mean over cases\n\n"
+        + markdown_table(metrics)
+        + f"\n![Dice per region]({DICE_BOXPLOT_PNG})\n"
+        + "\n## Dice per case\n\n"
+        + "\n".join(per_case)
+        + "\n"
+    )
+
+
+def dice_boxplot_png(metrics: Metrics, names: Sequence[str]) -> bytes:
+    """PNG bytes: a box plot of the Dice of each name across cases, with every case drawn as a dot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
+    from matplotlib.figure import Figure
+
+    data = [[float(c[n]["dice"]) for c in metrics.per_case] for n in names]
+    fig = Figure(figsize=(max(3.0, 1.2 * len(names) + 1.5), 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    positions = list(range(1, len(names) + 1))
+    ax.boxplot(data, positions=positions, widths=0.5, showfliers=False)
+    rng = np.random.default_rng(0)  # fixed jitter: the same input gives the same picture
+    for pos, values in zip(positions, data):
+        ax.scatter(pos + rng.uniform(-0.12, 0.12, len(values)), values, s=12, alpha=0.6, zorder=3)
+    ax.set_xticks(positions)
+    ax.set_xticklabels(list(names))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("Dice")
+    ax.set_title(f"Dice per region ({metrics.n_cases} case{'s' if metrics.n_cases != 1 else ''})")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = _stdio.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``medseg evaluate``."""
+    parser.add_argument("--pred", type=Path, required=True, metavar="DIR", help="folder of predicted label maps <CASE>.nii.gz")
+    parser.add_argument("--labels", type=Path, required=True, metavar="DIR", help="folder of reference label maps <CASE>.nii.gz")
+    parser.add_argument("--dataset-json", type=Path, required=True, metavar="FILE", help="dataset.json (labels, regions)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder (metrics.json, per_case.csv, report.md, dice_boxplot.png)")
+    parser.add_argument(
+        "--cases", default=None, metavar="ID[,ID...]",
+        help="evaluate only these cases (default: every file in --labels, each needing a prediction)",
+    )
+    parser.add_argument(
+        "--hd95-penalty-mm", type=float, default=HD95_PENALTY_MM, metavar="MM",
+        help=f"HD95/ASSD when exactly one of prediction and label is empty (default {HD95_PENALTY_MM})",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``medseg evaluate``: evaluate, write the report, print the mean Dice per region. Returns 0."""
+    dataset_json = DatasetJson.load(args.dataset_json)
+    case_ids = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    metrics = evaluate_folder(
+        args.pred, args.labels, dataset_json, args.out, case_ids=case_ids,
+        progress=not args.no_progress, penalty_mm=args.hd95_penalty_mm,
+    )
+    names = [r for r in dataset_json.regions if r in metrics.mean] or list(metrics.mean)
+    print(f"{metrics.n_cases} case(s); mean Dice per {'region' if dataset_json.regions else 'label'}:")
+    for name in names:
+        m = metrics.mean[name]
+        print(f"  {name:<6} {m['dice']:.4f}  (HD95 {m['hd95']:.2f} mm)")
+    print(f"report: {Path(args.out) / REPORT_MD}")
+    return 0

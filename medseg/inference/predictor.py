@@ -1,0 +1,93 @@
+"""The predictor: a model package applied to a raw case, result in the input's geometry.
+
+Used by evaluation, the MLflow pyfunc model and the KServe predictor alike, so all three run exactly the
+preprocessing the model was trained with (:func:`~medseg.preprocessing.preprocess.preprocess_case`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg import schemas
+from medseg.errors import MedsegError
+from medseg.inference.sliding_window import predict_probabilities, select_device
+from medseg.io import load_nifti, nifti_spacing
+from medseg.preprocessing.preprocess import preprocess_case, restore_to_original
+from medseg.training.network import build_network
+
+
+@dataclass
+class Prediction:
+    segmentation: np.ndarray  # uint8 I×J×K on the input grid
+    affine: np.ndarray  # 4×4, the input's
+    volumes_ml: dict[str, float]  # per region (or label) volume in millilitres
+
+
+class Predictor:
+    """Load once, predict many. ``Predictor.from_package(dir)``; ``predict(images, affine, spacing)``."""
+
+    def __init__(self, network: torch.nn.Module, plans: schemas.Plans, dataset: schemas.DatasetJson, package: schemas.ModelPackage, device: torch.device, overlap: float = 0.5, mirror: bool = False):
+        self.network, self.plans, self.dataset, self.package = network, plans, dataset, package
+        self.device, self.overlap, self.mirror = device, overlap, mirror
+        self.config = plans.configuration(package.configuration)
+
+    @classmethod
+    def from_package(cls, model_dir: str | Path, device: str = "auto", overlap: float = 0.5, mirror: bool = False) -> Predictor:
+        model_dir = Path(model_dir)
+        if not (model_dir / schemas.MODEL_PACKAGE_JSON).is_file():
+            raise MedsegError(f"not a model package (no {schemas.MODEL_PACKAGE_JSON})", model_dir)
+        package = schemas.ModelPackage.load(model_dir)
+        plans = schemas.Plans.load(model_dir)
+        dataset = schemas.DatasetJson.load(model_dir)
+        dev = select_device(device)
+        network = build_network(package.network)
+        # weights_only: a state_dict of tensors, never arbitrary pickled code
+        state = torch.load(model_dir / package.weights_file, map_location=dev, weights_only=True)
+        network.load_state_dict(state)
+        network.to(dev).eval()
+        return cls(network, plans, dataset, package, dev, overlap, mirror)
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.plans.channel_names)
+
+    @property
+    def region_names(self) -> list[str]:
+        return list(self.plans.regions) if self.plans.regions else [k for k, v in self.plans.labels.items() if v != 0]
+
+    def predict(self, images: np.ndarray, affine: np.ndarray, spacing: list[float]) -> Prediction:
+        """``images`` C×I×J×K raw intensities in ``self.channels`` order → segmentation on the same grid."""
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[0] != len(self.channels):
+            raise MedsegError(f"expected {len(self.channels)} channels ({', '.join(self.channels)}) of 3D volumes, got an array of shape {tuple(images.shape)}")
+        if not np.isfinite(images).all():
+            raise MedsegError("input contains NaN/Inf voxels")
+        data, _, props = preprocess_case(images, None, list(spacing), affine, self.plans, self.package.configuration)
+        probs = predict_probabilities(self.network, data, self.config.patch_size, overlap=self.overlap, mirror=self.mirror, device=self.device)
+        seg = restore_to_original(probs, props)
+        return Prediction(segmentation=seg, affine=np.asarray(affine), volumes_ml=self.volumes_ml(seg, spacing))
+
+    def volumes_ml(self, seg: np.ndarray, spacing: list[float]) -> dict[str, float]:
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        groups = self.plans.regions or {k: [v] for k, v in self.plans.labels.items() if v != 0}
+        return {name: float(np.isin(seg, values).sum() * voxel_ml) for name, values in groups.items()}
+
+    def predict_files(self, paths: list[str | Path]) -> Prediction:
+        """One NIfTI file per channel, in ``self.channels`` order; they must share shape and affine."""
+        if len(paths) != len(self.channels):
+            raise MedsegError(f"expected {len(self.channels)} image files ({', '.join(self.channels)}), got {len(paths)}")
+        arrays, affine, spacing = [], None, None
+        for path in paths:
+            arr, aff, hdr = load_nifti(path)
+            if affine is None:
+                affine, spacing, shape = aff, list(nifti_spacing(hdr)), arr.shape
+            elif arr.shape != shape:
+                raise MedsegError(f"shape {arr.shape} differs from the first channel's {shape}", path)
+            elif not np.allclose(aff, affine, atol=1e-3):
+                raise MedsegError("affine differs from the first channel's", path)
+            arrays.append(arr)
+        return self.predict(np.stack(arrays), affine, spacing)

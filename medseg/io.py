@@ -1,0 +1,230 @@
+"""File input/output with clear errors and atomic writes.
+
+Every writer here writes to a temporary name in the destination folder and renames it into place, so a
+reader never sees a half-written file and a crash leaves what was stored before untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from medseg.errors import MedsegError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+# --------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success rename it to ``dest``, on error delete it."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; on success it replaces ``dest`` as a whole.
+
+    The old content of ``dest`` (if any) is removed only after the new one is complete.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not overwrite:
+        raise MedsegError("exists already (pass --overwrite to replace it)", dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_bytes(dest: str | Path, data: bytes) -> Path:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+    return Path(dest)
+
+
+def write_text(dest: str | Path, text: str) -> Path:
+    return write_bytes(dest, text.encode("utf-8"))
+
+
+def write_json(dest: str | Path, obj: Any) -> Path:
+    return write_text(dest, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError("file not found", path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MedsegError(f"not valid JSON ({exc})", path) from None
+
+
+def save_npy(dest: str | Path, array: np.ndarray) -> Path:
+    """Save an array as ``.npy`` atomically (readable later with ``mmap_mode='r'``)."""
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array))
+    return Path(dest)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-able object in canonical form (sorted keys): stable across runs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- NIfTI
+def is_nifti(path: str | Path) -> bool:
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def strip_nifti_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_nifti(path: str | Path, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Read a NIfTI file fully: ``(array I×J×K in voxel order, affine 4×4, header)``.
+
+    Raises :class:`MedsegError` naming the file for a missing, truncated or corrupt file, a non-3D
+    image, or non-finite voxels, instead of a traceback from deep inside nibabel or zlib.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MedsegError("file not found", path)
+    if not path.is_file():
+        raise MedsegError("is not a file", path)
+    try:
+        img = nib.load(str(path))
+        array = np.asarray(img.dataobj, dtype=dtype)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
+        raise MedsegError(f"cannot read NIfTI ({_describe(exc)})", path) from None
+    return _check_volume(array, path), np.asarray(img.affine, dtype=np.float64), img.header
+
+
+def load_nifti_bytes(data: bytes, name: str = "<bytes>", dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Read a NIfTI volume from bytes (``.nii`` or gzipped ``.nii.gz``)."""
+    try:
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        img = nib.Nifti1Image.from_bytes(data)
+        array = np.asarray(img.dataobj, dtype=dtype)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, TypeError, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
+        raise MedsegError(f"cannot read NIfTI ({_describe(exc)})", name) from None
+    return _check_volume(array, name), np.asarray(img.affine, dtype=np.float64), img.header
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    kind = type(exc).__name__
+    if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return f"truncated or corrupt compressed data: {text or kind}"
+    return f"{kind}: {text}" if text else kind
+
+
+def _check_volume(array: np.ndarray, path: str | Path) -> np.ndarray:
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise MedsegError(f"expected a 3D volume, got shape {tuple(array.shape)}", path)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise MedsegError(f"contains {int((~np.isfinite(array)).sum())} NaN/Inf voxels", path)
+    return array
+
+
+def nifti_spacing(header: nib.Nifti1Header) -> tuple[float, float, float]:
+    return tuple(float(z) for z in header.get_zooms()[:3])  # type: ignore[return-value]
+
+
+def make_nifti(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> nib.Nifti1Image:
+    """A NIfTI image in the given geometry; header text fields cleared (no identifying free text)."""
+    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    if header is not None:
+        img.header.set_qform(header.get_qform(), code=int(header["qform_code"]) or 1)
+        img.header.set_sform(header.get_sform(), code=int(header["sform_code"]) or 1)
+    else:
+        img.header.set_qform(affine, code=1)
+        img.header.set_sform(affine, code=1)
+    img.header.set_data_dtype(array.dtype)
+    for field in ("descrip", "aux_file", "intent_name", "db_name"):
+        img.header[field] = b""
+    return img
+
+
+def save_nifti(dest: str | Path, array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> Path:
+    """Write a NIfTI file atomically (``.nii.gz`` compresses)."""
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        # nibabel decides compression from the suffix, so the temp name keeps it.
+        tmp_named = tmp.with_name(tmp.name + (".nii.gz" if str(dest).endswith(".gz") else ".nii"))
+        try:
+            nib.save(make_nifti(array, affine, header), str(tmp_named))
+            os.replace(tmp_named, tmp)
+        finally:
+            tmp_named.unlink(missing_ok=True)
+    return dest
+
+
+def nifti_to_bytes(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None, compress: bool = True) -> bytes:
+    raw = make_nifti(array, affine, header).to_bytes()
+    return gzip.compress(raw, compresslevel=1) if compress else raw
+
+
+def read_bytes_limited(fh: io.BufferedIOBase, limit: int) -> bytes:
+    data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise MedsegError(f"larger than the limit of {limit} bytes")
+    return data

@@ -1,0 +1,1 @@
+"""Running and compiling the Kubeflow pipeline."""

@@ -1,0 +1,119 @@
+"""Run the training pipeline with ``kfp.local`` (no cluster) or compile it for Kubeflow.
+
+The pipeline definition lives in ``pipelines/training_pipeline.py`` at the project root; its arguments
+come from ``params.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import medseg
+from medseg.errors import MedsegError
+from medseg.io import write_text
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError("parameter file not found", path)
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MedsegError(f"not valid YAML ({exc})", path) from None
+
+
+def work_paths(params: dict[str, Any]) -> dict[str, Path]:
+    work = Path(params.get("work_dir", "work")).resolve()
+    return {"work": work, "raw": work / "raw", "kfp": work / "kfp", "mlflow_db": work / "mlflow.db", "optuna_db": work / "optuna.db"}
+
+
+def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri: str, optuna_storage: str) -> dict[str, Any]:
+    """``params.yaml`` → the pipeline's typed parameters."""
+    ing, reg, tune = params.get("ingest", {}), params.get("registry", {}), params.get("tune", {})
+    return {
+        "source": str(source),
+        "mlflow_tracking_uri": tracking_uri,
+        "optuna_storage": optuna_storage,
+        "model_name": reg.get("model_name", "brats-segmentation"),
+        "source_format": ing.get("source_format", "auto"),
+        "n_folds": int(ing.get("n_folds", 5)),
+        "test_fraction": float(ing.get("test_fraction", 0.2)),
+        "seed": int(ing.get("seed", 0)),
+        "device_budget": params.get("preprocess", {}).get("device_budget", "cpu"),
+        "train_params": dict(params.get("train", {})),
+        "tune_params": dict(tune.get("trial_params", {})),
+        "n_trials": int(tune.get("n_trials", 3)),
+        "overlap": float(params.get("evaluate", {}).get("overlap", 0.5)),
+        "thresholds": dict(reg.get("thresholds", {"WT": 0.8})),
+        "promotion_margin": float(reg.get("promotion_margin", 0.0)),
+        "primary_region": reg.get("primary_region", "WT"),
+    }
+
+
+def _import_pipeline():
+    if str(PROJECT_ROOT) not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT))
+    from pipelines.training_pipeline import PIPELINE_NAME, training_pipeline
+
+    return PIPELINE_NAME, training_pipeline
+
+
+def run_local(arguments: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
+    """Execute the pipeline with kfp.local's SubprocessRunner in this Python environment.
+
+    Returns {"run_dir", "tasks": {task: {output: path}}, "seconds"}.
+    """
+    from kfp import local
+
+    name, pipeline = _import_pipeline()
+    pipeline_root = Path(pipeline_root).resolve()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    before = set(pipeline_root.glob(f"{name}-*"))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    t0 = time.perf_counter()
+    try:
+        pipeline(**arguments)
+    except RuntimeError as exc:
+        raise MedsegError(f"pipeline run failed: {exc}") from None
+    seconds = time.perf_counter() - t0
+    new_runs = sorted(set(pipeline_root.glob(f"{name}-*")) - before, key=lambda p: p.stat().st_mtime)
+    if not new_runs:
+        raise MedsegError(f"pipeline finished but wrote no run folder under {pipeline_root}")
+    run_dir = new_runs[-1]
+    tasks = {t.name: {o.name: str(o) for o in t.iterdir()} for t in sorted(run_dir.iterdir()) if t.is_dir()}
+    return {"run_dir": str(run_dir), "tasks": tasks, "seconds": seconds}
+
+
+def compiled_version() -> str:
+    from medseg.tracking import git_commit
+
+    commit = git_commit(PROJECT_ROOT)
+    return f"{medseg.__version__}-{commit[:8]}" if commit != "unknown" else medseg.__version__
+
+
+def compile_pipeline(out_dir: Path | None = None) -> Path:
+    """Write ``pipelines/compiled/<name>-<version>.yaml`` (version = package version + git sha)."""
+    from kfp import compiler
+
+    name, pipeline = _import_pipeline()
+    out_dir = Path(out_dir) if out_dir else PROJECT_ROOT / "pipelines" / "compiled"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / f"{name}-{compiled_version()}.yaml"
+    tmp = dest.with_suffix(".yaml.tmp")
+    compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(tmp))
+    write_text(dest, tmp.read_text())
+    tmp.unlink()
+    return dest
+
+
+def summarize(result: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in result.items() if k != "tasks"})

@@ -1,0 +1,1 @@
+"""Self-configuration as nnU-Net does it: fingerprint → plan → preprocess (and its inverse)."""

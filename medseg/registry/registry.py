@@ -1,0 +1,529 @@
+"""The model registry: register a model package with its lineage, gate it to ``champion``, roll back.
+
+Aliases of a registered model (one per task)::
+
+    challenger          the latest version that met the absolute thresholds at registration
+    champion            the promoted version (what ``models:/NAME@champion`` and the server load)
+    previous-champion   the champion before the last promotion: the target of ``rollback``
+
+Every decision is written on the model version as tags (``threshold_passed``/``threshold_reason`` at
+registration, ``promotion_decision``/``promotion_reason`` and the compared numbers at promotion), so a
+refusal is a recorded outcome, not an exception.
+
+Each version's run holds its test metrics as artifacts ``evaluation/metrics.json`` and
+``evaluation/per_case.json``; promotion compares the challenger's and the champion's per-case Dice on
+the primary region over the test cases they share.
+
+Used by the pipeline (:func:`register_model`, :func:`promote`) and by ``medseg registry``
+(:func:`add_arguments` / :func:`run`). MLflow is imported inside the functions (CLI start-up time).
+Version numbers are strings everywhere here (the local store gives ints, REST gives strings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from medseg import schemas
+from medseg.errors import MedsegError
+
+CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous-champion"
+LINEAGE_KEYS = ("manifest_hash", "git_commit", "pipeline_run_id", "plan_hash", "training_run_id", "medseg_version")
+EVAL_DIR = "evaluation"
+PER_CASE_JSON = "per_case.json"
+#: Report files logged beside metrics.json when ``report_dir`` holds them.
+REPORT_FILES = ("report.md", schemas.PER_CASE_CSV, "dice_boxplot.png")
+UNKNOWN = "unknown"
+
+
+# --------------------------------------------------------------------------- helpers
+def _client(tracking_uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@contextmanager
+def _tracking(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``tracking_uri`` for the block, then restore what was set before.
+
+    ``mlflow.set_tracking_uri``/``set_registry_uri`` also write ``MLFLOW_TRACKING_URI``/
+    ``MLFLOW_REGISTRY_URI`` into ``os.environ`` (for subprocesses), so those are restored exactly; the
+    resolved default (``sqlite:///<cwd>/mlflow.db``) is never written back.
+    """
+    import os
+
+    import mlflow
+
+    old_tracking, old_registry = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_tracking)  # None: forgets the URI and unsets the variable
+        mlflow.set_registry_uri(old_registry or "")  # "": falls back to the tracking URI
+        if old_registry is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+def _not_found(exc: Exception) -> bool:
+    code = getattr(exc, "error_code", "")
+    return code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower()
+
+
+def _aliases(model: Any) -> dict[str, str]:
+    """Alias → version as str (the local store returns ints, REST strings)."""
+    return {str(a): str(v) for a, v in (getattr(model, "aliases", None) or {}).items()}
+
+
+def _alias_version(client: Any, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        if _not_found(exc):
+            return None
+        raise
+
+
+def _get_version(client: Any, name: str, version: str | int) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise MedsegError(f"registered model {name!r} has no version {version}") from None
+        raise
+
+
+def _metric_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _set_tags(client: Any, name: str, version: str, tags: Mapping[str, Any]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def _case_dice(entry: Mapping[str, Any], region: str) -> float | None:
+    """Dice of ``region`` in one per-case entry: ``{"WT": {"dice": ..}}`` or flat ``{"WT_dice": ..}``."""
+    value = entry.get(region)
+    if isinstance(value, Mapping):
+        value = value.get("dice")
+    else:
+        value = entry.get(f"{region}_dice")
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_thresholds(metrics: schemas.Metrics, thresholds: Mapping[str, float]) -> tuple[bool, str]:
+    """Every ``{region: minimum mean Dice}`` must hold. Returns (passed, reason)."""
+    if not thresholds:
+        return True, "no thresholds set"
+    failed, held = [], []
+    for region, minimum in thresholds.items():
+        value = (metrics.mean.get(region) or {}).get("dice")
+        if value is None:
+            failed.append(f"{region}: no mean Dice in the metrics")
+        elif float(value) < float(minimum):
+            failed.append(f"{region} Dice {float(value):.4f} < {float(minimum):.4f}")
+        else:
+            held.append(f"{region} Dice {float(value):.4f} >= {float(minimum):.4f}")
+    if failed:
+        return False, "below threshold: " + "; ".join(failed)
+    return True, "thresholds met: " + "; ".join(held)
+
+
+# --------------------------------------------------------------------------- register
+def register_model(
+    model_dir: Path,
+    metrics: schemas.Metrics,
+    name: str,
+    tracking_uri: str,
+    lineage: Mapping[str, str],
+    thresholds: Mapping[str, float],
+    run_name: str | None = None,
+    experiment: str = "medseg",
+    report_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Log ``model_dir`` as a pyfunc model in a new run, register it as a new version of ``name``.
+
+    The run gets the training config as params, ``test_<NAME>_<dice|hd95>`` metrics from
+    ``metrics.mean``, ``evaluation/metrics.json`` + ``evaluation/per_case.json`` (and the report files
+    of ``report_dir`` if given), and the lineage as tags. The version gets the lineage tags
+    (:data:`LINEAGE_KEYS`, ``"unknown"`` when not known), ``threshold_passed`` / ``threshold_reason``
+    and, if every threshold holds, the alias ``challenger``.
+
+    Returns ``{"name", "version", "run_id", "model_uri", "challenger", "reason"}``.
+    """
+    import mlflow
+
+    from medseg.registry.pyfunc_model import log_model_package
+    from medseg.tracking import ensure_experiment
+
+    model_dir = Path(model_dir)
+    package = schemas.ModelPackage.load(model_dir)
+    tags = _lineage_tags(model_dir, package, lineage)
+    passed, reason = check_thresholds(metrics, thresholds)
+    client = _client(tracking_uri)
+
+    with _tracking(tracking_uri):
+        exp_id = ensure_experiment(tracking_uri, experiment)
+        nested = mlflow.active_run() is not None
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name or f"register-{name}", tags={**tags, "medseg.stage": "register"}, nested=nested) as run:
+            run_id = run.info.run_id
+            params = _flat_params(package.training.get("config") or {})
+            params["configuration"] = package.configuration
+            mlflow.log_params({k: v for k, v in params.items()})
+            values = {"test_n_cases": float(metrics.n_cases)}
+            for key, row in metrics.mean.items():
+                for metric in ("dice", "hd95"):
+                    if isinstance(row, Mapping) and row.get(metric) is not None:
+                        values[_metric_key(f"test_{key}_{metric}")] = float(row[metric])
+            for key in ("best_val_dice",):
+                if isinstance(package.training.get(key), (int, float)):
+                    values[key] = float(package.training[key])
+            mlflow.log_metrics(values)
+            mlflow.log_dict(metrics.to_dict(), f"{EVAL_DIR}/{schemas.METRICS_JSON}")
+            mlflow.log_dict(list(metrics.per_case), f"{EVAL_DIR}/{PER_CASE_JSON}")
+            if report_dir is not None:
+                for fname in REPORT_FILES:
+                    if (Path(report_dir) / fname).is_file():
+                        mlflow.log_artifact(str(Path(report_dir) / fname), EVAL_DIR)
+            info = log_model_package(model_dir)
+
+        # still inside _tracking: MLflow resolves the logged model (models:/m-...) via the fluent URI
+        _ensure_registered_model(client, name)
+        mean_dice = {k: round(float(v["dice"]), 6) for k, v in metrics.mean.items() if isinstance(v, Mapping) and v.get("dice") is not None}
+        version_tags = {
+            **tags,
+            "threshold_passed": "true" if passed else "false",
+            "threshold_reason": reason,
+            "thresholds": json.dumps(dict(thresholds), sort_keys=True),
+            "test_mean_dice": json.dumps(mean_dice, sort_keys=True),
+            "test_n_cases": str(metrics.n_cases),
+        }
+        mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=version_tags, model_id=getattr(info, "model_id", None))
+    version = str(mv.version)
+    if passed:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    return {"name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}", "challenger": passed, "reason": reason}
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def _lineage_tags(model_dir: Path, package: schemas.ModelPackage, lineage: Mapping[str, str]) -> dict[str, str]:
+    tags = {str(k): str(v) for k, v in (package.lineage or {}).items()}
+    tags.update({str(k): str(v) for k, v in lineage.items() if v is not None and str(v) != ""})
+    if not tags.get("medseg_version"):
+        tags["medseg_version"] = package.medseg_version
+    if not tags.get("plan_hash") and (model_dir / schemas.PLANS_JSON).is_file():
+        tags["plan_hash"] = schemas.Plans.load(model_dir).content_hash()
+    if not tags.get("training_run_id") and package.training.get("run_id"):
+        tags["training_run_id"] = str(package.training["run_id"])
+    for key in LINEAGE_KEYS:
+        tags.setdefault(key, UNKNOWN)
+    return tags
+
+
+def _flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flat_params(value, f"{name}."))
+        else:
+            out[_metric_key(name)] = str(value)[:6000]
+    return out
+
+
+# --------------------------------------------------------------------------- per-case metrics
+def read_version_per_case(client: Any, mv: Any) -> list[dict[str, Any]] | None:
+    """The per-case metrics stored with a version's run (``evaluation/per_case.json``, else the
+    ``per_case`` of ``evaluation/metrics.json``; also accepted at the run's root). ``None`` if absent."""
+    import mlflow.artifacts
+
+    run_id = getattr(mv, "run_id", None)
+    if not run_id:
+        return None
+    candidates = [f"{EVAL_DIR}/{PER_CASE_JSON}", f"{EVAL_DIR}/{schemas.METRICS_JSON}", PER_CASE_JSON, schemas.METRICS_JSON]
+    present: set[str] = set()
+    for folder in (EVAL_DIR, None):
+        try:
+            present |= {a.path for a in client.list_artifacts(run_id, folder)}
+        except Exception:  # noqa: BLE001 - a missing folder is just absent
+            pass
+    for path in candidates:
+        if path not in present:
+            continue
+        with tempfile.TemporaryDirectory(prefix="medseg-percase-") as tmp:
+            local = client.download_artifacts(run_id, path, tmp)
+            data = json.loads(Path(local).read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data = data.get("per_case")
+        if isinstance(data, list):
+            return [dict(e) for e in data if isinstance(e, Mapping)]
+    return None
+
+
+def compare_per_case(challenger: Sequence[Mapping[str, Any]], champion: Sequence[Mapping[str, Any]], region: str) -> tuple[list[str], float | None, float | None]:
+    """Common case ids (both have a Dice for ``region``) and both means over them."""
+    a = {str(e["case_id"]): d for e in challenger if "case_id" in e and (d := _case_dice(e, region)) is not None}
+    b = {str(e["case_id"]): d for e in champion if "case_id" in e and (d := _case_dice(e, region)) is not None}
+    common = sorted(a.keys() & b.keys())
+    if not common:
+        return [], None, None
+    return common, sum(a[c] for c in common) / len(common), sum(b[c] for c in common) / len(common)
+
+
+# --------------------------------------------------------------------------- promote / rollback
+def promote(
+    name: str,
+    version: str | int,
+    tracking_uri: str,
+    metrics_per_case: list[dict] | None = None,
+    margin: float = 0.0,
+    primary_region: str = "WT",
+) -> dict[str, Any]:
+    """Gate ``version`` to ``champion``.
+
+    Refused when the version did not pass its thresholds at registration. With no champion yet it is
+    promoted. Otherwise both versions' per-case Dice on ``primary_region`` are compared over their
+    common test cases (the challenger's from ``metrics_per_case`` if given, else from its run; the
+    champion's from its run): promoted iff ``challenger_mean >= champion_mean - margin``; refused when
+    there are no common cases. On promotion the old champion becomes ``previous-champion`` and the
+    ``challenger`` alias is removed if it pointed at this version. The decision is written as version
+    tags ``promotion_*``.
+
+    Returns ``{"promoted", "reason", "version", "champion_version", "previous_champion_version",
+    "challenger_dice", "champion_dice", "n_common_cases", "compared_with"}``.
+    """
+    client = _client(tracking_uri)
+    version = str(version)
+    mv = _get_version(client, name, version)
+    champion = _alias_version(client, name, CHAMPION)
+    previous = _alias_version(client, name, PREVIOUS_CHAMPION)
+    result: dict[str, Any] = {
+        "promoted": False, "reason": "", "version": version, "champion_version": champion,
+        "previous_champion_version": previous, "challenger_dice": None, "champion_dice": None,
+        "n_common_cases": 0, "compared_with": None, "primary_region": primary_region, "margin": float(margin),
+    }
+    if champion == version:
+        result["reason"] = f"version {version} is already the champion"
+        return result  # nothing decided: the tags of the original promotion stay
+
+    tags = mv.tags or {}
+    if tags.get("threshold_passed") != "true":
+        why = tags.get("threshold_reason") or "no threshold_passed tag (not registered by medseg?)"
+        return _decide(client, name, result, False, f"did not pass the registration thresholds ({why})")
+    if champion is None:
+        return _decide(client, name, result, True, "no champion yet")
+
+    challenger_cases = metrics_per_case if metrics_per_case is not None else read_version_per_case(client, mv)
+    if not challenger_cases:
+        return _decide(client, name, result, False, f"version {version} has no per-case metrics to compare")
+    result["compared_with"] = champion
+    champion_cases = read_version_per_case(client, _get_version(client, name, champion))
+    if not champion_cases:
+        return _decide(client, name, result, False, f"champion version {champion} has no per-case metrics to compare")
+    common, ours, theirs = compare_per_case(challenger_cases, champion_cases, primary_region)
+    if not common:
+        return _decide(client, name, result, False, f"no common test cases with {primary_region} Dice between version {version} and champion version {champion}")
+    if ours is None or theirs is None:  # pragma: no cover - common cases imply both means
+        return _decide(client, name, result, False, "no Dice to compare")
+    result.update(challenger_dice=ours, champion_dice=theirs, n_common_cases=len(common))
+    if ours >= theirs - margin:
+        how = f"{primary_region} Dice {ours:.4f} >= champion v{champion} {theirs:.4f} - margin {margin:g} on {len(common)} common case(s)"
+        return _decide(client, name, result, True, how)
+    how = f"{primary_region} Dice {ours:.4f} < champion v{champion} {theirs:.4f} - margin {margin:g} on {len(common)} common case(s)"
+    return _decide(client, name, result, False, how)
+
+
+def _decide(client: Any, name: str, result: dict[str, Any], promoted: bool, reason: str) -> dict[str, Any]:
+    version, old = result["version"], result["champion_version"]
+    if promoted:
+        if old is not None:
+            client.set_registered_model_alias(name, PREVIOUS_CHAMPION, old)
+            result["previous_champion_version"] = old
+        client.set_registered_model_alias(name, CHAMPION, version)
+        if _alias_version(client, name, CHALLENGER) == version:
+            client.delete_registered_model_alias(name, CHALLENGER)
+        result["champion_version"] = version
+    result["promoted"], result["reason"] = promoted, reason
+    _set_tags(client, name, version, {
+        "promotion_decision": "promoted" if promoted else "refused",
+        "promotion_reason": reason,
+        "promotion_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "promotion_compared_with": result["compared_with"] or "none",
+        "promotion_primary_region": result["primary_region"],
+        "promotion_margin": result["margin"],
+        "promotion_n_common_cases": result["n_common_cases"],
+        "promotion_challenger_dice": _fmt(result["challenger_dice"]),
+        "promotion_champion_dice": _fmt(result["champion_dice"]),
+    })
+    return result
+
+
+def rollback(name: str, tracking_uri: str) -> dict[str, Any]:
+    """Swap ``champion`` and ``previous-champion`` (one step; a second rollback undoes the first)."""
+    client = _client(tracking_uri)
+    champion = _alias_version(client, name, CHAMPION)
+    previous = _alias_version(client, name, PREVIOUS_CHAMPION)
+    if previous is None:
+        raise MedsegError(f"registered model {name!r} has no {PREVIOUS_CHAMPION} to roll back to")
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    if champion is not None and champion != previous:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, champion)
+        client.set_model_version_tag(name, champion, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    client.set_model_version_tag(name, previous, "restored_by_rollback_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return {"name": name, "champion_version": previous, "previous_champion_version": champion}
+
+
+# --------------------------------------------------------------------------- list / show
+def list_models(tracking_uri: str) -> list[dict[str, Any]]:
+    """Every registered model: ``{"name", "aliases", "latest_version", "tags", "description"}``."""
+    client = _client(tracking_uri)
+    out, token = [], None
+    while True:
+        page = client.search_registered_models(max_results=100, page_token=token)
+        for rm in page:
+            latest = [int(v.version) for v in (rm.latest_versions or [])]
+            out.append({"name": rm.name, "aliases": _aliases(rm), "latest_version": str(max(latest)) if latest else None,
+                        "tags": dict(rm.tags or {}), "description": rm.description or ""})
+        token = page.token
+        if not token:
+            break
+    return sorted(out, key=lambda m: m["name"])
+
+
+def show_model(name: str, tracking_uri: str) -> dict[str, Any]:
+    """One registered model: aliases, tags and every version (oldest first) with its aliases and tags."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise MedsegError(f"no registered model {name!r}") from None
+        raise
+    escaped = name.replace("'", "\\'")
+    aliases = _aliases(rm)
+    by_version: dict[str, list[str]] = {}
+    for alias, v in sorted(aliases.items()):  # search results do not carry aliases in every store
+        by_version.setdefault(v, []).append(alias)
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name='{escaped}'", max_results=200, page_token=token)
+        for mv in page:
+            versions.append({"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "status": mv.status,
+                             "created": mv.creation_timestamp, "aliases": sorted({str(a) for a in (mv.aliases or [])} | set(by_version.get(str(mv.version), []))),
+                             "tags": dict(mv.tags or {})})
+        token = page.token
+        if not token:
+            break
+    versions.sort(key=lambda v: int(v["version"]))
+    return {"name": rm.name, "aliases": aliases, "tags": dict(rm.tags or {}), "description": rm.description or "", "versions": versions}
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sub-commands of ``medseg registry``: list, show, promote, rollback."""
+    from medseg.tracking import default_tracking_uri
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--tracking-uri", default=None, metavar="URI",
+                        help=f"MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI or {default_tracking_uri()})")
+    common.add_argument("--json", action="store_true", help="print the result as JSON")
+    sub = parser.add_subparsers(dest="registry_command", required=True, metavar="{list,show,promote,rollback}")
+    sub.add_parser("list", parents=[common], help="registered models with their aliases")
+    p = sub.add_parser("show", parents=[common], help="a registered model's versions, aliases and tags")
+    p.add_argument("name")
+    p = sub.add_parser("promote", parents=[common], help="gate a version to champion against the current champion")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--margin", type=float, default=0.0, help="tolerated Dice drop against the champion (default 0)")
+    p.add_argument("--primary-region", default="WT", help="region whose mean Dice decides (default WT)")
+    p.add_argument("--metrics", type=Path, default=None, metavar="FILE",
+                   help="metrics.json whose per_case to use for the version (default: the one stored with its run)")
+    p = sub.add_parser("rollback", parents=[common], help="swap champion and previous-champion")
+    p.add_argument("name")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``medseg registry ...``. Returns 0 (a refused promotion is an outcome, also 0)."""
+    from medseg.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    cmd = args.registry_command
+    if cmd == "list":
+        result: Any = list_models(uri)
+    elif cmd == "show":
+        result = show_model(args.name, uri)
+    elif cmd == "promote":
+        per_case = schemas.Metrics.load(args.metrics).per_case if args.metrics else None
+        result = promote(args.name, args.version, uri, per_case, margin=args.margin, primary_region=args.primary_region)
+    elif cmd == "rollback":
+        result = rollback(args.name, uri)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise MedsegError(f"unknown registry command {cmd!r}")
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        _print_human(cmd, result, sys.stdout)
+    return 0
+
+
+def _print_human(cmd: str, result: Any, out: Any) -> None:
+    if cmd == "list":
+        if not result:
+            print("no registered models", file=out)
+        for m in result:
+            aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(m["aliases"].items())) or "no aliases"
+            print(f"{m['name']}  latest v{m['latest_version']}  ({aliases})", file=out)
+    elif cmd == "show":
+        aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(result["aliases"].items())) or "none"
+        print(f"{result['name']}  aliases: {aliases}", file=out)
+        for v in result["versions"]:
+            t = v["tags"]
+            mark = f" [{', '.join(v['aliases'])}]" if v["aliases"] else ""
+            print(f"  v{v['version']}{mark}  run {v['run_id']}  thresholds: {t.get('threshold_passed', '?')}"
+                  f"  promotion: {t.get('promotion_decision', '-')}  dice {t.get('test_mean_dice', '-')}", file=out)
+            for key in LINEAGE_KEYS:
+                if key in t:
+                    print(f"      {key}: {t[key]}", file=out)
+            if "promotion_reason" in t:
+                print(f"      promotion_reason: {t['promotion_reason']}", file=out)
+    elif cmd == "promote":
+        word = "promoted" if result["promoted"] else "refused"
+        print(f"{word}: version {result['version']}: {result['reason']}", file=out)
+        print(f"champion: v{result['champion_version']}", file=out)
+    elif cmd == "rollback":
+        print(f"champion: v{result['champion_version']} (previous-champion: v{result['previous_champion_version']})", file=out)

@@ -1,0 +1,309 @@
+"""The artefacts passed between stages, in one place.
+
+Every artefact is plain JSON a person can read and edit (as nnU-Net's plans are). Each has a dataclass
+here with ``to_dict`` / ``from_dict`` and a ``load`` / ``save`` pair; ``save`` writes atomically and
+``load`` raises :class:`~medseg.errors.MedsegError` naming the file when a field is missing or wrong.
+
+Files and their producers::
+
+    dataset.json      ingest      nnU-Net v2 raw dataset description + BraTS regions
+    manifest.json     ingest      per file: sha256, shape, spacing, affine; patient ids; quarantine
+    splits.json       ingest      patient-level k folds + a held-out test set
+    fingerprint.json  preprocess  per-case geometry and per-channel foreground intensity statistics
+    plans.json        preprocess  target spacing, normalisation, configurations (patch, batch, network)
+    <case>.json       preprocess  per preprocessed case: what is needed to invert the preprocessing
+    best_params.json  tune        the chosen hyperparameters and the study they came from
+    model_package.json train      what the model folder holds and where it came from
+    metrics.json      evaluate    per label and per region metrics, per case and aggregated
+
+Array axes: every volume is kept in nibabel's voxel order (I, J, K) as stored in the NIfTI file, with
+channels first for images (C, I, J, K); spacings are in millimetres in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from medseg.errors import MedsegError
+from medseg.io import read_json, sha256_json, write_json
+
+SCHEMA_VERSION = 1
+
+# File names inside the artefact folders: the only place they are spelled.
+DATASET_JSON = "dataset.json"
+MANIFEST_JSON = "manifest.json"
+SPLITS_JSON = "splits.json"
+FINGERPRINT_JSON = "fingerprint.json"
+PLANS_JSON = "plans.json"
+BEST_PARAMS_JSON = "best_params.json"
+MODEL_PACKAGE_JSON = "model_package.json"
+WEIGHTS_FILE = "weights.pt"
+METRICS_JSON = "metrics.json"
+PER_CASE_CSV = "per_case.csv"
+IMAGES_TR, LABELS_TR, IMAGES_TS, LABELS_TS = "imagesTr", "labelsTr", "imagesTs", "labelsTs"
+
+# BraTS 2023 (GLI/MET/MEN/PED) label values and evaluation regions.
+BRATS_CHANNELS = ("t1n", "t1c", "t2w", "t2f")
+BRATS_LABELS = {"background": 0, "NETC": 1, "SNFH": 2, "ET": 3}
+BRATS_REGIONS = {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+
+T = TypeVar("T", bound="Artifact")
+
+
+class Artifact:
+    """Base class: JSON round trip with a clear error naming the file."""
+
+    FILENAME: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        if not isinstance(data, dict):
+            raise MedsegError(f"{cls.__name__}: expected a JSON object")
+        missing = required - data.keys()
+        if missing:
+            raise MedsegError(f"{cls.__name__}: missing field(s) {sorted(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[call-arg]
+
+    def save(self, folder_or_file: str | Path) -> Path:
+        path = Path(folder_or_file)
+        if path.suffix != ".json":
+            path = path / self.FILENAME
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls: type[T], folder_or_file: str | Path) -> T:
+        path = Path(folder_or_file)
+        if path.suffix != ".json":
+            path = path / cls.FILENAME
+        try:
+            return cls.from_dict(read_json(path))
+        except MedsegError as exc:
+            if exc.path:
+                raise
+            raise MedsegError(str(exc), path) from None
+        except TypeError as exc:
+            raise MedsegError(f"malformed {cls.__name__}: {exc}", path) from None
+
+
+# --------------------------------------------------------------------------- ingest
+@dataclass
+class DatasetJson(Artifact):
+    """nnU-Net v2 ``dataset.json`` plus our fields (``regions``, ``task``, ``source_format``).
+
+    ``channel_names`` maps channel index (as a string, nnU-Net style) to its name; image file
+    ``imagesTr/CASE_0000.nii.gz`` holds channel "0". ``labels`` maps name → integer value.
+    ``regions`` maps an evaluation region (WT, TC, ET) to the label values it unites.
+    """
+
+    FILENAME: ClassVar[str] = DATASET_JSON
+    name: str
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    numTraining: int
+    file_ending: str = ".nii.gz"
+    regions: dict[str, list[int]] = field(default_factory=dict)
+    task: str = "segmentation"
+    source_format: str = ""
+    description: str = ""
+
+    @property
+    def channels(self) -> list[str]:
+        return [self.channel_names[str(i)] for i in range(len(self.channel_names))]
+
+    @property
+    def label_values(self) -> list[int]:
+        return sorted(int(v) for v in self.labels.values())
+
+    @property
+    def n_classes(self) -> int:
+        return max(self.label_values) + 1
+
+
+@dataclass
+class FileRecord:
+    """One NIfTI file of the canonical dataset. ``path`` is relative to the dataset folder."""
+
+    path: str
+    role: str  # "image" or "label"
+    channel: str  # channel name, or "label"
+    sha256: str
+    shape: list[int]
+    spacing: list[float]
+    affine: list[list[float]]
+    source: str = ""  # original file name (no folders: they may hold identifiers)
+
+
+@dataclass
+class CaseRecord:
+    case_id: str
+    patient_id: str
+    files: list[dict[str, Any]]  # FileRecord as dicts (JSON-friendly)
+    has_label: bool = True
+
+
+@dataclass
+class Manifest(Artifact):
+    """What was ingested: every file with its hash and geometry, and the cases left out with why."""
+
+    FILENAME: ClassVar[str] = MANIFEST_JSON
+    dataset_name: str
+    source: str
+    source_format: str
+    cases: list[dict[str, Any]]  # CaseRecord as dicts
+    quarantined: list[dict[str, str]] = field(default_factory=list)  # {case, file, problem}
+    schema_version: int = SCHEMA_VERSION
+    created: str = ""
+    content_hash: str = ""  # sha256 over the file hashes: the dataset version
+
+    def compute_hash(self) -> str:
+        return sha256_json(sorted((f["path"], f["sha256"]) for c in self.cases for f in c["files"]))
+
+
+@dataclass
+class Splits(Artifact):
+    """Patient-level splits: a held-out ``test`` list and ``folds`` of {train, val} case ids."""
+
+    FILENAME: ClassVar[str] = SPLITS_JSON
+    test: list[str]
+    folds: list[dict[str, list[str]]]
+    seed: int = 0
+    n_folds: int = 5
+    test_fraction: float = 0.2
+    schema_version: int = SCHEMA_VERSION
+
+
+# --------------------------------------------------------------------------- preprocess
+@dataclass
+class Fingerprint(Artifact):
+    FILENAME: ClassVar[str] = FINGERPRINT_JSON
+    spacings: list[list[float]]
+    shapes_after_crop: list[list[int]]
+    shapes: list[list[int]]
+    channels: dict[str, dict[str, float]]  # channel name → mean, std, p00_5, p99_5, min, max
+    class_frequencies: dict[str, float]
+    case_ids: list[str]
+    crop_fractions: list[float] = field(default_factory=list)  # voxels after crop / before
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass
+class NetworkTopology:
+    """A U-Net as nnU-Net plans it: one entry per resolution stage."""
+
+    name: str  # "unet" (plain conv U-Net, MONAI DynUNet)
+    in_channels: int
+    out_channels: int
+    kernel_sizes: list[list[int]]
+    strides: list[list[int]]
+    features: list[int]
+    deep_supervision: bool = False
+    norm: str = "instance"
+
+
+@dataclass
+class Configuration:
+    """One trainable configuration (``3d_fullres``, ``3d_lowres``, ``2d``)."""
+
+    spacing: list[float]
+    patch_size: list[int]
+    batch_size: int
+    median_shape: list[int]
+    network: dict[str, Any]  # NetworkTopology as dict
+    n_parameters: int = 0
+    estimated_memory_gib: float = 0.0
+
+
+@dataclass
+class Plans(Artifact):
+    """``plans.json``: how to preprocess and which network to train, chosen from the fingerprint."""
+
+    FILENAME: ClassVar[str] = PLANS_JSON
+    dataset_name: str
+    device_budget: str
+    channel_names: list[str]
+    labels: dict[str, int]
+    regions: dict[str, list[int]]
+    normalization: list[dict[str, Any]]  # per channel: {channel, scheme, mean, std, lower, upper}
+    configurations: dict[str, dict[str, Any]]  # name → Configuration as dict
+    default_configuration: str = "3d_fullres"
+    use_nonzero_mask: bool = True
+    schema_version: int = SCHEMA_VERSION
+
+    def configuration(self, name: str | None = None) -> Configuration:
+        name = name or self.default_configuration
+        if name not in self.configurations:
+            raise MedsegError(f"plans have no configuration {name!r} (have: {sorted(self.configurations)})")
+        return Configuration(**self.configurations[name])
+
+    def content_hash(self) -> str:
+        return sha256_json(self.to_dict())
+
+
+@dataclass
+class CaseProperties(Artifact):
+    """Everything needed to map a prediction on the preprocessed grid back to the original file."""
+
+    FILENAME: ClassVar[str] = "case.json"
+    case_id: str
+    original_shape: list[int]
+    original_spacing: list[float]
+    original_affine: list[list[float]]
+    crop_bbox: list[list[int]]  # per axis [start, stop) in the original grid
+    shape_after_crop: list[int]
+    shape_after_resample: list[int]
+    target_spacing: list[float]
+    class_locations: dict[str, list[list[int]]] = field(default_factory=dict)  # label → sampled voxel indices
+
+
+# --------------------------------------------------------------------------- tune / train
+@dataclass
+class BestParams(Artifact):
+    FILENAME: ClassVar[str] = BEST_PARAMS_JSON
+    params: dict[str, Any]
+    best_value: float
+    study_name: str
+    storage: str
+    n_trials: int
+    n_pruned: int = 0
+    metric: str = "val_dice_mean"
+
+
+@dataclass
+class ModelPackage(Artifact):
+    """``model_package.json`` beside ``weights.pt`` (a state_dict), ``plans.json`` and ``dataset.json``."""
+
+    FILENAME: ClassVar[str] = MODEL_PACKAGE_JSON
+    configuration: str
+    network: dict[str, Any]
+    medseg_version: str
+    training: dict[str, Any] = field(default_factory=dict)  # epochs, params, best val dice, run id
+    lineage: dict[str, str] = field(default_factory=dict)  # manifest hash, plan hash, git commit, ...
+    weights_file: str = WEIGHTS_FILE
+    schema_version: int = SCHEMA_VERSION
+
+
+# --------------------------------------------------------------------------- evaluate
+@dataclass
+class Metrics(Artifact):
+    """``metrics.json``: ``mean`` maps each label/region name to {dice, hd95, ...} averaged over cases."""
+
+    FILENAME: ClassVar[str] = METRICS_JSON
+    n_cases: int
+    mean: dict[str, dict[str, float]]
+    per_case: list[dict[str, Any]]
+    hd95_convention: str = "max of the two directed 95th percentile surface distances, in mm"
+    empty_handling: str = "both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 = penalty"
+    hd95_penalty_mm: float = 373.13
+    schema_version: int = SCHEMA_VERSION

@@ -1,0 +1,161 @@
+"""Run the real KServe ``ModelServer`` (REST only, one worker) for one model, bound to one host.
+
+KServe 0.21's REST server always builds its uvicorn config with ``host="0.0.0.0"``. ``ModelServer.start()``
+creates that REST server, then calls ``setup_event_loop()``, and only then runs the event loop that
+binds the socket. :class:`HostBoundModelServer` (built lazily, see :func:`make_model_server`) overrides that
+hook to set the uvicorn config's host before anything listens, and refuses to run if a gRPC or
+multi-process server was configured (those would bind every interface). Default host: 127.0.0.1.
+
+``medseg serve --model URI --name NAME [--host 127.0.0.1] [--port 8080]``; tests and local runs use
+:func:`start_server_process`, :func:`wait_until_ready` and :func:`stop_server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from medseg.errors import MedsegError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port free on ``host`` right now (bind to port 0 and read what the OS chose)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def make_model_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> Any:
+    """A ``kserve.ModelServer`` (REST only, 1 worker) whose REST server listens on ``host`` only."""
+    from medseg.serving import import_kserve
+
+    kserve = import_kserve()
+
+    class HostBoundModelServer(kserve.ModelServer):
+        def __init__(self, host: str, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.host = host
+
+        def setup_event_loop(self) -> None:
+            # Called by start() after the REST server object exists and before the loop runs it.
+            if self._grpc_server is not None or self._rest_multiprocess_server is not None or self._rest_server is None:
+                raise RuntimeError("HostBoundModelServer serves REST with one worker only (gRPC/multi-process would bind all interfaces)")
+            self._rest_server.config.host = self.host
+            log.info("REST server will listen on %s:%d", self.host, self.http_port)
+            super().setup_event_loop()
+
+    return HostBoundModelServer(host=host, http_port=port, enable_grpc=False, workers=1)
+
+
+def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto") -> None:
+    """Load the model (package folder or ``models:/NAME@ALIAS``) and serve it until SIGTERM/SIGINT."""
+    from medseg.serving.model import SegmentationModel
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("model server listening on %s: reachable from other machines (no authentication)", host)
+    server = make_model_server(host, port)  # configures KServe logging first, so load() logs show
+    model = SegmentationModel(name, model_uri, device=device)
+    model.load()
+    server.start([model])
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``medseg serve``."""
+    parser.add_argument("--model", required=True, help="model package folder, or models:/NAME@ALIAS or models:/NAME/VERSION (MLflow registry)")
+    parser.add_argument("--name", required=True, help="model name on the endpoint: /v2/models/NAME/infer")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST}; 0.0.0.0 inside a container)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default: {DEFAULT_PORT})")
+    parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, mps (default: auto)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``medseg serve`` (blocks until the server stops); returns the exit code."""
+    serve(args.model, args.name, host=args.host, port=args.port, device=getattr(args, "device", "auto"))
+    return 0
+
+
+# --------------------------------------------------------------------------- subprocess helpers
+def start_server_process(model_uri: str | Path, name: str, port: int, env: dict[str, str] | None = None,
+                         log_file: str | Path | None = None, host: str = DEFAULT_HOST, device: str = "auto") -> subprocess.Popen:
+    """Start ``python -m medseg.serving.server`` in its own session; output to ``log_file`` (else inherited)."""
+    cmd = [sys.executable, "-m", "medseg.serving.server", "--model", str(model_uri), "--name", name,
+           "--host", host, "--port", str(port), "--device", device]
+    full_env = {**os.environ, **(env or {})}
+    out: IO[bytes] | None = None
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_file, "ab")  # noqa: SIM115 (the child keeps it; closed below in the parent)
+    try:
+        proc = subprocess.Popen(cmd, env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                start_new_session=True)
+    finally:
+        if out is not None:
+            out.close()
+    return proc
+
+
+def wait_until_ready(url: str, name: str, timeout_s: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``/v2/health/ready`` and ``/v2/models/NAME/ready`` until both answer 200.
+
+    Raises :class:`MedsegError` on timeout, or at once if ``proc`` (the server process) has exited.
+    """
+    import httpx
+
+    base = url.rstrip("/")
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    with httpx.Client(timeout=5.0) as client:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise MedsegError(f"model server exited with code {proc.returncode} before it was ready", base)
+            try:
+                server = client.get(f"{base}/v2/health/ready")
+                model = client.get(f"{base}/v2/models/{name}/ready")
+                if server.status_code == 200 and model.status_code == 200:
+                    return
+                last = f"/v2/health/ready {server.status_code}, /v2/models/{name}/ready {model.status_code}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise MedsegError(f"model server not ready after {timeout_s:.0f} s ({last})", base)
+            time.sleep(0.25)
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 20.0) -> int | None:
+    """SIGTERM the server process (graceful), SIGKILL it if it has not exited after ``timeout_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+    return proc.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medseg.serving.server", description="Serve a model package with KServe (Open Inference Protocol v2).")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except MedsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Networks, losses, patch sampling, the training loop and Optuna tuning."""
