@@ -7,11 +7,15 @@ line one JSON object with the results.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from medseg import schemas
+from medseg.errors import MedsegError
 from medseg.io import read_json, write_json
 from medseg.pipeline import runner
 
@@ -34,6 +38,32 @@ def _stage_seconds(run_dir: Path, started: float) -> dict[str, float]:
     return out
 
 
+# lines of the pipeline log worth showing on the console (the full log goes to a file)
+_CONSOLE = re.compile(r"(Executing task|finished with status|epoch \d+/\d+: loss|trial \d+: |error|Error|Traceback)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _run_pipeline_logged(params_file: Path, paths: dict[str, Path], log_file: Path) -> dict:
+    """``medseg pipeline run`` in a child process: everything to ``log_file``, the milestones to the console."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "medseg.cli", "pipeline", "run", "--params", str(params_file), "--source", str(paths["raw"])]
+    last = ""
+    with open(log_file, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            clean = _ANSI.sub("", line.rstrip())
+            if clean.startswith("{") and '"run_dir"' in clean:
+                last = clean
+            elif _CONSOLE.search(clean) and "UserWarning" not in clean:
+                print("      " + clean.strip().removeprefix("INFO - ").strip(), flush=True)
+        code = proc.wait()
+    if code != 0 or not last:
+        tail = log_file.read_text().splitlines()[-30:]
+        raise MedsegError(f"the pipeline failed (exit {code}); last lines of {log_file}:\n" + "\n".join(tail))
+    return json.loads(last)
+
+
 def run_demo(params_file: Path, out_dir: Path) -> int:
     t_start = time.perf_counter()
     params = runner.load_params(params_file)
@@ -53,9 +83,10 @@ def run_demo(params_file: Path, out_dir: Path) -> int:
 
     tracking = f"sqlite:///{paths['mlflow_db']}"
     args = runner.pipeline_arguments(params, paths["raw"], tracking, sqlite_url(paths["optuna_db"]))
-    print(f"[2/4] training pipeline with kfp.local (pipeline root {paths['kfp']})", flush=True)
+    log_file = paths["work"] / "logs" / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    print(f"[2/4] training pipeline with kfp.local (pipeline root {paths['kfp']}; full log {log_file})", flush=True)
     started = time.time()
-    result = runner.run_local(args, paths["kfp"])
+    result = _run_pipeline_logged(params_file, paths, log_file)
     run_dir = Path(result["run_dir"])
     tasks = result["tasks"]
 

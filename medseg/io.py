@@ -150,7 +150,9 @@ def load_nifti(path: str | Path, dtype: type = np.float32) -> tuple[np.ndarray, 
     try:
         img = nib.load(str(path))
         array = np.asarray(img.dataobj, dtype=dtype)
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
+        if str(path).endswith(".gz"):
+            _verify_gzip(path)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, nib.wrapstruct.WrapStructError) as exc:
         raise MedsegError(f"cannot read NIfTI ({_describe(exc)})", path) from None
     return _check_volume(array, path), np.asarray(img.affine, dtype=np.float64), img.header
 
@@ -162,9 +164,21 @@ def load_nifti_bytes(data: bytes, name: str = "<bytes>", dtype: type = np.float3
             data = gzip.decompress(data)
         img = nib.Nifti1Image.from_bytes(data)
         array = np.asarray(img.dataobj, dtype=dtype)
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, TypeError, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, TypeError, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, nib.wrapstruct.WrapStructError) as exc:
         raise MedsegError(f"cannot read NIfTI ({_describe(exc)})", name) from None
     return _check_volume(array, name), np.asarray(img.affine, dtype=np.float64), img.header
+
+
+def _verify_gzip(path: Path) -> None:
+    """Read a gzip stream to its end, which checks its CRC32 and length.
+
+    nibabel decompresses only the bytes the header asks for, so a file cut in its last bytes, or with a
+    flipped bit in the compressed data, would otherwise load without error (the latter with wrong voxel
+    values). Raises ``EOFError`` / ``gzip.BadGzipFile`` / ``zlib.error``.
+    """
+    with gzip.open(path, "rb") as fh:
+        while fh.read(1 << 22):
+            pass
 
 
 def _describe(exc: BaseException) -> str:

@@ -181,6 +181,7 @@ def test_champion_loads_and_predicts_in_fresh_process(store, tmp_path):
     assert img.shape == ref.shape and np.allclose(img.affine, ref.affine)
     assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1, 2, 3}
     local = Path(next(l for l in proc.stdout.splitlines() if l.startswith("LOCAL"))[len("LOCAL"):])
-    from medseg.registry.pyfunc_model import PACKAGE_SUBDIR
+    from medseg.registry.pyfunc_model import PACKAGE_SUBDIR, package_dir_of
 
     assert (local / PACKAGE_SUBDIR / schemas.MODEL_PACKAGE_JSON).is_file() and (local / "MLmodel").is_file()
+    assert package_dir_of(local) == local / PACKAGE_SUBDIR

@@ -37,7 +37,7 @@ def predict_probabilities(network: nn.Module, data: np.ndarray, patch_size: list
 
     device = device or next(network.parameters()).device
     network.eval()
-    x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None].to(device)
+    x = torch.from_numpy(np.array(data, dtype=np.float32, copy=True))[None].to(device)  # mmap arrays are read-only
 
     def forward(window: torch.Tensor) -> torch.Tensor:
         with autocast(device):

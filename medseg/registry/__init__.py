@@ -24,12 +24,12 @@ from medseg.registry.registry import (
 __all__ = [
     "CHALLENGER", "CHAMPION", "PREVIOUS_CHAMPION", "LINEAGE_KEYS",
     "register_model", "promote", "rollback", "list_models", "show_model", "check_thresholds",
-    "SegmentationPyfunc", "log_model_package", "PACKAGE_SUBDIR",
+    "SegmentationPyfunc", "log_model_package", "package_dir_of", "PACKAGE_SUBDIR",
 ]
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing the pyfunc module imports mlflow
-    if name in ("SegmentationPyfunc", "log_model_package", "PACKAGE_SUBDIR", "MODEL_PACKAGE_ARTIFACT"):
+    if name in ("SegmentationPyfunc", "log_model_package", "package_dir_of", "PACKAGE_SUBDIR", "MODEL_PACKAGE_ARTIFACT"):
         from medseg.registry import pyfunc_model
 
         return getattr(pyfunc_model, name)

@@ -120,3 +120,27 @@ def log_model_package(model_dir: Path, artifact_path: str = "model", input_examp
             input_example=input_example,
             pip_requirements=list(pip_requirements or DEFAULT_PIP_REQUIREMENTS),
         )
+
+
+def package_dir_of(mlflow_model_dir: str | Path) -> Path:
+    """The model package folder inside a downloaded MLflow model folder.
+
+    Reads ``MLmodel`` (``flavors.python_function.artifacts.model_package.path``) so it also finds
+    packages logged by other code under another folder name; falls back to :data:`PACKAGE_SUBDIR`.
+    """
+    import yaml
+
+    root = Path(mlflow_model_dir)
+    candidates = []
+    mlmodel = root / "MLmodel"
+    if mlmodel.is_file():
+        spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
+        artifacts = ((spec.get("flavors") or {}).get("python_function") or {}).get("artifacts") or {}
+        rel = (artifacts.get(MODEL_PACKAGE_ARTIFACT) or {}).get("path")
+        if rel:
+            candidates.append(root / rel)
+    candidates += [root / PACKAGE_SUBDIR, root]
+    for path in candidates:
+        if (path / schemas.MODEL_PACKAGE_JSON).is_file():
+            return path
+    raise MedsegError(f"no {schemas.MODEL_PACKAGE_JSON} in this MLflow model (looked in {', '.join(str(c) for c in candidates)})", root)

@@ -191,7 +191,7 @@ def register_model(
             run_id = run.info.run_id
             params = _flat_params(package.training.get("config") or {})
             params["configuration"] = package.configuration
-            mlflow.log_params({k: v for k, v in params.items()})
+            mlflow.log_params(params)
             values = {"test_n_cases": float(metrics.n_cases)}
             for key, row in metrics.mean.items():
                 for metric in ("dice", "hd95"):

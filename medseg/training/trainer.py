@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,7 +191,8 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
         network.train()
         losses, data_wait = [], 0.0
         t_epoch = time.perf_counter()
-        bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        # a live bar on a terminal only: in pipeline logs each redraw would become a line
+        bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not sys.stderr.isatty(), leave=False)
         for _ in bar:
             t0 = time.perf_counter()
             images, labels = sampler.sample()
@@ -212,7 +214,7 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
             step_times.append(time.perf_counter() - t1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         epoch_s = time.perf_counter() - t_epoch
-        val = validation_dice(network, val_cases, plans, config.patch_size, cfg.val_overlap, device) if val_cases else {}
+        val = {k: float(v) for k, v in validation_dice(network, val_cases, plans, config.patch_size, cfg.val_overlap, device).items()} if val_cases else {}
         val_mean = float(np.mean(list(val.values()))) if val else float("nan")
         metrics = {"train_loss": float(np.mean(losses)), "val_dice_mean": val_mean, **{f"val_dice_{k}": v for k, v in val.items()},
                    "lr": float(scheduler.get_last_lr()[0]), "data_wait_share": data_wait / max(epoch_s, 1e-9), "epoch_seconds": epoch_s}
@@ -220,9 +222,9 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
         if val_mean > best or best_state is None:
             best, best_epoch = val_mean, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-        log.info("epoch %d: loss %.4f, val dice %s (best %.4f @ %d), %.1fs", epoch, metrics["train_loss"], {k: round(v, 4) for k, v in val.items()}, best, best_epoch, epoch_s)
         if progress:
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f}  val dice {val_mean:.4f}  " + "  ".join(f"{k} {v:.3f}" for k, v in val.items()) + f"  ({epoch_s:.0f}s)")
+            log.info("epoch %d/%d: loss %.4f  val dice %.4f (%s)  best %.4f @ epoch %d  %.0fs", epoch + 1, cfg.epochs, metrics["train_loss"], val_mean,
+                     " ".join(f"{k} {v:.3f}" for k, v in val.items()), best, best_epoch + 1, epoch_s)
         _save_checkpoint(ckpt_path, {
             "model": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch, "history": history,

@@ -84,9 +84,8 @@ def tune(preprocessed_dir: Path, base: TrainConfig, n_trials: int, storage: str,
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         value = trial.value if trial.value is not None else (max(trial.intermediate_values.values()) if trial.intermediate_values else float("nan"))
         msg = f"trial {trial.number}: {trial.state.name.lower()} value={value:.4f} " + " ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
-        log.info(msg)
         if progress:
-            print(msg, flush=True)
+            log.info(msg)
         if on_trial is not None:
             on_trial(trial.number, dict(trial.params), float(value), trial.state.name)
 
