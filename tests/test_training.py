@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,12 +29,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_tiny_dataset(tmp_path_factory)
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """train() sets torch's thread count and (deterministic=True) deterministic algorithms process-wide."""
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_and_restore_torch_globals():
+    """train() sets torch's thread count to the core count and (deterministic=True) deterministic
+    algorithms, both process-wide: here it gets one thread (the 2 cores are shared, and OpenMP threads
+    competing for them make tiny steps erratically slow), and both settings are put back afterwards."""
+    from medseg.training import trainer
+
     threads = torch.get_num_threads()
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "os", SimpleNamespace(cpu_count=lambda: 1))
+        yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(det, warn_only=warn_only)
 
@@ -115,7 +122,6 @@ def test_patch_sampler_needs_cases() -> None:
 
 
 # --------------------------------------------------------------------------- training
-@pytest.mark.slow
 def test_train_writes_checkpoint_and_loadable_package(tiny: dict[str, Path], straight_run) -> None:
     from medseg.inference.predictor import Predictor
     from medseg.preprocessing.fingerprint import case_files, load_case
@@ -148,7 +154,6 @@ def test_train_writes_checkpoint_and_loadable_package(tiny: dict[str, Path], str
     np.testing.assert_array_equal(from_files.segmentation, prediction.segmentation)
 
 
-@pytest.mark.slow
 def test_resume_continues_at_next_epoch(tiny: dict[str, Path], tmp_path: Path) -> None:
     cfg = TrainConfig(**{**FAST, "epochs": 1})
     first = train(tiny["pre"], tmp_path, cfg, progress=False, write_package=False)
@@ -166,7 +171,6 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.slow
 def test_resume_after_interruption_gives_identical_weights(tiny: dict[str, Path], tmp_path: Path, straight_run) -> None:
     """A run stopped after its first epoch's checkpoint, then resumed, ends exactly where an
     uninterrupted run with the same config and seed ends (sampler and torch RNG states restored).
@@ -199,7 +203,6 @@ def test_train_rejects_missing_fold(tiny: dict[str, Path], tmp_path: Path) -> No
 
 
 # --------------------------------------------------------------------------- tuning
-@pytest.mark.slow
 def test_tune_two_trials_on_sqlite(tiny: dict[str, Path], tmp_path: Path) -> None:
     import optuna
 
@@ -241,7 +244,6 @@ def _restore_mlflow_uri(monkeypatch: pytest.MonkeyPatch):
 TRIAL = {"epochs": 1, "iterations_per_epoch": 1, "max_val_cases": 1, "device": "cpu", "seed": 3}
 
 
-@pytest.mark.slow
 def test_run_tune_and_run_train_without_tracking(tiny: dict[str, Path], tmp_path: Path) -> None:
     from medseg.training.stage import merged_params, run_train, run_tune
     from medseg.training.tuning import sqlite_url
@@ -258,7 +260,7 @@ def test_run_tune_and_run_train_without_tracking(tiny: dict[str, Path], tmp_path
     assert package.training["config"]["learning_rate"] == best.params["learning_rate"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # creating the MLflow SQLite schema alone takes several seconds
 @pytest.mark.usefixtures("_restore_mlflow_uri")
 def test_run_tune_and_run_train_log_to_mlflow(tiny: dict[str, Path], tmp_path: Path) -> None:
     import mlflow

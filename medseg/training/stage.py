@@ -30,7 +30,8 @@ def run_tune(preprocessed_dir: Path, out_file: Path, train_params: dict[str, Any
                 return
             import mlflow
 
-            with mlflow.start_run(run_name=f"trial-{number}", nested=True, tags={"trial_state": state, **(tags or {})}):
+            # the parent's experiment: without it a nested run goes to MLflow's "Default" experiment
+            with mlflow.start_run(experiment_id=run.info.experiment_id, run_name=f"trial-{number}", nested=True, tags={"trial_state": state, **(tags or {})}):
                 mlflow.log_params(params)
                 if value == value:  # not NaN
                     mlflow.log_metric("val_dice_mean", value)

@@ -71,11 +71,27 @@ class TrainConfig:
             raise MedsegError(f"unknown training parameter(s) {sorted(unknown)} (known: {sorted(names)})")
         # KFP passes dict parameters as protobuf Structs, where every number is a float: coerce by field type
         kinds = {f.name: f.type for f in dataclasses.fields(cls)}
-        casts = {"int": int, "float": float, "bool": bool, "str": str}
+        casts = {"int": _as_int, "float": float, "bool": _as_bool, "str": str}
         try:
             return cls(**{k: casts[kinds[k]](v) if kinds[k] in casts else v for k, v in data.items()})
         except (TypeError, ValueError) as exc:
             raise MedsegError(f"invalid training parameter: {exc}") from None
+
+
+def _as_int(value: Any) -> int:
+    if float(value) != int(float(value)):
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(float(value))
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{value!r} is not true/false")
+    return bool(value)
 
 
 @dataclass
