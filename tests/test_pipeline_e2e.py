@@ -55,7 +55,7 @@ def test_every_task_wrote_its_artefacts(demo_run):
     run_dir = Path(summary["run_dir"])
     assert (run_dir / "ingest" / "dataset" / schemas.MANIFEST_JSON).is_file()
     assert (run_dir / "preprocess" / "preprocessed" / schemas.PLANS_JSON).is_file()
-    best = json.loads((run_dir / "tune" / "best_params").read_text())
+    best = json.loads((run_dir / "tune" / "best_params" / "best_params.json").read_text())
     assert best["n_trials"] == 2 and set(best["params"]) == {"learning_rate", "foreground_share", "weight_decay"}
     assert (run_dir / "train" / "model" / schemas.WEIGHTS_FILE).is_file()
     metrics = schemas.Metrics.load(run_dir / "evaluate" / "evaluation")
@@ -79,6 +79,8 @@ def test_registry_aliases_and_lineage(demo_run):
         assert tags.get(key) not in (None, "", "unknown") or key == "git_commit", key
     assert tags["promotion_decision"] == "promoted"
     run = client.get_run(tags["training_run_id"])
+    best = json.loads((Path(demo_run[2]["run_dir"]) / "tune" / "best_params" / "best_params.json").read_text())
+    assert float(run.data.params["learning_rate"]) == pytest.approx(best["params"]["learning_rate"])  # tuned values reach training
     history = client.get_metric_history(run.info.run_id, "val_dice_mean")
     assert len(history) == params["train"]["epochs"]
 

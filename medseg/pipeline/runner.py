@@ -7,7 +7,9 @@ come from ``params.yaml``.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,6 @@ import yaml
 
 import medseg
 from medseg.errors import MedsegError
-from medseg.io import write_text
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,10 +109,10 @@ def compile_pipeline(out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir) if out_dir else PROJECT_ROOT / "pipelines" / "compiled"
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = out_dir / f"{name}-{compiled_version()}.yaml"
-    tmp = dest.with_suffix(".yaml.tmp")
-    compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(tmp))
-    write_text(dest, tmp.read_text())
-    tmp.unlink()
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # kfp insists on a .yaml name: compile aside, then move in
+        staged = Path(tmp) / dest.name
+        compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(staged))
+        os.replace(staged, dest)
     return dest
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from medseg import schemas
-from medseg.io import read_json
 from medseg.tracking import mlflow_run
 from medseg.training.trainer import TrainConfig, TrainResult, train
 from medseg.training.tuning import SEARCH_SPACE, tune
@@ -46,11 +45,11 @@ def run_tune(preprocessed_dir: Path, out_file: Path, train_params: dict[str, Any
     return best
 
 
-def merged_params(train_params: dict[str, Any], best_params_file: Path | None) -> TrainConfig:
-    """``params.yaml``'s training parameters overridden by the tuned ones."""
+def merged_params(train_params: dict[str, Any], best_params: Path | None) -> TrainConfig:
+    """``params.yaml``'s training parameters overridden by the tuned ones (``best_params.json`` or its folder)."""
     params = dict(train_params)
-    if best_params_file is not None and Path(best_params_file).is_file():
-        params.update(read_json(best_params_file)["params"])
+    if best_params is not None:
+        params.update(schemas.BestParams.load(best_params).params)
     return TrainConfig.from_dict(params)
 
 
