@@ -61,7 +61,7 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="best_params.json to write")
     p.add_argument("--trials", type=int, default=None, help="number of trials (default: params tune.n_trials)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///work/optuna.db)")
-    p.add_argument("--study", default="medseg", help="study name (resumed if it exists)")
+    p.add_argument("--study", default=None, help="study name, resumed if it exists (default: medseg-<plan hash>, one study per plan)")
 
 
 def _run_tune(a: argparse.Namespace) -> int:
@@ -73,6 +73,10 @@ def _run_tune(a: argparse.Namespace) -> int:
     tune_cfg = params.get("tune", {})
     storage = a.storage or sqlite_url(Path(params.get("work_dir", "work")) / "optuna.db")
     Path(params.get("work_dir", "work")).mkdir(parents=True, exist_ok=True)
+    if a.study is None:
+        from medseg import schemas
+
+        a.study = f"medseg-{schemas.Plans.load(a.preprocessed).content_hash()[:12]}"
     best = run_tune(a.preprocessed, a.out, {**_train_params(a), **tune_cfg.get("trial_params", {})}, a.trials or int(tune_cfg.get("n_trials", 3)), storage, a.study, _tracking(a))
     print(f"best: {best.params} (val dice {best.best_value:.4f}, {best.n_trials} trials, {best.n_pruned} pruned) → {a.out}")
     return 0

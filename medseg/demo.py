@@ -92,12 +92,15 @@ def run_demo(params_file: Path, out_dir: Path) -> int:
 
     metrics = schemas.Metrics.load(Path(tasks["evaluate"]["evaluation"]))
     smoke = read_json(Path(tasks["serve"]["result"]) / "smoke.json")
+    if not smoke.get("model_version"):  # no champion at all: a first model under the thresholds
+        smoke = None
     decision = read_json(tasks["promote"]["decision"])
 
     print("[3/4] served one held-out case through the KServe V2 endpoint", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     for key in ("segmentation", "overlay"):
-        shutil.copy2(smoke[key], out_dir / Path(smoke[key]).name)
+        if smoke:
+            shutil.copy2(smoke[key], out_dir / Path(smoke[key]).name)
     for name in ("report.md", "dice_boxplot.png", "metrics.json", "per_case.csv", "example_overlay.png"):
         src = Path(tasks["evaluate"]["evaluation"]) / name
         if src.exists():
@@ -110,16 +113,21 @@ def run_demo(params_file: Path, out_dir: Path) -> int:
     for r in ("WT", "TC", "ET"):
         print(f"      {r}: Dice {dice[r]:.4f}   HD95 {hd95[r]:.2f} mm")
     print(f"      promotion: {'promoted' if decision.get('promoted') else 'refused'} ({decision.get('reason')})")
-    print(f"      served case {smoke['case_id']}: volumes (ml) {json.dumps({k: round(v, 1) for k, v in smoke['volumes_ml'].items()})}, request {smoke['request_seconds']} s")
+    if smoke:
+        print(f"      served case {smoke['case_id']} (champion v{smoke['model_version']}): volumes (ml) {json.dumps({k: round(v, 1) for k, v in smoke['volumes_ml'].items()})}, request {smoke['request_seconds']} s")
+    else:
+        print("      nothing served: no model has passed the promotion gate yet (see the registry tags for why)")
     print(f"      segmentation and overlay: {out_dir.resolve()}/")
     print("      wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in stage_s.items()))
     print(f"\nOpen the MLflow UI on these results:\n  .venv/bin/mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000\n  then browse http://127.0.0.1:5000 (experiment 'medseg', model '{args['model_name']}')")
     print(f"Serve the champion yourself:\n  .venv/bin/medseg serve --model models:/{args['model_name']}@champion --name {args['model_name']} --port 8080   (with MLFLOW_TRACKING_URI={tracking})\n")
     summary = {
         "wt_dice": round(dice["WT"], 4), "tc_dice": round(dice["TC"], 4), "et_dice": round(dice["ET"], 4),
-        "model_name": args["model_name"], "model_version": smoke["model_version"], "alias": "champion",
-        "endpoint_ok": bool(smoke["endpoint_ok"]), "wall_s": round(time.perf_counter() - t_start, 1),
+        "model_name": args["model_name"], "model_version": smoke["model_version"] if smoke else None, "alias": "champion",
+        "endpoint_ok": bool(smoke and smoke["endpoint_ok"]), "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    write_json(out_dir / "summary.json", {**summary, "stage_seconds": stage_s, "run_dir": str(run_dir)})
+    # the Dice values are the newly trained version's; model_version is the champion that answered
+    write_json(out_dir / "summary.json", {**summary, "registered_version": decision.get("version"), "promoted": bool(decision.get("promoted")),
+                                          "promotion_reason": decision.get("reason"), "stage_seconds": stage_s, "run_dir": str(run_dir)})
     print(json.dumps(summary))
     return 0

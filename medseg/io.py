@@ -38,6 +38,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the usual permissions
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -57,8 +58,10 @@ def atomic_dir(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+            old.rmdir()
             os.replace(dest, old)
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)
@@ -67,6 +70,12 @@ def atomic_dir(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(dest: str | Path, data: bytes) -> Path:
@@ -147,14 +156,9 @@ def load_nifti(path: str | Path, dtype: type = np.float32) -> tuple[np.ndarray, 
         raise MedsegError("file not found", path)
     if not path.is_file():
         raise MedsegError("is not a file", path)
-    try:
-        img = nib.load(str(path))
-        array = np.asarray(img.dataobj, dtype=dtype)
-        if str(path).endswith(".gz"):
-            _verify_gzip(path)
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, nib.wrapstruct.WrapStructError) as exc:
-        raise MedsegError(f"cannot read NIfTI ({_describe(exc)})", path) from None
-    return _check_volume(array, path), np.asarray(img.affine, dtype=np.float64), img.header
+    # read and decompress the whole file: gzip.decompress checks the CRC and length, which nibabel's
+    # partial reads would not (a cut or bit-flipped .nii.gz could load silently with wrong voxels)
+    return load_nifti_bytes(path.read_bytes(), name=str(path), dtype=dtype)
 
 
 def load_nifti_bytes(data: bytes, name: str = "<bytes>", dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
@@ -167,18 +171,6 @@ def load_nifti_bytes(data: bytes, name: str = "<bytes>", dtype: type = np.float3
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, TypeError, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, nib.wrapstruct.WrapStructError) as exc:
         raise MedsegError(f"cannot read NIfTI ({_describe(exc)})", name) from None
     return _check_volume(array, name), np.asarray(img.affine, dtype=np.float64), img.header
-
-
-def _verify_gzip(path: Path) -> None:
-    """Read a gzip stream to its end, which checks its CRC32 and length.
-
-    nibabel decompresses only the bytes the header asks for, so a file cut in its last bytes, or with a
-    flipped bit in the compressed data, would otherwise load without error (the latter with wrong voxel
-    values). Raises ``EOFError`` / ``gzip.BadGzipFile`` / ``zlib.error``.
-    """
-    with gzip.open(path, "rb") as fh:
-        while fh.read(1 << 22):
-            pass
 
 
 def _describe(exc: BaseException) -> str:
@@ -200,18 +192,20 @@ def _check_volume(array: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 def nifti_spacing(header: nib.Nifti1Header) -> tuple[float, float, float]:
-    return tuple(float(z) for z in header.get_zooms()[:3])  # type: ignore[return-value]
+    """Voxel size in mm along I, J, K, from the affine the data is placed with (pixdim can disagree)."""
+    return tuple(float(z) for z in nib.affines.voxel_sizes(header.get_best_affine())[:3])  # type: ignore[return-value]
 
 
 def make_nifti(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> nib.Nifti1Image:
     """A NIfTI image in the given geometry; header text fields cleared (no identifying free text)."""
-    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
-    if header is not None:
-        img.header.set_qform(header.get_qform(), code=int(header["qform_code"]) or 1)
-        img.header.set_sform(header.get_sform(), code=int(header["sform_code"]) or 1)
-    else:
-        img.header.set_qform(affine, code=1)
-        img.header.set_sform(affine, code=1)
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(array, affine)
+    # the geometry is always ``affine``; from a source header only its codes carry over (an unset qform stays unset)
+    qcode, scode = (int(header["qform_code"]), int(header["sform_code"])) if header is not None else (1, 1)
+    if qcode == 0 and scode == 0:
+        qcode = scode = 1
+    img.header.set_qform(affine, code=qcode)
+    img.header.set_sform(affine, code=scode)
     img.header.set_data_dtype(array.dtype)
     for field in ("descrip", "aux_file", "intent_name", "db_name"):
         img.header[field] = b""

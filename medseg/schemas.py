@@ -304,6 +304,6 @@ class Metrics(Artifact):
     mean: dict[str, dict[str, float]]
     per_case: list[dict[str, Any]]
     hd95_convention: str = "max of the two directed 95th percentile surface distances, in mm"
-    empty_handling: str = "both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 = penalty"
+    empty_handling: str = "both empty: Dice/IoU 1, HD95/ASSD 0; one empty: Dice/IoU 0, HD95/ASSD = penalty"
     hd95_penalty_mm: float = 373.13
     schema_version: int = SCHEMA_VERSION

@@ -287,9 +287,11 @@ def _smooth_noise(rng: np.random.Generator, axes_mm: Sequence[np.ndarray], corr_
         mats.append(w)
         norms.append(np.sqrt((w**2).sum(axis=1)))
     field = rng.standard_normal(tuple(m.shape[1] for m in mats), dtype=np.float32)
-    field = np.tensordot(mats[0], field, axes=(1, 0))  # (a, j, k)
-    field = np.tensordot(field, mats[1], axes=(1, 1))  # (a, k, b)
-    field = np.tensordot(field, mats[2], axes=(1, 1))  # (a, b, c)
+    # Three matmuls arranged so none needs a transposed copy: (i,j,k) → (i,j,c) → (i,b,c) → (a,b,c).
+    field = field @ mats[2].T
+    field = np.matmul(mats[1], field)
+    n_i = field.shape[0]
+    field = (mats[0] @ field.reshape(n_i, -1)).reshape(len(axes_mm[0]), field.shape[1], field.shape[2])
     # Dividing by the kernel norm per voxel makes the variance exactly 1 everywhere.
     field /= norms[0][:, None, None] * norms[1][None, :, None] * norms[2][None, None, :]
     return field.astype(np.float32)
@@ -343,12 +345,15 @@ def _tumour(anat: _Anatomy, rng: np.random.Generator) -> np.ndarray:
     voxel_mm3 = float(np.prod(anat.spacing))
     spacing = np.array(anat.spacing)
     axes_mm = _axes_mm(anat.shape, anat.spacing)
-    # Gliomas are mostly supratentorial in grey/white matter: prefer the upper part of the brain.
+    # Gliomas are mostly supratentorial and lobar, in one hemisphere: prefer the upper part of the
+    # brain and points at least 10 mm off the midsagittal plane (world x = 0).
     z_idx = np.flatnonzero(anat.brain.any(axis=(0, 1)))
     z_floor = z_idx[0] + 0.35 * (z_idx[-1] - z_idx[0])
     tissue = (anat.gm + anat.wm) > 0.6
     tissue_upper = tissue.copy()
     tissue_upper[:, :, : int(z_floor)] = False
+    world_x = anat.affine[0, 0] * np.arange(anat.shape[0]) + anat.affine[0, 3]
+    tissue_upper[np.abs(world_x) < 10.0] = False
 
     rank = np.zeros(anat.shape, np.uint8)  # 0 none, 1 SNFH, 2 ET, 3 NETC: inner parts win on overlap
     centres: list[tuple[np.ndarray, float]] = []
@@ -405,9 +410,10 @@ def _pick_centre(
     others: list[tuple[np.ndarray, float]],
     spacing: np.ndarray,
 ) -> np.ndarray:
-    """A lesion centre (mm from the FOV corner) in GM/WM, at least ~0.8 radii from the brain edge
-    and clear of earlier lesions; requirements relax step by step if nothing qualifies."""
-    for depth_factor, region in ((0.8, preferred), (0.8, tissue), (0.5, tissue), (0.0, anat.brain)):
+    """A lesion centre (mm from the FOV corner) in GM/WM, at least ~0.45 radii from the brain edge
+    (lesions may reach the cortex, as real ones do; the brain clips them) and clear of earlier
+    lesions; requirements relax step by step if nothing qualifies."""
+    for depth_factor, region in ((0.45, preferred), (0.45, tissue), (0.2, tissue), (0.0, anat.brain)):
         cand = region & (anat.depth_mm > depth_factor * r_eq)
         idx = np.flatnonzero(cand)
         if idx.size and others:
@@ -436,6 +442,11 @@ def _pose_matrix(anat: _Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, 
     return matrix, offset
 
 
+def _pose(volume: np.ndarray, matrix: np.ndarray, offset: np.ndarray, order: int) -> np.ndarray:
+    """Resample ``volume`` under the rigid pose (same grid; outside the input is background 0)."""
+    return ndi.affine_transform(volume, matrix, offset=offset, output_shape=volume.shape, order=order, mode="constant", cval=0.0)
+
+
 def generate_case(
     case_id: str,
     shape: tuple[int, int, int],
@@ -457,39 +468,45 @@ def generate_case(
     axes_mm = _axes_mm(shape, anat.spacing)
 
     labels = _tumour(anat, rng)
-    for value in (NETC, SNFH, ET):
-        if not (labels == value).any():  # pragma: no cover - guarded by construction
-            raise MedsegError(f"tumour label {value} came out empty (grid {shape} too small?)", case_id)
 
     # Per-case contrast variation: tissue values ±6 %, overall gain per channel (scanner scaling).
     n_ch = len(BRATS_CHANNELS)
     jitter = {k: np.array(v) * rng.uniform(0.94, 1.06, n_ch) for k, v in TISSUE_INTENSITY.items()}
     tjitter = {k: np.array(v) * rng.uniform(0.92, 1.08, n_ch) for k, v in TUMOUR_INTENSITY.items()}
     gain = rng.uniform(0.8, 1.25, n_ch)
-    # Soft (partial-volume) tumour weights; the masks are disjoint, so the weights sum to ≤ 1.
-    weights = {k: ndi.gaussian_filter((labels == k).astype(np.float32), 0.6) for k in (NETC, SNFH, ET)}
-    w_total = weights[NETC] + weights[SNFH] + weights[ET]
-    texture = 1.0 + 0.08 * _smooth_noise(rng, axes_mm, 5.0)  # tumour heterogeneity
 
-    matrix, offset = _pose_matrix(anat, rng)
-
-    def pose(vol: np.ndarray, order: int) -> np.ndarray:
-        return ndi.affine_transform(vol, matrix, offset=offset, output_shape=shape, order=order, mode="constant", cval=0.0)
-
-    brain_frac = pose(anat.brain.astype(np.float32), 1)
-    brain = brain_frac > 0.5
-    seg = pose(labels, 0).astype(np.uint8)
-    seg[~brain] = 0
+    # The pose moves the healthy images (trilinear) and the labels (nearest); the tumour appearance is
+    # painted afterwards from the posed labels, so image contrast matches the written seg voxel for
+    # voxel even on coarse grids (interpolating a painted image would smear thin rims into the core).
+    for _attempt in range(8):
+        matrix, offset = _pose_matrix(anat, rng)
+        brain_frac = _pose(anat.brain.astype(np.float32), matrix, offset, 1)
+        brain = brain_frac > 0.5
+        seg = _pose(labels, matrix, offset, 0).astype(np.uint8)
+        seg[~brain] = 0
+        if all((seg == value).any() for value in (NETC, SNFH, ET)):
+            break
+    else:  # a one-voxel region can fall between output voxels; only on absurdly small grids
+        raise MedsegError(f"a tumour label vanished on the {shape} grid (grid too small?)", case_id)
     # Dividing by the posed brain fraction undoes the blend with background at the brain edge.
     norm = np.where(brain, np.maximum(brain_frac, 1e-3), 1.0)
+    # Soft (partial-volume) tumour weights, ~80 % own label at a voxel so small regions keep their
+    # contrast on coarse grids; the masks are disjoint, so the weights sum to ≤ 1.
+    weights = {k: ndi.gaussian_filter((seg == k).astype(np.float32), 0.4) for k in (NETC, SNFH, ET)}
+    w_total = weights[NETC] + weights[SNFH] + weights[ET]
+    # Tumour heterogeneity, only computed around the tumour (a fine-grained field is the costly one).
+    texture = np.ones(shape, np.float32)
+    near = ndi.find_objects((w_total > 0).astype(np.uint8))[0]
+    texture[near] += 0.08 * _smooth_noise(rng, [ax[s] for ax, s in zip(axes_mm, near)], 5.0)
+    # Posing the three tissue fractions (rather than four images) is one resample fewer per case.
+    tissue = {t: _pose(getattr(anat, t), matrix, offset, 1) / norm for t in ("gm", "wm", "csf")}
 
     volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     n_brain = int(brain.sum())
     for c, name in enumerate(BRATS_CHANNELS):
-        healthy = anat.gm * jitter["gm"][c] + anat.wm * jitter["wm"][c] + anat.csf * jitter["csf"][c]
-        tumour = sum(weights[k] * tjitter[k][c] for k in (NETC, SNFH, ET)) * texture
+        healthy = sum(tissue[t] * float(jitter[t][c]) for t in ("gm", "wm", "csf"))
+        tumour = sum(weights[k] * float(tjitter[k][c]) for k in (NETC, SNFH, ET)) * texture
         img = healthy * (1.0 - w_total) + tumour
-        img = pose(img.astype(np.float32), 1) / norm
         bias = np.exp(rng.uniform(0.05, 0.15) * _smooth_noise(rng, axes_mm, 80.0))
         img = img * bias * gain[c]
         # Rician magnitude noise, sigma 2–5 % of the channel's mean tissue level.
@@ -523,7 +540,9 @@ def write_case(out: str | Path, case_id: str, volumes: dict[str, tuple[np.ndarra
     dest = Path(out) / case_id
     with atomic_dir(dest, overwrite=True) as tmp:
         for suffix, (array, affine) in volumes.items():
-            write_bytes(tmp / f"{case_id}-{suffix}.nii.gz", nifti_gz_bytes(array, affine))
+            path = write_bytes(tmp / f"{case_id}-{suffix}.nii.gz", nifti_gz_bytes(array, affine))
+            path.chmod(0o644)  # mkstemp makes 0600 files; a dataset is meant to be shared
+        tmp.chmod(0o755)  # likewise mkdtemp's 0700
     return dest
 
 

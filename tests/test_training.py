@@ -39,7 +39,7 @@ def _one_thread_and_restore_torch_globals():
     threads = torch.get_num_threads()
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer, "os", SimpleNamespace(cpu_count=lambda: 1))
+        mp.setattr(trainer, "os", SimpleNamespace(sched_getaffinity=lambda pid: {0}))  # one thread: the tests share 2 cores
         yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(det, warn_only=warn_only)

@@ -16,8 +16,15 @@ def serve(model_name: str, alias: str, dataset: Input[Dataset], mlflow_tracking_
     from collections import namedtuple
     from pathlib import Path
 
+    from medseg.io import write_json
+    from medseg.registry.registry import show_model
     from medseg.serving.smoke import smoke_test
 
-    out = smoke_test(f"models:/{model_name}@{alias}", model_name, Path(dataset.path), Path(result.path), tracking_uri=mlflow_tracking_uri)
+    if alias not in show_model(model_name, mlflow_tracking_uri)["aliases"]:
+        out = {"endpoint_ok": False, "model_version": "", "reason": f"no version of {model_name} has the alias {alias!r}: nothing to serve"}
+        Path(result.path).mkdir(parents=True, exist_ok=True)
+        write_json(Path(result.path) / "smoke.json", out)
+    else:
+        out = smoke_test(f"models:/{model_name}@{alias}", model_name, Path(dataset.path), Path(result.path), tracking_uri=mlflow_tracking_uri)
     result.metadata.update(out)
     return namedtuple("Served", ["endpoint_ok", "model_version"])(bool(out["endpoint_ok"]), str(out["model_version"]))

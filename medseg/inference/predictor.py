@@ -46,8 +46,14 @@ class Predictor:
         dev = select_device(device)
         network = build_network(package.network)
         # weights_only: a state_dict of tensors, never arbitrary pickled code
-        state = torch.load(model_dir / package.weights_file, map_location=dev, weights_only=True)
-        network.load_state_dict(state)
+        weights = model_dir / package.weights_file
+        try:
+            state = torch.load(weights, map_location=dev, weights_only=True)
+            network.load_state_dict(state)
+        except FileNotFoundError:
+            raise MedsegError("weights file not found", weights) from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:  # corrupt file, or weights of another network
+            raise MedsegError(f"cannot load the weights ({str(exc).splitlines()[0][:200]})", weights) from None
         network.to(dev).eval()
         return cls(network, plans, dataset, package, dev, overlap, mirror)
 

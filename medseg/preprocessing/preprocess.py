@@ -119,7 +119,7 @@ def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", con
     case_ids = training_case_ids(splits)
     if not case_ids:
         raise MedsegError("splits.json has no training cases", dataset_dir / schemas.SPLITS_JSON)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or len(os.sched_getaffinity(0))
     fingerprint = compute_fingerprint(dataset_dir, case_ids, workers=workers, progress=progress)
     plans = make_plans(fingerprint, dataset, budget, configurations)
     with atomic_dir(out_dir) as tmp:

@@ -244,8 +244,8 @@ def _lineage_tags(model_dir: Path, package: schemas.ModelPackage, lineage: Mappi
         tags["medseg_version"] = package.medseg_version
     if not tags.get("plan_hash") and (model_dir / schemas.PLANS_JSON).is_file():
         tags["plan_hash"] = schemas.Plans.load(model_dir).content_hash()
-    if not tags.get("training_run_id") and package.training.get("run_id"):
-        tags["training_run_id"] = str(package.training["run_id"])
+    if not tags.get("training_run_id") and package.training.get("mlflow_run_id"):
+        tags["training_run_id"] = str(package.training["mlflow_run_id"])
     for key in LINEAGE_KEYS:
         tags.setdefault(key, UNKNOWN)
     return tags

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg import schemas
+from medseg.errors import MedsegError
 from medseg.evaluation.metrics import dice
 from medseg.io import load_nifti, load_nifti_bytes, write_bytes, write_json
 from medseg.preprocessing.fingerprint import case_files, label_file
@@ -22,7 +23,11 @@ def smoke_test(model_uri: str, model_name: str, dataset_dir: Path, out_dir: Path
     """Returns {endpoint_ok, model_version, case_id, request_seconds, volumes_ml, wt/tc/et dice of the case}."""
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     dataset = schemas.DatasetJson.load(dataset_dir)
-    case_id = case_id or schemas.Splits.load(dataset_dir).test[0]
+    if case_id is None:
+        test = schemas.Splits.load(dataset_dir).test
+        if not test:
+            raise MedsegError("no held-out test case to send (splits.json has an empty test list)", dataset_dir / schemas.SPLITS_JSON)
+        case_id = test[0]
     images = case_files(dataset_dir, case_id, len(dataset.channel_names))
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)

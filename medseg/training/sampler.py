@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg import schemas
+from medseg.errors import MedsegError
 
 
 class PreprocessedCase:
@@ -18,6 +19,9 @@ class PreprocessedCase:
 
     def __init__(self, folder: Path, case_id: str):
         self.case_id = case_id
+        for suffix in (".npy", "_seg.npy"):
+            if not (folder / f"{case_id}{suffix}").is_file():
+                raise MedsegError(f"preprocessed case {case_id} is missing (rerun preprocess?)", folder / f"{case_id}{suffix}")
         self.data = np.load(folder / f"{case_id}.npy", mmap_mode="r")
         self.seg = np.load(folder / f"{case_id}_seg.npy", mmap_mode="r")
         self.props = schemas.CaseProperties.load(folder / f"{case_id}.json")
@@ -63,8 +67,8 @@ class PatchSampler:
         images, labels = [], []
         for b in range(self.batch_size):
             case = self.cases[self.rng.integers(len(self.cases))]
-            # the last (1/3 of) samples of each batch are forced to foreground, as nnU-Net does
-            force_fg = b >= round(self.batch_size * (1 - self.foreground_share)) or self.rng.random() < self.foreground_share / 2
+            # each patch is centred on foreground with probability foreground_share (nnU-Net: 1/3)
+            force_fg = self.rng.random() < self.foreground_share
             start = self._start(case, force_fg)
             img = _padded_crop(case.data, start, self.patch_size, 0.0)
             seg = _padded_crop(case.seg, start, self.patch_size, 0)

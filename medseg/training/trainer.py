@@ -174,7 +174,7 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
     val_cases = [PreprocessedCase(folder, c) for c in fold["val"][: cfg.max_val_cases]]
     seed_everything(cfg.seed, cfg.deterministic)
     device = select_device(cfg.device)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (container CPU set)
 
     network = channels_last(build_network(config.network).to(device), device)
     optimizer = _optimizer(cfg, network.parameters())
