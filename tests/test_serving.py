@@ -313,7 +313,9 @@ def test_load_from_mlflow_registry_alias(package, tmp_path, monkeypatch):
         def predict(self, context, model_input, params=None):
             return model_input
 
-    mlflow.set_experiment(experiment_name="serving-test")
+    # artifacts in tmp_path, not ./mlruns of whatever folder the tests run from
+    experiment = mlflow.MlflowClient().create_experiment("serving-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=experiment)
     for _ in range(2):  # two versions: the alias must pick the one it points to
         with mlflow.start_run():
             info = mlflow.pyfunc.log_model(name="model", python_model=Wrapper(), artifacts={"model_package": str(package)},
