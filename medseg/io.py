@@ -25,6 +25,9 @@ import numpy as np
 from medseg.errors import MedsegError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Largest difference (mm) between two affines' entries that still counts as the same geometry: NIfTI stores
+# affines as float32, so files written by different tools differ in the last bits.
+AFFINE_ATOL_MM = 1e-3
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -189,6 +192,19 @@ def _check_volume(array: np.ndarray, path: str | Path) -> np.ndarray:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise MedsegError(f"contains {int((~np.isfinite(array)).sum())} NaN/Inf voxels", path)
     return array
+
+
+def stack_channels(volumes: list[tuple[np.ndarray, np.ndarray, nib.Nifti1Header]], names: list[str]) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """One multi-channel image C×I×J×K from per-channel ``(array, affine, header)``; all must share shape
+    and affine. Returns the stack and the first channel's affine and header. ``names`` (a file name or an
+    input name per channel) go into the error message."""
+    first_array, affine, header = volumes[0]
+    for (array, aff, _), name in zip(volumes[1:], names[1:]):
+        if array.shape != first_array.shape:
+            raise MedsegError(f"shape {tuple(array.shape)} differs from {names[0]}'s {tuple(first_array.shape)}", name)
+        if not np.allclose(aff, affine, rtol=0.0, atol=AFFINE_ATOL_MM):
+            raise MedsegError(f"affine differs from {names[0]}'s (more than {AFFINE_ATOL_MM} mm)", name)
+    return np.stack([v[0] for v in volumes]), affine, header
 
 
 def nifti_spacing(header: nib.Nifti1Header) -> tuple[float, float, float]:

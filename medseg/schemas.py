@@ -250,6 +250,12 @@ class Plans(Artifact):
     def content_hash(self) -> str:
         return sha256_json(self.to_dict())
 
+    @property
+    def reported_groups(self) -> dict[str, list[int]]:
+        """What volumes and validation Dice are reported for: the regions (WT, TC, ET), or, for a dataset
+        without regions, each foreground label on its own."""
+        return {k: list(v) for k, v in self.regions.items()} if self.regions else {k: [v] for k, v in self.labels.items() if v != 0}
+
 
 @dataclass
 class CaseProperties(Artifact):

@@ -57,7 +57,7 @@ def training_pipeline(
     evaluated = evaluate(model=trained.outputs["model"], dataset=ingested.outputs["dataset"], overlap=overlap)
     evaluated.set_display_name("Evaluate on held-out cases")
     registered = register(model=trained.outputs["model"], evaluation=evaluated.outputs["evaluation"], dataset=ingested.outputs["dataset"],
-                          preprocessed=pre.outputs["preprocessed"], model_name=model_name, thresholds=thresholds,
+                          model_name=model_name, thresholds=thresholds,
                           mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     registered.set_display_name("Register (MLflow)")
     registered.set_caching_options(False)

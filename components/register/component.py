@@ -7,7 +7,7 @@ from components.image import COMPONENT_OPTIONS, image
 
 
 @dsl.component(base_image=image("base"), **COMPONENT_OPTIONS)
-def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Dataset], preprocessed: Input[Dataset], model_name: str, thresholds: dict, mlflow_tracking_uri: str, pipeline_run_id: str) -> NamedTuple("Registered", [("version", str), ("challenger", bool)]):
+def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Dataset], model_name: str, thresholds: dict, mlflow_tracking_uri: str, pipeline_run_id: str) -> NamedTuple("Registered", [("version", str), ("challenger", bool)]):
     """Log and register the model with lineage tags; alias ``challenger`` when it clears the thresholds."""
     from collections import namedtuple
     from pathlib import Path
@@ -17,10 +17,8 @@ def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Da
     from medseg.tracking import git_commit
 
     manifest = schemas.Manifest.load(Path(dataset.path))
-    plans = schemas.Plans.load(Path(preprocessed.path))
-    package = schemas.ModelPackage.load(Path(model.path))
-    lineage = {"manifest_hash": manifest.content_hash, "git_commit": git_commit(), "pipeline_run_id": pipeline_run_id,
-               "plan_hash": plans.content_hash(), "training_run_id": str(package.training.get("mlflow_run_id", ""))}
+    # plan hash and training run id are read from the model package by register_model itself
+    lineage = {"manifest_hash": manifest.content_hash, "git_commit": git_commit(), "pipeline_run_id": pipeline_run_id}
     metrics = schemas.Metrics.load(Path(evaluation.path))
     out = register_model(Path(model.path), metrics, model_name, mlflow_tracking_uri, lineage, thresholds, report_dir=Path(evaluation.path))
     return namedtuple("Registered", ["version", "challenger"])(str(out["version"]), bool(out["challenger"]))

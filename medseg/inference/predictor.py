@@ -15,7 +15,7 @@ import torch
 from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.inference.sliding_window import predict_probabilities, select_device
-from medseg.io import load_nifti, nifti_spacing
+from medseg.io import load_nifti, nifti_spacing, stack_channels
 from medseg.preprocessing.preprocess import preprocess_case, restore_to_original
 from medseg.training.network import build_network
 
@@ -63,7 +63,7 @@ class Predictor:
 
     @property
     def region_names(self) -> list[str]:
-        return list(self.plans.regions) if self.plans.regions else [k for k, v in self.plans.labels.items() if v != 0]
+        return list(self.plans.reported_groups)
 
     def predict(self, images: np.ndarray, affine: np.ndarray, spacing: list[float]) -> Prediction:
         """``images`` C×I×J×K raw intensities in ``self.channels`` order → segmentation on the same grid."""
@@ -79,21 +79,12 @@ class Predictor:
 
     def volumes_ml(self, seg: np.ndarray, spacing: list[float]) -> dict[str, float]:
         voxel_ml = float(np.prod(spacing)) / 1000.0
-        groups = self.plans.regions or {k: [v] for k, v in self.plans.labels.items() if v != 0}
+        groups = self.plans.reported_groups
         return {name: float(np.isin(seg, values).sum() * voxel_ml) for name, values in groups.items()}
 
     def predict_files(self, paths: list[str | Path]) -> Prediction:
         """One NIfTI file per channel, in ``self.channels`` order; they must share shape and affine."""
         if len(paths) != len(self.channels):
             raise MedsegError(f"expected {len(self.channels)} image files ({', '.join(self.channels)}), got {len(paths)}")
-        arrays, affine, spacing = [], None, None
-        for path in paths:
-            arr, aff, hdr = load_nifti(path)
-            if affine is None:
-                affine, spacing, shape = aff, list(nifti_spacing(hdr)), arr.shape
-            elif arr.shape != shape:
-                raise MedsegError(f"shape {arr.shape} differs from the first channel's {shape}", path)
-            elif not np.allclose(aff, affine, atol=1e-3):
-                raise MedsegError("affine differs from the first channel's", path)
-            arrays.append(arr)
-        return self.predict(np.stack(arrays), affine, spacing)
+        images, affine, header = stack_channels([load_nifti(p) for p in paths], [str(p) for p in paths])
+        return self.predict(images, affine, list(nifti_spacing(header)))

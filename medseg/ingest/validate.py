@@ -17,14 +17,13 @@ import numpy as np
 
 from medseg.errors import MedsegError, ValidationError
 from medseg.ingest.adapters import Adapter, SourceCase
-from medseg.io import load_nifti, nifti_spacing
+from medseg.io import AFFINE_ATOL_MM, load_nifti, nifti_spacing
 
 logger = logging.getLogger(__name__)
 
 Problem = tuple[str, str, str]  # (case id, file name, problem)
 Reporter = Callable[[Path | str, str], None]  # (file, problem) → records a row for the current case
 
-AFFINE_ATOL_MM = 1e-3
 """Largest difference allowed between the 4×4 affines of the files of one case (mm)."""
 
 

@@ -80,7 +80,7 @@ def _given(value: Any) -> bool:
 def region_names(model_dir: str | Path) -> list[str]:
     """The names volumes are reported for: the plan's regions, else its non-background labels."""
     plans = schemas.Plans.load(model_dir)
-    return list(plans.regions) if plans.regions else [k for k, v in plans.labels.items() if v != 0]
+    return list(plans.reported_groups)
 
 
 def model_signature(model_dir: str | Path) -> Any:

@@ -33,7 +33,7 @@ import numpy as np
 from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.inference.predictor import Prediction, Predictor
-from medseg.io import load_nifti_bytes, nifti_spacing, nifti_to_bytes
+from medseg.io import load_nifti_bytes, nifti_spacing, nifti_to_bytes, stack_channels
 from medseg.serving import import_kserve
 from medseg.serving.metrics import INFERENCE_SECONDS, INFLIGHT, INPUT_VOXELS, MODEL_INFO, REQUESTS
 
@@ -44,7 +44,6 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse 
 log = logging.getLogger(__name__)
 
 MODELS_URI_PREFIX = "models:/"
-AFFINE_ATOL = 1e-3
 
 
 class SegmentationModel(kserve.Model):
@@ -207,7 +206,7 @@ def decode_case(encoded: dict[str, str | bytes], channels: list[str]) -> dict[st
         if unexpected:
             problems.append(f"unexpected input(s): {', '.join(unexpected)}")
         raise MedsegError(f"{'; '.join(problems)} (expected one BYTES input per channel: {', '.join(channels)})")
-    arrays, affine, header, shape = [], None, None, None
+    volumes = []
     for channel in channels:
         where = f"input '{channel}'"
         raw = _b64decode(encoded[channel], where)
@@ -219,14 +218,9 @@ def decode_case(encoded: dict[str, str | bytes], channels: list[str]) -> dict[st
             raise
         except Exception as exc:  # e.g. nibabel's HeaderDataError for a garbage header: still the client's bytes
             raise MedsegError(f"cannot read NIfTI ({type(exc).__name__}: {exc})", where) from None
-        if affine is None:
-            affine, header, shape = aff, hdr, array.shape
-        elif array.shape != shape:
-            raise MedsegError(f"shape {array.shape} differs from input '{channels[0]}' {shape}", where)
-        elif not np.allclose(aff, affine, atol=AFFINE_ATOL):
-            raise MedsegError(f"affine differs from input '{channels[0]}' (atol {AFFINE_ATOL})", where)
-        arrays.append(array)
-    return {"images": np.stack(arrays), "affine": affine, "spacing": list(nifti_spacing(header)), "header": header, "shape": tuple(shape)}
+        volumes.append((array, aff, hdr))
+    images, affine, header = stack_channels(volumes, [f"input '{c}'" for c in channels])
+    return {"images": images, "affine": affine, "spacing": list(nifti_spacing(header)), "header": header, "shape": tuple(images.shape[1:])}
 
 
 def _run_predictor(predictor: Predictor | None, lock: threading.Lock, case: dict[str, Any]) -> tuple[Prediction, float]:

@@ -12,7 +12,7 @@ import numpy as np
 from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import dice
-from medseg.io import load_nifti, load_nifti_bytes, write_bytes, write_json
+from medseg.io import AFFINE_ATOL_MM, load_nifti, load_nifti_bytes, write_bytes, write_json
 from medseg.preprocessing.fingerprint import case_files, label_file
 from medseg.serving.client import infer
 from medseg.serving.server import free_port, start_server_process, stop_server, wait_until_ready
@@ -52,7 +52,7 @@ def smoke_test(model_uri: str, model_name: str, dataset_dir: Path, out_dir: Path
     seg = np.rint(seg).astype(np.uint8)
     overlay_png(image, seg, out_dir / f"{case_id}_overlay.png", reference=ref, title=f"{case_id} · served by {model_name} v{answer['model_version']}")
     result = {
-        "endpoint_ok": bool(seg.shape == ref.shape and np.allclose(seg_affine, affine, atol=1e-3) and "medseg_requests_total" in metrics_text),
+        "endpoint_ok": bool(seg.shape == ref.shape and np.allclose(seg_affine, affine, atol=AFFINE_ATOL_MM) and "medseg_requests_total" in metrics_text),
         "model_version": str(answer["model_version"]),
         "case_id": case_id,
         "request_seconds": round(seconds, 3),

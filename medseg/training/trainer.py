@@ -114,7 +114,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def validation_dice(network: torch.nn.Module, cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], overlap: float, device: torch.device) -> dict[str, float]:
     """Mean Dice per region (or per label when the dataset has no regions) on the preprocessed grid."""
-    groups = plans.regions or {k: [v] for k, v in plans.labels.items() if v != 0}
+    groups = plans.reported_groups
     sums = {name: 0.0 for name in groups}
     for case in cases:
         probs = predict_probabilities(network, np.asarray(case.data), patch_size, overlap=overlap, device=device)
