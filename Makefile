@@ -8,13 +8,23 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-all compile clean help
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+GIT_COMMIT := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+GIT_SHA := $(shell git rev-parse --short=8 HEAD 2>/dev/null || echo nogit)
+IMAGE_REGISTRY ?= ghcr.io/medseg-ops
+IMAGE_TAG ?= $(VERSION)-$(GIT_SHA)
+STAGES := ingest preprocess train evaluate register promote serve
+# docker when an engine answers, else buildah; with neither, `make images` prints the commands to run elsewhere
+BUILDER := $(shell (docker info >/dev/null 2>&1 && echo docker) || (command -v buildah >/dev/null 2>&1 && echo buildah) || echo none)
+
+.PHONY: install demo test test-fast compile images clean help
 
 help:
 	@echo "make demo      set up, then run synthetic data -> kfp.local pipeline -> MLflow -> KServe (<= 15 min)"
 	@echo "make test      set up, then run the test suite (unit + end-to-end)"
 	@echo "make test-fast unit tests only (no slow end-to-end tests)"
-	@echo "make compile   compile the pipeline to pipelines/compiled/<name>-<version>.yaml"
+	@echo "make compile   compile the pipeline to pipelines/compiled/<name>-<version>.yaml (images tagged IMAGE_TAG)"
+	@echo "make images    build the component images (docker/buildah), or print the build commands"
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,7 +48,18 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 compile: $(STAMP)
-	$(BIN)/medseg pipeline compile
+	MEDSEG_IMAGE_REGISTRY=$(IMAGE_REGISTRY) MEDSEG_IMAGE_TAG=$(IMAGE_TAG) $(BIN)/medseg pipeline compile
+
+images:
+	@$(MAKE) --no-print-directory _images RUN=$(if $(filter none,$(BUILDER)),echo,) BUILD=$(if $(filter none,$(BUILDER)),docker,$(BUILDER))
+	@if [ "$(BUILDER)" = none ]; then echo "# no container engine here (docker daemon or buildah): the commands above build the images elsewhere"; fi
+
+_images:
+	@$(RUN) $(BUILD) build -f components/Dockerfile.base --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(IMAGE_REGISTRY)/medseg-base:$(IMAGE_TAG) .
+	@for stage in $(STAGES); do \
+	  if [ $$stage = train ]; then args="--build-arg GIT_COMMIT=$(GIT_COMMIT)"; else args="--build-arg BASE_IMAGE=$(IMAGE_REGISTRY)/medseg-base:$(IMAGE_TAG)"; fi; \
+	  $(RUN) $(BUILD) build -f components/$$stage/Dockerfile $$args -t $(IMAGE_REGISTRY)/medseg-$$stage:$(IMAGE_TAG) . || exit 1; \
+	done
 
 clean:
 	rm -rf work demo_output .pytest_cache

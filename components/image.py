@@ -1,15 +1,16 @@
 """The container image every component runs in on a cluster: one registry prefix and tag, configurable.
 
-``MEDSEG_IMAGE_REGISTRY`` (default ``ghcr.io/medseg-ops``) and ``MEDSEG_IMAGE_TAG`` (default the package
-version) are read when the pipeline module is imported, i.e. when it is compiled.
+``MEDSEG_IMAGE_REGISTRY`` (default ``ghcr.io/medseg-ops``) and ``MEDSEG_IMAGE_TAG`` (default
+``<package version>-<git sha>``, the tag ``make images`` builds) are read when the pipeline module is
+imported, i.e. when it is compiled.
 """
 
 import os
 
-import medseg
+from medseg.pipeline.runner import compiled_version
 
 REGISTRY = os.environ.get("MEDSEG_IMAGE_REGISTRY", "ghcr.io/medseg-ops")
-TAG = os.environ.get("MEDSEG_IMAGE_TAG", medseg.__version__)
+TAG = os.environ.get("MEDSEG_IMAGE_TAG") or compiled_version()
 
 
 def image(stage: str) -> str:

@@ -4,7 +4,7 @@ from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 from components.image import COMPONENT_OPTIONS, image
 
 
-@dsl.component(base_image=image("base"), **COMPONENT_OPTIONS)
+@dsl.component(base_image=image("evaluate"), **COMPONENT_OPTIONS)
 def evaluate(model: Input[Model], dataset: Input[Dataset], overlap: float, evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[Markdown]):
     """Sliding-window inference on the held-out test split; metrics.json, per-case CSV, report."""
     import shutil

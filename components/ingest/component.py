@@ -4,7 +4,7 @@ from kfp.dsl import Dataset, Output
 from components.image import COMPONENT_OPTIONS, image
 
 
-@dsl.component(base_image=image("base"), **COMPONENT_OPTIONS)
+@dsl.component(base_image=image("ingest"), **COMPONENT_OPTIONS)
 def ingest(source: str, source_format: str, n_folds: int, test_fraction: float, seed: int, dataset: Output[Dataset]):
     """Validate a raw dataset and write the canonical dataset (nnU-Net raw layout, manifest, splits)."""
     from pathlib import Path

@@ -4,7 +4,7 @@ from kfp.dsl import Dataset, Input, Output
 from components.image import COMPONENT_OPTIONS, image
 
 
-@dsl.component(base_image=image("base"), **COMPONENT_OPTIONS)
+@dsl.component(base_image=image("preprocess"), **COMPONENT_OPTIONS)
 def preprocess(dataset: Input[Dataset], device_budget: str, preprocessed: Output[Dataset]):
     """Fingerprint the dataset, plan under the device budget, preprocess the training cases."""
     from pathlib import Path

@@ -6,7 +6,7 @@ from kfp.dsl import Artifact, Input, Output
 from components.image import COMPONENT_OPTIONS, image
 
 
-@dsl.component(base_image=image("base"), **COMPONENT_OPTIONS)
+@dsl.component(base_image=image("promote"), **COMPONENT_OPTIONS)
 def promote(model_name: str, version: str, evaluation: Input[Artifact], margin: float, primary_region: str, mlflow_tracking_uri: str, decision: Output[Artifact]) -> NamedTuple("Promotion", [("promoted", bool), ("champion_version", str)]):
     """Gate the challenger against the champion on the same test cases; move ``champion`` if it passes."""
     from collections import namedtuple

@@ -6,7 +6,7 @@ from kfp.dsl import Artifact, Dataset, Input, Model
 from components.image import COMPONENT_OPTIONS, image
 
 
-@dsl.component(base_image=image("base"), **COMPONENT_OPTIONS)
+@dsl.component(base_image=image("register"), **COMPONENT_OPTIONS)
 def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Dataset], model_name: str, thresholds: dict, mlflow_tracking_uri: str, pipeline_run_id: str) -> NamedTuple("Registered", [("version", str), ("challenger", bool)]):
     """Log and register the model with lineage tags; alias ``challenger`` when it clears the thresholds."""
     from collections import namedtuple
