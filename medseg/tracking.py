@@ -60,3 +60,24 @@ def mlflow_run(tracking_uri: str | None, run_name: str, tags: dict[str, str] | N
     exp_id = ensure_experiment(tracking_uri, experiment)
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags or {}, nested=nested) as run:
         yield run
+
+
+def resolve_tracking_uri(value: str | None) -> str:
+    """The pipeline parameter, or, when it is empty, ``MLFLOW_TRACKING_URI`` (on a cluster mounted from a
+    Kubernetes Secret, so the URL with its credentials never appears in the pipeline)."""
+    uri = value or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        from medseg.errors import MedsegError
+
+        raise MedsegError("no MLflow tracking URI: pass mlflow_tracking_uri or set MLFLOW_TRACKING_URI")
+    return uri
+
+
+def resolve_optuna_storage(value: str | None) -> str:
+    """The pipeline parameter, or, when it is empty, ``OPTUNA_STORAGE`` (from a Secret on a cluster)."""
+    storage = value or os.environ.get("OPTUNA_STORAGE", "")
+    if not storage:
+        from medseg.errors import MedsegError
+
+        raise MedsegError("no Optuna storage: pass optuna_storage or set OPTUNA_STORAGE")
+    return storage

@@ -6,7 +6,7 @@ One definition: ``medseg pipeline run`` executes it with ``kfp.local`` (subproce
 
 from pathlib import Path
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from components.evaluate.component import evaluate
 from components.ingest.component import ingest
@@ -21,14 +21,45 @@ from medseg.pipeline.runner import load_params, pipeline_arguments
 
 PIPELINE_NAME = "medseg-training"
 # params.yaml is the single place for defaults: the compiled pipeline's defaults are read from it
-DEFAULTS = pipeline_arguments(load_params(Path(__file__).resolve().parents[1] / "params.yaml"), source="", tracking_uri="", optuna_storage="")
+PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+DEFAULTS = pipeline_arguments(PARAMS, source="", tracking_uri="", optuna_storage="")
+CLUSTER = PARAMS.get("cluster", {})
+
+
+def _mount_secrets(task: dsl.PipelineTask, *which: str) -> None:
+    """Secrets by name as environment variables; the components fall back to them when the pipeline's
+    ``mlflow_tracking_uri`` / ``optuna_storage`` parameters are left empty (the cluster default)."""
+    for name in which:
+        secret = CLUSTER.get("secrets", {}).get(name)
+        if secret:
+            kubernetes.use_secret_as_env(task, secret_name=secret["name"], secret_key_to_env=dict(secret["keys"]))
+
+
+def _training_resources(task: dsl.PipelineTask) -> None:
+    """CPU/memory, GPU, node selector and tolerations for the tune and train steps (``params.yaml`` → cluster)."""
+    res = CLUSTER.get("train_resources", {})
+    if res.get("cpu_request"):
+        task.set_cpu_request(str(res["cpu_request"]))
+    if res.get("cpu_limit"):
+        task.set_cpu_limit(str(res["cpu_limit"]))
+    if res.get("memory_request"):
+        task.set_memory_request(str(res["memory_request"]))
+    if res.get("memory_limit"):
+        task.set_memory_limit(str(res["memory_limit"]))
+    accelerator = CLUSTER.get("accelerator", {})
+    if accelerator.get("type"):
+        task.set_accelerator_type(accelerator["type"]).set_accelerator_limit(int(accelerator.get("limit", 1)))
+    for key, value in (CLUSTER.get("node_selector") or {}).items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=str(value))
+    for tol in CLUSTER.get("tolerations") or []:
+        kubernetes.add_toleration(task, **tol)
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Self-configuring 3D segmentation: ingest, plan, tune, train, evaluate, register, promote and smoke-serve a model.")
 def training_pipeline(
     source: str,
-    mlflow_tracking_uri: str,
-    optuna_storage: str,
+    mlflow_tracking_uri: str = "",
+    optuna_storage: str = "",
     model_name: str = DEFAULTS["model_name"],
     source_format: str = DEFAULTS["source_format"],
     n_folds: int = DEFAULTS["n_folds"],
@@ -43,6 +74,26 @@ def training_pipeline(
     promotion_margin: float = DEFAULTS["promotion_margin"],
     primary_region: str = DEFAULTS["primary_region"],
 ):
+    """Train, evaluate, register and promote a segmentation model, then smoke-test it behind KServe.
+
+    Args:
+        source: Folder (or mounted volume path) holding the raw dataset, e.g. a BraTS 2023 layout.
+        mlflow_tracking_uri: MLflow tracking server URL; empty = the MLFLOW_TRACKING_URI from the medseg-mlflow Secret.
+        optuna_storage: SQLAlchemy URL of the Optuna study database; empty = OPTUNA_STORAGE from the medseg-optuna Secret.
+        model_name: Registered model name in MLflow (aliases challenger / champion / previous-champion).
+        source_format: Layout of the raw data: auto, or an adapter name such as brats2023.
+        n_folds: Cross-validation folds, split by patient.
+        test_fraction: Share of patients held out for the test set that gates promotion.
+        seed: Seed of the patient-level splits.
+        device_budget: Planning budget: cpu, or gpu:<GiB> to size the patch for a GPU's memory.
+        train_params: Training parameters (epochs, iterations_per_epoch, learning_rate, optimizer, loss, ...).
+        tune_params: Overrides of train_params for each short Optuna trial.
+        n_trials: Number of Optuna trials.
+        overlap: Sliding-window overlap at evaluation (0 to <1).
+        thresholds: Minimum mean held-out Dice per region for the challenger alias, e.g. {"WT": 0.8}.
+        promotion_margin: How much worse than the champion a challenger may be and still count as non-inferior.
+        primary_region: Region whose Dice decides promotion.
+    """
     ingested = ingest(source=source, source_format=source_format, n_folds=n_folds, test_fraction=test_fraction, seed=seed)
     ingested.set_display_name("Ingest and validate")
     ingested.set_caching_options(False)  # the same source path may hold new data: always re-read it
@@ -73,4 +124,8 @@ def training_pipeline(
     served.set_display_name("Serve (KServe smoke test)")
     served.set_caching_options(False)
     for task in (tuned, trained):
-        task.set_cpu_request("2").set_memory_request("8G")
+        _training_resources(task)
+    _mount_secrets(ingested, "s3")
+    _mount_secrets(tuned, "mlflow", "s3", "optuna")
+    for task in (trained, registered, promoted, served):
+        _mount_secrets(task, "mlflow", "s3")

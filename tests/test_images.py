@@ -60,7 +60,7 @@ def test_compiled_pipeline_uses_the_configured_images(tmp_path):
     code = "from medseg.pipeline.runner import compile_pipeline; import sys; print(compile_pipeline(sys.argv[1]))"
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    spec = yaml.safe_load(Path(out.stdout.strip()).read_text())
+    spec = next(yaml.safe_load_all(Path(out.stdout.strip()).read_text()))
     images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
     assert images["exec-train"] == images["exec-tune"] == "registry.local/ms/medseg-train:9.9.9-abc"
     assert images["exec-serve"] == "registry.local/ms/medseg-serve:9.9.9-abc"

@@ -15,9 +15,10 @@ def promote(model_name: str, version: str, evaluation: Input[Artifact], margin: 
     from medseg import schemas
     from medseg.io import write_json
     from medseg.registry.registry import promote as run_promote
+    from medseg.tracking import resolve_tracking_uri
 
     metrics = schemas.Metrics.load(Path(evaluation.path))
-    out = run_promote(model_name, version, mlflow_tracking_uri, metrics.per_case, margin=margin, primary_region=primary_region)
+    out = run_promote(model_name, version, resolve_tracking_uri(mlflow_tracking_uri), metrics.per_case, margin=margin, primary_region=primary_region)
     write_json(decision.path, out)
     decision.metadata.update({"promoted": bool(out["promoted"]), "reason": str(out["reason"])})
     return namedtuple("Promotion", ["promoted", "champion_version"])(bool(out["promoted"]), str(out.get("champion_version") or ""))

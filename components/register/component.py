@@ -14,11 +14,11 @@ def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Da
 
     from medseg import schemas
     from medseg.registry.registry import register_model
-    from medseg.tracking import git_commit
+    from medseg.tracking import git_commit, resolve_tracking_uri
 
     manifest = schemas.Manifest.load(Path(dataset.path))
     # plan hash and training run id are read from the model package by register_model itself
     lineage = {"manifest_hash": manifest.content_hash, "git_commit": git_commit(), "pipeline_run_id": pipeline_run_id}
     metrics = schemas.Metrics.load(Path(evaluation.path))
-    out = register_model(Path(model.path), metrics, model_name, mlflow_tracking_uri, lineage, thresholds, report_dir=Path(evaluation.path))
+    out = register_model(Path(model.path), metrics, model_name, resolve_tracking_uri(mlflow_tracking_uri), lineage, thresholds, report_dir=Path(evaluation.path))
     return namedtuple("Registered", ["version", "challenger"])(str(out["version"]), bool(out["challenger"]))

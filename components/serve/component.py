@@ -19,12 +19,14 @@ def serve(model_name: str, alias: str, dataset: Input[Dataset], mlflow_tracking_
     from medseg.io import write_json
     from medseg.registry.registry import show_model
     from medseg.serving.smoke import smoke_test
+    from medseg.tracking import resolve_tracking_uri
 
-    if alias not in show_model(model_name, mlflow_tracking_uri)["aliases"]:
+    tracking_uri = resolve_tracking_uri(mlflow_tracking_uri)
+    if alias not in show_model(model_name, tracking_uri)["aliases"]:
         out = {"endpoint_ok": False, "model_version": "", "reason": f"no version of {model_name} has the alias {alias!r}: nothing to serve"}
         Path(result.path).mkdir(parents=True, exist_ok=True)
         write_json(Path(result.path) / "smoke.json", out)
     else:
-        out = smoke_test(f"models:/{model_name}@{alias}", model_name, Path(dataset.path), Path(result.path), tracking_uri=mlflow_tracking_uri)
+        out = smoke_test(f"models:/{model_name}@{alias}", model_name, Path(dataset.path), Path(result.path), tracking_uri=tracking_uri)
     result.metadata.update(out)
     return namedtuple("Served", ["endpoint_ok", "model_version"])(bool(out["endpoint_ok"]), str(out["model_version"]))

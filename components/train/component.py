@@ -10,11 +10,12 @@ def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_para
     import shutil
     from pathlib import Path
 
+    from medseg.tracking import resolve_tracking_uri
     from medseg.training.stage import merged_params, run_train
 
     cfg = merged_params(train_params, Path(best_params.path))
     work = Path(model.path + ".work")
-    result = run_train(Path(preprocessed.path), work, cfg, tracking_uri=mlflow_tracking_uri or None,
+    result = run_train(Path(preprocessed.path), work, cfg, tracking_uri=resolve_tracking_uri(mlflow_tracking_uri),
                        tags={"pipeline_run_id": pipeline_run_id, "stage": "train"}, progress=True)
     shutil.move(str(result.model_dir), model.path)
     shutil.rmtree(work, ignore_errors=True)

@@ -9,10 +9,11 @@ def tune(preprocessed: Input[Dataset], train_params: dict, tune_params: dict, n_
     """Optuna study of short pruned trainings on fold 0; the best parameters as an artefact."""
     from pathlib import Path
 
+    from medseg.tracking import resolve_optuna_storage, resolve_tracking_uri
     from medseg.training.stage import run_tune
 
     params = {**train_params, **tune_params}
     study = f"medseg-{pipeline_run_id}"
-    best = run_tune(Path(preprocessed.path), Path(best_params.path), params, n_trials, optuna_storage, study,
-                    tracking_uri=mlflow_tracking_uri or None, tags={"pipeline_run_id": pipeline_run_id, "stage": "tune"}, progress=True)
+    best = run_tune(Path(preprocessed.path), Path(best_params.path), params, n_trials, resolve_optuna_storage(optuna_storage), study,
+                    tracking_uri=resolve_tracking_uri(mlflow_tracking_uri), tags={"pipeline_run_id": pipeline_run_id, "stage": "tune"}, progress=True)
     best_params.metadata.update({"best_value": best.best_value, **{k: float(v) for k, v in best.params.items()}})
