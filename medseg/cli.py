@@ -134,7 +134,8 @@ def _run_pipeline(a: argparse.Namespace) -> int:
     from medseg.pipeline import runner
 
     if a.pipeline_cmd == "compile":
-        print(runner.compile_pipeline(a.out_dir))
+        for which in runner.PIPELINES:
+            print(runner.compile_pipeline(a.out_dir, which))
         return 0
     params = runner.load_params(a.params)
     paths = runner.work_paths(params)
@@ -145,6 +146,34 @@ def _run_pipeline(a: argparse.Namespace) -> int:
     args = runner.pipeline_arguments(params, source, tracking, sqlite_url(paths["optuna_db"]))
     result = runner.run_local(args, paths["kfp"])
     print(runner.summarize(result))
+    return 0
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="with --url: the model's name on the server; else a model package folder or models:/NAME@ALIAS")
+    p.add_argument("--url", default=None, help="model server base URL (V2 protocol), e.g. http://127.0.0.1:8080; without it, predict here")
+    p.add_argument("--images", nargs="+", type=Path, default=None, help="with --url: one NIfTI file per channel, in --channels order")
+    p.add_argument("--input", type=Path, default=None, help="without --url: a folder of cases (CASE_0000.nii.gz … or CASE/CASE-t1n.nii.gz …)")
+    p.add_argument("--out", required=True, type=Path, help="with --url: the segmentation file; else the output folder")
+    p.add_argument("--channels", nargs="+", default=None, help="with --url: channel names of --images (default: t1n t1c t2w t2f)")
+    p.add_argument("--timeout", type=float, default=300, help="with --url: seconds to wait for the answer")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (local prediction)")
+    p.add_argument("--mirror", action="store_true", help="mirroring test-time augmentation (local prediction, 8× slower)")
+
+
+def _run_predict(a: argparse.Namespace) -> int:
+    if a.url:
+        if not a.images:
+            raise MedsegError("--url needs --images (one file per channel)")
+        from medseg import schemas
+        from medseg.serving import client
+
+        a.channels = a.channels or list(schemas.BRATS_CHANNELS)
+        return client.run(a)
+    if a.input is None:
+        raise MedsegError("give --url (ask a model server) or --input DIR (predict a folder here)")
+    rows = _stage("medseg.inference.batch").predict_folder(a.model, a.input, a.out, overlap=a.overlap, mirror=a.mirror)
+    print(f"{len(rows)} case(s) predicted → {a.out} (volumes in {a.out / 'volumes.csv'})")
     return 0
 
 
@@ -168,7 +197,7 @@ COMMANDS: dict[str, tuple[str, object]] = {
     "evaluate": ("score prediction NIfTI files against labels (Dice, IoU, HD95, ...)", "medseg.evaluation.report"),
     "registry": ("MLflow registry: list, show, promote, rollback", "medseg.registry.registry"),
     "serve": ("start the KServe model server on 127.0.0.1", "medseg.serving.server"),
-    "predict": ("send a case to a model server (V2 protocol) and write the segmentation", "medseg.serving.client"),
+    "predict": ("predict a folder of cases with a model here, or send one case to a model server (--url)", (_add_predict, _run_predict)),
     "pipeline": ("run the Kubeflow pipeline locally (kfp.local) or compile it", (_add_pipeline, _run_pipeline)),
     "demo": ("synthetic data → pipeline → registry → served prediction, end to end", (_add_demo, _run_demo)),
 }

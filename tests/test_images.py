@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "preprocess", "train", "evaluate", "register", "promote", "serve"]
+STAGES = ["ingest", "preprocess", "train", "evaluate", "register", "promote", "serve", "predict"]
 DOCKERFILES = [ROOT / "components" / "Dockerfile.base"] + [ROOT / "components" / s / "Dockerfile" for s in STAGES]
 
 

@@ -270,7 +270,8 @@ def test_preprocess_predict_postprocess_in_process(package, case):
 
 
 def test_decode_case_and_request_errors(case):
-    from medseg.serving.model import decode_case, parse_models_uri
+    from medseg.registry.resolve import parse_models_uri
+    from medseg.serving.model import decode_case
 
     encoded = {c: base64.b64encode(b).decode() for c, b in _files(case).items()}
     out = decode_case(encoded, list(BRATS_CHANNELS))
@@ -286,7 +287,7 @@ def test_decode_case_and_request_errors(case):
 
 
 def test_resolve_local_package_errors(tmp_path):
-    from medseg.serving.model import resolve_model_source
+    from medseg.registry.resolve import resolve_model_source
 
     with pytest.raises(MedsegError, match="model not found"):
         resolve_model_source(tmp_path / "nothing")

@@ -60,12 +60,21 @@ def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri:
     }
 
 
-def _import_pipeline():
+PIPELINES = {
+    "training": ("pipelines.training_pipeline", "training_pipeline"),
+    "batch-inference": ("pipelines.batch_inference_pipeline", "batch_inference_pipeline"),
+}
+
+
+def _import_pipeline(which: str = "training"):
+    """``(name, pipeline function)`` of one of :data:`PIPELINES` (defined at the project root)."""
+    import importlib
+
     if str(PROJECT_ROOT) not in sys.path:
         sys.path.insert(0, str(PROJECT_ROOT))
-    from pipelines.training_pipeline import PIPELINE_NAME, training_pipeline
-
-    return PIPELINE_NAME, training_pipeline
+    module_name, func = PIPELINES[which]
+    module = importlib.import_module(module_name)
+    return module.PIPELINE_NAME, getattr(module, func)
 
 
 def run_local(arguments: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
@@ -101,11 +110,11 @@ def compiled_version() -> str:
     return f"{medseg.__version__}-{commit[:8]}" if commit != "unknown" else medseg.__version__
 
 
-def compile_pipeline(out_dir: Path | None = None) -> Path:
+def compile_pipeline(out_dir: Path | None = None, which: str = "training") -> Path:
     """Write ``pipelines/compiled/<name>-<version>.yaml`` (version = package version + git sha)."""
     from kfp import compiler
 
-    name, pipeline = _import_pipeline()
+    name, pipeline = _import_pipeline(which)
     out_dir = Path(out_dir) if out_dir else PROJECT_ROOT / "pipelines" / "compiled"
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = out_dir / f"{name}-{compiled_version()}.yaml"

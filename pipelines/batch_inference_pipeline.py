@@ -1,0 +1,31 @@
+"""Batch inference: segment a folder of cases with the registry's champion (or any model URI)."""
+
+from kfp import dsl
+
+from components.predict.component import predict
+from pipelines.training_pipeline import _mount_secrets
+
+PIPELINE_NAME = "medseg-batch-inference"
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Segment every case in a folder with a registered model; NIfTI outputs in the inputs' geometry and a volumes table.")
+def batch_inference_pipeline(
+    input_dir: str,
+    model_uri: str = "models:/brats-segmentation@champion",
+    mlflow_tracking_uri: str = "",
+    overlap: float = 0.5,
+    mirror: bool = False,
+):
+    """Predict a folder of cases.
+
+    Args:
+        input_dir: Folder (mounted volume path) of cases: CASE_0000.nii.gz … or CASE/CASE-t1n.nii.gz ….
+        model_uri: models:/NAME@ALIAS, models:/NAME/VERSION, or a model package folder.
+        mlflow_tracking_uri: MLflow tracking server URL; empty = MLFLOW_TRACKING_URI from the medseg-mlflow Secret.
+        overlap: Sliding-window overlap (0 to <1).
+        mirror: Mirroring test-time augmentation (8× the compute).
+    """
+    task = predict(model_uri=model_uri, input_dir=input_dir, overlap=overlap, mirror=mirror, mlflow_tracking_uri=mlflow_tracking_uri)
+    task.set_display_name("Batch predict")
+    task.set_caching_options(False)  # the registry alias may point elsewhere by the next run
+    _mount_secrets(task, "mlflow", "s3")
