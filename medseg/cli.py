@@ -128,11 +128,29 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///WORK/mlflow.db)")
     c = sub.add_parser("compile", help="compile to versioned YAML for a Kubeflow cluster", description="Compile the pipeline to pipelines/compiled/<name>-<version>.yaml.")
     c.add_argument("--out-dir", type=Path, default=None)
+    u = sub.add_parser("upload", help="upload to a Kubeflow Pipelines server as a new pipeline or version", description="Upload the compiled pipeline (a new pipeline, or a new version) and optionally start a run.")
+    u.add_argument("--host", required=True, help="Kubeflow Pipelines API URL, e.g. http://ml-pipeline-ui.kubeflow:80")
+    u.add_argument("--pipeline", choices=["training", "batch-inference"], default="training")
+    u.add_argument("--package", type=Path, default=None, help="compiled YAML (default: compile now)")
+    u.add_argument("--run", action="store_true", help="start a run after uploading")
+    u.add_argument("--experiment", default="medseg")
+    u.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="run argument (repeatable), e.g. --arg source=/data/brats")
 
 
 def _run_pipeline(a: argparse.Namespace) -> int:
     from medseg.pipeline import runner
 
+    if a.pipeline_cmd == "upload":
+        import json
+
+        from medseg.pipeline.upload import upload
+
+        bad = [x for x in a.arg if "=" not in x]
+        if bad:
+            raise MedsegError(f"--arg takes KEY=VALUE, got {bad[0]!r}")
+        arguments = dict(x.split("=", 1) for x in a.arg)
+        print(json.dumps(upload(a.host, a.pipeline, a.package, a.run, a.experiment, arguments)))
+        return 0
     if a.pipeline_cmd == "compile":
         for which in runner.PIPELINES:
             print(runner.compile_pipeline(a.out_dir, which))
