@@ -84,9 +84,12 @@ def test_register_promote_refuse_rollback(store):
     aliases = show(store, name)["aliases"]
     assert aliases["champion"] == "1" and aliases["challenger"] == "2"
 
-    # the margin tolerates a small drop
-    assert reg.promote(name, "2", uri, None, margin=0.1)["promoted"]
-    assert reg.rollback(name, uri)["champion_version"] == "1"
+    # the bootstrap gate: a margin makes a small drop non-inferior, but the challenger must still be
+    # strictly better on the primary region (before the gate, margin=0.1 promoted v2 here)
+    p2m = reg.promote(name, "2", uri, None, margin=0.1)
+    assert not p2m["promoted"] and "not strictly better on WT" in p2m["reason"]
+    assert p2m["gate"]["regions"]["WT"]["ci_lower"] == pytest.approx(-0.1) and p2m["gate"]["regions"]["WT"]["ci_upper"] == pytest.approx(-0.05)
+    assert show(store, name)["aliases"]["champion"] == "1"
 
     # v3 better: promoted, the old champion becomes previous-champion
     r3 = register(store, name, make_metrics({"c1": 0.85, "c2": 0.90, "c3": 0.85}))
@@ -185,3 +188,223 @@ def test_champion_loads_and_predicts_in_fresh_process(store, tmp_path):
 
     assert (local / PACKAGE_SUBDIR / schemas.MODEL_PACKAGE_JSON).is_file() and (local / "MLmodel").is_file()
     assert package_dir_of(local) == local / PACKAGE_SUBDIR
+
+
+# --------------------------------------------------------------------------- the bootstrap gate, its records, its lock
+def make_metrics_regions(rows: dict[str, tuple[float, float, float]]) -> schemas.Metrics:
+    """Metrics with per-case (WT, TC, ET) Dice given per case."""
+    per_case = [{"case_id": c, **{r: {"dice": d, "hd95": 5.0} for r, d in zip(("WT", "TC", "ET"), v)}} for c, v in rows.items()]
+    mean = {r: {m: sum(c[r][m] for c in per_case) / len(per_case) for m in ("dice", "hd95")} for r in ("WT", "TC", "ET")}
+    return schemas.Metrics(n_cases=len(per_case), mean=mean, per_case=per_case)
+
+
+def check_serialised(log):
+    """Every decision saw the champion the previous one left (the lock's invariant)."""
+    for before, after in zip(log, log[1:]):
+        assert after["champion_before"] == before["champion_after"], (before, after)
+
+
+def test_gate_margin_per_region_and_audit_trail(store, capsys):
+    import argparse
+
+    uri, name = store["uri"], "brats-gate"
+    client = reg._client(uri)
+    register(store, name, make_metrics_regions({f"c{i}": (0.80, 0.70, 0.60) for i in range(6)}))
+    assert reg.promote(name, "1", uri)["promoted"]
+    # v2: WT clearly better, TC 0.01 worse on every case, ET equal-ish
+    r2 = register(store, name, make_metrics_regions({f"c{i}": (0.86 + 0.01 * (i % 2), 0.69, 0.60 + 0.01 * (i % 3)) for i in range(6)}))
+    p = reg.promote(name, r2["version"], uri, margin=0.0, alpha=0.1, n_bootstrap=500, seed=3)
+    assert not p["promoted"] and "TC diff -0.0100" in p["reason"] and p["compared_with"] == "1"
+    assert p["gate"]["regions"]["TC"]["non_inferior"] is False and p["gate"]["regions"]["WT"]["non_inferior"] is True
+    assert (p["alpha"], p["n_bootstrap"], p["seed"]) == (0.1, 500, 3)
+    tags = client.get_model_version(name, "2").tags
+    assert tags["promotion_decision"] == "refused" and tags["promotion_alpha"] == "0.1" and tags["promotion_n_bootstrap"] == "500"
+    regions = json.loads(tags["promotion_regions"])
+    assert set(regions) == {"WT", "TC", "ET"} and regions["TC"]["diff"] == pytest.approx(-0.01) and regions["TC"]["n"] == 6
+    # the record artifact in v2's run
+    assert p["record"] == tags["promotion_record"] == f"runs:/{r2['run_id']}/promotion/000002-v2-refused.json"
+    record_file = client.download_artifacts(r2["run_id"], "promotion/000002-v2-refused.json", str(store["tmp"]))
+    record = json.loads(Path(record_file).read_text())
+    assert record["decision"] == "refused" and record["gate"]["regions"]["TC"]["non_inferior"] is False and record["lock"]["kind"] == "file"
+
+    # with a 0.03 margin TC is non-inferior: promoted; the CLI takes --alpha/--n-bootstrap/--seed
+    parser = argparse.ArgumentParser()
+    reg.add_arguments(parser)
+    assert reg.run(parser.parse_args(["promote", name, "2", "--tracking-uri", uri, "--margin", "0.03", "--alpha", "0.1", "--n-bootstrap", "300", "--seed", "1"])) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("promoted: version 2: WT Dice") and "TC: 0.6900 vs 0.7000  diff -0.0100  90% CI" in out and "champion: v2" in out
+    assert client.get_model_version(name, "2").tags["promotion_n_bootstrap"] == "300"
+
+    shown = reg.show_model(name, uri)
+    log = shown["promotion_log"]
+    assert [(e["seq"], e["version"], e["decision"]) for e in log] == [(1, "1", "promoted"), (2, "2", "refused"), (3, "2", "promoted")]
+    assert shown["last_decision"] == log[-1] and log[-1]["champion_after"] == "2" and log[-1]["previous_champion_after"] == "1"
+    check_serialised(log)
+    reg.rollback(name, uri)
+    log = reg.show_model(name, uri)["promotion_log"]
+    assert log[-1]["action"] == "rollback" and log[-1]["champion_after"] == "1"
+    check_serialised(log)
+    assert reg.run(parser.parse_args(["show", name, "--tracking-uri", uri])) == 0
+    out = capsys.readouterr().out
+    assert "last decision (#4 of 4" in out and "rollback v1: rolled back" in out
+
+
+def test_file_lock_and_lease(store):
+    from medseg.registry import lock as lk
+
+    uri, name = store["uri"], "brats-lock"
+    client = reg._client(uri)
+    client.create_registered_model(name)
+    assert lk.lock_file_for(uri) == Path(store["tmp"]) / "mlflow.db.promote.lock"
+    assert lk.lock_file_for("http://127.0.0.1:5000") is None and lk.lock_file_for("sqlite:///:memory:") is None
+    with lk.promotion_lock(client, name, uri) as held:
+        assert held.kind == "file" and Path(held.path).is_file()
+        with pytest.raises(MedsegError, match="timed out"):  # a second holder (own file description) waits
+            with lk.promotion_lock(client, name, uri, timeout_s=0.2):
+                pass
+    with lk.promotion_lock(client, name, uri, timeout_s=0.2):  # released
+        pass
+
+    kw = {"kind": "lease", "settle_s": 0.05}
+    with lk.promotion_lock(client, name, uri, **kw) as held:
+        assert held.kind == "lease" and lk.read_lease(client, name)["owner"] == held.owner
+        held.check()
+        with pytest.raises(MedsegError, match="timed out.*held by"):
+            with lk.promotion_lock(client, name, uri, timeout_s=0.3, **kw):
+                pass
+        client.set_registered_model_tag(name, lk.LEASE_TAG, json.dumps({"owner": "someone-else", "expires": 9e9}))
+        with pytest.raises(MedsegError, match="lost the promotion lease"):
+            held.check()
+    assert lk.read_lease(client, name)["owner"] == "someone-else"  # not ours: left alone on release
+    client.set_registered_model_tag(name, lk.LEASE_TAG, json.dumps({"owner": "crashed", "expires": 1.0}))  # expired
+    with lk.promotion_lock(client, name, uri, timeout_s=2, **kw) as held:
+        assert lk.read_lease(client, name)["owner"] == held.owner
+    assert lk.read_lease(client, name) is None
+
+
+def race(name: str, uri: str, versions: list[str], **kwargs) -> dict[str, dict]:
+    """Promote ``versions`` of ``name`` from one spawned process each, released together by a barrier."""
+    import multiprocessing as mp
+
+    from tests.registry_workers import promote_after_barrier
+
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(len(versions)), ctx.Queue()
+    procs = [ctx.Process(target=promote_after_barrier, args=(barrier, queue, name, v, uri, kwargs)) for v in versions]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=180) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for v, r in results.items():
+        assert isinstance(r, dict), f"v{v}: {r}"
+    return results
+
+
+def test_concurrent_promotions_are_serialised(store):
+    uri, name = store["uri"], "brats-race"
+    register(store, name, make_metrics({"c1": 0.80, "c2": 0.81, "c3": 0.79, "c4": 0.80}))
+    register(store, name, make_metrics({"c1": 0.90, "c2": 0.91, "c3": 0.89, "c4": 0.90}))  # v2 clearly better
+    results = race(name, uri, ["1", "2"])
+    first, second = sorted(results.values(), key=lambda r: r["log_seq"])
+    assert first["promoted"] and first["reason"] == "no champion yet" and first["compared_with"] is None
+    assert second["compared_with"] == first["version"]  # decided against the champion the first one made
+    assert second["reason"] != "no champion yet" and second["n_common_cases"] == 4
+    shown = reg.show_model(name, uri)
+    assert shown["aliases"]["champion"] == "2"  # whichever order: v2 wins (promoted over v1, or v1 refused against v2)
+    assert second["promoted"] == (first["version"] == "1")
+    log = shown["promotion_log"]
+    assert [e["seq"] for e in log] == [1, 2] and [e["version"] for e in log] == [first["version"], second["version"]]
+    assert log[1]["compared_with"] == log[0]["version"] == log[0]["champion_after"]
+    check_serialised(log)
+    for r in results.values():  # both decisions recorded on their versions
+        assert reg._client(uri).get_model_version(name, r["version"]).tags["promotion_decision"] == ("promoted" if r["promoted"] else "refused")
+
+
+# --------------------------------------------------------------------------- a real `mlflow server` on 127.0.0.1
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, store):
+    import signal
+    import time
+    import urllib.request
+
+    from medseg.serving.server import free_port
+
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port("127.0.0.1")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        env.pop(key, None)
+    log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed at the end
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/srv.db",
+                             "--artifacts-destination", str(tmp / "art"), "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url, t0 = f"http://127.0.0.1:{port}", time.monotonic()
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() - t0 > 60:
+                raise RuntimeError(f"mlflow server not healthy after {time.monotonic() - t0:.0f} s:\n" + (tmp / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield {"uri": url, "startup_s": time.monotonic() - t0, "package": store["package"], "tmp": tmp}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: the group this fixture started
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.slow
+def test_register_promote_rollback_over_rest(mlflow_server):
+    from medseg.registry import lock as lk
+
+    uri, name = mlflow_server["uri"], "brats-rest"
+    srv = {"uri": uri, "package": mlflow_server["package"]}
+    assert lk.lock_file_for(uri) is None  # http: the tag lease
+    r1 = register(srv, name, make_metrics({"c1": 0.80, "c2": 0.80, "c3": 0.81}))
+    r2 = register(srv, name, make_metrics({"c1": 0.85, "c2": 0.86, "c3": 0.87}))
+    assert (r1["version"], r2["version"]) == ("1", "2")
+    p1 = reg.promote(name, 1, uri)
+    assert p1["promoted"] and p1["lock"]["kind"] == "lease" and p1["champion_version"] == "1"
+    p2 = reg.promote(name, "2", uri, n_bootstrap=500)
+    assert p2["promoted"] and p2["compared_with"] == "1" and p2["n_common_cases"] == 3
+    shown = reg.show_model(name, uri)
+    assert shown["aliases"] == {"champion": "2", "previous-champion": "1"}  # str over REST too
+    assert lk.LEASE_TAG not in shown["tags"]  # released
+    client = reg._client(uri)
+    assert client.get_model_version(name, "2").tags["promotion_decision"] == "promoted"
+    rec = client.download_artifacts(r2["run_id"], "promotion/000002-v2-promoted.json", str(mlflow_server["tmp"]))
+    assert json.loads(Path(rec).read_text())["compared_with"] == "1"
+    assert reg.rollback(name, uri) == {"name": name, "champion_version": "1", "previous_champion_version": "2"}
+    assert reg.show_model(name, uri)["aliases"]["champion"] == "1"
+    p3 = reg.promote(name, "1", uri)
+    assert not p3["promoted"] and "already the champion" in p3["reason"]
+    log = reg.show_model(name, uri)["promotion_log"]
+    assert [e["action"] for e in log] == ["promote", "promote", "rollback"]
+    check_serialised(log)
+
+
+@pytest.mark.slow
+def test_concurrent_promotions_over_rest_lease(mlflow_server):
+    uri, name = mlflow_server["uri"], "brats-rest-race"
+    srv = {"uri": uri, "package": mlflow_server["package"]}
+    register(srv, name, make_metrics({"c1": 0.80, "c2": 0.81, "c3": 0.79}))
+    register(srv, name, make_metrics({"c1": 0.90, "c2": 0.91, "c3": 0.89}))
+    results = race(name, uri, ["1", "2"])
+    first, second = sorted(results.values(), key=lambda r: r["log_seq"])
+    assert first["reason"] == "no champion yet" and second["compared_with"] == first["version"]
+    shown = reg.show_model(name, uri)
+    assert shown["aliases"]["champion"] == "2"
+    check_serialised(shown["promotion_log"])

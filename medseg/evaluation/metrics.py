@@ -389,6 +389,7 @@ def evaluate_case(
     labels: Mapping[str, int],
     regions: Mapping[str, Sequence[int]],
     penalty_mm: float = HD95_PENALTY_MM,
+    lesionwise: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """All metrics of one case, for every region and every foreground label.
 
@@ -401,15 +402,23 @@ def evaluate_case(
         regions: region name → the label values it unites (e.g. ``schemas.BRATS_REGIONS``: WT = {1, 2, 3},
             TC = {1, 3}, ET = {3}).
         penalty_mm: HD95 / ASSD when exactly one of the two masks is empty.
+        lesionwise: also compute the BraTS lesion-wise metrics with this official setting of
+            :mod:`medseg.evaluation.lesionwise` (``"brats2023"``, ``"brats2023_mets"``,
+            ``"brats2024"``) and add them to each of the setting's regions (e.g.
+            ``lesionwise_dice_2023``, ``lesionwise_hd95_2023``, ``lesion_tp_2023``, ``lesion_fp_2023``,
+            ``lesion_fn_2023``). Every region of the setting must be a name here with the same label
+            values. ``None`` (default): no lesion-wise metrics.
 
     Returns:
         ``{name: {metric: value}}`` with names from :func:`evaluation_keys` (regions first, then labels)
         and metrics :data:`METRIC_NAMES`: ``dice``, ``iou``, ``sensitivity``, ``specificity`` (in [0, 1]),
-        ``hd95``, ``assd`` (mm), ``pred_volume_ml``, ``ref_volume_ml`` (ml). Never NaN.
+        ``hd95``, ``assd`` (mm), ``pred_volume_ml``, ``ref_volume_ml`` (ml), then any lesion-wise
+        metrics. Never NaN.
 
     Raises:
         MedsegError: shapes differ, the spacing does not fit, a map holds a value that is not in
-            ``labels``, or ``labels`` / ``regions`` are inconsistent.
+            ``labels``, ``labels`` / ``regions`` are inconsistent, or ``lesionwise`` is unknown or
+            does not fit them.
     """
     pred = as_label_map(pred, "prediction")
     ref = as_label_map(ref, "reference")
@@ -417,6 +426,7 @@ def evaluate_case(
         raise MedsegError(f"prediction shape {tuple(pred.shape)} differs from reference shape {tuple(ref.shape)}")
     sp = _spacing(spacing, pred.ndim)
     keys = evaluation_keys(labels, regions)
+    setting = _lesionwise_setting(lesionwise, keys) if lesionwise is not None else None
     n_total = int(pred.size)
     voxel_ml = float(np.prod(sp)) / 1000.0
 
@@ -448,11 +458,34 @@ def evaluate_case(
             "pred_volume_ml": n_p * voxel_ml,
             "ref_volume_ml": n_r * voxel_ml,
         }
+    if setting is not None:
+        from medseg.evaluation.lesionwise import lesionwise_case
+
+        for name, values in lesionwise_case(pred, ref, sp, setting).items():
+            out[name].update(values)
     return out
 
 
+def _lesionwise_setting(name: str, keys: Mapping[str, tuple[int, ...]]) -> Any:
+    """The lesion-wise setting called ``name``, checked against the names :func:`evaluate_case`
+    reports (each of its regions must be one of them, uniting the same label values)."""
+    from medseg.evaluation.lesionwise import SETTINGS
+
+    if name not in SETTINGS:
+        raise MedsegError(f"unknown lesion-wise setting {name!r}; choose from {sorted(SETTINGS)}")
+    setting = SETTINGS[name]
+    for region, values in setting.regions.items():
+        if keys.get(region) != tuple(sorted(values)):
+            have = list(keys[region]) if region in keys else "nothing"
+            raise MedsegError(
+                f"lesion-wise {name!r} scores {region} = labels {list(values)}, but here {region} is {have}"
+            )
+    return setting
+
+
 def aggregate(per_case: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean over cases of every metric of every label / region, plus medians of Dice and HD95.
+    """Mean over cases of every metric of every label / region, plus medians of Dice and HD95, and
+    the spread of every metric: ``<metric>_std``, ``<metric>_q25``, ``<metric>_q75``.
 
     Args:
         per_case: one ``{name: {metric: value}}`` per case, as :func:`evaluate_case` returns; entries
@@ -460,9 +493,12 @@ def aggregate(per_case: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, floa
             ignored.
 
     Returns:
-        ``{name: {metric: mean, ..., "dice_median": ..., "hd95_median": ...}}`` in the order of the
-        first case. Plain means: with the empty-mask conventions no value is NaN, and none is dropped
-        (a NaN in the input would show as NaN in the output). An empty list gives ``{}``.
+        ``{name: {metric: mean, ..., "dice_median": ..., "hd95_median": ..., "<metric>_std": ...,
+        "<metric>_q25": ..., "<metric>_q75": ...}}`` in the order of the first case. Plain means: with
+        the empty-mask conventions no value is NaN, and none is dropped (a NaN in the input would show
+        as NaN in the output). ``_std`` is the sample standard deviation (``ddof=1``, as pandas'
+        ``describe`` in the BraTS scorer), 0.0 for a single case; the quartiles interpolate linearly
+        (``numpy.percentile``, also as ``describe``). An empty list gives ``{}``.
 
     Raises:
         MedsegError: the cases do not all have the same names and metrics.
@@ -484,5 +520,9 @@ def aggregate(per_case: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, floa
         for metric in MEDIAN_METRICS:
             if metric in metrics:
                 row[f"{metric}_median"] = float(np.median([float(case[name][metric]) for case in per_case]))
+        for metric in metrics:
+            vals = np.asarray([float(case[name][metric]) for case in per_case], dtype=np.float64)
+            row[f"{metric}_std"] = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
+            row[f"{metric}_q25"], row[f"{metric}_q75"] = (float(q) for q in np.percentile(vals, [25, 75]))
         out[name] = row
     return out

@@ -5,6 +5,7 @@ report is complete)::
 
     dice_boxplot.png   Dice per region across cases (box plot with the cases as points)
     per_case.csv       one row per case: case_id, then <name>_<metric> for every label/region and metric
+    cases.csv          the same numbers in long form: case,region,metric,value (one row per number)
     report.md          mean table (regions, then labels) and a per-case Dice table for the regions
     metrics.json       schemas.Metrics: n_cases, mean (with Dice/HD95 medians), per_case
 
@@ -42,11 +43,14 @@ __all__ = [
     "evaluate_folder",
     "markdown_table",
     "write_report",
+    "per_case_csv",
+    "cases_long_csv",
     "add_arguments",
     "run",
 ]
 
 REPORT_MD = "report.md"
+CASES_CSV = "cases.csv"
 DICE_BOXPLOT_PNG = "dice_boxplot.png"
 #: Largest difference (mm) tolerated between the prediction's and the label's affine entries: NIfTI
 #: stores the affine as float32, so a prediction written by another tool may differ in the last bits.
@@ -72,7 +76,8 @@ def evaluate_arrays(
             (I, J, K) and ``spacing_mm`` the voxel size in mm in the same order. May be a generator:
             cases are consumed one at a time, so only one case is held in memory.
         dataset_json: gives ``labels`` (name → value) and ``regions`` (name → values).
-        out_dir: folder for ``metrics.json``, ``per_case.csv``, ``report.md``, ``dice_boxplot.png``.
+        out_dir: folder for ``metrics.json``, ``per_case.csv``, ``cases.csv``, ``report.md``,
+            ``dice_boxplot.png``.
         penalty_mm: HD95 / ASSD when exactly one of the two masks is empty.
         progress: show a progress bar on stderr.
         total: number of cases, for the progress bar when ``pairs`` has no ``len``.
@@ -201,7 +206,8 @@ def _progress(items: Iterable[CasePair], enabled: bool, total: int | None) -> It
 def write_report(
     metrics: Metrics, out_dir: str | Path, regions: Sequence[str] | None = None, title: str = ""
 ) -> Path:
-    """Write ``dice_boxplot.png``, ``per_case.csv``, ``report.md`` and (last) ``metrics.json``.
+    """Write ``dice_boxplot.png``, ``per_case.csv``, ``cases.csv``, ``report.md`` and (last)
+    ``metrics.json``.
 
     ``regions`` are the names shown in the box plot and the per-case Dice table; when none of them is
     in ``metrics.mean`` (e.g. a dataset without regions) every label/region name is shown.
@@ -212,6 +218,7 @@ def write_report(
     shown = [r for r in (regions or []) if r in metrics.mean] or names
     io.write_bytes(out_dir / DICE_BOXPLOT_PNG, dice_boxplot_png(metrics, shown))
     io.write_text(out_dir / PER_CASE_CSV, per_case_csv(metrics))
+    io.write_text(out_dir / CASES_CSV, cases_long_csv(metrics))
     io.write_text(out_dir / REPORT_MD, report_markdown(metrics, shown, title))
     metrics.save(out_dir / METRICS_JSON)
     return out_dir
@@ -232,6 +239,23 @@ def per_case_csv(metrics: Metrics) -> str:
     writer.writerow(["case_id"] + [f"{n}_{m}" for n, m in columns])
     for case in metrics.per_case:
         writer.writerow([case.get("case_id", "")] + [repr(float(case[n][m])) for n, m in columns])
+    return buf.getvalue()
+
+
+def cases_long_csv(metrics: Metrics) -> str:
+    """CSV text in long form: header ``case,region,metric,value``, then one row per number of every
+    case (cases in order; names and metrics in the per-case order; full float precision). ``region``
+    is the label or region name."""
+    buf = _stdio.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case", "region", "metric", "value"])
+    for case in metrics.per_case:
+        case_id = case.get("case_id", "")
+        for name, values in case.items():
+            if not isinstance(values, dict):
+                continue
+            for metric, value in values.items():
+                writer.writerow([case_id, name, metric, repr(float(value))])
     return buf.getvalue()
 
 
@@ -311,7 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", type=Path, required=True, metavar="DIR", help="folder of predicted label maps <CASE>.nii.gz")
     parser.add_argument("--labels", type=Path, required=True, metavar="DIR", help="folder of reference label maps <CASE>.nii.gz")
     parser.add_argument("--dataset-json", type=Path, required=True, metavar="FILE", help="dataset.json (labels, regions)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder (metrics.json, per_case.csv, report.md, dice_boxplot.png)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder (metrics.json, per_case.csv, cases.csv, report.md, dice_boxplot.png)")
     parser.add_argument(
         "--cases", default=None, metavar="ID[,ID...]",
         help="evaluate only these cases (default: every file in --labels, each needing a prediction)",

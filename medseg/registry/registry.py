@@ -8,11 +8,14 @@ Aliases of a registered model (one per task)::
 
 Every decision is written on the model version as tags (``threshold_passed``/``threshold_reason`` at
 registration, ``promotion_decision``/``promotion_reason`` and the compared numbers at promotion), so a
-refusal is a recorded outcome, not an exception.
+refusal is a recorded outcome, not an exception. Promotions and rollbacks are also logged on the
+registered model (tags ``promotion_log/<seq>``, ``promotion_last``) and each promotion decision as a
+JSON record ``promotion/<seq>-v<version>-<decision>.json`` in the version's run.
 
 Each version's run holds its test metrics as artifacts ``evaluation/metrics.json`` and
-``evaluation/per_case.json``; promotion compares the challenger's and the champion's per-case Dice on
-the primary region over the test cases they share.
+``evaluation/per_case.json``; promotion compares the challenger's and the champion's per-case Dice
+over the test cases they share with the paired bootstrap gate of :mod:`medseg.registry.gate`, under
+the lock of :mod:`medseg.registry.lock` (concurrent promotions are serialised).
 
 Used by the pipeline (:func:`register_model`, :func:`promote`) and by ``medseg registry``
 (:func:`add_arguments` / :func:`run`). MLflow is imported inside the functions (CLI start-up time).
@@ -34,6 +37,8 @@ from typing import Any
 
 from medseg import schemas
 from medseg.errors import MedsegError
+from medseg.registry import gate
+from medseg.registry.lock import DEFAULT_TIMEOUT_S, Held, promotion_lock
 
 CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous-champion"
 LINEAGE_KEYS = ("manifest_hash", "git_commit", "pipeline_run_id", "plan_hash", "training_run_id", "medseg_version")
@@ -121,16 +126,8 @@ def _set_tags(client: Any, name: str, version: str, tags: Mapping[str, Any]) -> 
 
 
 def _case_dice(entry: Mapping[str, Any], region: str) -> float | None:
-    """Dice of ``region`` in one per-case entry: ``{"WT": {"dice": ..}}`` or flat ``{"WT_dice": ..}``."""
-    value = entry.get(region)
-    if isinstance(value, Mapping):
-        value = value.get("dice")
-    else:
-        value = entry.get(f"{region}_dice")
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
+    """Dice of ``region`` in one per-case entry (see :func:`medseg.registry.gate.case_dice`)."""
+    return gate.case_dice(entry, region)
 
 
 def check_thresholds(metrics: schemas.Metrics, thresholds: Mapping[str, float]) -> tuple[bool, str]:
@@ -302,6 +299,16 @@ def compare_per_case(challenger: Sequence[Mapping[str, Any]], champion: Sequence
 
 
 # --------------------------------------------------------------------------- promote / rollback
+#: Regions the gate compares by default (those present in both models' per-case metrics; labels such as
+#: NETC/SNFH, also in per_case, are not gated). ``regions=None`` gates every name with a Dice in both.
+GATE_REGIONS = tuple(schemas.BRATS_REGIONS)
+#: Registered-model tags: the audit log (one tag per decision, zero-padded sequence) and the last entry.
+LOG_TAG_PREFIX, LAST_TAG = "promotion_log/", "promotion_last"
+#: Folder of the promotion records in the version's run.
+RECORD_DIR = "promotion"
+_REASON_MAX = 4000
+
+
 def promote(
     name: str,
     version: str | int,
@@ -309,63 +316,101 @@ def promote(
     metrics_per_case: list[dict] | None = None,
     margin: float = 0.0,
     primary_region: str = "WT",
+    *,
+    alpha: float = 0.05,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    regions: Sequence[str] | None = GATE_REGIONS,
+    lock_timeout: float = DEFAULT_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """Gate ``version`` to ``champion``.
+    """Gate ``version`` to ``champion`` with the paired bootstrap gate of :mod:`medseg.registry.gate`.
 
     Refused when the version did not pass its thresholds at registration. With no champion yet it is
-    promoted. Otherwise both versions' per-case Dice on ``primary_region`` are compared over their
-    common test cases (the challenger's from ``metrics_per_case`` if given, else from its run; the
-    champion's from its run): promoted iff ``challenger_mean >= champion_mean - margin``; refused when
-    there are no common cases. On promotion the old champion becomes ``previous-champion`` and the
-    ``challenger`` alias is removed if it pointed at this version. The decision is written as version
-    tags ``promotion_*``.
+    promoted. Otherwise the challenger's per-case Dice (from ``metrics_per_case`` if given, else from
+    its run) and the champion's (from its run) are compared over their common test cases: promoted iff
+    every region of ``regions`` present in both is non-inferior (lower bound of the ``1 - alpha``
+    bootstrap CI of the mean paired difference ``> -margin``) and the challenger's mean
+    ``primary_region`` Dice is strictly above the champion's. Refused when there are no common cases.
+
+    Everything from reading the champion to moving the aliases runs under :func:`promotion_lock`
+    (a file lock beside a SQLite DB, a tag lease on a tracking server), so two concurrent promotions
+    are serialised and the second is decided against the first one's outcome.
+
+    On promotion the old champion becomes ``previous-champion`` and the ``challenger`` alias is removed
+    if it pointed at this version. Every decision (a refusal is an outcome, not an error) is recorded
+    as version tags ``promotion_*``, as a JSON record ``promotion/<seq>-v<version>-<decision>.json`` in
+    the version's run, and as registered-model tags ``promotion_log/<seq>`` and ``promotion_last``.
 
     Returns ``{"promoted", "reason", "version", "champion_version", "previous_champion_version",
-    "challenger_dice", "champion_dice", "n_common_cases", "compared_with"}``.
+    "challenger_dice", "champion_dice", "n_common_cases", "compared_with", "primary_region", "margin",
+    "alpha", "n_bootstrap", "seed", "gate", "log_seq", "record", "lock"}`` (``*_dice``: the primary
+    region's means over the common cases; ``gate``: :meth:`GateDecision.to_dict`).
     """
     client = _client(tracking_uri)
     version = str(version)
-    mv = _get_version(client, name, version)
-    champion = _alias_version(client, name, CHAMPION)
-    previous = _alias_version(client, name, PREVIOUS_CHAMPION)
-    result: dict[str, Any] = {
-        "promoted": False, "reason": "", "version": version, "champion_version": champion,
-        "previous_champion_version": previous, "challenger_dice": None, "champion_dice": None,
-        "n_common_cases": 0, "compared_with": None, "primary_region": primary_region, "margin": float(margin),
-    }
-    if champion == version:
-        result["reason"] = f"version {version} is already the champion"
-        return result  # nothing decided: the tags of the original promotion stay
+    mv = _get_version(client, name, version)  # outside the lock: the version's own data do not change
+    with promotion_lock(client, name, tracking_uri, lock_timeout) as lock:
+        champion = _alias_version(client, name, CHAMPION)  # re-read inside the lock
+        previous = _alias_version(client, name, PREVIOUS_CHAMPION)
+        result: dict[str, Any] = {
+            "promoted": False, "reason": "", "version": version, "champion_version": champion,
+            "previous_champion_version": previous, "challenger_dice": None, "champion_dice": None,
+            "n_common_cases": 0, "compared_with": None, "primary_region": primary_region, "margin": float(margin),
+            "alpha": float(alpha), "n_bootstrap": int(n_bootstrap), "seed": int(seed), "gate": None,
+            "log_seq": None, "record": None, "lock": lock.to_dict(),
+        }
+        if champion == version:
+            result["reason"] = f"version {version} is already the champion"
+            return result  # nothing decided: the tags of the original promotion stay
 
-    tags = mv.tags or {}
-    if tags.get("threshold_passed") != "true":
-        why = tags.get("threshold_reason") or "no threshold_passed tag (not registered by medseg?)"
-        return _decide(client, name, result, False, f"did not pass the registration thresholds ({why})")
-    if champion is None:
-        return _decide(client, name, result, True, "no champion yet")
+        params = {"regions": list(regions) if regions is not None else None, "primary_region": primary_region, "margin": float(margin),
+                  "alpha": float(alpha), "n_bootstrap": int(n_bootstrap), "seed": int(seed)}
+        tags = mv.tags or {}
+        if tags.get("threshold_passed") != "true":
+            why = tags.get("threshold_reason") or "no threshold_passed tag (not registered by medseg?)"
+            return _record(client, name, mv, lock, result, gate.GateDecision(False, f"did not pass the registration thresholds ({why})", **_gate_params(params)))
+        if champion is None:
+            return _record(client, name, mv, lock, result, gate.decide([], None, **params))
 
-    challenger_cases = metrics_per_case if metrics_per_case is not None else read_version_per_case(client, mv)
-    if not challenger_cases:
-        return _decide(client, name, result, False, f"version {version} has no per-case metrics to compare")
-    result["compared_with"] = champion
-    champion_cases = read_version_per_case(client, _get_version(client, name, champion))
-    if not champion_cases:
-        return _decide(client, name, result, False, f"champion version {champion} has no per-case metrics to compare")
-    common, ours, theirs = compare_per_case(challenger_cases, champion_cases, primary_region)
-    if not common:
-        return _decide(client, name, result, False, f"no common test cases with {primary_region} Dice between version {version} and champion version {champion}")
-    if ours is None or theirs is None:  # pragma: no cover - common cases imply both means
-        return _decide(client, name, result, False, "no Dice to compare")
-    result.update(challenger_dice=ours, champion_dice=theirs, n_common_cases=len(common))
-    if ours >= theirs - margin:
-        how = f"{primary_region} Dice {ours:.4f} >= champion v{champion} {theirs:.4f} - margin {margin:g} on {len(common)} common case(s)"
-        return _decide(client, name, result, True, how)
-    how = f"{primary_region} Dice {ours:.4f} < champion v{champion} {theirs:.4f} - margin {margin:g} on {len(common)} common case(s)"
-    return _decide(client, name, result, False, how)
+        result["compared_with"] = champion
+        challenger_cases = metrics_per_case if metrics_per_case is not None else read_version_per_case(client, mv)
+        if not challenger_cases:
+            return _record(client, name, mv, lock, result, gate.GateDecision(False, f"version {version} has no per-case metrics to compare", **_gate_params(params)))
+        champion_cases = read_version_per_case(client, _get_version(client, name, champion))
+        if not champion_cases:
+            return _record(client, name, mv, lock, result, gate.GateDecision(False, f"champion version {champion} has no per-case metrics to compare", **_gate_params(params)))
+        decision = gate.decide(challenger_cases, champion_cases, champion_label=f"champion v{champion}", **params)
+        return _record(client, name, mv, lock, result, decision)
 
 
-def _decide(client: Any, name: str, result: dict[str, Any], promoted: bool, reason: str) -> dict[str, Any]:
+def _gate_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != "regions"}
+
+
+def _record(client: Any, name: str, mv: Any, lock: Held, result: dict[str, Any], decision: gate.GateDecision) -> dict[str, Any]:
+    """Apply ``decision`` (aliases) and record it everywhere; called inside the promotion lock."""
     version, old = result["version"], result["champion_version"]
+    primary = decision.regions.get(decision.primary_region)
+    promoted = bool(decision.promote)
+    seq = _next_log_seq(client, name)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result.update(promoted=promoted, reason=decision.reason, gate=decision.to_dict(), n_common_cases=decision.n_common,
+                  challenger_dice=primary.challenger_mean if primary else None, champion_dice=primary.champion_mean if primary else None,
+                  log_seq=seq)
+    champion_after, previous_after = (version, old if old is not None else result["previous_champion_version"]) if promoted else (old, result["previous_champion_version"])
+    record = {
+        "seq": seq, "time": now, "action": "promote", "name": name, "version": version, "decision": "promoted" if promoted else "refused",
+        "reason": decision.reason, "compared_with": result["compared_with"], "champion_before": old,
+        "previous_champion_before": result["previous_champion_version"], "champion_after": champion_after,
+        "previous_champion_after": previous_after, "lock": lock.to_dict(), "gate": decision.to_dict(),
+    }
+    # 1. the full record in the version's run (before any alias moves: if the artifact store fails, nothing changed)
+    if getattr(mv, "run_id", None):
+        path = f"{RECORD_DIR}/{seq:06d}-v{version}-{record['decision']}.json"
+        client.log_dict(mv.run_id, record, path)
+        result["record"] = f"runs:/{mv.run_id}/{path}"
+    # 2. the aliases (after checking a lease is still ours)
+    lock.check()
     if promoted:
         if old is not None:
             client.set_registered_model_alias(name, PREVIOUS_CHAMPION, old)
@@ -374,35 +419,83 @@ def _decide(client: Any, name: str, result: dict[str, Any], promoted: bool, reas
         if _alias_version(client, name, CHALLENGER) == version:
             client.delete_registered_model_alias(name, CHALLENGER)
         result["champion_version"] = version
-    result["promoted"], result["reason"] = promoted, reason
+    # 3. the version's tags and the registered model's log
+    per_region = {r.region: {"n": r.n_cases, "diff": round(r.mean_diff, 6), "lower": round(r.ci_lower, 6), "upper": round(r.ci_upper, 6),
+                             "challenger": round(r.challenger_mean, 6), "champion": round(r.champion_mean, 6), "non_inferior": r.non_inferior}
+                  for r in decision.regions.values()}
     _set_tags(client, name, version, {
-        "promotion_decision": "promoted" if promoted else "refused",
-        "promotion_reason": reason,
-        "promotion_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "promotion_decision": record["decision"],
+        "promotion_reason": decision.reason[:_REASON_MAX],
+        "promotion_time": now,
         "promotion_compared_with": result["compared_with"] or "none",
-        "promotion_primary_region": result["primary_region"],
-        "promotion_margin": result["margin"],
-        "promotion_n_common_cases": result["n_common_cases"],
+        "promotion_primary_region": decision.primary_region,
+        "promotion_margin": decision.margin,
+        "promotion_alpha": decision.alpha,
+        "promotion_n_bootstrap": decision.n_bootstrap,
+        "promotion_seed": decision.seed,
+        "promotion_n_common_cases": decision.n_common,
         "promotion_challenger_dice": _fmt(result["challenger_dice"]),
         "promotion_champion_dice": _fmt(result["champion_dice"]),
+        "promotion_regions": json.dumps(per_region, sort_keys=True),
+        "promotion_log_seq": seq,
+        "promotion_record": result["record"] or "none",
     })
+    entry = {k: record[k] for k in ("seq", "time", "action", "version", "decision", "compared_with", "champion_before", "champion_after", "previous_champion_after")}
+    entry.update(reason=decision.reason[:_REASON_MAX], primary_region=decision.primary_region, margin=decision.margin, alpha=decision.alpha,
+                 n_bootstrap=decision.n_bootstrap, seed=decision.seed, n_common=decision.n_common, regions=per_region, record=result["record"])
+    _log(client, name, seq, entry)
     return result
 
 
-def rollback(name: str, tracking_uri: str) -> dict[str, Any]:
-    """Swap ``champion`` and ``previous-champion`` (one step; a second rollback undoes the first)."""
+def _next_log_seq(client: Any, name: str) -> int:
+    """1 + the highest ``promotion_log/<seq>`` tag of the registered model (call inside the lock)."""
+    tags = client.get_registered_model(name).tags or {}
+    seqs = [int(k[len(LOG_TAG_PREFIX):]) for k in tags if k.startswith(LOG_TAG_PREFIX) and k[len(LOG_TAG_PREFIX):].isdigit()]
+    return max(seqs, default=0) + 1
+
+
+def _log(client: Any, name: str, seq: int, entry: Mapping[str, Any]) -> None:
+    text = json.dumps(entry, sort_keys=True, default=str)
+    client.set_registered_model_tag(name, f"{LOG_TAG_PREFIX}{seq:06d}", text)
+    client.set_registered_model_tag(name, LAST_TAG, text)
+
+
+def promotion_log(tags: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The decisions recorded in a registered model's tags, oldest first."""
+    out = []
+    for key, value in tags.items():
+        if key.startswith(LOG_TAG_PREFIX):
+            try:
+                out.append(json.loads(value))
+            except ValueError:
+                out.append({"seq": key[len(LOG_TAG_PREFIX):], "unparsed": value})
+    return sorted(out, key=lambda e: int(e.get("seq") or 0))
+
+
+def rollback(name: str, tracking_uri: str, *, lock_timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Swap ``champion`` and ``previous-champion`` (one step; a second rollback undoes the first).
+
+    Runs under the same lock as :func:`promote` and is logged in the same ``promotion_log/<seq>`` tags.
+    """
     client = _client(tracking_uri)
-    champion = _alias_version(client, name, CHAMPION)
-    previous = _alias_version(client, name, PREVIOUS_CHAMPION)
-    if previous is None:
-        raise MedsegError(f"registered model {name!r} has no {PREVIOUS_CHAMPION} to roll back to")
-    client.set_registered_model_alias(name, CHAMPION, previous)
-    if champion is not None and champion != previous:
-        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, champion)
-        client.set_model_version_tag(name, champion, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    else:
-        client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
-    client.set_model_version_tag(name, previous, "restored_by_rollback_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    with promotion_lock(client, name, tracking_uri, lock_timeout) as lock:
+        champion = _alias_version(client, name, CHAMPION)
+        previous = _alias_version(client, name, PREVIOUS_CHAMPION)
+        if previous is None:
+            raise MedsegError(f"registered model {name!r} has no {PREVIOUS_CHAMPION} to roll back to")
+        lock.check()
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        if champion is not None and champion != previous:
+            client.set_registered_model_alias(name, PREVIOUS_CHAMPION, champion)
+            client.set_model_version_tag(name, champion, "rolled_back_at", now)
+        else:
+            client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+        client.set_model_version_tag(name, previous, "restored_by_rollback_at", now)
+        seq = _next_log_seq(client, name)
+        _log(client, name, seq, {"seq": seq, "time": now, "action": "rollback", "version": previous, "decision": "rolled back",
+                                 "champion_before": champion, "champion_after": previous, "previous_champion_after": champion if champion != previous else None,
+                                 "reason": f"rollback from v{champion} to v{previous}"})
     return {"name": name, "champion_version": previous, "previous_champion_version": champion}
 
 
@@ -450,7 +543,14 @@ def show_model(name: str, tracking_uri: str) -> dict[str, Any]:
         if not token:
             break
     versions.sort(key=lambda v: int(v["version"]))
-    return {"name": rm.name, "aliases": aliases, "tags": dict(rm.tags or {}), "description": rm.description or "", "versions": versions}
+    rm_tags = dict(rm.tags or {})
+    log = promotion_log(rm_tags)
+    try:
+        last = json.loads(rm_tags[LAST_TAG]) if LAST_TAG in rm_tags else None
+    except ValueError:
+        last = None
+    return {"name": rm.name, "aliases": aliases, "tags": rm_tags, "description": rm.description or "", "versions": versions,
+            "last_decision": last, "promotion_log": log}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -469,10 +569,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("promote", parents=[common], help="gate a version to champion against the current champion")
     p.add_argument("name")
     p.add_argument("version")
-    p.add_argument("--margin", type=float, default=0.0, help="tolerated Dice drop against the champion (default 0)")
-    p.add_argument("--primary-region", default="WT", help="region whose mean Dice decides (default WT)")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="non-inferiority margin: every region's CI lower bound of the Dice difference must be above -margin (default 0)")
+    p.add_argument("--primary-region", default="WT", help="region on which the challenger must be strictly better (mean Dice over the common cases; default WT)")
     p.add_argument("--metrics", type=Path, default=None, metavar="FILE",
                    help="metrics.json whose per_case to use for the version (default: the one stored with its run)")
+    p.add_argument("--alpha", type=float, default=0.05, help="the gate uses the lower bound of the (1-alpha) bootstrap CI (default 0.05)")
+    p.add_argument("--n-bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed: same inputs and seed, same decision (default 0)")
     p = sub.add_parser("rollback", parents=[common], help="swap champion and previous-champion")
     p.add_argument("name")
 
@@ -489,7 +593,8 @@ def run(args: argparse.Namespace) -> int:
         result = show_model(args.name, uri)
     elif cmd == "promote":
         per_case = schemas.Metrics.load(args.metrics).per_case if args.metrics else None
-        result = promote(args.name, args.version, uri, per_case, margin=args.margin, primary_region=args.primary_region)
+        result = promote(args.name, args.version, uri, per_case, margin=args.margin, primary_region=args.primary_region,
+                         alpha=args.alpha, n_bootstrap=args.n_bootstrap, seed=args.seed)
     elif cmd == "rollback":
         result = rollback(args.name, uri)
     else:  # pragma: no cover - argparse restricts the choices
@@ -521,9 +626,25 @@ def _print_human(cmd: str, result: Any, out: Any) -> None:
                     print(f"      {key}: {t[key]}", file=out)
             if "promotion_reason" in t:
                 print(f"      promotion_reason: {t['promotion_reason']}", file=out)
+        last = result.get("last_decision")
+        if last:
+            print(f"last decision (#{last.get('seq')} of {len(result.get('promotion_log') or [])}, {last.get('time')}): "
+                  f"{last.get('action')} v{last.get('version')}: {last.get('decision')}"
+                  + (f" against champion v{last['compared_with']}" if last.get("compared_with") else "")
+                  + f"; champion now v{last.get('champion_after')}", file=out)
+            print(f"  reason: {last.get('reason')}", file=out)
+            for region, r in (last.get("regions") or {}).items():
+                print(f"  {region}: diff {r['diff']:+.4f}  CI [{r['lower']:+.4f}, {r['upper']:+.4f}]  n={r['n']}"
+                      f"  {'non-inferior' if r['non_inferior'] else 'NOT non-inferior'}", file=out)
+        else:
+            print("last decision: none", file=out)
     elif cmd == "promote":
         word = "promoted" if result["promoted"] else "refused"
         print(f"{word}: version {result['version']}: {result['reason']}", file=out)
+        g = result.get("gate") or {}
+        for region, r in (g.get("regions") or {}).items():
+            print(f"  {region}: {r['challenger_mean']:.4f} vs {r['champion_mean']:.4f}  diff {r['mean_diff']:+.4f}"
+                  f"  {100 * (1 - g['alpha']):g}% CI [{r['ci_lower']:+.4f}, {r['ci_upper']:+.4f}]  n={r['n_cases']}", file=out)
         print(f"champion: v{result['champion_version']}", file=out)
     elif cmd == "rollback":
         print(f"champion: v{result['champion_version']} (previous-champion: v{result['previous_champion_version']})", file=out)
