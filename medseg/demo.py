@@ -111,7 +111,9 @@ def run_demo(params_file: Path, out_dir: Path) -> int:
     hd95 = {r: metrics.mean.get(r, {}).get("hd95", float("nan")) for r in ("WT", "TC", "ET")}
     print(f"[4/4] held-out test cases: {metrics.n_cases}")
     for r in ("WT", "TC", "ET"):
-        print(f"      {r}: Dice {dice[r]:.4f}   HD95 {hd95[r]:.2f} mm")
+        lesionwise = metrics.mean.get(r, {}).get("lesionwise_dice_2023")
+        extra = f"   lesion-wise Dice (BraTS 2023) {lesionwise:.4f}" if lesionwise is not None else ""
+        print(f"      {r}: Dice {dice[r]:.4f}   HD95 {hd95[r]:.2f} mm{extra}")
     print(f"      promotion: {'promoted' if decision.get('promoted') else 'refused'} ({decision.get('reason')})")
     if smoke:
         print(f"      served case {smoke['case_id']} (champion v{smoke['model_version']}): volumes (ml) {json.dumps({k: round(v, 1) for k, v in smoke['volumes_ml'].items()})}, request {smoke['request_seconds']} s")

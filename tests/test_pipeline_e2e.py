@@ -60,6 +60,8 @@ def test_every_task_wrote_its_artefacts(demo_run):
     assert (run_dir / "train" / "model" / schemas.WEIGHTS_FILE).is_file()
     metrics = schemas.Metrics.load(run_dir / "evaluate" / "evaluation")
     assert metrics.n_cases == 2 and {"WT", "TC", "ET"} <= set(metrics.mean)
+    assert {"lesionwise_dice_2023", "lesionwise_hd95_2023", "lesion_tp_2023"} <= set(metrics.mean["ET"])  # BraTS data: official lesion-wise numbers
+    assert (run_dir / "evaluate" / "evaluation" / "cases.csv").read_text().startswith("case,region,metric,value")
     assert (run_dir / "evaluate" / "evaluation" / "per_case.csv").read_text().count("\n") >= 3
     assert "WT" in (run_dir / "evaluate" / "report").read_text()
     executor = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())

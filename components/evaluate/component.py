@@ -14,7 +14,7 @@ def evaluate(model: Input[Model], dataset: Input[Dataset], overlap: float, evalu
 
     result = run_evaluate(Path(model.path), Path(dataset.path), Path(evaluation.path), overlap=overlap, progress=False)
     for name, values in result.mean.items():
-        for key in ("dice", "hd95"):
+        for key in ("dice", "hd95", "lesionwise_dice_2023", "lesionwise_hd95_2023"):
             if key in values:
                 metrics.log_metric(f"{name}_{key}", round(float(values[key]), 4))
     shutil.copy(Path(evaluation.path) / "report.md", report.path)

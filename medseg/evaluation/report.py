@@ -68,6 +68,7 @@ def evaluate_arrays(
     penalty_mm: float = HD95_PENALTY_MM,
     progress: bool = False,
     total: int | None = None,
+    lesionwise: str | None = None,
 ) -> Metrics:
     """Evaluate in-memory cases and write the report files to ``out_dir``.
 
@@ -81,6 +82,8 @@ def evaluate_arrays(
         penalty_mm: HD95 / ASSD when exactly one of the two masks is empty.
         progress: show a progress bar on stderr.
         total: number of cases, for the progress bar when ``pairs`` has no ``len``.
+        lesionwise: add the BraTS lesion-wise metrics of this setting (``brats2023``, ``brats2023_mets``,
+            ``brats2024``; see :mod:`medseg.evaluation.lesionwise`), or None.
 
     Returns:
         The :class:`~medseg.schemas.Metrics` written to ``metrics.json``.
@@ -100,7 +103,7 @@ def evaluate_arrays(
             raise MedsegError(f"case {case_id} given twice")
         seen.add(case_id)
         try:
-            result = evaluate_case(pred, ref, spacing, dataset_json.labels, dataset_json.regions, penalty_mm)
+            result = evaluate_case(pred, ref, spacing, dataset_json.labels, dataset_json.regions, penalty_mm, lesionwise=lesionwise)
         except MedsegError as exc:
             raise MedsegError(f"case {case_id}: {exc}", exc.path) from None
         per_case.append({"case_id": case_id, **result})

@@ -41,4 +41,12 @@ def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_
             yield case_id, prediction.segmentation, np.rint(ref).astype(np.uint8), nifti_spacing(hdr)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    return evaluate_arrays(pairs(), dataset, out_dir, total=len(case_ids))
+    return evaluate_arrays(pairs(), dataset, out_dir, total=len(case_ids), lesionwise=lesionwise_setting(dataset))
+
+
+def lesionwise_setting(dataset: schemas.DatasetJson) -> str | None:
+    """The BraTS lesion-wise setting matching the dataset's labels, or None for other datasets."""
+    labels = {k: int(v) for k, v in dataset.labels.items()}
+    if labels == schemas.BRATS_LABELS and {k: sorted(v) for k, v in dataset.regions.items()} == schemas.BRATS_REGIONS:
+        return "brats2023"
+    return None
