@@ -296,6 +296,7 @@ class ModelPackage(Artifact):
     medseg_version: str
     training: dict[str, Any] = field(default_factory=dict)  # epochs, params, best val dice, run id
     lineage: dict[str, str] = field(default_factory=dict)  # manifest hash, plan hash, git commit, ...
+    postprocessing: dict[str, Any] = field(default_factory=dict)  # {"min_volume_mm3": {label: mm³}, how it was chosen}
     weights_file: str = WEIGHTS_FILE
     schema_version: int = SCHEMA_VERSION
 

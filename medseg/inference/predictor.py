@@ -14,6 +14,7 @@ import torch
 
 from medseg import schemas
 from medseg.errors import MedsegError
+from medseg.inference.postprocess import remove_small_components
 from medseg.inference.sliding_window import predict_probabilities, select_device
 from medseg.io import load_nifti, nifti_spacing, stack_channels
 from medseg.preprocessing.preprocess import preprocess_case, restore_to_original
@@ -75,6 +76,9 @@ class Predictor:
         data, _, props = preprocess_case(images, None, list(spacing), affine, self.plans, self.package.configuration)
         probs = predict_probabilities(self.network, data, self.config.patch_size, overlap=self.overlap, mirror=self.mirror, device=self.device)
         seg = restore_to_original(probs, props)
+        min_volumes = self.package.postprocessing.get("min_volume_mm3") or {}
+        if min_volumes:
+            seg = remove_small_components(seg, min_volumes, spacing)
         return Prediction(segmentation=seg, affine=np.asarray(affine), volumes_ml=self.volumes_ml(seg, spacing))
 
     def volumes_ml(self, seg: np.ndarray, spacing: list[float]) -> dict[str, float]:

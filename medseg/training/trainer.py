@@ -140,7 +140,38 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], preprocessed_dir: Path, configuration: str, training: dict[str, Any], lineage: dict[str, str] | None = None) -> Path:
+def choose_postprocessing(network: torch.nn.Module, state: dict[str, torch.Tensor], cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], spacing: list[float], overlap: float, device: torch.device) -> dict[str, Any]:
+    """Minimum component volume per label, chosen on the validation cases (preprocessed grid, mm³ so it
+    carries over to any grid). Scored by BraTS 2023 lesion-wise Dice for BraTS data, else by Dice."""
+    from medseg.evaluation.lesionwise import lesionwise_case
+    from medseg.evaluation.metrics import dice
+    from medseg.inference.postprocess import choose_min_volumes
+
+    if not cases:
+        return {}
+    network.load_state_dict(state)
+    pairs = [(np.argmax(predict_probabilities(network, np.asarray(c.data), patch_size, overlap=overlap, device=device), axis=0).astype(np.uint8),
+              np.asarray(c.seg).astype(np.uint8)) for c in cases]
+    groups = plans.reported_groups
+    brats = {k: int(v) for k, v in plans.labels.items()} == schemas.BRATS_LABELS and {k: sorted(v) for k, v in plans.regions.items()} == schemas.BRATS_REGIONS
+    if brats:
+        metric = "lesionwise_dice_2023"
+
+        def score(pred: np.ndarray, ref: np.ndarray) -> float:
+            per_region = lesionwise_case(pred, ref, spacing, "brats2023")
+            return float(np.mean([v["lesionwise_dice_2023"] for v in per_region.values()]))
+    else:
+        metric = "dice"
+
+        def score(pred: np.ndarray, ref: np.ndarray) -> float:
+            return float(np.mean([dice(np.isin(pred, vals), np.isin(ref, vals)) for vals in groups.values()]))
+
+    labels = sorted(v for v in plans.labels.values() if v != 0)
+    chosen, before, after = choose_min_volumes(pairs, spacing, labels, score)
+    return {"min_volume_mm3": chosen, "metric": metric, "validation_cases": len(pairs), "score_before": before, "score_after": after}
+
+
+def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], preprocessed_dir: Path, configuration: str, training: dict[str, Any], lineage: dict[str, str] | None = None, postprocessing: dict[str, Any] | None = None) -> Path:
     """Write the model package folder (the contract the registry and the server load)."""
     from medseg.io import atomic_dir
 
@@ -152,7 +183,7 @@ def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], pre
         shutil.copy2(preprocessed_dir / schemas.DATASET_JSON, tmp / schemas.DATASET_JSON)
         schemas.ModelPackage(
             configuration=configuration, network=plans.configuration(configuration).network,
-            medseg_version=medseg.__version__, training=training, lineage=dict(lineage or {}),
+            medseg_version=medseg.__version__, training=training, lineage=dict(lineage or {}), postprocessing=dict(postprocessing or {}),
         ).save(tmp)
     return model_dir
 
@@ -255,7 +286,11 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
     if write_package and best_state is not None:
         training = {"config": dataclasses.asdict(cfg), "best_val_dice": result.best_val_dice, "best_epoch": best_epoch,
                     "epochs_run": result.epochs_run, "seconds_per_step": result.seconds_per_step, "device": str(device)}
-        result.model_dir = save_model_package(out_dir / "model", best_state, preprocessed_dir, cfg.configuration, training)
+        post = choose_postprocessing(network, best_state, val_cases, plans, config.patch_size, list(config.spacing), cfg.val_overlap, device)
+        if post and progress:
+            log.info("postprocessing chosen on %d validation case(s): minimum volumes %s mm³ (%s %.4f → %.4f)", post["validation_cases"],
+                     post["min_volume_mm3"] or "none", post["metric"], post["score_before"], post["score_after"])
+        result.model_dir = save_model_package(out_dir / "model", best_state, preprocessed_dir, cfg.configuration, training, postprocessing=post)
     return result
 
 
