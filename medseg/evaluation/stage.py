@@ -33,8 +33,7 @@ def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_
             images = case_files(dataset_dir, case_id, n_channels)
             prediction = predictor.predict_files(images)
             ref, _, hdr = load_nifti(label_file(dataset_dir, case_id), dtype=np.float32)
-            _, _, image_header = load_nifti(images[0])
-            save_nifti(predictions_dir / f"{case_id}.nii.gz", prediction.segmentation, prediction.affine, image_header)
+            save_nifti(predictions_dir / f"{case_id}.nii.gz", prediction.segmentation, prediction.affine, prediction.header)
             if i == 0:  # one picture for the report
                 flair, _, _ = load_nifti(images[-1])
                 overlay_png(flair, prediction.segmentation, out_dir / "example_overlay.png", reference=np.rint(ref).astype(np.uint8), title=case_id)

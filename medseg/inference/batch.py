@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from medseg.errors import MedsegError, ValidationError
 from medseg.inference.predictor import Predictor
-from medseg.io import NIFTI_SUFFIXES, load_nifti, save_nifti, strip_nifti_suffix, write_text
+from medseg.io import NIFTI_SUFFIXES, save_nifti, strip_nifti_suffix, write_text
 from medseg.registry.resolve import resolve_model_source
 
 
@@ -59,8 +59,7 @@ def predict_folder(model: str | Path, input_dir: Path, out_dir: Path, overlap: f
     rows = []
     for case_id, paths in tqdm(cases.items(), desc="predict", disable=not progress):
         prediction = predictor.predict_files(paths)
-        _, _, header = load_nifti(paths[0])
-        save_nifti(out_dir / f"{case_id}.nii.gz", prediction.segmentation, prediction.affine, header)
+        save_nifti(out_dir / f"{case_id}.nii.gz", prediction.segmentation, prediction.affine, prediction.header)
         rows.append({"case_id": case_id, "model_version": version, **{f"{k}_ml": round(v, 3) for k, v in prediction.volumes_ml.items()}})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -26,6 +27,7 @@ class Prediction:
     segmentation: np.ndarray  # uint8 I×J×K on the input grid
     affine: np.ndarray  # 4×4, the input's
     volumes_ml: dict[str, float]  # per region (or label) volume in millilitres
+    header: nib.Nifti1Header | None = None  # the first input file's header, when predicted from files
 
 
 class Predictor:
@@ -91,4 +93,6 @@ class Predictor:
         if len(paths) != len(self.channels):
             raise MedsegError(f"expected {len(self.channels)} image files ({', '.join(self.channels)}), got {len(paths)}")
         images, affine, header = stack_channels([load_nifti(p) for p in paths], [str(p) for p in paths])
-        return self.predict(images, affine, list(nifti_spacing(header)))
+        prediction = self.predict(images, affine, list(nifti_spacing(header)))
+        prediction.header = header  # callers write the segmentation with it, without reading the file again
+        return prediction
