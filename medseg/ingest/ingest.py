@@ -28,7 +28,8 @@ from tqdm import tqdm
 from medseg.errors import MedsegError
 from medseg.ingest.adapters import ADAPTERS, Adapter, detect_format, get_adapter
 from medseg.ingest.splits import check_split_parameters, make_splits
-from medseg.ingest.validate import CaseCheck, Problem, Volume, check_case, find_duplicate_case_ids, settle_problems
+from medseg.ingest.adapters.base import Volume
+from medseg.ingest.validate import CaseCheck, Problem, check_case, find_duplicate_case_ids, settle_problems
 from medseg.io import atomic_dir, nifti_spacing, save_nifti, sha256_file
 from medseg.schemas import IMAGES_TR, IMAGES_TS, LABELS_TR, CaseRecord, DatasetJson, FileRecord, Manifest, Splits
 

@@ -8,33 +8,19 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from medseg.errors import MedsegError, ValidationError
-from medseg.ingest.adapters import Adapter, SourceCase
-from medseg.io import AFFINE_ATOL_MM, load_nifti, nifti_spacing
+from medseg.errors import ValidationError
+from medseg.ingest.adapters.base import Adapter, SourceCase, Volume
+from medseg.io import AFFINE_ATOL_MM, nifti_spacing
 
 logger = logging.getLogger(__name__)
 
 Problem = tuple[str, str, str]  # (case id, file name, problem)
-Reporter = Callable[[Path | str, str], None]  # (file, problem) → records a row for the current case
-
-"""Largest difference allowed between the 4×4 affines of the files of one case (mm)."""
-
-
-@dataclass
-class Volume:
-    """A NIfTI file as read: array in the stored dtype (I, J, K), affine, header, source path."""
-
-    array: np.ndarray
-    affine: np.ndarray
-    header: nib.Nifti1Header
-    source: Path
 
 
 @dataclass
@@ -58,12 +44,9 @@ def check_case(case: SourceCase, adapter: Adapter, affine_atol: float = AFFINE_A
     def report(file: Path | str, problem: str) -> None:
         check.problems.append((case.case_id, Path(file).name, problem))
 
+    images = adapter.read_images(case, report)
     for channel in adapter.channel_names:
-        path = case.channel_files.get(channel)
-        if path is None or not path.exists():
-            report(path or f"{case.case_id}-{channel}", f"missing {channel} channel file")
-            continue
-        volume = _read(path, report)
+        volume = images.get(channel)
         if volume is None:
             continue
         _check_geometry(volume, report)
@@ -71,13 +54,15 @@ def check_case(case: SourceCase, adapter: Adapter, affine_atol: float = AFFINE_A
         check.images[channel] = volume
 
     raw_label: Volume | None = None
-    if case.label_file is not None:
-        raw_label = _read(case.label_file, report)
+    if adapter.task == "segmentation":
+        raw_label = adapter.read_label(case, report)
         if raw_label is not None:
             _check_geometry(raw_label, report)
             remapped = _check_and_remap_label(raw_label, adapter, report)
             if remapped is not None:
                 check.label = Volume(remapped, raw_label.affine, raw_label.header, raw_label.source)
+    elif case.class_label is not None and case.class_label not in adapter.labels:
+        report(case.folder or case.case_id, f"class {case.class_label!r} outside the declared classes {sorted(adapter.labels)}")
 
     # Consistency between the files of the case, against the first readable channel.
     if check.images:
@@ -140,17 +125,6 @@ def format_problems(problems: Iterable[Problem]) -> str:
 
 
 # --------------------------------------------------------------------------- checks
-def _read(path: Path, report: Reporter) -> Volume | None:
-    try:
-        array, affine, header = load_nifti(path, dtype=None)  # type: ignore[arg-type]  # keep stored dtype
-    except MedsegError as exc:
-        report(path, _message(exc))
-        return None
-    if array.dtype == np.float64 and header.get_data_dtype() != np.float64:
-        array = array.astype(np.float32)  # scaled integers: float32 is exact enough, half the size
-    return Volume(array, affine, header, path)
-
-
 def _check_geometry(volume: Volume, report: Reporter) -> None:
     spacing = np.asarray(nifti_spacing(volume.header), dtype=np.float64)
     if not (np.isfinite(spacing).all() and (spacing > 0).all()):
@@ -197,13 +171,6 @@ def _check_and_remap_label(volume: Volume, adapter: Adapter, report: Reporter) -
             lookup[source_value] = canonical_value
         labels = lookup[labels]
     return labels.astype(np.uint8)
-
-
-def _message(exc: MedsegError) -> str:
-    """The message of ``exc`` without the path prefix (the file is in its own column)."""
-    text = str(exc)
-    prefix = f"{exc.path}: " if exc.path else ""
-    return text[len(prefix):] if prefix and text.startswith(prefix) else text
 
 
 def _fmt(values: np.ndarray) -> str:
