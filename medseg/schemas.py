@@ -143,6 +143,7 @@ class FileRecord:
     spacing: list[float]
     affine: list[list[float]]
     source: str = ""  # original file name (no folders: they may hold identifiers)
+    orientation: str = "RAS"  # axis codes of the source file; written files are always RAS+
 
 
 @dataclass
@@ -151,6 +152,8 @@ class CaseRecord:
     patient_id: str
     files: list[dict[str, Any]]  # FileRecord as dicts (JSON-friendly)
     has_label: bool = True
+    class_label: str | None = None  # classification datasets: the case's class name
+    covariates: dict[str, Any] = field(default_factory=dict)  # classification: age, sex, ...
 
 
 @dataclass
@@ -181,6 +184,8 @@ class Splits(Artifact):
     seed: int = 0
     n_folds: int = 5
     test_fraction: float = 0.2
+    method: str = "patient-hash"  # how patients were assigned (see medseg.ingest.splits)
+    stratified: bool = False  # True when assignment was stratified by class
     schema_version: int = SCHEMA_VERSION
 
 

@@ -142,6 +142,27 @@ def test_splits_by_patient_disjoint_and_deterministic() -> None:
     assert any(make_splits(case_to_patient, 5, 0.2, seed=s) != splits for s in range(4, 8))
 
 
+def test_adding_patients_moves_no_existing_patient() -> None:
+    before = {f"P{p:03d}-000": f"P{p:03d}" for p in range(60)}
+    after = {**before, **{f"N{p:03d}-000": f"N{p:03d}" for p in range(15)}}
+    old, new = make_splits(before, 5, 0.2, seed=1), make_splits(after, 5, 0.2, seed=1)
+    assert set(old.test) == set(new.test) & set(before)  # old patients keep their side
+    for old_fold, new_fold in zip(old.folds, new.folds):
+        assert set(old_fold["val"]) == set(new_fold["val"]) & set(before)
+    sizes = [len(f["val"]) for f in new.folds]
+    assert 0 < min(sizes) and 10 <= len(new.test) <= 20, (sizes, len(new.test))  # hashing is roughly balanced
+
+
+def test_stratified_splits_put_every_class_in_the_test_set() -> None:
+    # a rare class (5 of 40 patients) would often miss a 20 % test set by chance alone
+    classes = {f"S{p:02d}": ("AD" if p < 5 else "CN") for p in range(40)}
+    case_to_patient = {f"{p}-000": p for p in classes}
+    strata = {f"{p}-000": c for p, c in classes.items()}
+    for seed in range(10):
+        splits = make_splits(case_to_patient, 5, 0.2, seed=seed, case_to_stratum=strata)
+        assert splits.stratified and {strata[c] for c in splits.test} == {"AD", "CN"}
+
+
 def test_splits_with_few_patients_fall_back(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         three = make_splits({"a-000": "a", "b-000": "b", "c-000": "c"}, n_folds=5, test_fraction=0.2, seed=0)

@@ -8,9 +8,15 @@ Output folder::
     dataset.json  manifest.json  splits.json
 
 Everything is written into a temporary folder that replaces ``out`` only when complete, so ``out``
-either holds a whole dataset or is left as it was. Every file is re-saved through
-:func:`medseg.io.save_nifti`, which clears free-text header fields (a de-identification step), and
-hashed after writing; the manifest's ``content_hash`` over those hashes is the dataset version.
+either holds a whole dataset or is left as it was. Every volume is reoriented to RAS+ (the source
+orientation is recorded per file) and re-saved through :func:`medseg.io.save_nifti`, which clears the
+free-text header fields (descrip, aux_file, intent_name, db_name: a de-identification step), then
+hashed; the manifest's ``content_hash`` over those hashes is the dataset version.
+
+De-identification of ids: with ``pseudonymize`` (the default for layouts whose ids may name a person,
+such as DICOM) cases and patients get sequential pseudonyms and original file names are not
+recorded; the original → new mapping is written only to ``id_map``, which must lie outside the
+dataset (the dataset is shared and versioned, the map is not).
 """
 
 from __future__ import annotations
@@ -18,19 +24,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import numpy as np
+from nibabel import orientations
 from tqdm import tqdm
 
 from medseg.errors import MedsegError
-from medseg.ingest.adapters import ADAPTERS, Adapter, detect_format, get_adapter
+from medseg.ingest.adapters import ADAPTERS, Adapter, SourceCase, detect_format, get_adapter
 from medseg.ingest.splits import check_split_parameters, make_splits
 from medseg.ingest.adapters.base import Volume
 from medseg.ingest.validate import CaseCheck, Problem, check_case, find_duplicate_case_ids, settle_problems
-from medseg.io import atomic_dir, nifti_spacing, save_nifti, sha256_file
+from medseg.io import atomic_dir, nifti_spacing, save_nifti, sha256_file, write_json
 from medseg.schemas import IMAGES_TR, IMAGES_TS, LABELS_TR, CaseRecord, DatasetJson, FileRecord, Manifest, Splits
 
 logger = logging.getLogger(__name__)
@@ -39,7 +48,7 @@ FILE_ENDING = ".nii.gz"
 
 
 def ingest(
-    source: Path,
+    source: Path | str,
     out: Path,
     fmt: str = "auto",
     n_folds: int = 5,
@@ -47,15 +56,45 @@ def ingest(
     seed: int = 0,
     strict: bool = False,
     progress: bool = True,
+    pseudonymize: bool | None = None,
+    id_map: Path | None = None,
 ) -> Manifest:
     """Validate the cases of ``source`` and write the canonical dataset to ``out``; return the manifest.
 
-    ``fmt`` is an adapter name from :data:`~medseg.ingest.adapters.ADAPTERS` or ``"auto"``. Bad cases
-    are quarantined (listed in ``manifest.quarantined``, warned about as a table) unless ``strict``,
-    which raises :class:`~medseg.errors.ValidationError` with every problem instead. An existing
-    ``out`` is replaced only on success.
+    ``source`` is a folder or an ``s3://bucket/prefix`` URI (downloaded and checksummed first, see
+    :func:`medseg.data.s3.stage_source`). ``fmt`` is an adapter name from
+    :data:`~medseg.ingest.adapters.ADAPTERS` or ``"auto"``. Bad cases are quarantined (listed in
+    ``manifest.quarantined``, warned about as a table) unless ``strict``, which raises
+    :class:`~medseg.errors.ValidationError` with every problem instead. An existing ``out`` is
+    replaced only on success. ``pseudonymize`` None follows the adapter's default.
     """
-    source, out = Path(source), Path(out)
+    out = Path(out)
+    if str(source).startswith("s3://"):
+        from medseg.data.s3 import stage_source  # boto3 only when an S3 source is used
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".s3-source-", dir=out.parent) as staging:
+            staged = stage_source(str(source), Path(staging), progress=progress)
+            return _ingest_folder(
+                Path(staged), out, fmt, n_folds, test_fraction, seed, strict, progress, pseudonymize, id_map,
+                source_label=str(source),
+            )
+    return _ingest_folder(Path(source), out, fmt, n_folds, test_fraction, seed, strict, progress, pseudonymize, id_map)
+
+
+def _ingest_folder(
+    source: Path,
+    out: Path,
+    fmt: str,
+    n_folds: int,
+    test_fraction: float,
+    seed: int,
+    strict: bool,
+    progress: bool,
+    pseudonymize: bool | None,
+    id_map: Path | None,
+    source_label: str | None = None,
+) -> Manifest:
     if not source.exists():
         raise MedsegError("source folder not found", source)
     if not source.is_dir():
@@ -63,12 +102,18 @@ def ingest(
     src_abs, out_abs = source.resolve(), out.resolve()
     if out_abs == src_abs or out_abs in src_abs.parents:
         raise MedsegError("output folder must not be the source folder or contain it", out)
+    if id_map is not None and (Path(id_map).resolve() == out_abs or out_abs in Path(id_map).resolve().parents):
+        raise MedsegError("the id map must be written outside the dataset folder (the dataset is shared, the map is not)", id_map)
     check_split_parameters(n_folds, test_fraction)  # fail before any work
 
     adapter = detect_format(source) if fmt == "auto" else get_adapter(fmt)
+    adapter = adapter.configure(source)
     cases = adapter.discover(source)
     if not cases:
         raise MedsegError(f"no {adapter.name} case found", source)
+    if pseudonymize is None:
+        pseudonymize = adapter.pseudonymize_by_default
+    new_ids = _pseudonyms(cases) if pseudonymize else {}
 
     problems: list[Problem] = find_duplicate_case_ids(cases, source)
     duplicated = {case_id for case_id, _, _ in problems}
@@ -81,12 +126,17 @@ def ingest(
             problems.extend(check.problems)
             if not check.ok or case.case_id in duplicated or (strict and problems):
                 continue  # quarantined, or strict mode will fail: no point in writing
-            records.append(_write_case(tmp, check, adapter))
+            case_id, patient_id = new_ids.get(case.case_id, (case.case_id, case.patient_id))
+            records.append(_write_case(tmp, check, adapter, case_id, patient_id, keep_source_names=not pseudonymize))
         problems.sort(key=lambda row: row[0])  # stable: keeps each case's rows in check order
         settle_problems(problems, len(records), strict, source)
+        if pseudonymize:
+            # quarantine rows name original ids and files: keep them out of the shared manifest
+            problems = [(new_ids.get(c, (c, ""))[0], "", p) for c, _, p in problems]
 
         labelled = {r.case_id: r.patient_id for r in records if r.has_label}
-        splits = make_splits(labelled, n_folds, test_fraction, seed)
+        strata = {r.case_id: r.class_label for r in records if r.has_label and r.class_label is not None}
+        splits = make_splits(labelled, n_folds, test_fraction, seed, case_to_stratum=strata or None)
         dataset = DatasetJson(
             name=out.name,
             channel_names={str(i): name for i, name in enumerate(adapter.channel_names)},
@@ -94,12 +144,13 @@ def ingest(
             numTraining=len(labelled),
             file_ending=FILE_ENDING,
             regions={k: list(v) for k, v in adapter.regions.items()},
+            task=adapter.task,
             source_format=adapter.name,
             description=f"ingested by medseg from a {adapter.name} folder",
         )
         manifest = Manifest(
             dataset_name=out.name,
-            source=str(src_abs),
+            source="(pseudonymized)" if pseudonymize else (source_label or str(src_abs)),
             source_format=adapter.name,
             cases=[_as_dict(r) for r in records],
             quarantined=[{"case": c, "file": f, "problem": p} for c, f, p in problems],
@@ -109,6 +160,8 @@ def ingest(
         dataset.save(tmp)
         splits.save(tmp)
         manifest.save(tmp)
+        if id_map is not None:
+            _write_id_map(Path(id_map), cases, new_ids)
     logger.info(
         "ingested %d case(s) into %s (%d quarantined), dataset hash %s",
         len(records), out, len({c for c, _, _ in problems}), manifest.content_hash[:12],
@@ -116,23 +169,66 @@ def ingest(
     return manifest
 
 
-def _write_case(folder: Path, check: CaseCheck, adapter: Adapter) -> CaseRecord:
+def _pseudonyms(cases: list[SourceCase]) -> dict[str, tuple[str, str]]:
+    """original case id → (pseudonymous case id, pseudonymous patient id), numbered in sorted order."""
+    patients = {p: f"P{i:04d}" for i, p in enumerate(sorted({c.patient_id for c in cases}))}
+    ids = sorted({c.case_id for c in cases})
+    patient_of = {c.case_id: c.patient_id for c in cases}
+    return {case_id: (f"case_{i:04d}", patients[patient_of[case_id]]) for i, case_id in enumerate(ids)}
+
+
+def _write_id_map(path: Path, cases: list[SourceCase], new_ids: dict[str, tuple[str, str]]) -> None:
+    """The original → new id mapping (identity when ids were kept), readable by its owner only."""
+    rows = [
+        {"original_case_id": c.case_id, "original_patient_id": c.patient_id,
+         "case_id": new_ids.get(c.case_id, (c.case_id, c.patient_id))[0],
+         "patient_id": new_ids.get(c.case_id, (c.case_id, c.patient_id))[1]}
+        for c in cases
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"pseudonymized": bool(new_ids), "cases": rows})
+    path.chmod(0o600)
+    logger.info("id map written to %s (keep it private: it links pseudonyms to original ids)", path)
+
+
+def to_ras(volume: Volume) -> tuple[Volume, str]:
+    """``volume`` reoriented to RAS+ by axis flips/permutations only (no resampling); its source axis codes.
+
+    The voxel grid is only re-indexed, so world coordinates of every voxel are unchanged.
+    """
+    source_ornt = orientations.io_orientation(volume.affine)
+    codes = "".join(orientations.ornt2axcodes(source_ornt))
+    if codes == "RAS":
+        return volume, codes
+    transform = orientations.ornt_transform(source_ornt, orientations.axcodes2ornt("RAS"))
+    array = np.ascontiguousarray(orientations.apply_orientation(volume.array, transform))
+    affine = volume.affine @ orientations.inv_ornt_aff(transform, volume.array.shape)
+    return Volume(array, affine, volume.header, volume.source), codes
+
+
+def _write_case(
+    folder: Path, check: CaseCheck, adapter: Adapter, case_id: str, patient_id: str, keep_source_names: bool = True
+) -> CaseRecord:
     """Write the images (and label) of a valid case; return its record with hashes and geometry."""
     case = check.case
-    labelled = check.label is not None
+    labelled = check.label is not None or case.class_label is not None
     image_dir = IMAGES_TR if labelled else IMAGES_TS
     files: list[dict[str, Any]] = []
     for index, channel in enumerate(adapter.channel_names):
-        relative = f"{image_dir}/{case.case_id}_{index:04d}{FILE_ENDING}"
-        files.append(_write_volume(folder, relative, check.images[channel], role="image", channel=channel))
+        relative = f"{image_dir}/{case_id}_{index:04d}{FILE_ENDING}"
+        files.append(_write_volume(folder, relative, check.images[channel], "image", channel, keep_source_names))
     if check.label is not None:
-        relative = f"{LABELS_TR}/{case.case_id}{FILE_ENDING}"
-        files.append(_write_volume(folder, relative, check.label, role="label", channel="label"))
-    return CaseRecord(case_id=case.case_id, patient_id=case.patient_id, files=files, has_label=labelled)
+        relative = f"{LABELS_TR}/{case_id}{FILE_ENDING}"
+        files.append(_write_volume(folder, relative, check.label, "label", "label", keep_source_names))
+    return CaseRecord(
+        case_id=case_id, patient_id=patient_id, files=files, has_label=labelled,
+        class_label=case.class_label, covariates=dict(case.covariates),
+    )
 
 
-def _write_volume(folder: Path, relative: str, volume: Volume, role: str, channel: str) -> dict[str, Any]:
+def _write_volume(folder: Path, relative: str, volume: Volume, role: str, channel: str, keep_source_name: bool) -> dict[str, Any]:
     dest = folder / relative
+    volume, source_orientation = to_ras(volume)
     save_nifti(dest, volume.array, volume.affine, volume.header)
     written = nib.load(str(dest))  # header only: the geometry downstream stages will see
     record = FileRecord(
@@ -143,7 +239,8 @@ def _write_volume(folder: Path, relative: str, volume: Volume, role: str, channe
         shape=[int(n) for n in written.shape[:3]],
         spacing=[float(s) for s in nifti_spacing(written.header)],  # type: ignore[arg-type]
         affine=[[float(v) for v in row] for row in written.affine],
-        source=volume.source.name,
+        source=volume.source.name if keep_source_name else "",
+        orientation=source_orientation,
     )
     return _as_dict(record)
 
@@ -155,13 +252,17 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``medseg ingest``."""
-    parser.add_argument("--source", required=True, type=Path, help="source dataset folder")
+    parser.add_argument("--source", required=True, help="source dataset folder, or s3://bucket/prefix (credentials and endpoint from the environment)")
     parser.add_argument("--out", required=True, type=Path, help="canonical dataset folder to write (replaced on success)")
     parser.add_argument("--format", default="auto", choices=["auto", *ADAPTERS], help="source layout (default: auto-detect)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: 5)")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="held-out test fraction of the labelled cases (default: 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits (default: 0)")
     parser.add_argument("--strict", action="store_true", help="fail on any problem instead of quarantining bad cases")
+    ids = parser.add_mutually_exclusive_group()
+    ids.add_argument("--pseudonymize", dest="pseudonymize", action="store_true", default=None, help="replace case and patient ids by pseudonyms (default for DICOM)")
+    ids.add_argument("--keep-ids", dest="pseudonymize", action="store_false", help="keep the source's case ids")
+    parser.add_argument("--id-map", type=Path, default=None, help="write the original -> new id mapping to this file (outside the dataset; private)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in pipeline logs)")
 
 
@@ -176,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         strict=args.strict,
         progress=not getattr(args, "no_progress", False),
+        pseudonymize=getattr(args, "pseudonymize", None),
+        id_map=getattr(args, "id_map", None),
     )
     splits = Splits.load(args.out)
     n_labelled = sum(1 for c in manifest.cases if c["has_label"])

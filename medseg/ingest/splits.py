@@ -1,15 +1,17 @@
 """Patient-level splits: a held-out test set, then k cross-validation folds over the rest.
 
 Splitting by patient (not by case) keeps every timepoint of a patient on one side, so a model is never
-validated or tested on a scan of someone it was trained on. The same inputs and seed give the same
-splits on any machine (``random.Random`` over sorted ids, no dependence on numpy's generator).
+validated or tested on a scan of someone it was trained on. Each patient's side comes from a hash of
+its id and the seed, so the same inputs give the same splits on any machine, and adding patients to a
+dataset leaves the others where they were.
 """
 
 from __future__ import annotations
 
 import logging
-import random
+import hashlib
 from collections import defaultdict
+from collections.abc import Mapping
 
 from medseg.errors import MedsegError
 from medseg.schemas import Splits
@@ -25,46 +27,72 @@ def check_split_parameters(n_folds: int, test_fraction: float) -> None:
         raise MedsegError(f"test fraction must be in [0, 1), got {test_fraction}")
 
 
-def make_splits(case_to_patient: dict[str, str], n_folds: int = 5, test_fraction: float = 0.2, seed: int = 0) -> Splits:
+def patient_hash(seed: int, purpose: str, patient_id: str) -> float:
+    """A number in [0, 1) fixed by (seed, purpose, patient id) alone: sha256, so the same on any machine."""
+    digest = hashlib.sha256(f"{seed}\0{purpose}\0{patient_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def make_splits(
+    case_to_patient: Mapping[str, str],
+    n_folds: int = 5,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    case_to_stratum: Mapping[str, str] | None = None,
+) -> Splits:
     """Split cases by patient into ``test`` and ``folds`` ({train, val} case ids, sorted).
 
-    The test set takes about ``test_fraction`` of the cases (whole patients; at least one when there
-    are 3 or more patients and the fraction is above 0) and always leaves 2 patients for the folds.
-    The folds use ``n_folds`` or the number of remaining patients if fewer (at least 2 when there are
-    2 patients); patients go to the fold with fewest cases so folds stay balanced in cases.
-    Too few patients: no test set below 3 patients; with 1 patient, one fold validating on its own
-    training data. Each fallback is logged as a warning. ``Splits.n_folds`` is the number used.
+    Each patient draws two numbers from a hash of (seed, patient id): it is in the held-out test set
+    when the first is below ``test_fraction``, and otherwise validates in fold ``floor(second × k)``.
+    So a patient's side depends on nothing but its own id and the seed: adding patients never moves
+    the ones already there (the property a growing dataset needs for comparable versions).
+
+    Guards for small datasets, each logged as a warning (these may move a patient when one is added):
+    a test set of at least one patient when there are 3 or more patients (none below 3), at least 2
+    patients left for cross-validation, ``k = min(n_folds, patients left)`` folds (at least 2 with 2
+    patients; with 1 patient one fold validating on its own training data), and when a fold would be
+    empty the folds are dealt round-robin in hash order instead.
+
+    ``case_to_stratum`` (e.g. the class of a classification case) stratifies: hashing spreads every
+    stratum over test and folds in proportion on average, and a stratum whose expected share of the
+    test set is at least one patient always has one there.
     """
     check_split_parameters(n_folds, test_fraction)
     cases_of: dict[str, list[str]] = defaultdict(list)
     for case_id, patient_id in case_to_patient.items():
         cases_of[patient_id].append(case_id)
     patients = sorted(cases_of)
-    random.Random(seed).shuffle(patients)
-    n_cases = len(case_to_patient)
+    stratum_of = _patient_strata(cases_of, case_to_stratum)
+    u_test = {p: patient_hash(seed, "test", p) for p in patients}
+    u_fold = {p: patient_hash(seed, "fold", p) for p in patients}
 
-    def result(test: list[str], folds: list[dict[str, list[str]]]) -> Splits:
-        return Splits(test=sorted(test), folds=folds, seed=seed, n_folds=len(folds), test_fraction=test_fraction)
+    def result(test: set[str], folds: list[dict[str, list[str]]]) -> Splits:
+        test_cases = sorted(c for p in test for c in cases_of[p])
+        return Splits(
+            test=test_cases, folds=folds, seed=seed, n_folds=len(folds), test_fraction=test_fraction,
+            method="patient-hash", stratified=case_to_stratum is not None,
+        )
 
     if not patients:
         logger.warning("no labelled case: empty splits")
-        return result([], [])
+        return result(set(), [])
 
-    # Held-out test set: whole patients, in shuffled order, until the wanted number of cases.
-    test_patients: list[str] = []
+    test: set[str] = set()
     if test_fraction > 0:
         if len(patients) < 3:
             logger.warning("only %d patient(s): no held-out test set", len(patients))
         else:
-            wanted_cases = max(1, round(test_fraction * n_cases))
-            taken_cases = 0
-            for patient in patients:
-                if taken_cases >= wanted_cases or len(patients) - len(test_patients) <= 2:
-                    break
-                test_patients.append(patient)
-                taken_cases += len(cases_of[patient])
-    test = [case for patient in test_patients for case in cases_of[patient]]
-    remaining = patients[len(test_patients):]
+            test = {p for p in patients if u_test[p] < test_fraction}
+            if not test:
+                test.add(min(patients, key=u_test.__getitem__))
+                logger.warning("no patient hashed into the test set: the lowest-hash patient is held out")
+            for stratum, members in _group(patients, stratum_of).items():
+                if len(members) * test_fraction >= 1 and not test & set(members):
+                    test.add(min(members, key=u_test.__getitem__))
+                    logger.warning("stratum %r had no test patient: its lowest-hash patient is held out", stratum)
+            while len(patients) - len(test) < 2:
+                test.remove(max(test, key=u_test.__getitem__))
+    remaining = sorted((p for p in patients if p not in test), key=u_fold.__getitem__)
 
     if len(remaining) == 1:
         logger.warning("only 1 patient for cross-validation: one fold that validates on its training data")
@@ -74,15 +102,29 @@ def make_splits(case_to_patient: dict[str, str], n_folds: int = 5, test_fraction
     k = max(2, min(n_folds, len(remaining)))
     if k != n_folds:
         logger.warning("%d fold(s) asked, %d used (%d patients for cross-validation)", n_folds, k, len(remaining))
+    fold_of = {p: min(int(u_fold[p] * k), k - 1) for p in remaining}
+    if len(set(fold_of.values())) < k:
+        logger.warning("hashing left a fold empty (%d patients, %d folds): folds dealt round-robin in hash order", len(remaining), k)
+        fold_of = {p: i % k for i, p in enumerate(remaining)}
 
-    # Largest patients first (stable: ties keep the shuffled order), each to the fold with fewest cases.
-    fold_cases: list[list[str]] = [[] for _ in range(k)]
-    for patient in sorted(remaining, key=lambda p: -len(cases_of[p])):
-        smallest = min(range(k), key=lambda i: (len(fold_cases[i]), i))
-        fold_cases[smallest].extend(cases_of[patient])
-    all_cv = sorted(case for cases in fold_cases for case in cases)
+    all_cv = sorted(c for p in remaining for c in cases_of[p])
     folds = []
-    for val in fold_cases:
+    for fold in range(k):
+        val = sorted(c for p in remaining if fold_of[p] == fold for c in cases_of[p])
         val_set = set(val)
-        folds.append({"train": [c for c in all_cv if c not in val_set], "val": sorted(val)})
+        folds.append({"train": [c for c in all_cv if c not in val_set], "val": val})
     return result(test, folds)
+
+
+def _patient_strata(cases_of: Mapping[str, list[str]], case_to_stratum: Mapping[str, str] | None) -> dict[str, str]:
+    """Stratum of each patient: that of its first case (sorted); one stratum when none is given."""
+    if case_to_stratum is None:
+        return {p: "" for p in cases_of}
+    return {p: str(case_to_stratum.get(sorted(cases)[0], "")) for p, cases in cases_of.items()}
+
+
+def _group(patients: list[str], stratum_of: Mapping[str, str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for p in patients:
+        groups[stratum_of[p]].append(p)
+    return dict(groups)
