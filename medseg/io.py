@@ -176,6 +176,46 @@ def load_nifti_bytes(data: bytes, name: str = "<bytes>", dtype: type = np.float3
     return _check_volume(array, name), np.asarray(img.affine, dtype=np.float64), img.header
 
 
+# What nibabel, gzip and zlib raise for a truncated or corrupt file (turned into a MedsegError naming it).
+_NIFTI_READ_ERRORS = (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, TypeError, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, nib.wrapstruct.WrapStructError)
+
+
+def load_nifti_4d(path: str | Path, dtype: type | None = np.float32) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Read a NIfTI file that may hold several volumes: ``(array I×J×K×N, affine 4×4, header)``.
+
+    For multi-modality files such as the Medical Segmentation Decathlon's, where the 4th axis is the
+    modality. A 3D file gives N = 1; a 5D file with a length-1 4th axis (vector images written as
+    I×J×K×1×N) is read as I×J×K×N. ``dtype=None`` keeps the stored dtype (scaled data comes as float).
+    The header is returned as stored (4D); callers splitting the volumes fix its shape themselves.
+
+    Raises:
+        MedsegError: naming the file, for a missing, truncated or corrupt file, fewer than 3 or more
+            than 4 axes, or non-finite voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MedsegError("file not found", path)
+    if not path.is_file():
+        raise MedsegError("is not a file", path)
+    data = path.read_bytes()
+    try:
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)  # whole file: checks CRC and length (see load_nifti)
+        img = nib.Nifti1Image.from_bytes(data)
+        array = np.asarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype)
+    except _NIFTI_READ_ERRORS as exc:
+        raise MedsegError(f"cannot read NIfTI ({_describe(exc)})", path) from None
+    if array.ndim == 5 and array.shape[3] == 1:
+        array = array[:, :, :, 0, :]
+    if array.ndim == 3:
+        array = array[..., np.newaxis]
+    if array.ndim != 4:
+        raise MedsegError(f"expected a 3D or 4D image, got shape {tuple(array.shape)}", path)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise MedsegError(f"contains {int((~np.isfinite(array)).sum())} NaN/Inf voxels", path)
+    return array, np.asarray(img.affine, dtype=np.float64), img.header
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     kind = type(exc).__name__

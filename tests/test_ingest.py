@@ -326,8 +326,8 @@ def test_auto_detect(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     nib.save(nib.Nifti1Image(np.ones(SHAPE, np.float32), AFFINE), str(unknown / "case1" / "case1_flair.nii.gz"))
     with pytest.raises(MedsegError, match="no known format matches.*brats2023"):
         detect_format(unknown)
-    with pytest.raises(MedsegError, match="unknown source format 'msd'"):
-        ingest(src, tmp_path / "out", fmt="msd", progress=False)
+    with pytest.raises(MedsegError, match="unknown source format 'nope'"):
+        ingest(src, tmp_path / "out", fmt="nope", progress=False)
 
 
 def test_cli_run_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

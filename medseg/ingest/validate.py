@@ -44,6 +44,8 @@ def check_case(case: SourceCase, adapter: Adapter, affine_atol: float = AFFINE_A
     def report(file: Path | str, problem: str) -> None:
         check.problems.append((case.case_id, Path(file).name, problem))
 
+    for file, problem in case.problems:  # found by the adapter while discovering the case
+        report(file, problem)
     images = adapter.read_images(case, report)
     for channel in adapter.channel_names:
         volume = images.get(channel)
@@ -156,7 +158,8 @@ def _check_and_remap_label(volume: Volume, adapter: Adapter, report: Reporter) -
         return None
     values = {int(v) for v in np.unique(array)}
     declared = set(adapter.labels.values())
-    allowed = declared | set(adapter.label_remap)
+    # a layout may declare its source values outright (BraTS 2021: 0, 1, 2, 4 — a 3 there is an error)
+    allowed = set(getattr(adapter, "source_label_values", None) or (declared | set(adapter.label_remap)))
     unknown = sorted(values - allowed)
     if unknown:
         report(

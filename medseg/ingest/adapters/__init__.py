@@ -7,11 +7,25 @@ from pathlib import Path
 
 from medseg.errors import MedsegError
 from medseg.ingest.adapters.base import Adapter, Reporter, SourceCase, Volume, read_nifti_volume
-from medseg.ingest.adapters.brats import BraTS2023Adapter
+from medseg.ingest.adapters.brats import BraTS2021Adapter, BraTS2023Adapter, BraTS2024Adapter
+from medseg.ingest.adapters.classification import ClassificationAdapter
+from medseg.ingest.adapters.dicom import DicomSeriesAdapter
+from medseg.ingest.adapters.lgg import KaggleLGGAdapter
+from medseg.ingest.adapters.msd import MSDAdapter
+from medseg.ingest.adapters.nnunet_raw import NnUNetRawAdapter
 
 logger = logging.getLogger(__name__)
 
-ADAPTERS: dict[str, Adapter] = {adapter.name: adapter for adapter in (BraTS2023Adapter(),)}
+ADAPTERS: dict[str, Adapter] = {adapter.name: adapter for adapter in (
+    BraTS2024Adapter(),
+    BraTS2023Adapter(),
+    BraTS2021Adapter(),
+    MSDAdapter(),
+    NnUNetRawAdapter(),
+    KaggleLGGAdapter(),
+    ClassificationAdapter(),
+    DicomSeriesAdapter(),
+)}
 """Known source layouts by name, in the order ``--format auto`` tries them (most specific first)."""
 
 
@@ -42,7 +56,14 @@ def detect_format(src: Path) -> Adapter:
 __all__ = [
     "ADAPTERS",
     "Adapter",
+    "BraTS2021Adapter",
     "BraTS2023Adapter",
+    "BraTS2024Adapter",
+    "ClassificationAdapter",
+    "DicomSeriesAdapter",
+    "KaggleLGGAdapter",
+    "MSDAdapter",
+    "NnUNetRawAdapter",
     "Reporter",
     "SourceCase",
     "Volume",

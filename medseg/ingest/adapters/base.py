@@ -57,6 +57,9 @@ class SourceCase:
     folder: Path | None = None  # where the case was found, for messages (duplicates)
     class_label: str | None = None
     covariates: dict[str, Any] = field(default_factory=dict)
+    # problems found while discovering the case (a CSV row without image, ...): (file, problem),
+    # reported with the case's other problems by validation
+    problems: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def has_label(self) -> bool:
@@ -139,6 +142,16 @@ def read_nifti_volume(path: Path, report: Reporter) -> Volume | None:
     if array.dtype == np.float64 and header.get_data_dtype() != np.float64:
         array = array.astype(np.float32)  # scaled integers: float32 is exact enough, half the size
     return Volume(array, affine, header, path)
+
+
+def fresh_header(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Header:
+    """A new NIfTI header for ``array`` in ``affine``: nothing of the source's own header carried over."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(array.dtype)
+    header.set_data_shape(array.shape)
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    return header
 
 
 def find_nifti(folder: Path, stem: str) -> Path | None:
