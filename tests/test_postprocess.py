@@ -63,3 +63,57 @@ def test_predictor_applies_the_package_postprocessing(tmp_path):
     meta.save(package)
     seg = Predictor.from_package(package, overlap=0.25).predict_files(paths).segmentation
     assert not seg.any()  # every component is below a billion mm³
+
+
+# --------------------------------------------------------------------------- BraTS ET → NETC rule
+def test_enhancing_labels_of_brats_label_sets() -> None:
+    from medseg.inference.postprocess import enhancing_labels
+
+    assert enhancing_labels({"background": 0, "NETC": 1, "SNFH": 2, "ET": 3}) == (3, 1)
+    assert enhancing_labels({"background": 0, "NCR": 1, "ED": 2, "ET": 3}) == (3, 1)
+    assert enhancing_labels({"background": 0, "tumour": 1}) is None
+
+
+def test_small_enhancing_becomes_necrosis_and_large_stays() -> None:
+    from medseg.inference.postprocess import relabel_small_enhancing
+
+    seg = np.zeros((10, 10, 10), np.uint8)
+    seg[2:8, 2:8, 2:8] = 2
+    seg[4:6, 4:6, 4:6] = 3  # 8 ET voxels
+    small = relabel_small_enhancing(seg, min_voxels=10)
+    assert (small == 3).sum() == 0 and (small == 1).sum() == 8 and (small == 2).sum() == (seg == 2).sum()
+    assert np.array_equal(relabel_small_enhancing(seg, min_voxels=8), seg)  # 8 is not below 8
+    assert np.array_equal(relabel_small_enhancing(seg, min_voxels=0), seg)
+
+
+def test_threshold_chosen_on_validation_cases() -> None:
+    from medseg.inference.postprocess import choose_enhancing_threshold
+
+    ref_no_et = np.zeros((12, 12, 12), np.uint8)
+    ref_no_et[3:9, 3:9, 3:9] = 1
+    pred_spurious = ref_no_et.copy()
+    pred_spurious[5:7, 5:7, 5:7] = 3  # 8 spurious ET voxels: ET Dice 0 without the rule, 1 with it
+    ref_et = ref_no_et.copy()
+    ref_et[4:8, 4:8, 4:8] = 3  # 64 true ET voxels, predicted exactly
+    cases = [(pred_spurious, ref_no_et), (ref_et.copy(), ref_et)]
+    threshold, before, after = choose_enhancing_threshold(cases, candidates=(0, 5, 50, 100))
+    assert threshold == 50 and before == pytest.approx(0.5) and after == pytest.approx(1.0)  # 100 would erase true ET
+    assert choose_enhancing_threshold([(ref_et, ref_et)], candidates=(0, 50))[0] == 0  # nothing to gain: rule off
+
+
+def test_predictor_applies_the_rule_from_the_package(tmp_path) -> None:
+    from medseg.inference.predictor import Predictor
+    from tests.factories import make_model_package
+
+    model_dir = make_model_package(tmp_path / "model")
+    package = schemas.ModelPackage.load(model_dir)
+    package.postprocessing = {**package.postprocessing, "et_to_netc_below_voxels": 10**9}
+    package.save(model_dir)
+    predictor = Predictor.from_package(model_dir)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(len(predictor.channels), 20, 20, 20)).astype(np.float32)
+    seg = predictor.predict(images, np.eye(4), [1.0, 1.0, 1.0]).segmentation
+    from medseg.inference.postprocess import enhancing_labels
+
+    pair = enhancing_labels(predictor.dataset.labels)
+    assert pair is not None and not (seg == pair[0]).any()  # every ET voxel relabelled (threshold above any volume)

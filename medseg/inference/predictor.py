@@ -15,7 +15,7 @@ import torch
 
 from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.inference.postprocess import remove_small_components
+from medseg.inference.postprocess import enhancing_labels, relabel_small_enhancing, remove_small_components
 from medseg.inference.sliding_window import predict_probabilities, select_device
 from medseg.io import load_nifti, nifti_spacing, stack_channels
 from medseg.preprocessing.preprocess import preprocess_case, restore_to_original
@@ -81,6 +81,10 @@ class Predictor:
         min_volumes = self.package.postprocessing.get("min_volume_mm3") or {}
         if min_volumes:
             seg = remove_small_components(seg, min_volumes, spacing)
+        et_threshold = int(self.package.postprocessing.get("et_to_netc_below_voxels") or 0)
+        pair = enhancing_labels(self.dataset.labels)
+        if et_threshold > 0 and pair is not None:
+            seg = relabel_small_enhancing(seg, et_threshold, *pair)
         return Prediction(segmentation=seg, affine=np.asarray(affine), volumes_ml=self.volumes_ml(seg, spacing))
 
     def volumes_ml(self, seg: np.ndarray, spacing: list[float]) -> dict[str, float]:
