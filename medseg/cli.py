@@ -195,6 +195,50 @@ def _run_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_cmd", required=True, metavar="<command>")
+    r = sub.add_parser("remote", help="set the DVC remote to an S3 bucket (credentials stay in the environment)",
+                       description="Add or update the DVC remote on S3 and make it the default. Credentials are never written: "
+                                   "DVC reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) from the environment.")
+    r.add_argument("--url", required=True, help="s3://BUCKET/PATH where DVC stores the data")
+    r.add_argument("--name", default="storage", help="remote name (default: storage)")
+    r.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint such as http://minio:9000 (default: $MEDSEG_S3_ENDPOINT_URL or $AWS_ENDPOINT_URL; none: AWS S3)")
+    r.add_argument("--local", action="store_true", help="write .dvc/config.local (this checkout only) instead of the committed .dvc/config")
+    r.add_argument("--no-default", action="store_true", help="do not make it the default remote")
+    r.add_argument("--repo", type=Path, default=Path("."), help="DVC repository (default: the current folder)")
+    for cmd, verb, text in (("push", "upload", "Upload DVC-tracked data (dvc add'ed folders, dvc.yaml outputs) to the remote."),
+                            ("pull", "download", "Download DVC-tracked data from the remote into the workspace (e.g. in a fresh clone).")):
+        c = sub.add_parser(cmd, help=f"{verb} DVC-tracked data {'to' if cmd == 'push' else 'from'} the remote", description=text)
+        c.add_argument("targets", nargs="*", help="only these .dvc files or outputs (default: everything)")
+        c.add_argument("--remote", default=None, help="remote name (default: the default remote)")
+        c.add_argument("--jobs", type=int, default=None, help="parallel transfers (default: DVC's)")
+        c.add_argument("--repo", type=Path, default=Path("."), help="DVC repository (default: the current folder)")
+    v = sub.add_parser("version", help="print the dataset version (manifest hash, DVC md5) as JSON",
+                       description="Print the version of a canonical dataset folder as JSON: the manifest content hash and, when DVC tracks the folder, its recorded md5.")
+    v.add_argument("--dataset", type=Path, default=Path("work/dataset"), help="canonical dataset folder (default: work/dataset)")
+
+
+def _run_data(a: argparse.Namespace) -> int:
+    import json
+
+    from medseg.data import dvc_remote
+
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # not "Found credentials in environment variables"
+    if a.data_cmd == "remote":
+        info = dvc_remote.configure_remote(a.url, a.name, a.endpoint_url, a.repo, default=not a.no_default, level="local" if a.local else "repo")
+        print(f"remote {info['name']!r} → {info['url']}" + (f" at {info['endpointurl']}" if info["endpointurl"] else "")
+              + (" (default)" if info["default"] else "") + f", written to {info['config']}; credentials come from the environment")
+    elif a.data_cmd == "push":
+        n = dvc_remote.push(a.repo, a.targets, a.remote, a.jobs)
+        print(f"pushed {n} file(s)" if n else "the remote is up to date")
+    elif a.data_cmd == "pull":
+        stats = dvc_remote.pull(a.repo, a.targets, a.remote, a.jobs)
+        print(f"fetched {stats.get('fetched', 0)} file(s); " + ", ".join(f"{k} {len(v)}" for k, v in stats.items() if isinstance(v, list)))
+    else:
+        print(json.dumps(dvc_remote.dataset_version(a.dataset)))
+    return 0
+
+
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="where the served segmentation and overlay are copied")
@@ -217,6 +261,7 @@ COMMANDS: dict[str, tuple[str, object]] = {
     "serve": ("start the KServe model server on 127.0.0.1", "medseg.serving.server"),
     "predict": ("predict a folder of cases with a model here, or send one case to a model server (--url)", (_add_predict, _run_predict)),
     "pipeline": ("run the Kubeflow pipeline locally (kfp.local) or compile it", (_add_pipeline, _run_pipeline)),
+    "data": ("data versioning with DVC on S3: remote, push, pull, version", (_add_data, _run_data)),
     "demo": ("synthetic data → pipeline → registry → served prediction, end to end", (_add_demo, _run_demo)),
 }
 
