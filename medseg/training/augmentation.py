@@ -1,0 +1,468 @@
+"""On-the-fly data augmentation of training batches, nnU-Net's default pipeline (Isensee et al. 2021).
+
+Every transform works on a whole batch at once — images (B, C, X, Y[, Z]) float32 and label maps
+(B, 1, X, Y[, Z]) integer — as torch tensors on the CPU (vectorised: one ``grid_sample`` for all spatially
+transformed samples, separable convolutions for the filters), decides per sample with its probability
+``p`` whether it applies, and draws every random number from the ``numpy.random.Generator`` it is given,
+so a batch is reproducible from the sampler's seed and a resumed run continues the same sequence. Labels
+follow the spatial transforms (rotation, scaling, elastic deformation: nearest-neighbour sampling;
+mirroring) and are never touched by the intensity transforms, so they stay in the label set.
+
+nnU-Net v2's defaults (``nnUNetTrainer.get_training_transforms``), in this order:
+
+===================================  =====  ==========================================================
+transform                            p      parameters
+===================================  =====  ==========================================================
+rotation (spatial)                   0.2    each axis U(−30°, 30°) in 3D; in-plane U(−180°, 180°) for
+                                            2D (±15° when the patch's aspect ratio exceeds 1.5)
+scaling (spatial)                    0.2    one factor for all axes in (0.7, 1.4)
+elastic deformation (spatial)        0      off in nnU-Net v2 (v1: p 0.2, α U(0, 900) in 3D, U(0, 200)
+                                            in 2D, σ U(9, 13) voxels)
+Gaussian noise                       0.1    variance U(0, 0.1), the same for all channels
+Gaussian blur                        0.2    σ U(0.5, 1) per channel and axis; each channel with p 0.5
+multiplicative brightness            0.15   factor (0.75, 1.25) per channel
+contrast                             0.15   factor (0.75, 1.25) per channel, range preserved
+low-resolution simulation            0.25   zoom U(0.5, 1) (same for all axes) per channel with p 0.5;
+                                            nearest down, linear up
+gamma, inverted image                0.1    γ (0.7, 1.5) per channel, mean and std retained
+gamma                                0.3    as above, image not inverted
+mirroring                            0.5    per axis, every spatial axis
+===================================  =====  ==========================================================
+
+Factors "(a, b)" with a < 1 < b are drawn as nnU-Net's ``BGContrast`` does: with probability ½ from
+U(a, 1), else from U(1, b), so shrinking and growing are equally likely. Differences from nnU-Net: the
+low-resolution simulation upsamples (tri)linearly, not cubically; spatial resampling of images is
+(tri)linear.
+
+The spatial transform turns a larger crop into the patch: :func:`default_augmentation` reports
+``input_size``, the crop the sampler must take around the patch's centre so that rotated and scaled patches
+stay inside real data (nnU-Net's "initial patch size").
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Pair = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _bg_factor(rng: np.random.Generator, lo: float, hi: float, size: int | tuple[int, ...] | None = None) -> np.ndarray:
+    """nnU-Net's ``BGContrast`` draw: with p ½ from U(lo, 1), else U(1, hi) (plain U(lo, hi) if 1 ∉ (lo, hi))."""
+    if not lo < 1 < hi:
+        return rng.uniform(lo, hi, size)
+    below = rng.random(size) < 0.5
+    return np.where(below, rng.uniform(lo, 1.0, size), rng.uniform(1.0, hi, size))
+
+
+def _gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    radius = max(1, int(truncate * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_smooth(x: torch.Tensor, sigmas: Sequence[float], mode: str = "reflect") -> torch.Tensor:
+    """Separable Gaussian filter of (N, 1, *S) along each spatial axis with its own σ (voxels; σ ≤ 0 skips
+    the axis). ``mode``: border handling, ``"reflect"`` (scipy's default), ``"replicate"`` or ``"constant"`` (zeros)."""
+    dims = x.ndim - 2
+    for axis, sigma in enumerate(sigmas):
+        if sigma <= 0 or x.shape[2 + axis] < 2:
+            continue
+        k = _gaussian_kernel(float(sigma))
+        r = (k.numel() - 1) // 2
+        shape = [1, 1] + [1] * dims
+        shape[2 + axis] = k.numel()
+        pad = [0, 0] * dims
+        pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = r
+        size = x.shape[2 + axis]
+        m = mode if mode == "constant" or r < size else "replicate"  # reflect needs pad < size
+        xp = F.pad(x, pad, mode=m) if m != "constant" else F.pad(x, pad)
+        conv = F.conv3d if dims == 3 else F.conv2d
+        x = conv(xp, k.reshape(shape))
+    return x
+
+
+class Transform:
+    """Base class: ``transform(image, label, rng) → (image, label)`` on batches, applied to each sample with
+    probability ``p``. ``image`` (B, C, *S) float32, ``label`` (B, 1, *S) integer or ``None``."""
+
+    p: float = 1.0
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator) -> Pair:
+        chosen = np.flatnonzero(rng.random(image.shape[0]) < self.p)
+        if chosen.size == 0:
+            return image, label
+        return self.apply(image, label, chosen, rng)
+
+    def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+# --------------------------------------------------------------------------- spatial
+def rotation_matrix(angles: Sequence[float]) -> np.ndarray:
+    """Rotation (d×d) for angles in radians: 2D one angle; 3D about axes 0, 1, 2 in turn (R = R2·R1·R0)."""
+    if len(angles) == 1:
+        c, s = math.cos(angles[0]), math.sin(angles[0])
+        return np.array([[c, -s], [s, c]])
+    r = np.eye(3)
+    for axis, a in enumerate(angles):
+        c, s = math.cos(a), math.sin(a)
+        i, j = [k for k in range(3) if k != axis]
+        m = np.eye(3)
+        m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+        r = m @ r
+    return r
+
+
+class SpatialTransform(Transform):
+    """Rotation, scaling and elastic deformation in one resampling, then the central ``patch_size``.
+
+    For output voxel offset o from the patch centre (voxels) the input is sampled at
+    c_in + s·R·o + d(o): c_in the centre of the (larger) input, R a rotation, s a scale (s < 1 magnifies,
+    s > 1 shows more context), d an elastic displacement α·G_σ * U(−1, 1) per axis (Gaussian-smoothed
+    uniform noise, zeros beyond the patch, as batchgenerators builds it). Images are sampled (tri)linearly,
+    labels by nearest neighbour; outside the input images and labels are 0. Each of rotation, scaling and
+    elastic deformation is drawn per sample with its own probability; a sample with none is just cropped.
+
+    Args:
+        patch_size: output spatial size (X, Y[, Z]).
+        rotation: (low, high) angle range in radians for every rotated axis.
+        rotation_axes: the axes rotations turn about (3D: any of 0, 1, 2; a single axis = in-plane rotation;
+            2D patches: ignored, one in-plane angle).
+        p_rotation, scaling, p_scaling, p_elastic, elastic_alpha, elastic_sigma: see the module table.
+        scale_axes: the axes scaled and elastically displaced (default all; leave out a slice axis for
+            2D-style augmentation of 3D data).
+    """
+
+    def __init__(self, patch_size: Sequence[int], rotation: tuple[float, float] = (-math.pi / 6, math.pi / 6), rotation_axes: Sequence[int] | None = None,
+                 p_rotation: float = 0.2, scaling: tuple[float, float] = (0.7, 1.4), p_scaling: float = 0.2, scale_axes: Sequence[int] | None = None,
+                 p_elastic: float = 0.0, elastic_alpha: tuple[float, float] = (0.0, 900.0), elastic_sigma: tuple[float, float] = (9.0, 13.0)):
+        self.patch_size = [int(p) for p in patch_size]
+        dims = len(self.patch_size)
+        if dims not in (2, 3):
+            raise ValueError(f"patch size must have 2 or 3 axes, got {list(patch_size)}")
+        self.rotation = (float(rotation[0]), float(rotation[1]))
+        self.rotation_axes = [0] if dims == 2 else list(range(3) if rotation_axes is None else rotation_axes)
+        self.scale_axes = list(range(dims) if scale_axes is None else scale_axes)
+        self.p_rotation, self.scaling, self.p_scaling = float(p_rotation), (float(scaling[0]), float(scaling[1])), float(p_scaling)
+        self.p_elastic, self.elastic_alpha, self.elastic_sigma = float(p_elastic), elastic_alpha, elastic_sigma
+        self.p = 1.0  # the per-transform probabilities decide; cropping always happens
+
+    @property
+    def input_size(self) -> list[int]:
+        """The crop that keeps every rotated and scaled patch inside data: the bounding box of the patch
+        corners under the extreme angles (every combination of low, 0, high per axis, 2D: a fine sweep) times
+        the largest scale up to 1/0.85 (nnU-Net's compromise: the strongest zoom-outs may reach the zero
+        padding in the corners), at least the patch size (elastic displacements are not added)."""
+        half = (np.array(self.patch_size, dtype=float) - 1) / 2
+        corners = np.array(list(itertools.product(*[(-h, h) for h in half])))
+        lo, hi = self.rotation
+        if self.p_rotation > 0 and (lo or hi):
+            if len(self.patch_size) == 2:
+                grid = [np.linspace(lo, hi, 73)]
+            else:
+                grid = [np.unique(np.r_[np.linspace(lo, hi, 7), 0.0]) if a in self.rotation_axes else np.zeros(1) for a in range(3)]
+            mats = [rotation_matrix(list(angles)) for angles in itertools.product(*grid)]
+            extent = np.max([np.abs(corners @ m.T).max(0) for m in mats], axis=0)
+        else:
+            extent = half
+        scale = min(max(1.0, self.scaling[1]), 1 / 0.85) if self.p_scaling > 0 else 1.0
+        extent = extent * np.where(np.isin(np.arange(len(half)), self.scale_axes), scale, 1.0)
+        return [max(p, int(math.ceil(2 * e + 1 - 1e-6))) for p, e in zip(self.patch_size, extent)]
+
+    def _matrices(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(n, d, d) sampling matrices s·R, and which samples they change."""
+        dims = len(self.patch_size)
+        mats = np.repeat(np.eye(dims)[None], n, axis=0)
+        rotate = rng.random(n) < self.p_rotation
+        scale = rng.random(n) < self.p_scaling
+        for b in range(n):
+            if rotate[b]:
+                if dims == 2:
+                    angles = [rng.uniform(*self.rotation)]
+                else:
+                    angles = [rng.uniform(*self.rotation) if a in self.rotation_axes else 0.0 for a in range(3)]
+                mats[b] = rotation_matrix(angles) @ mats[b]
+            if scale[b]:
+                s = float(_bg_factor(rng, *self.scaling))
+                mats[b] = mats[b] @ np.diag([s if a in self.scale_axes else 1.0 for a in range(dims)])
+        return mats, rotate | scale
+
+    def _elastic(self, rng: np.random.Generator) -> torch.Tensor:
+        """One displacement field (d, *patch) in voxels."""
+        dims = len(self.patch_size)
+        alpha, sigma = rng.uniform(*self.elastic_alpha), rng.uniform(*self.elastic_sigma)
+        noise = torch.from_numpy(rng.uniform(-1, 1, (dims, 1, *self.patch_size)).astype(np.float32))
+        field = gaussian_smooth(noise, [sigma] * dims, mode="constant")[:, 0] * alpha
+        for a in range(dims):
+            if a not in self.scale_axes:  # 2D-style augmentation: no displacement through the slices
+                field[a] = 0
+        return field
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator) -> Pair:
+        b, dims = image.shape[0], image.ndim - 2
+        if dims != len(self.patch_size):
+            raise ValueError(f"patch size {self.patch_size} has {len(self.patch_size)} axes, the batch {tuple(image.shape)} has {dims}")
+        in_size = np.array(image.shape[2:])
+        if (in_size < self.patch_size).any():
+            raise ValueError(f"input {list(in_size)} is smaller than the patch {self.patch_size}")
+        mats, changed = self._matrices(b, rng)
+        elastic = rng.random(b) < self.p_elastic
+        fields = {int(i): self._elastic(rng) for i in np.flatnonzero(elastic)}
+        changed = changed | elastic
+        # unchanged samples: the central crop, exactly
+        start = (in_size - self.patch_size) // 2
+        crop = tuple(slice(int(s), int(s) + p) for s, p in zip(start, self.patch_size))
+        out_img = image[(slice(None), slice(None), *crop)].clone()
+        out_lab = label[(slice(None), slice(None), *crop)].clone() if label is not None else None
+        idx = np.flatnonzero(changed)
+        if idx.size == 0:
+            return out_img, out_lab
+        offsets = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in self.patch_size], indexing="ij"), dim=-1)
+        a = torch.from_numpy(mats[idx].astype(np.float32))  # (n, d, d)
+        coords = torch.einsum("nij,...j->n...i", a, offsets)  # (n, *patch, d)
+        for k, i in enumerate(idx):
+            if int(i) in fields:
+                coords[k] += fields[int(i)].movedim(0, -1)
+        coords = coords + torch.as_tensor((in_size - 1) / 2, dtype=torch.float32)
+        grid = (2 * coords / torch.as_tensor(np.maximum(in_size - 1, 1), dtype=torch.float32) - 1).flip(-1)  # grid_sample wants (…, W, H, D) order
+        sel = torch.from_numpy(idx)
+        out_img[sel] = F.grid_sample(image[sel].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True).to(image.dtype)
+        if label is not None and out_lab is not None:
+            lab = F.grid_sample(label[sel].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
+            out_lab[sel] = lab.round().to(label.dtype)
+        return out_img, out_lab
+
+
+class Mirror(Transform):
+    """Flips each of ``axes`` (spatial indices) with probability ``p`` per sample and axis, image and labels together."""
+
+    def __init__(self, axes: Sequence[int] = (0, 1, 2), p: float = 0.5):
+        self.axes, self.p = [int(a) for a in axes], float(p)
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator) -> Pair:
+        flips = rng.random((image.shape[0], len(self.axes))) < self.p
+        if not flips.any():
+            return image, label
+        image, label = image.clone(), (label.clone() if label is not None else None)
+        for b in np.flatnonzero(flips.any(1)):
+            dims = [1 + a for a, f in zip(self.axes, flips[b]) if f and a < image.ndim - 2]  # image[b] is (C, *S)
+            if dims:
+                image[b] = torch.flip(image[b], dims)
+                if label is not None:
+                    label[b] = torch.flip(label[b], dims)
+        return image, label
+
+
+# --------------------------------------------------------------------------- intensity (image only)
+class GaussianNoise(Transform):
+    """Adds N(0, σ²) noise, σ² ~ U(variance), one σ for all channels of a sample."""
+
+    def __init__(self, variance: tuple[float, float] = (0.0, 0.1), p: float = 0.1):
+        self.variance, self.p = variance, float(p)
+
+    def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
+        image = image.clone()
+        for b in chosen:
+            std = math.sqrt(rng.uniform(*self.variance))
+            image[b] += torch.from_numpy(rng.standard_normal(image.shape[1:], dtype=np.float32) * std).to(image.dtype)
+        return image, label
+
+
+class GaussianBlur(Transform):
+    """Gaussian smoothing with σ ~ U(sigma) drawn per channel and axis; each channel blurred with ``p_per_channel``."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.5, 1.0), p: float = 0.2, p_per_channel: float = 0.5, axes: Sequence[int] | None = None):
+        self.sigma, self.p, self.p_per_channel, self.axes = sigma, float(p), float(p_per_channel), axes
+
+    def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
+        image = image.clone()
+        dims = image.ndim - 2
+        axes = list(range(dims)) if self.axes is None else list(self.axes)
+        for b in chosen:
+            for c in np.flatnonzero(rng.random(image.shape[1]) < self.p_per_channel):
+                sig = [rng.uniform(*self.sigma) if a in axes else 0.0 for a in range(dims)]
+                image[b, c] = gaussian_smooth(image[b, c][None, None].float(), sig)[0, 0].to(image.dtype)
+        return image, label
+
+
+class MultiplicativeBrightness(Transform):
+    """Multiplies each channel by a factor from ``multiplier`` (BGContrast draw)."""
+
+    def __init__(self, multiplier: tuple[float, float] = (0.75, 1.25), p: float = 0.15):
+        self.multiplier, self.p = multiplier, float(p)
+
+    def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
+        image = image.clone()
+        f = _bg_factor(rng, *self.multiplier, (len(chosen), image.shape[1])).astype(np.float32)
+        shape = (len(chosen), image.shape[1]) + (1,) * (image.ndim - 2)
+        image[torch.from_numpy(chosen)] *= torch.from_numpy(f).reshape(shape).to(image.dtype)
+        return image, label
+
+
+class Contrast(Transform):
+    """Per channel x ← (x − mean)·f + mean, f from ``contrast`` (BGContrast draw); with ``preserve_range``
+    clipped back to the channel's previous [min, max]."""
+
+    def __init__(self, contrast: tuple[float, float] = (0.75, 1.25), preserve_range: bool = True, p: float = 0.15):
+        self.contrast, self.preserve_range, self.p = contrast, preserve_range, float(p)
+
+    def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
+        image = image.clone()
+        sel = torch.from_numpy(chosen)
+        x = image[sel]
+        flat = x.flatten(2)
+        mean = flat.mean(-1).reshape(*x.shape[:2], *([1] * (x.ndim - 2)))
+        f = torch.from_numpy(_bg_factor(rng, *self.contrast, x.shape[:2]).astype(np.float32)).reshape(mean.shape)
+        y = (x - mean) * f + mean
+        if self.preserve_range:
+            lo = flat.amin(-1).reshape(mean.shape)
+            hi = flat.amax(-1).reshape(mean.shape)
+            y = torch.minimum(torch.maximum(y, lo), hi)
+        image[sel] = y.to(image.dtype)
+        return image, label
+
+
+class SimulateLowResolution(Transform):
+    """Downsamples a channel by a zoom ~ U(zoom) (nearest neighbour) and upsamples it back ((tri)linear):
+    simulates a coarser acquisition. Each channel with ``p_per_channel``; ``ignore_axes`` keep their size."""
+
+    def __init__(self, zoom: tuple[float, float] = (0.5, 1.0), p: float = 0.25, p_per_channel: float = 0.5, ignore_axes: Sequence[int] = ()):
+        self.zoom, self.p, self.p_per_channel, self.ignore_axes = zoom, float(p), float(p_per_channel), list(ignore_axes)
+
+    def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
+        image = image.clone()
+        shape = list(image.shape[2:])
+        mode = "trilinear" if len(shape) == 3 else "bilinear"
+        for b in chosen:
+            for c in np.flatnonzero(rng.random(image.shape[1]) < self.p_per_channel):
+                z = rng.uniform(*self.zoom)
+                small = [n if a in self.ignore_axes else max(1, int(round(n * z))) for a, n in enumerate(shape)]
+                x = image[b, c][None, None].float()
+                down = F.interpolate(x, size=small, mode="nearest")
+                image[b, c] = F.interpolate(down, size=shape, mode=mode, align_corners=False)[0, 0].to(image.dtype)
+        return image, label
+
+
+class Gamma(Transform):
+    """Gamma correction per channel: x ← (x − min)/(max − min)^γ·(max − min) + min, γ from ``gamma``
+    (BGContrast draw); ``invert`` applies it to −x (darkens bright structures instead); ``retain_stats``
+    restores the channel's mean and standard deviation afterwards."""
+
+    def __init__(self, gamma: tuple[float, float] = (0.7, 1.5), invert: bool = False, retain_stats: bool = True, p: float = 0.3):
+        self.gamma, self.invert, self.retain_stats, self.p = gamma, invert, retain_stats, float(p)
+
+    def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
+        image = image.clone()
+        eps = 1e-7
+        for b in chosen:
+            for c in range(image.shape[1]):
+                x = image[b, c].float()
+                x = -x if self.invert else x
+                mean, std = x.mean(), x.std()
+                lo, rng_ = x.min(), x.max() - x.min()
+                g = float(_bg_factor(rng, *self.gamma))
+                y = ((x - lo) / (rng_ + eps)).clamp(0, 1) ** g * (rng_ + eps) + lo
+                if self.retain_stats:
+                    y = (y - y.mean()) / (y.std() + 1e-8) * std + mean
+                image[b, c] = (-y if self.invert else y).to(image.dtype)
+        return image, label
+
+
+# --------------------------------------------------------------------------- pipeline
+class Compose:
+    """A sequence of transforms applied in order to (image, label) batches.
+
+    ``__call__(image, label, rng)`` takes numpy arrays or torch tensors (images (B, C, *S) float, labels
+    (B, 1, *S) integer or ``None``) and returns the same kind, shapes (the spatial transform yields
+    ``patch_size``) and dtypes. ``input_size`` is the spatial size the first spatial transform expects (the
+    crop the sampler takes), the patch size when there is none.
+    """
+
+    def __init__(self, transforms: Sequence[Transform], patch_size: Sequence[int] | None = None):
+        self.transforms = list(transforms)
+        spatial = [t for t in self.transforms if isinstance(t, SpatialTransform)]
+        self.patch_size = [int(p) for p in (patch_size or (spatial[0].patch_size if spatial else []))]
+        self._spatial = spatial[0] if spatial else None
+
+    @property
+    def input_size(self) -> list[int]:
+        return self._spatial.input_size if self._spatial is not None else list(self.patch_size)
+
+    def __call__(self, image: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor | None, rng: np.random.Generator) -> tuple:
+        is_numpy = isinstance(image, np.ndarray)
+        img = torch.from_numpy(np.ascontiguousarray(image)) if is_numpy else image
+        lab = None if label is None else (torch.from_numpy(np.ascontiguousarray(label)) if isinstance(label, np.ndarray) else label)
+        if img.ndim not in (4, 5):
+            raise ValueError(f"expected a batch (B, C, X, Y[, Z]), got shape {tuple(img.shape)}")
+        if lab is not None and (lab.shape[0] != img.shape[0] or lab.shape[1] != 1 or lab.shape[2:] != img.shape[2:]):
+            raise ValueError(f"labels {tuple(lab.shape)} do not match the images {tuple(img.shape)} (expected (B, 1, *S))")
+        img_dtype = img.dtype
+        img = img.float()
+        for t in self.transforms:
+            img, lab = t(img, lab, rng)
+        img = img.to(img_dtype)
+        if is_numpy:
+            return img.numpy(), (None if lab is None else lab.numpy())
+        return img, lab
+
+    def __repr__(self) -> str:
+        return "Compose(\n  " + ",\n  ".join(map(repr, self.transforms)) + "\n)"
+
+
+def default_augmentation(patch_size: Sequence[int], dim: int | None = None, slice_axis: int = 2, p_elastic: float = 0.0) -> Compose:
+    """nnU-Net v2's default training augmentation for ``patch_size`` (see the module table).
+
+    Args:
+        patch_size: the training patch (X, Y[, Z]).
+        dim: 3 (default for 3-axis patches without a singleton axis): 3D rotations about all axes ±30°. 2 (default for 2-axis
+            patches): 2D augmentation — in-plane rotation ±180° (±15° when the in-plane aspect ratio exceeds
+            1.5) and scaling; for 3-axis patches (nnU-Net's "dummy 2D" augmentation of anisotropic data, or
+            slice stacks) ``slice_axis`` is neither rotated, scaled nor low-resolution simulated.
+            Default for a 3-axis patch with an axis of size 1 (one slice, e.g. 256×256×1): 2, with that
+            axis as ``slice_axis``.
+        slice_axis: the through-plane axis of 3-axis patches with ``dim=2``.
+        p_elastic: elastic deformation probability (nnU-Net v2: 0; v1: 0.2), α U(0, 900) for ``dim=3``,
+            U(0, 200) for ``dim=2``, σ U(9, 13) voxels (nnU-Net v1).
+
+    Returns:
+        A :class:`Compose`; crop ``.input_size`` around the patch centre and pass the batch through it.
+    """
+    patch = [int(p) for p in patch_size]
+    dims = len(patch)
+    if dim is None and dims == 3 and 1 in patch:
+        dim, slice_axis = 2, patch.index(1)
+    dim = dims if dim is None else int(dim)
+    if dims not in (2, 3) or dim not in (2, 3) or dim > dims:
+        raise ValueError(f"dim must be 2 or 3 and at most the patch's axes, got dim={dim} for patch {patch}")
+    if dim == 3:
+        rotation, rot_axes, scale_axes, ignore = (-math.pi / 6, math.pi / 6), [0, 1, 2], None, []
+    else:
+        in_plane = [p for a, p in enumerate(patch) if dims == 2 or a != slice_axis]
+        limit = math.pi / 12 if max(in_plane) / min(in_plane) > 1.5 else math.pi
+        rotation = (-limit, limit)
+        rot_axes = [slice_axis] if dims == 3 else [0]  # 3D patch: turn about the slice axis, i.e. in-plane
+        scale_axes = [a for a in range(dims) if dims == 2 or a != slice_axis]
+        ignore = [slice_axis] if dims == 3 else []
+    return Compose([
+        SpatialTransform(patch, rotation=rotation, rotation_axes=rot_axes, p_rotation=0.2, scaling=(0.7, 1.4), p_scaling=0.2,
+                         scale_axes=scale_axes, p_elastic=p_elastic, elastic_alpha=(0.0, 900.0) if dim == 3 else (0.0, 200.0)),
+        GaussianNoise((0.0, 0.1), p=0.1),
+        GaussianBlur((0.5, 1.0), p=0.2, p_per_channel=0.5, axes=[a for a in range(dims) if a not in ignore]),
+        MultiplicativeBrightness((0.75, 1.25), p=0.15),
+        Contrast((0.75, 1.25), preserve_range=True, p=0.15),
+        SimulateLowResolution((0.5, 1.0), p=0.25, p_per_channel=0.5, ignore_axes=ignore),
+        Gamma((0.7, 1.5), invert=True, retain_stats=True, p=0.1),
+        Gamma((0.7, 1.5), invert=False, retain_stats=True, p=0.3),
+        Mirror(axes=list(range(dims)), p=0.5),
+    ], patch)
