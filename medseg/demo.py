@@ -101,7 +101,7 @@ def run_demo(params_file: Path, out_dir: Path) -> int:
     for key in ("segmentation", "overlay"):
         if smoke:
             shutil.copy2(smoke[key], out_dir / Path(smoke[key]).name)
-    for name in ("report.md", "dice_boxplot.png", "metrics.json", "per_case.csv", "example_overlay.png"):
+    for name in ("report.md", "report.html", "dice_boxplot.png", "metrics.json", "per_case.csv", "cases.csv", "example_overlay.png"):
         src = Path(tasks["evaluate"]["evaluation"]) / name
         if src.exists():
             shutil.copy2(src, out_dir / name)

@@ -95,9 +95,10 @@ def _official_combined(gt, dil):
     return combined
 
 
-def _official_scores(pred, gt_labels, spacing, dil, thresh, penalty=374.0):
-    """get_LesionWiseScores + the thresholding of get_LesionWiseResults; gt_labels = lesion label map."""
-    pred_cc = ndimage.label(pred, _S26)[0]
+def _official_scores(pred, gt_labels, spacing, dil, thresh, penalty=374.0, pred_labels=None):
+    """get_LesionWiseScores + the thresholding of get_LesionWiseResults; gt_labels = lesion label map;
+    pred_labels = the predicted lesion map (2024), else the components of pred (2023)."""
+    pred_cc = ndimage.label(pred, _S26)[0] if pred_labels is None else pred_labels
     tp_comps, rows, gt_tp, fn = [], [], [], []
     for comp in range(1, int(gt_labels.max()) + 1):
         gt_tmp = gt_labels == comp
@@ -149,9 +150,21 @@ def _official_relabel(pairs, data):
     return out
 
 
-def _official_2024_lesions(ref, dil):
-    """save_tmp_files + combine_lesions_tissues: the GT lesion map of every 2024 tissue."""
-    cc = {t: _official_combined(np.isin(ref, v), dil) for t, v in BRATS2024_POST.regions.items()}
+# metrics_GLI.py (current revision): NETC and RC dilated 5 times, the rest 3 ("SFNH" misspelt there)
+DIL_2024 = {"WT": 3, "TC": 3, "NETC": 5, "SNFH": 3, "ET": 3, "RC": 5}
+
+
+def _official_2024_lesions(label_map, drop_at_or_below=None):
+    """save_tmp_files + combine_lesions_tissues + reorder_labels_nifti: the lesion map of every 2024
+    tissue of one label map. ``drop_at_or_below`` (prediction): tissue → voxel count at or below which
+    a dilation-combined lesion is removed first."""
+    cc = {}
+    for t, v in BRATS2024_POST.regions.items():
+        data = _official_combined(np.isin(label_map, v), DIL_2024[t])
+        if drop_at_or_below is not None:
+            values, counts = np.unique(data, return_counts=True)
+            data = np.where(np.isin(data, values[counts <= drop_at_or_below[t]]), 0, data)
+        cc[t] = data
     order = {"NETC": ("ET", "RC"), "ET": ("NETC", "RC"), "RC": ("ET", "NETC"), "SNFH": ("ET", "RC", "NETC")}
     combined = dict(cc)
     for _ in range(2):
@@ -160,9 +173,9 @@ def _official_2024_lesions(ref, dil):
             for partner in partners:
                 data = _official_relabel(_official_touching(data, cc[partner]), data)
             combined[t] = data
-    for t, data in combined.items():  # reorder_labels_nifti: labels 1..n
-        values = np.unique(data)
-        combined[t] = np.searchsorted(values, data) if values[0] == 0 else np.searchsorted(values, data) + 1
+    for t in order:  # reorder_labels_nifti: labels 1..n (WT and TC are used as they are)
+        values = np.unique(combined[t])
+        combined[t] = np.searchsorted(values, combined[t]) if values[0] == 0 else np.searchsorted(values, combined[t]) + 1
     return combined
 
 
@@ -294,19 +307,19 @@ def test_2024_regions_thresholds_and_penalty():
     assert list(s) == ["WT", "TC", "NETC", "SNFH", "ET", "RC"]
     assert s["WT"]["lesionwise_dice_2024"] == 1.0 and s["WT"]["lesion_fn_2024"] == 0  # RC is not in WT
     assert s["RC"]["lesionwise_dice_2024"] == 0.0 and s["RC"]["lesion_fn_2024"] == 1
-    assert s["RC"]["lesionwise_hd95_2024"] == BRATS2024_POST.hd95_penalty == 374.0  # as metrics_GLI.py
-    custom = dataclasses.replace(BRATS2024_POST, hd95_penalty=337.0)
-    assert lesionwise_case(np.zeros(SHAPE, np.uint8), ref, 1.0, custom)["RC"]["lesionwise_hd95_2024"] == 337.0
+    assert s["RC"]["lesionwise_hd95_2024"] == BRATS2024_POST.hd95_penalty == 337.0  # as metrics_GLI.py
+    custom = dataclasses.replace(BRATS2024_POST, hd95_penalty=374.0)
+    assert lesionwise_case(np.zeros(SHAPE, np.uint8), ref, 1.0, custom)["RC"]["lesionwise_hd95_2024"] == 374.0
     # a cavity predicted as oedema is a false positive for WT
     pred = np.where(ref == 4, 2, 0).astype(np.uint8)
     assert lesionwise_case(pred, ref, 1.0, "brats2024")["WT"]["lesion_fp_2024"] == 1
-    # thresholds: 15-voxel lesions count for ET and RC (10 mm³), not for SNFH (20 mm³)
+    # thresholds: 15-voxel lesions count for ET (10 mm³), not for SNFH or RC (20 mm³)
     small = np.zeros(SHAPE, np.uint8)
     small[5:8, 5:10, 5] = 3
     small[30:33, 5:10, 5] = 2
     small[55:58, 5:10, 5] = 4
     s = lesionwise_case(np.zeros(SHAPE, np.uint8), small, 1.0, BRATS2024_POST)
-    assert (s["ET"]["lesion_fn_2024"], s["RC"]["lesion_fn_2024"], s["SNFH"]["lesion_fn_2024"]) == (1, 1, 0)
+    assert (s["ET"]["lesion_fn_2024"], s["RC"]["lesion_fn_2024"], s["SNFH"]["lesion_fn_2024"]) == (1, 0, 0)
 
 
 def test_2024_lesions_touching_one_partner_merge():
@@ -322,6 +335,82 @@ def test_2024_lesions_touching_one_partner_merge():
     assert s["lesionwise_dice_2024"] == pytest.approx(2 * 144 / (144 + 288))
     netc_2023_rules = lesionwise_scores(pred == 1, ref == 1, 1.0, dilation_iterations=3, volume_threshold=20, hd95_penalty=374)
     assert (netc_2023_rules["tp"], netc_2023_rules["fn"]) == (1, 1)  # two lesions without the 2024 merge
+
+
+def test_2024_crafted_multilesion_case():
+    ref = np.zeros(SHAPE, np.uint8)
+    pred = np.zeros(SHAPE, np.uint8)
+    found, missed, shifted = A, B, (slice(25, 31), slice(5, 11), slice(30, 36))  # three 216-voxel ET lesions
+    for lesion in (found, missed, shifted):
+        ref[lesion] = 3
+    pred[found] = 3
+    pred[27:33, 5:11, 30:36] = 3  # the third lesion predicted 2 voxels off: Dice 2 * 144 / 432
+    pred[50:54, 5:9, 5:9] = 3  # a 64-voxel false positive
+    pred[5:7, 40:42, 40:42] = 3  # an 8-voxel false positive: dropped by the 2024 rules (<= 10 voxels)
+    # NETC: two 27-voxel lesions 8 planes apart, merged by NETC's 5 dilations; only the first predicted
+    ref[30:33, 35:38, 5:8] = 1
+    ref[41:44, 35:38, 5:8] = 1
+    pred[30:33, 35:38, 5:8] = 1
+    s = lesionwise_case(pred, ref, 1.0, "brats2024")
+    gt_c, pred_c = np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)
+    gt_c[shifted] = True
+    pred_c[27:33, 5:11, 30:36] = True
+    hd_shifted = robust_hausdorff(gt_c, pred_c, 1.0)
+    et = s["ET"]
+    assert (et["lesion_tp_2024"], et["lesion_fp_2024"], et["lesion_fn_2024"]) == (2, 1, 1)
+    assert et["lesionwise_dice_2024"] == pytest.approx((1 + 0 + 2 * 144 / 432 + 0) / 4)
+    assert et["lesionwise_hd95_2024"] == pytest.approx((0 + 337 + hd_shifted + 337) / 4)
+    # the same with the 2023 rules (components, penalty 374): the 8-voxel blob is a false positive too
+    old = lesionwise_scores(pred == 3, ref == 3, 1.0, dilation_iterations=3, volume_threshold=10, hd95_penalty=374)
+    assert (old["tp"], old["fp"], old["fn"]) == (2, 2, 1)
+    assert old["dice"] == pytest.approx((1 + 2 * 144 / 432) / 5)
+    netc = s["NETC"]
+    assert (netc["lesion_tp_2024"], netc["lesion_fp_2024"], netc["lesion_fn_2024"]) == (1, 0, 0)
+    assert netc["lesionwise_dice_2024"] == pytest.approx(2 * 27 / (27 + 54))
+    three = lesionwise_scores(pred == 1, ref == 1, 1.0, dilation_iterations=3, volume_threshold=20, hd95_penalty=337)
+    assert (three["tp"], three["fn"]) == (1, 1)  # 3 dilations (SNFH's) keep them apart
+    assert list(BRATS2024_POST.region_dilation.items()) == [("NETC", 5), ("RC", 5)]
+
+
+def test_2024_predicted_fragments_merge_like_reference_lesions():
+    # two 64-voxel predicted ET fragments 4 planes apart and far from any reference: one false positive
+    # in 2024 (3 dilations merge them), two with connected components (2023)
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[A] = 3
+    pred = ref.copy()
+    pred[40:44, 30:34, 30:34] = 3
+    pred[48:52, 30:34, 30:34] = 3
+    assert lesionwise_case(pred, ref, 1.0, "brats2024")["ET"]["lesion_fp_2024"] == 1
+    assert lesionwise_case(pred, ref, 1.0, "brats2023")["ET"]["lesion_fp_2023"] == 2
+
+
+def test_stage_chooses_the_setting_from_the_dataset():
+    from medseg.evaluation.stage import BRATS2024_REGIONS, lesionwise_setting
+
+    post = DatasetJson(name="p", channel_names={"0": "t1c"}, labels=LABELS_2024, numTraining=1,
+                       regions=BRATS2024_REGIONS, source_format="brats2024")
+    assert lesionwise_setting(post) == "brats2024"
+    pre = DatasetJson(name="g", channel_names={"0": "t1c"}, labels=BRATS_LABELS, numTraining=1,
+                      regions=BRATS_REGIONS, source_format="brats2023")
+    assert lesionwise_setting(pre) == "brats2023"
+    assert lesionwise_setting(dataclasses.replace(pre, regions={"WT": [1, 2, 3]})) is None
+    with pytest.raises(MedsegError, match="brats2024"):  # 2024 format without the RC label
+        lesionwise_setting(dataclasses.replace(post, labels=BRATS_LABELS, regions=REGIONS_2024))
+
+
+def test_evaluate_arrays_writes_the_2024_names(tmp_path):
+    from medseg.evaluation.stage import BRATS2024_REGIONS
+
+    pred, ref = _random_case(10)
+    ds = DatasetJson(name="p", channel_names={"0": "t1c"}, labels=LABELS_2024, numTraining=1,
+                     regions=BRATS2024_REGIONS, source_format="brats2024")
+    evaluate_arrays([("c0", pred, ref, (1.0, 1.0, 1.0))], ds, tmp_path, lesionwise="brats2024")
+    rows = list(csv.reader(_stdio.StringIO((tmp_path / CASES_CSV).read_text())))
+    names = {(r[1], r[2]) for r in rows[1:]}
+    for region in ("WT", "TC", "ET", "NETC", "SNFH", "RC"):
+        for metric in ("lesionwise_dice_2024", "lesionwise_hd95_2024", "lesion_tp_2024", "lesion_fp_2024", "lesion_fn_2024"):
+            assert (region, metric) in names
+    assert not any(m.endswith("_2023") for _, m in names)
 
 
 # --------------------------------------------------------------------------- agreement with the official port
@@ -344,13 +433,16 @@ def test_matches_official_port_2023(seed):
 @pytest.mark.parametrize("seed", [3, 4])
 def test_matches_official_port_2024(seed):
     pred, ref = _random_case(seed)
-    setting = dataclasses.replace(BRATS2024_POST, volume_thresholds={r: 4 for r in BRATS2024_POST.regions})
+    thresholds = {r: 4 for r in BRATS2024_POST.regions}
+    setting = dataclasses.replace(BRATS2024_POST, volume_thresholds=thresholds)
     got = lesionwise_case(pred, ref, 1.0, setting)
-    lesions = _official_2024_lesions(ref, 3)
+    lesions = _official_2024_lesions(ref)
+    pred_lesions = _official_2024_lesions(pred, thresholds)
     merged_any = False
     for region, values in setting.regions.items():
-        want = _official_scores(np.isin(pred, values), lesions[region], (1.0, 1.0, 1.0), 3, 4)
-        merged_any |= len(np.unique(lesions[region])) < len(np.unique(_official_combined(np.isin(ref, values), 3)))
+        want = _official_scores(np.isin(pred, values), lesions[region], (1.0, 1.0, 1.0), DIL_2024[region], 4,
+                                penalty=337.0, pred_labels=pred_lesions[region])
+        merged_any |= len(np.unique(lesions[region])) < len(np.unique(_official_combined(np.isin(ref, values), DIL_2024[region])))
         g = got[region]
         assert (g["lesion_tp_2024"], g["lesion_fp_2024"], g["lesion_fn_2024"]) == (want["tp"], want["fp"], want["fn"])
         assert g["lesionwise_dice_2024"] == pytest.approx(want["dice"], abs=1e-12)

@@ -24,6 +24,7 @@ from medseg.evaluation.metrics import (
     surface_distances,
     volume_ml,
 )
+from medseg.evaluation.panoptic import PANOPTIC_NAMES
 from medseg.schemas import BRATS_LABELS, BRATS_REGIONS
 
 
@@ -191,7 +192,9 @@ def test_regions_unite_labels():
     pred[pred == 1] = 2  # necrosis called oedema: WT unchanged, TC loses the necrosis
     out = evaluate_case(pred, ref, (1.0, 1.0, 1.0), BRATS_LABELS, BRATS_REGIONS)
     assert list(out) == ["WT", "TC", "ET", "NETC", "SNFH"]  # regions first, background left out
-    assert all(list(v) == list(METRIC_NAMES) for v in out.values())
+    assert all(list(v)[: len(METRIC_NAMES)] == list(METRIC_NAMES) for v in out.values())
+    assert all(list(v)[len(METRIC_NAMES):] == list(PANOPTIC_NAMES) for v in out.values())  # instance-wise last
+    assert list(evaluate_case(pred, ref, 1.0, BRATS_LABELS, BRATS_REGIONS, panoptic=None)["WT"]) == list(METRIC_NAMES)
     assert out["WT"]["dice"] == 1.0 and out["WT"]["hd95"] == 0.0
     assert out["ET"]["dice"] == 1.0
     n_core, n_netc = 6**3, 2**3
@@ -199,8 +202,8 @@ def test_regions_unite_labels():
     # NETC missing from the prediction: Dice 0, HD95 = penalty, sensitivity 0
     assert out["NETC"]["dice"] == 0.0 and out["NETC"]["hd95"] == HD95_PENALTY_MM
     assert out["NETC"]["sensitivity"] == 0.0
-    assert out["NETC"]["pred_volume_ml"] == 0.0 and out["NETC"]["ref_volume_ml"] == pytest.approx(0.008)
-    assert out["WT"]["ref_volume_ml"] == pytest.approx(12**3 / 1000)
+    assert out["NETC"]["volume_pred_ml"] == 0.0 and out["NETC"]["volume_ref_ml"] == pytest.approx(0.008)
+    assert out["WT"]["volume_ref_ml"] == pytest.approx(12**3 / 1000)
     # the region metrics equal the binary metrics of the unions
     wt_p, wt_r = np.isin(pred, [1, 2, 3]), np.isin(ref, [1, 2, 3])
     assert out["WT"]["specificity"] == specificity(wt_p, wt_r)

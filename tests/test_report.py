@@ -13,7 +13,9 @@ from medseg import io
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import evaluate_case
 from medseg.evaluation.report import (
+    CASES_CSV,
     DICE_BOXPLOT_PNG,
+    REPORT_HTML,
     REPORT_MD,
     add_arguments,
     evaluate_arrays,
@@ -26,7 +28,9 @@ from medseg.schemas import BRATS_LABELS, BRATS_REGIONS, METRICS_JSON, PER_CASE_C
 SPACING = (1.0, 1.0, 2.0)
 AFFINE = np.diag([*SPACING, 1.0])
 CASES = ["BraTS-GLI-00001-000", "BraTS-GLI-00002-000", "BraTS-GLI-00003-000"]
-OUTPUTS = (METRICS_JSON, PER_CASE_CSV, REPORT_MD, DICE_BOXPLOT_PNG)
+OUTPUTS = (METRICS_JSON, PER_CASE_CSV, CASES_CSV, REPORT_MD, REPORT_HTML, DICE_BOXPLOT_PNG)
+VOXEL_METRICS = ["dice", "iou", "hd95", "assd", "sensitivity", "specificity", "volume_pred_ml", "volume_ref_ml"]
+INSTANCE_METRICS = ["sq_dsc", "sq_hd95", "pq_dsc", "tp", "fp", "fn"]
 
 
 def _dataset_json() -> DatasetJson:
@@ -75,13 +79,13 @@ def test_evaluate_folder_writes_all_files(folders, tmp_path):
     # what was written equals evaluate_case on the arrays, with the spacing from the label header
     direct = evaluate_case(_label(2), _label(0), SPACING, BRATS_LABELS, BRATS_REGIONS)
     assert loaded.per_case[2]["TC"] == pytest.approx(direct["TC"])
-    assert direct["TC"]["ref_volume_ml"] == pytest.approx(5 * 5 * 4 * 2 / 1000)
+    assert direct["TC"]["volume_ref_ml"] == pytest.approx(5 * 5 * 4 * 2 / 1000)
 
     with open(out / PER_CASE_CSV, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3 and [r["case_id"] for r in rows] == CASES
     header = list(rows[0])
-    assert header[0] == "case_id" and header[1] == "WT_dice" and "SNFH_ref_volume_ml" in header
+    assert header[0] == "case_id" and header[1] == "WT_dice" and "SNFH_volume_ref_ml" in header
     assert float(rows[1]["WT_dice"]) == loaded.per_case[1]["WT"]["dice"]  # full precision
 
     report = (out / REPORT_MD).read_text()
@@ -164,3 +168,31 @@ def test_cli_run_prints_mean_dice(folders, tmp_path, capsys):
     wt = Metrics.load(out).mean["WT"]["dice"]
     assert f"WT     {wt:.4f}" in printed and "TC" in printed and "ET" in printed
     assert all((out / name).is_file() for name in OUTPUTS)
+
+
+def test_cases_csv_metric_names_are_the_published_ones(tmp_path):
+    pairs = [(c, _label(i), _label(0), SPACING) for i, c in enumerate(CASES)]
+    metrics = evaluate_arrays(pairs, _dataset_json(), tmp_path, lesionwise="brats2023")
+    with open(tmp_path / CASES_CSV, newline="") as fh:
+        reader = csv.reader(fh)
+        assert next(reader) == ["case", "region", "metric", "value"]
+        rows = list(reader)
+    lesion = [f"{m}_2023" for m in ("lesionwise_dice", "lesionwise_hd95", "lesion_tp", "lesion_fp", "lesion_fn")]
+    by_region: dict[str, list[str]] = {}
+    for case, region, metric, value in rows:
+        if case == CASES[0]:
+            by_region.setdefault(region, []).append(metric)
+        assert float(value) == float(value)  # no NaN
+    assert list(by_region) == ["WT", "TC", "ET", "NETC", "SNFH"]
+    for region in ("WT", "TC", "ET"):
+        assert by_region[region] == VOXEL_METRICS + lesion + INSTANCE_METRICS
+    for region in ("NETC", "SNFH"):
+        assert by_region[region] == VOXEL_METRICS + INSTANCE_METRICS
+    assert len(rows) == sum(len(v) for v in by_region.values()) * len(CASES)
+    # metrics.json carries the same names, with the spread of each
+    wt = Metrics.load(tmp_path).mean["WT"]
+    assert {"volume_pred_ml", "volume_ref_ml", "pq_dsc", "pq_dsc_std", "lesionwise_dice_2023_q75"} <= set(wt)
+    assert "pred_volume_ml" not in wt and "ref_volume_ml" not in wt
+    report = (tmp_path / REPORT_MD).read_text()
+    assert "## Lesion-wise and instance-wise" in report and "| WT |" in report.split("## Lesion-wise")[1]
+    assert metrics.mean["WT"]["tp"] == 1.0

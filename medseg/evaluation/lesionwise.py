@@ -27,17 +27,20 @@ Per region (a set of label values) and case:
    ``relabel_nifti_image``). Partner lesions are numbered in C raster order of their first voxel
    (scipy's numbering; we take cc3d's on the C-ordered dilated mask to be the same). The numbering
    only matters when one lesion touches two partner lesions.
-3. **Predicted components** are the 26-connected components of the predicted region mask. A GT
-   lesion's match is the union of the *whole* predicted components that intersect the GT lesion
-   dilated again ``dilation_iterations`` times (equal to its dilated component from step 1). A
-   predicted component may match several GT lesions.
+3. **Predicted lesions.** 2023: the 26-connected components of the predicted region mask. 2024: formed
+   like the GT lesions (steps 1 and 2 on the prediction, with the prediction's own partner lesions),
+   after dropping every dilation-merged predicted lesion of ``<= volume_threshold`` *voxels* (the
+   official ``save_tmp_files`` counts voxels here, where step 4 uses mm³). A GT lesion's match is the
+   union of the *whole* predicted lesions that intersect the GT lesion dilated again as often as in
+   step 1 (so, equal to its dilated component from step 1). A predicted lesion may match several GT
+   lesions.
 4. **Small lesions.** A GT lesion whose volume ``voxels x sx x sy x sz`` (mm³, from the spacing, as
    the official code multiplies by the NIfTI zooms) is ``<= volume_threshold`` is left out of the
-   score and of the TP/FN counts; predicted components matching it are not false positives.
+   score and of the TP/FN counts; predicted lesions matching it are not false positives.
 5. **Per GT lesion** Dice against its match, and HD95 with DeepMind's surface-distance convention
    (surface elements on the voxel-corner grid, area-weighted 95th percentile, nearest rank, the max
    of both directions); an unmatched lesion scores Dice 0 and HD95 = ``hd95_penalty``.
-6. **False positives** are predicted components intersecting no dilated GT lesion (of any size); each
+6. **False positives** are predicted lesions intersecting no dilated GT lesion (of any size); each
    adds Dice 0 and HD95 ``hd95_penalty``.
 7. **Case score** = (sum over scored lesions + FP terms) / (scored lesions + FPs); with neither:
    Dice 1, HD95 0. TP = scored lesions with a match, FN = scored lesions without, FP as above.
@@ -47,18 +50,20 @@ surfaces, linear-interpolated percentile) even for a single lesion: it follows t
 The surface-element areas come from the DeepMind marching-cubes normals table shipped in MONAI
 (``monai.metrics.utils``); the first HD95 computed imports MONAI (and torch) once.
 
-Official parameter values (checked against the source above):
+Official parameter values (checked against the source above; the 2024 values are those of the
+current ``metrics_GLI.py``, whose earlier revisions used the 2023 penalty 374, one dilation of 3,
+connected components for the prediction and a threshold that stayed at 10 after ET):
 
-============================  ========  ==========================================  =======
-setting                       dilation  volume threshold (mm³)                      penalty
-============================  ========  ==========================================  =======
-BraTS 2023 glioma (GLI)       3         50                                          374
-BraTS 2023 metastases (MET)   1         2                                           374
-BraTS 2024 post-treatment     3         WT, TC, NETC, SNFH 20; ET 10; RC 10 (*)     374
-============================  ========  ==========================================  =======
+============================  =====================  =========================================  =======
+setting                       dilation               volume threshold (mm³; voxels for step 3)  penalty
+============================  =====================  =========================================  =======
+BraTS 2023 glioma (GLI)       3                      50                                         374
+BraTS 2023 metastases (MET)   1                      2                                          374
+BraTS 2024 post-treatment     NETC, RC 5; others 3   ET 10; WT, TC, NETC, SNFH, RC 20           337
+============================  =====================  =========================================  =======
 
-(*) ``metrics_GLI.py`` sets the threshold to 20, switches it to 10 when it reaches ET and never
-switches back, so RC (scored after ET) uses 10 as well. The 2024 code still uses 374 as the penalty.
+(The 2024 code means to dilate SNFH by 5 as well but tests the misspelt name "SFNH", so SNFH is
+dilated by 3; we follow the code.)
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -92,8 +97,10 @@ __all__ = [
 DILATION_STRUCTURE = ndimage.generate_binary_structure(3, 2)
 #: 26-connectivity of the connected components (``cc3d.connected_components(..., connectivity=26)``).
 CC_STRUCTURE = np.ones((3, 3, 3), dtype=bool)
-#: The official HD95 for a missed lesion or a false positive (BraTS 2023 and the 2024 GLI code).
+#: The official HD95 for a missed lesion or a false positive (BraTS 2023).
 BRATS_LESION_PENALTY = 374.0
+#: The same in the current BraTS 2024 post-treatment code (``metrics_GLI.py``).
+BRATS2024_LESION_PENALTY = 337.0
 # 2x2x2 neighbourhood code of DeepMind's surface-distance (correlated, so corner (i, j, k) sees the
 # voxels (i-1..i, j-1..j, k-1..k) with weight 128 at (i-1, j-1, k-1) down to 1 at (i, j, k)).
 _CODE_KERNEL = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]], dtype=np.uint8)
@@ -108,12 +115,18 @@ class LesionwiseSetting:
         suffix: appended to the metric names (``lesionwise_dice_2023``).
         regions: region name → label values it unites (WT = (1, 2, 3), ...).
         dilation_iterations: dilations (18-neighbourhood) that merge nearby GT lesions and define
-            the neighbourhood in which predicted components match a GT lesion.
+            the neighbourhood in which predicted lesions match a GT lesion.
         volume_thresholds: region name → volume (mm³; = voxels at 1 mm) at or below which a GT
-            lesion is left out.
-        hd95_penalty: HD95 of a missed lesion or a false-positive component (mm).
+            lesion is left out (and, with ``prediction_lesions="as_reference"``, the number of
+            voxels at or below which a predicted lesion is dropped).
+        hd95_penalty: HD95 of a missed lesion or a false-positive lesion (mm).
         merge_touching: region name → the regions whose touching lesions merge its lesions, in
             order (2024 sub-regions only).
+        region_dilation: region name → its own number of dilations, instead of
+            ``dilation_iterations`` (2024: NETC and RC 5).
+        prediction_lesions: ``"components"`` (2023: a predicted lesion is a 26-connected
+            component) or ``"as_reference"`` (2024: predicted lesions are formed like the GT ones,
+            small ones dropped; see the module docstring).
     """
 
     name: str
@@ -123,6 +136,8 @@ class LesionwiseSetting:
     volume_thresholds: Mapping[str, float]
     hd95_penalty: float = BRATS_LESION_PENALTY
     merge_touching: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    region_dilation: Mapping[str, int] = field(default_factory=dict)
+    prediction_lesions: Literal["components", "as_reference"] = "components"
 
     def __post_init__(self) -> None:
         missing = [r for r in self.regions if r not in self.volume_thresholds]
@@ -132,6 +147,15 @@ class LesionwiseSetting:
             unknown = [p for p in (region, *partners) if p not in self.regions]
             if unknown:
                 raise MedsegError(f"lesion-wise setting {self.name!r}: merge_touching names unknown regions {unknown}")
+        unknown = [r for r in self.region_dilation if r not in self.regions]
+        if unknown:
+            raise MedsegError(f"lesion-wise setting {self.name!r}: region_dilation names unknown regions {unknown}")
+        if self.prediction_lesions not in ("components", "as_reference"):
+            raise MedsegError(f"lesion-wise setting {self.name!r}: unknown prediction_lesions {self.prediction_lesions!r}")
+
+    def dilation(self, region: str) -> int:
+        """Dilations of ``region``'s lesions."""
+        return int(self.region_dilation.get(region, self.dilation_iterations))
 
     def keys(self) -> tuple[str, ...]:
         """The metric names this setting adds to each region."""
@@ -169,7 +193,10 @@ BRATS2024_POST = LesionwiseSetting(
     suffix="2024",
     regions={"WT": (1, 2, 3), "TC": (1, 3), "NETC": (1,), "SNFH": (2,), "ET": (3,), "RC": (4,)},
     dilation_iterations=3,
-    volume_thresholds={"WT": 20, "TC": 20, "NETC": 20, "SNFH": 20, "ET": 10, "RC": 10},
+    volume_thresholds={"WT": 20, "TC": 20, "NETC": 20, "SNFH": 20, "ET": 10, "RC": 20},
+    hd95_penalty=BRATS2024_LESION_PENALTY,
+    region_dilation={"NETC": 5, "RC": 5},
+    prediction_lesions="as_reference",
     merge_touching={
         "NETC": ("ET", "RC"),
         "ET": ("NETC", "RC"),
@@ -298,7 +325,8 @@ def _touching_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _merge_by_partner(group: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """One official ``relabel_nifti_image`` step: groups whose smallest touching partner label is the
     same become one group; groups touching nothing stay as they are. ``group`` maps base lesion →
-    group id (index 0 = background); returns the new map, ids renumbered 1..n."""
+    group id (index 0 = background; a base lesion in group 0 is dropped and stays so); returns the
+    new map, ids renumbered 1..n."""
     if pairs.size == 0:
         return group
     min_partner: dict[int, int] = {}
@@ -309,6 +337,8 @@ def _merge_by_partner(group: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     out = np.zeros_like(group)
     for base in range(1, group.size):
         g = int(group[base])
+        if g == 0:  # a dropped (small predicted) lesion stays dropped
+            continue
         key = (1, min_partner[g]) if g in min_partner else (0, g)
         out[base] = keys.setdefault(key, len(keys) + 1)
     return out
@@ -316,7 +346,8 @@ def _merge_by_partner(group: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- scoring
 def _score(
-    pred: np.ndarray,
+    pred_cc: np.ndarray,
+    n_pred: int,
     ref: np.ndarray,
     sp: tuple[float, ...],
     dil_labels: np.ndarray,
@@ -324,10 +355,11 @@ def _score(
     volume_threshold: float,
     hd95_penalty: float,
 ) -> dict[str, Any]:
-    """Score ``pred`` against the GT lesions ``group[dil_labels] & ref`` (``group`` maps each dilated
-    component to its lesion id; a lesion's dilated neighbourhood is ``group[dil_labels] == id``)."""
+    """Score the predicted lesions ``pred_cc`` (ids 1..n_pred, 0 = background) against the GT lesions
+    ``group[dil_labels] & ref`` (``group`` maps each dilated component to its lesion id; a lesion's
+    dilated neighbourhood is ``group[dil_labels] == id``)."""
     n_lesions = int(group.max()) if group.size else 0
-    pred_cc, n_pred = ndimage.label(pred, structure=CC_STRUCTURE)
+    pred = pred_cc > 0
     roi = group[dil_labels]  # lesion id on its dilated neighbourhood, 0 elsewhere
     gt_lesion = np.where(ref, roi, 0)
 
@@ -422,7 +454,8 @@ def lesionwise_scores(
     sp = _spacing(spacing, 3)
     p, r = _crop(pred != 0, ref != 0, dilation_iterations)
     dil_labels, n = _dilated_components(r, dilation_iterations)
-    return _score(p, r, sp, dil_labels, np.arange(n + 1), float(volume_threshold), float(hd95_penalty))
+    pred_cc, n_pred = ndimage.label(p, structure=CC_STRUCTURE)
+    return _score(pred_cc, int(n_pred), r, sp, dil_labels, np.arange(n + 1), float(volume_threshold), float(hd95_penalty))
 
 
 def lesionwise_case(
@@ -450,39 +483,24 @@ def lesionwise_case(
         setting = SETTINGS[setting]
     pred, ref = _pair(as_label_map(pred_labels, "prediction"), as_label_map(ref_labels, "reference"))
     sp = _spacing(spacing, 3)
-    d = setting.dilation_iterations
-    pred, ref = _crop(pred, ref, d)
-
-    masks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    dilated: dict[str, tuple[np.ndarray, int]] = {}
-
-    def mask(region: str) -> tuple[np.ndarray, np.ndarray]:
-        if region not in masks:
-            values = list(setting.regions[region])
-            masks[region] = (np.isin(pred, values), np.isin(ref, values))
-        return masks[region]
-
-    def components(region: str) -> tuple[np.ndarray, int]:
-        if region not in dilated:
-            dilated[region] = _dilated_components(mask(region)[1], d)
-        return dilated[region]
-
-    def base_lesions(region: str) -> np.ndarray:  # the official "_cc" map: dilated label on GT voxels
-        labels, _ = components(region)
-        return np.where(mask(region)[1], labels, 0)
+    pred, ref = _crop(pred, ref, max(setting.dilation(r) for r in setting.regions))
+    gt_side = _Lesions(ref, setting, drop_small=False)
+    pred_side = _Lesions(pred, setting, drop_small=True) if setting.prediction_lesions == "as_reference" else None
 
     sfx = setting.suffix
     out: dict[str, dict[str, float | int]] = {}
     for region in setting.regions:
-        p, r = mask(region)
-        labels, n = components(region)
-        group = np.arange(n + 1)
-        partners = setting.merge_touching.get(region, ())
-        if partners and n:
-            own = base_lesions(region)
-            for partner in partners:
-                group = _merge_by_partner(group, _touching_pairs(own, base_lesions(partner)))
-        s = _score(p, r, sp, labels, group, float(setting.volume_thresholds[region]), float(setting.hd95_penalty))
+        labels, group = gt_side.lesions(region)
+        if pred_side is not None:
+            base, pred_group = pred_side.lesions(region)
+            pred_cc = np.where(pred_side.mask(region), pred_group[base], 0)
+            n_pred = int(pred_group.max()) if pred_group.size else 0
+        else:
+            pred_cc, n_pred = ndimage.label(_region_mask(pred, setting, region), structure=CC_STRUCTURE)
+        s = _score(
+            pred_cc, int(n_pred), gt_side.mask(region), sp, labels, group,
+            float(setting.volume_thresholds[region]), float(setting.hd95_penalty),
+        )
         out[region] = {
             f"lesionwise_dice_{sfx}": s["dice"],
             f"lesionwise_hd95_{sfx}": s["hd95"],
@@ -491,6 +509,72 @@ def lesionwise_case(
             f"lesion_fn_{sfx}": s["fn"],
         }
     return out
+
+
+def _region_mask(label_map: np.ndarray, setting: LesionwiseSetting, region: str) -> np.ndarray:
+    """The binary mask of ``region`` in a label map."""
+    return np.isin(label_map, list(setting.regions[region]))
+
+
+def _compact(group: np.ndarray) -> np.ndarray:
+    """Renumber the nonzero ids of ``group`` to 1..n in order (0 stays 0)."""
+    ids = np.unique(group[group > 0])
+    out = np.zeros_like(group)
+    if ids.size:
+        out[group > 0] = np.searchsorted(ids, group[group > 0]) + 1
+    return out
+
+
+class _Lesions:
+    """The lesions of every region of one label map (reference, or a 2024 prediction).
+
+    ``lesions(region)`` gives ``(dilated_labels, group)``: the 26-connected components of the region's
+    mask dilated ``setting.dilation(region)`` times, and the map component → lesion id (0: none) after
+    dropping small components (``drop_small``: ``<= volume_threshold`` voxels, the 2024 prediction
+    rule) and the cross-tissue merges of ``setting.merge_touching``. A lesion's voxels are
+    ``mask & (group[dilated_labels] == id)``; for the reference, its dilated neighbourhood is
+    ``group[dilated_labels] == id``.
+    """
+
+    def __init__(self, label_map: np.ndarray, setting: LesionwiseSetting, drop_small: bool) -> None:
+        self.label_map, self.setting, self.drop_small = label_map, setting, drop_small
+        self._masks: dict[str, np.ndarray] = {}
+        self._base: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._lesions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def mask(self, region: str) -> np.ndarray:
+        if region not in self._masks:
+            self._masks[region] = _region_mask(self.label_map, self.setting, region)
+        return self._masks[region]
+
+    def base(self, region: str) -> tuple[np.ndarray, np.ndarray]:
+        """(dilated component labels, component → kept id: itself, or 0 when dropped)."""
+        if region not in self._base:
+            mask = self.mask(region)
+            labels, n = _dilated_components(mask, self.setting.dilation(region))
+            keep = np.arange(n + 1)
+            if self.drop_small and n:
+                voxels = np.bincount(labels[mask], minlength=n + 1)
+                keep[voxels <= self.setting.volume_thresholds[region]] = 0
+                keep[0] = 0
+            self._base[region] = (labels, keep)
+        return self._base[region]
+
+    def base_lesions(self, region: str) -> np.ndarray:
+        """The official ``_cc`` map: the kept component id on the region's voxels, 0 elsewhere."""
+        labels, keep = self.base(region)
+        return np.where(self.mask(region), keep[labels], 0)
+
+    def lesions(self, region: str) -> tuple[np.ndarray, np.ndarray]:
+        if region not in self._lesions:
+            labels, group = self.base(region)
+            partners = self.setting.merge_touching.get(region, ())
+            if partners and group.any():
+                own = self.base_lesions(region)
+                for partner in partners:
+                    group = _merge_by_partner(group, _touching_pairs(own, self.base_lesions(partner)))
+            self._lesions[region] = (labels, _compact(group))
+        return self._lesions[region]
 
 
 def with_penalty(setting: LesionwiseSetting, hd95_penalty: float) -> LesionwiseSetting:

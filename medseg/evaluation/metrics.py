@@ -32,12 +32,15 @@ surface), and distances are Euclidean between voxel centres, scaled by the voxel
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegError
+
+if TYPE_CHECKING:  # the panoptic module imports this one
+    from medseg.evaluation.panoptic import PanopticSetting
 
 __all__ = [
     "HD95_PENALTY_MM",
@@ -60,7 +63,7 @@ __all__ = [
 #: Distance (mm) given for HD95 and ASSD when exactly one of the two masks is empty.
 HD95_PENALTY_MM = 373.13
 #: The metrics :func:`evaluate_case` reports for every label and region, in this order.
-METRIC_NAMES = ("dice", "iou", "hd95", "assd", "sensitivity", "specificity", "pred_volume_ml", "ref_volume_ml")
+METRIC_NAMES = ("dice", "iou", "hd95", "assd", "sensitivity", "specificity", "volume_pred_ml", "volume_ref_ml")
 #: Metrics for which :func:`aggregate` also reports the median across cases (``<metric>_median``).
 MEDIAN_METRICS = ("dice", "hd95")
 
@@ -390,6 +393,7 @@ def evaluate_case(
     regions: Mapping[str, Sequence[int]],
     penalty_mm: float = HD95_PENALTY_MM,
     lesionwise: str | None = None,
+    panoptic: PanopticSetting | str | None = "brats2025",
 ) -> dict[str, dict[str, float]]:
     """All metrics of one case, for every region and every foreground label.
 
@@ -408,12 +412,18 @@ def evaluate_case(
             ``lesionwise_dice_2023``, ``lesionwise_hd95_2023``, ``lesion_tp_2023``, ``lesion_fp_2023``,
             ``lesion_fn_2023``). Every region of the setting must be a name here with the same label
             values. ``None`` (default): no lesion-wise metrics.
+        panoptic: also compute the instance-wise numbers of :mod:`medseg.evaluation.panoptic`
+            (``sq_dsc``, ``sq_hd95``, ``pq_dsc``, ``tp``, ``fp``, ``fn``) for every name, with this
+            matcher: ``"brats2025"`` (default: maximum bipartite matching on DSC, the configuration
+            the PyPI ``brats-evaluation`` package ships), ``"panoptica"`` (panoptica's own default,
+            IoU >= 0.5 one-to-one matching), a
+            :class:`~medseg.evaluation.panoptic.PanopticSetting`, or ``None`` for none.
 
     Returns:
         ``{name: {metric: value}}`` with names from :func:`evaluation_keys` (regions first, then labels)
         and metrics :data:`METRIC_NAMES`: ``dice``, ``iou``, ``sensitivity``, ``specificity`` (in [0, 1]),
-        ``hd95``, ``assd`` (mm), ``pred_volume_ml``, ``ref_volume_ml`` (ml), then any lesion-wise
-        metrics. Never NaN.
+        ``hd95``, ``assd`` (mm), ``volume_pred_ml``, ``volume_ref_ml`` (ml), then any lesion-wise
+        metrics, then the panoptic ones. Never NaN.
 
     Raises:
         MedsegError: shapes differ, the spacing does not fit, a map holds a value that is not in
@@ -455,13 +465,18 @@ def evaluate_case(
             "assd": assd,
             "sensitivity": _sensitivity(tp, n_p, n_r),
             "specificity": _specificity(tp, n_p, n_r, n_total),
-            "pred_volume_ml": n_p * voxel_ml,
-            "ref_volume_ml": n_r * voxel_ml,
+            "volume_pred_ml": n_p * voxel_ml,
+            "volume_ref_ml": n_r * voxel_ml,
         }
     if setting is not None:
         from medseg.evaluation.lesionwise import lesionwise_case
 
         for name, values in lesionwise_case(pred, ref, sp, setting).items():
+            out[name].update(values)
+    if panoptic is not None:
+        from medseg.evaluation.panoptic import panoptic_case
+
+        for name, values in panoptic_case(pred, ref, sp, keys, panoptic).items():
             out[name].update(values)
     return out
 

@@ -7,7 +7,15 @@ report is complete)::
     per_case.csv       one row per case: case_id, then <name>_<metric> for every label/region and metric
     cases.csv          the same numbers in long form: case,region,metric,value (one row per number)
     report.md          mean table (regions, then labels) and a per-case Dice table for the regions
+    report.html        the same and more in one self-contained page (see medseg.evaluation.report_html)
     metrics.json       schemas.Metrics: n_cases, mean (with Dice/HD95 medians), per_case
+
+Metric names per label/region (``cases.csv``'s ``metric`` column, the keys in ``metrics.json``):
+``dice``, ``iou``, ``hd95``, ``assd``, ``sensitivity``, ``specificity``, ``volume_pred_ml``,
+``volume_ref_ml`` (:mod:`~medseg.evaluation.metrics`); with a lesion-wise setting
+``lesionwise_dice_<year>``, ``lesionwise_hd95_<year>``, ``lesion_tp_<year>``, ``lesion_fp_<year>``,
+``lesion_fn_<year>`` (:mod:`~medseg.evaluation.lesionwise`, year 2023 or 2024); and the instance-wise
+``sq_dsc``, ``sq_hd95``, ``pq_dsc``, ``tp``, ``fp``, ``fn`` (:mod:`~medseg.evaluation.panoptic`).
 
 Files pair by nnU-Net naming: ``<pred_dir>/<CASE><file_ending>`` with ``<label_dir>/<CASE><file_ending>``.
 The CLI (``medseg evaluate``) calls :func:`add_arguments` and :func:`run`.
@@ -19,8 +27,9 @@ import argparse
 import csv
 import io as _stdio
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,10 +43,17 @@ from medseg.evaluation.metrics import (
     evaluate_case,
     evaluation_keys,
 )
+from medseg.evaluation.report_html import report_html
 from medseg.schemas import METRICS_JSON, PER_CASE_CSV, DatasetJson, Metrics
+from medseg.visualize import CaseSlices, case_slices
+
+if TYPE_CHECKING:
+    from medseg.evaluation.panoptic import PanopticSetting
 
 __all__ = [
     "REPORT_MD",
+    "REPORT_HTML",
+    "CASES_CSV",
     "DICE_BOXPLOT_PNG",
     "evaluate_arrays",
     "evaluate_folder",
@@ -50,13 +66,16 @@ __all__ = [
 ]
 
 REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
 CASES_CSV = "cases.csv"
 DICE_BOXPLOT_PNG = "dice_boxplot.png"
 #: Largest difference (mm) tolerated between the prediction's and the label's affine entries: NIfTI
 #: stores the affine as float32, so a prediction written by another tool may differ in the last bits.
 AFFINE_ATOL_MM = 1e-3
 
-CasePair = tuple[str, np.ndarray, np.ndarray, Sequence[float]]
+#: ``(case_id, pred, ref, spacing_mm)`` or ``(case_id, pred, ref, spacing_mm, image)``; ``image`` is the
+#: case's first image channel on the same grid (for the report's overlays) or None.
+CasePair = tuple[Any, ...]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -69,13 +88,17 @@ def evaluate_arrays(
     progress: bool = False,
     total: int | None = None,
     lesionwise: str | None = None,
+    panoptic: PanopticSetting | str | None = "brats2025",
+    keep_slices: bool = True,
 ) -> Metrics:
     """Evaluate in-memory cases and write the report files to ``out_dir``.
 
     Args:
-        pairs: ``(case_id, pred, ref, spacing_mm)`` per case; ``pred``/``ref`` are label maps of shape
-            (I, J, K) and ``spacing_mm`` the voxel size in mm in the same order. May be a generator:
-            cases are consumed one at a time, so only one case is held in memory.
+        pairs: ``(case_id, pred, ref, spacing_mm[, image])`` per case; ``pred``/``ref`` are label maps
+            of shape (I, J, K), ``spacing_mm`` the voxel size in mm in the same order and ``image``
+            (optional) the first image channel, drawn under the report's overlays. May be a
+            generator: cases are consumed one at a time, so only one case is held in memory (plus
+            three compressed slices per case with ``keep_slices``).
         dataset_json: gives ``labels`` (name → value) and ``regions`` (name → values).
         out_dir: folder for ``metrics.json``, ``per_case.csv``, ``cases.csv``, ``report.md``,
             ``dice_boxplot.png``.
@@ -84,6 +107,10 @@ def evaluate_arrays(
         total: number of cases, for the progress bar when ``pairs`` has no ``len``.
         lesionwise: add the BraTS lesion-wise metrics of this setting (``brats2023``, ``brats2023_mets``,
             ``brats2024``; see :mod:`medseg.evaluation.lesionwise`), or None.
+        panoptic: the instance matcher of :mod:`medseg.evaluation.panoptic` (``"panoptica"``,
+            ``"brats2025"``), or None for no instance-wise numbers.
+        keep_slices: keep three slices of every case for the HTML report's best / median / worst
+            overlays (:func:`medseg.visualize.case_slices`).
 
     Returns:
         The :class:`~medseg.schemas.Metrics` written to ``metrics.json``.
@@ -96,14 +123,24 @@ def evaluate_arrays(
     if "case_id" in keys:
         raise MedsegError("a label or region may not be called 'case_id'")
     per_case: list[dict] = []
+    snapshots: dict[str, CaseSlices] = {}
     seen: set[str] = set()
-    for case_id, pred, ref, spacing in _progress(pairs, progress, total):
+    for item in _progress(pairs, progress, total):
+        if len(item) not in (4, 5):
+            raise MedsegError(f"expected (case_id, pred, ref, spacing[, image]), got {len(item)} items")
+        case_id, pred, ref, spacing = item[:4]
+        image = item[4] if len(item) == 5 else None
         case_id = str(case_id)
         if case_id in seen:
             raise MedsegError(f"case {case_id} given twice")
         seen.add(case_id)
         try:
-            result = evaluate_case(pred, ref, spacing, dataset_json.labels, dataset_json.regions, penalty_mm, lesionwise=lesionwise)
+            result = evaluate_case(
+                pred, ref, spacing, dataset_json.labels, dataset_json.regions, penalty_mm,
+                lesionwise=lesionwise, panoptic=panoptic,
+            )
+            if keep_slices:
+                snapshots[case_id] = case_slices(as_label_map(pred), as_label_map(ref), spacing, image)
         except MedsegError as exc:
             raise MedsegError(f"case {case_id}: {exc}", exc.path) from None
         per_case.append({"case_id": case_id, **result})
@@ -112,7 +149,15 @@ def evaluate_arrays(
     metrics = Metrics(
         n_cases=len(per_case), mean=aggregate(per_case), per_case=per_case, hd95_penalty_mm=float(penalty_mm)
     )
-    write_report(metrics, out_dir, regions=list(dataset_json.regions), title=dataset_json.name)
+    notes = []
+    if lesionwise:
+        notes.append(f"Lesion-wise numbers: the official BraTS scorer's rules, setting {lesionwise!r} (medseg.evaluation.lesionwise).")
+    if panoptic is not None:
+        notes.append(f"Instance matching: {getattr(panoptic, 'name', panoptic)!s} (medseg.evaluation.panoptic).")
+    write_report(
+        metrics, out_dir, regions=list(dataset_json.regions), title=dataset_json.name, snapshots=snapshots,
+        label_names={int(v): k for k, v in dataset_json.labels.items() if int(v) != 0}, notes=notes,
+    )
     return metrics
 
 
@@ -207,14 +252,22 @@ def _progress(items: Iterable[CasePair], enabled: bool, total: int | None) -> It
 
 # --------------------------------------------------------------------------- report files
 def write_report(
-    metrics: Metrics, out_dir: str | Path, regions: Sequence[str] | None = None, title: str = ""
+    metrics: Metrics,
+    out_dir: str | Path,
+    regions: Sequence[str] | None = None,
+    title: str = "",
+    snapshots: Mapping[str, CaseSlices] | None = None,
+    label_names: Mapping[int, str] | None = None,
+    notes: Sequence[str] = (),
 ) -> Path:
-    """Write ``dice_boxplot.png``, ``per_case.csv``, ``cases.csv``, ``report.md`` and (last)
-    ``metrics.json``.
+    """Write ``dice_boxplot.png``, ``per_case.csv``, ``cases.csv``, ``report.md``, ``report.html``
+    and (last) ``metrics.json``.
 
-    ``regions`` are the names shown in the box plot and the per-case Dice table; when none of them is
-    in ``metrics.mean`` (e.g. a dataset without regions) every label/region name is shown.
-    ``title`` (e.g. the dataset name) goes into the report heading. Returns ``out_dir``.
+    ``regions`` are the names shown in the box plots and the per-case Dice tables; when none of them
+    is in ``metrics.mean`` (e.g. a dataset without regions) every label/region name is shown.
+    ``title`` (e.g. the dataset name) goes into the report heading. ``snapshots`` (case id → kept
+    slices) give the HTML report its best / median / worst overlays, ``label_names`` (value → name)
+    their legend, ``notes`` extra convention sentences. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     names = list(metrics.mean)
@@ -223,6 +276,7 @@ def write_report(
     io.write_text(out_dir / PER_CASE_CSV, per_case_csv(metrics))
     io.write_text(out_dir / CASES_CSV, cases_long_csv(metrics))
     io.write_text(out_dir / REPORT_MD, report_markdown(metrics, shown, title))
+    io.write_text(out_dir / REPORT_HTML, report_html(metrics, shown, title, snapshots, label_names, notes))
     metrics.save(out_dir / METRICS_JSON)
     return out_dir
 
@@ -276,8 +330,39 @@ def markdown_table(metrics: Metrics) -> str:
     for name, m in metrics.mean.items():
         dice_cell = _fmt(m["dice"]) + (f" / {_fmt(m['dice_median'])}" if "dice_median" in m else "")
         hd_cell = _fmt(m["hd95"], 2) + (f" / {_fmt(m['hd95_median'], 2)}" if "hd95_median" in m else "")
-        vol_cell = f"{_fmt(m['pred_volume_ml'], 2)} / {_fmt(m['ref_volume_ml'], 2)}"
+        vol_cell = f"{_fmt(m['volume_pred_ml'], 2)} / {_fmt(m['volume_ref_ml'], 2)}"
         cells = [name, dice_cell, _fmt(m["iou"]), hd_cell, _fmt(m["assd"], 2), _fmt(m["sensitivity"]), vol_cell]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def detection_table(metrics: Metrics) -> str:
+    """Markdown table of the lesion-wise (per BraTS year) and instance-wise means of every name that
+    has them; empty string when none has."""
+    years = sorted({k.rsplit("_", 1)[1] for m in metrics.mean.values() for k in m if k.startswith("lesionwise_dice_") and not k.endswith(("_std", "_q25", "_q75", "_median"))})
+    has_panoptic = any("pq_dsc" in m for m in metrics.mean.values())
+    if not years and not has_panoptic:
+        return ""
+    head = ["Structure"]
+    for y in years:
+        head += [f"Lesion-wise Dice {y}", f"Lesion-wise HD95 {y} mm", f"Lesions TP / FP / FN {y} (per case)"]
+    if has_panoptic:
+        head += ["SQ Dice", "SQ HD95 mm", "PQ Dice", "Instances TP / FP / FN (per case)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name, m in metrics.mean.items():
+        cells = [name]
+        for y in years:
+            if f"lesionwise_dice_{y}" in m:
+                counts = " / ".join(_fmt(m[f"lesion_{c}_{y}"], 2) for c in ("tp", "fp", "fn"))
+                cells += [_fmt(m[f"lesionwise_dice_{y}"]), _fmt(m[f"lesionwise_hd95_{y}"], 2), counts]
+            else:
+                cells += ["–"] * 3
+        if has_panoptic:
+            if "pq_dsc" in m:
+                counts = " / ".join(_fmt(m[c], 2) for c in ("tp", "fp", "fn"))
+                cells += [_fmt(m["sq_dsc"]), _fmt(m["sq_hd95"], 2), _fmt(m["pq_dsc"]), counts]
+            else:
+                cells += ["–"] * 4
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -289,6 +374,7 @@ def report_markdown(metrics: Metrics, regions: Sequence[str], title: str = "") -
         f"\n{metrics.n_cases} case(s). Means over cases; medians after the slash.\n"
         f"HD95: {metrics.hd95_convention}. ASSD: mean symmetric surface distance in mm.\n"
         f"Empty masks: {metrics.empty_handling} (penalty {metrics.hd95_penalty_mm:g} mm; ASSD likewise).\n"
+        f"Every metric with its spread, box plots and the best / median / worst case: [{REPORT_HTML}]({REPORT_HTML}).\n"
     )
     per_case = ["| Case | " + " | ".join(regions) + " |", "|---|" + "---:|" * len(regions)]
     for case in metrics.per_case:
@@ -299,6 +385,7 @@ def report_markdown(metrics: Metrics, regions: Sequence[str], title: str = "") -
         + intro
         + "\n## Mean over cases\n\n"
         + markdown_table(metrics)
+        + (f"\n## Lesion-wise and instance-wise (means over cases)\n\n{detection_table(metrics)}" if detection_table(metrics) else "")
         + f"\n![Dice per region]({DICE_BOXPLOT_PNG})\n"
         + "\n## Dice per case\n\n"
         + "\n".join(per_case)
@@ -338,7 +425,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", type=Path, required=True, metavar="DIR", help="folder of predicted label maps <CASE>.nii.gz")
     parser.add_argument("--labels", type=Path, required=True, metavar="DIR", help="folder of reference label maps <CASE>.nii.gz")
     parser.add_argument("--dataset-json", type=Path, required=True, metavar="FILE", help="dataset.json (labels, regions)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder (metrics.json, per_case.csv, cases.csv, report.md, dice_boxplot.png)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder (metrics.json, per_case.csv, cases.csv, report.md, report.html, dice_boxplot.png)")
     parser.add_argument(
         "--cases", default=None, metavar="ID[,ID...]",
         help="evaluate only these cases (default: every file in --labels, each needing a prediction)",
@@ -363,5 +450,5 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         m = metrics.mean[name]
         print(f"  {name:<6} {m['dice']:.4f}  (HD95 {m['hd95']:.2f} mm)")
-    print(f"report: {Path(args.out) / REPORT_MD}")
+    print(f"report: {Path(args.out) / REPORT_MD} (and {REPORT_HTML}, self-contained)")
     return 0

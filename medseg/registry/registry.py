@@ -45,7 +45,7 @@ LINEAGE_KEYS = ("manifest_hash", "git_commit", "pipeline_run_id", "plan_hash", "
 EVAL_DIR = "evaluation"
 PER_CASE_JSON = "per_case.json"
 #: Report files logged beside metrics.json when ``report_dir`` holds them.
-REPORT_FILES = ("report.md", schemas.PER_CASE_CSV, "cases.csv", "dice_boxplot.png")
+REPORT_FILES = ("report.md", "report.html", schemas.PER_CASE_CSV, "cases.csv", "dice_boxplot.png")
 UNKNOWN = "unknown"
 
 
