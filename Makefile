@@ -17,7 +17,7 @@ STAGES := ingest preprocess train evaluate register promote serve predict
 # docker when an engine answers, else buildah; with neither, `make images` prints the commands to run elsewhere
 BUILDER := $(shell (docker info >/dev/null 2>&1 && echo docker) || (command -v buildah >/dev/null 2>&1 && echo buildah) || echo none)
 
-.PHONY: install demo test test-fast compile images clean help
+.PHONY: install demo test test-fast test-tools compile images clean help
 
 help:
 	@echo "make demo      set up, then run synthetic data -> kfp.local pipeline -> MLflow -> KServe (<= 15 min)"
@@ -41,7 +41,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medseg demo
 
-test: $(STAMP)
+# Tools some tests drive from outside Python: headless Chromium renders the HTML report and the viewer.
+# Installed from Debian when missing and we may (root, apt); otherwise those tests skip and say why.
+test-tools:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) && echo "installed chromium"; } || \
+	  echo "chromium not available: the browser-rendering tests will be skipped"
+
+test: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
