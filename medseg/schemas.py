@@ -184,7 +184,7 @@ class Splits(Artifact):
     seed: int = 0
     n_folds: int = 5
     test_fraction: float = 0.2
-    method: str = "patient-hash"  # how patients were assigned (see medseg.ingest.splits)
+    method: str = "patient-hash-rank"  # how patients were assigned (see medseg.ingest.splits)
     stratified: bool = False  # True when assignment was stratified by class
     schema_version: int = SCHEMA_VERSION
 
@@ -201,6 +201,10 @@ class Fingerprint(Artifact):
     case_ids: list[str]
     crop_fractions: list[float] = field(default_factory=list)  # voxels after crop / before
     schema_version: int = SCHEMA_VERSION
+    crop_boxes: list[list[list[int]]] = field(default_factory=list)  # per case, per axis [start, stop) of the nonzero crop
+    class_voxel_counts: dict[str, int] = field(default_factory=dict)  # label value → voxels over the fingerprinted cases
+    samples_per_case: int = 0  # foreground voxels drawn per case (with replacement) for the channel statistics
+    seed: int = 0  # seed of that sampling
 
 
 @dataclass
@@ -228,6 +232,8 @@ class Configuration:
     network: dict[str, Any]  # NetworkTopology as dict
     n_parameters: int = 0
     estimated_memory_gib: float = 0.0
+    seg_resampling: str = "linear"  # "linear": per label on the one-hot map, ≥ 0.5 wins (nnU-Net); "nearest"
+    slice_axis: int | None = None  # 2d only: slices are taken along this axis, whose spacing is left as it is
 
 
 @dataclass
@@ -245,6 +251,7 @@ class Plans(Artifact):
     default_configuration: str = "3d_fullres"
     use_nonzero_mask: bool = True
     schema_version: int = SCHEMA_VERSION
+    trained_configurations: list[str] = field(default_factory=list)  # the configurations preprocessed for training
 
     def configuration(self, name: str | None = None) -> Configuration:
         name = name or self.default_configuration

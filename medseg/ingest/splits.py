@@ -1,9 +1,9 @@
 """Patient-level splits: a held-out test set, then k cross-validation folds over the rest.
 
 Splitting by patient (not by case) keeps every timepoint of a patient on one side, so a model is never
-validated or tested on a scan of someone it was trained on. Each patient's side comes from a hash of
+validated or tested on a scan of someone it was trained on. Each patient's place comes from a hash of
 its id and the seed, so the same inputs give the same splits on any machine, and adding patients to a
-dataset leaves the others where they were.
+dataset does not reshuffle the others.
 """
 
 from __future__ import annotations
@@ -42,20 +42,20 @@ def make_splits(
 ) -> Splits:
     """Split cases by patient into ``test`` and ``folds`` ({train, val} case ids, sorted).
 
-    Each patient draws two numbers from a hash of (seed, patient id): it is in the held-out test set
-    when the first is below ``test_fraction``, and otherwise validates in fold ``floor(second × k)``.
-    So a patient's side depends on nothing but its own id and the seed: adding patients never moves
-    the ones already there (the property a growing dataset needs for comparable versions).
+    Each patient draws two numbers from a hash of (seed, patient id), fixed whatever the other
+    patients are. The ``round(test_fraction × patients)`` patients with the lowest first number form the
+    held-out test set; the rest, ordered by the second number, are cut into ``k`` contiguous blocks of
+    equal size (± 1), one validation fold each. Sizes are therefore exact, and adding a patient never
+    reshuffles the others: the newcomer takes its place in the two orders, which moves at most one
+    patient across the test boundary and at most one across each fold boundary (a random permutation
+    per dataset, as k-fold shuffling does, would move almost everyone).
 
-    Guards for small datasets, each logged as a warning (these may move a patient when one is added):
-    a test set of at least one patient when there are 3 or more patients (none below 3), at least 2
-    patients left for cross-validation, ``k = min(n_folds, patients left)`` folds (at least 2 with 2
-    patients; with 1 patient one fold validating on its own training data), and when a fold would be
-    empty the folds are dealt round-robin in hash order instead.
+    ``case_to_stratum`` (e.g. the class of a classification case) stratifies: the above is done within
+    each stratum, so every class is in the test set and the folds in proportion.
 
-    ``case_to_stratum`` (e.g. the class of a classification case) stratifies: hashing spreads every
-    stratum over test and folds in proportion on average, and a stratum whose expected share of the
-    test set is at least one patient always has one there.
+    Small datasets, each logged as a warning: no test set below 3 patients, at least 2 patients left
+    for cross-validation, ``k = min(n_folds, patients left)`` folds (at least 2 with 2 patients; with
+    1 patient one fold validating on its own training data).
     """
     check_split_parameters(n_folds, test_fraction)
     cases_of: dict[str, list[str]] = defaultdict(list)
@@ -65,12 +65,13 @@ def make_splits(
     stratum_of = _patient_strata(cases_of, case_to_stratum)
     u_test = {p: patient_hash(seed, "test", p) for p in patients}
     u_fold = {p: patient_hash(seed, "fold", p) for p in patients}
+    groups = _group(patients, stratum_of)
 
     def result(test: set[str], folds: list[dict[str, list[str]]]) -> Splits:
         test_cases = sorted(c for p in test for c in cases_of[p])
         return Splits(
             test=test_cases, folds=folds, seed=seed, n_folds=len(folds), test_fraction=test_fraction,
-            method="patient-hash", stratified=case_to_stratum is not None,
+            method="patient-hash-rank", stratified=case_to_stratum is not None,
         )
 
     if not patients:
@@ -82,17 +83,14 @@ def make_splits(
         if len(patients) < 3:
             logger.warning("only %d patient(s): no held-out test set", len(patients))
         else:
-            test = {p for p in patients if u_test[p] < test_fraction}
-            if not test:
+            for members in groups.values():
+                by_hash = sorted(members, key=u_test.__getitem__)
+                test.update(by_hash[: round(test_fraction * len(members))])
+            if not test:  # every stratum too small for its share: hold out the lowest-hash patient
                 test.add(min(patients, key=u_test.__getitem__))
-                logger.warning("no patient hashed into the test set: the lowest-hash patient is held out")
-            for stratum, members in _group(patients, stratum_of).items():
-                if len(members) * test_fraction >= 1 and not test & set(members):
-                    test.add(min(members, key=u_test.__getitem__))
-                    logger.warning("stratum %r had no test patient: its lowest-hash patient is held out", stratum)
             while len(patients) - len(test) < 2:
                 test.remove(max(test, key=u_test.__getitem__))
-    remaining = sorted((p for p in patients if p not in test), key=u_fold.__getitem__)
+    remaining = [p for p in patients if p not in test]
 
     if len(remaining) == 1:
         logger.warning("only 1 patient for cross-validation: one fold that validates on its training data")
@@ -102,10 +100,13 @@ def make_splits(
     k = max(2, min(n_folds, len(remaining)))
     if k != n_folds:
         logger.warning("%d fold(s) asked, %d used (%d patients for cross-validation)", n_folds, k, len(remaining))
-    fold_of = {p: min(int(u_fold[p] * k), k - 1) for p in remaining}
-    if len(set(fold_of.values())) < k:
-        logger.warning("hashing left a fold empty (%d patients, %d folds): folds dealt round-robin in hash order", len(remaining), k)
-        fold_of = {p: i % k for i, p in enumerate(remaining)}
+    fold_of: dict[str, int] = {}
+    offset = 0  # strata start where the previous one ended, so small strata do not all fill fold 0
+    for stratum in sorted(groups):
+        members = sorted((p for p in groups[stratum] if p not in test), key=u_fold.__getitem__)
+        for i, p in enumerate(members):
+            fold_of[p] = (offset + i * k // len(members)) % k
+        offset += len(members)
 
     all_cv = sorted(c for p in remaining for c in cases_of[p])
     folds = []
@@ -113,6 +114,8 @@ def make_splits(
         val = sorted(c for p in remaining if fold_of[p] == fold for c in cases_of[p])
         val_set = set(val)
         folds.append({"train": [c for c in all_cv if c not in val_set], "val": val})
+    if any(not f["val"] for f in folds):
+        logger.warning("a fold has no validation patient (%d patients in %d strata)", len(remaining), len(groups))
     return result(test, folds)
 
 
