@@ -13,7 +13,7 @@ GIT_COMMIT := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 GIT_SHA := $(shell git rev-parse --short=8 HEAD 2>/dev/null || echo nogit)
 IMAGE_REGISTRY ?= ghcr.io/medseg-ops
 IMAGE_TAG ?= $(VERSION)-$(GIT_SHA)
-STAGES := ingest preprocess train evaluate register promote serve predict
+STAGES := ingest preprocess train evaluate register promote serve predict deploy
 # docker when an engine answers, else buildah; with neither, `make images` prints the commands to run elsewhere
 BUILDER := $(shell (docker info >/dev/null 2>&1 && echo docker) || (command -v buildah >/dev/null 2>&1 && echo buildah) || echo none)
 

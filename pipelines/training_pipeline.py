@@ -1,29 +1,40 @@
-"""The training pipeline: ingest → preprocess → tune → train → evaluate → register → promote → serve.
+"""The training pipeline: ingest → preprocess → tune (parallel Optuna workers) → train → evaluate → register
+→ promote → serve (smoke test) and deploy.
 
-One definition: ``medseg pipeline run`` executes it with ``kfp.local`` (subprocesses, no cluster);
-``medseg pipeline compile`` writes the YAML a Kubeflow cluster runs.
+One definition: ``medseg pipeline run`` executes it with ``kfp.local`` (subprocesses, no cluster; one tune
+worker on a SQLite study, deploy_target=local); ``medseg pipeline compile`` writes the YAML a Kubeflow
+cluster runs (``cluster.tune_workers`` workers on the PostgreSQL study of the medseg-optuna Secret,
+deploy_target=kserve).
+
+The compiled defaults, resources, node selector, tolerations and Secret names come from ``params.yaml``
+at the project root, or from the file named by ``MEDSEG_PARAMS`` (one parameter file per cluster).
 """
 
+import os
 from pathlib import Path
 
 from kfp import dsl, kubernetes
 
+from components.deploy.component import deploy
 from components.evaluate.component import evaluate
+from components.image import image
 from components.ingest.component import ingest
 from components.preprocess.component import preprocess
 from components.promote.component import promote
 from components.register.component import register
 from components.serve.component import serve
 from components.train.component import train
-from components.tune.component import tune
+from components.tune.component import tune, tune_shards, tune_worker
 
 from medseg.pipeline.runner import load_params, pipeline_arguments
 
 PIPELINE_NAME = "medseg-training"
 # params.yaml is the single place for defaults: the compiled pipeline's defaults are read from it
-PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-DEFAULTS = pipeline_arguments(PARAMS, source="", tracking_uri="", optuna_storage="")
+PARAMS = load_params(os.environ.get("MEDSEG_PARAMS") or Path(__file__).resolve().parents[1] / "params.yaml")
+DEFAULTS = pipeline_arguments(PARAMS, source="", tracking_uri="", optuna_storage="", target="cluster")
 CLUSTER = PARAMS.get("cluster", {})
+#: The predictor image of the InferenceService: the serve image of this build (same registry and tag).
+SERVE_IMAGE = image("serve")
 
 
 def _mount_secrets(task: dsl.PipelineTask, *which: str) -> None:
@@ -55,7 +66,7 @@ def _training_resources(task: dsl.PipelineTask) -> None:
         kubernetes.add_toleration(task, **tol)
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Self-configuring 3D segmentation: ingest, plan, tune, train, evaluate, register, promote and smoke-serve a model.")
+@dsl.pipeline(name=PIPELINE_NAME, description="Self-configuring 3D segmentation: ingest, plan, tune in parallel, train, evaluate, register, promote, smoke-serve and deploy a model.")
 def training_pipeline(
     source: str,
     mlflow_tracking_uri: str = "",
@@ -69,12 +80,15 @@ def training_pipeline(
     train_params: dict = DEFAULTS["train_params"],
     tune_params: dict = DEFAULTS["tune_params"],
     n_trials: int = DEFAULTS["n_trials"],
+    tune_workers: int = DEFAULTS["tune_workers"],
     overlap: float = DEFAULTS["overlap"],
     thresholds: dict = DEFAULTS["thresholds"],
     promotion_margin: float = DEFAULTS["promotion_margin"],
     primary_region: str = DEFAULTS["primary_region"],
+    deploy_target: str = DEFAULTS["deploy_target"],
+    deploy_config: dict = DEFAULTS["deploy_config"],
 ):
-    """Train, evaluate, register and promote a segmentation model, then smoke-test it behind KServe.
+    """Train, evaluate, register and promote a segmentation model, smoke-test it behind KServe, deploy the champion.
 
     Args:
         source: Folder (or mounted volume path) holding the raw dataset, e.g. a BraTS 2023 layout.
@@ -88,25 +102,40 @@ def training_pipeline(
         device_budget: Planning budget: cpu, or gpu:<GiB> to size the patch for a GPU's memory.
         train_params: Training parameters (epochs, iterations_per_epoch, learning_rate, optimizer, loss, ...).
         tune_params: Overrides of train_params for each short Optuna trial.
-        n_trials: Number of Optuna trials.
+        n_trials: Number of Optuna trials, shared by the tune workers.
+        tune_workers: Optuna workers running in parallel pods on the shared study (at most n_trials are used).
         overlap: Sliding-window overlap at evaluation (0 to <1).
         thresholds: Minimum mean held-out Dice per region for the challenger alias, e.g. {"WT": 0.8}.
         promotion_margin: How much worse than the champion a challenger may be and still count as non-inferior.
         primary_region: Region whose Dice decides promotion.
+        deploy_target: Where the champion is deployed: kserve (InferenceService in deploy_config's namespace) or local (127.0.0.1, kfp.local runs).
+        deploy_config: medseg.deploy.DeployConfig fields (namespace, replicas, resources, gpu, canary, Prometheus URL, Secrets by name).
     """
     ingested = ingest(source=source, source_format=source_format, n_folds=n_folds, test_fraction=test_fraction, seed=seed)
     ingested.set_display_name("Ingest and validate")
     ingested.set_caching_options(False)  # the same source path may hold new data: always re-read it
     pre = preprocess(dataset=ingested.outputs["dataset"], device_budget=device_budget)
     pre.set_display_name("Fingerprint, plan, preprocess")
-    tuned = tune(preprocessed=pre.outputs["preprocessed"], train_params=train_params, tune_params=tune_params, n_trials=n_trials,
-                 optuna_storage=optuna_storage, mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-    tuned.set_display_name("Tune (Optuna)")
+    pre.set_caching_options(True)  # deterministic given the dataset and the budget
+    shards = tune_shards(n_workers=tune_workers, n_trials=n_trials, optuna_storage=optuna_storage, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    shards.set_display_name("Tune: create the study")
+    shards.set_caching_options(False)  # creates the run's study in the database
+    with dsl.ParallelFor(shards.output, name="tune-workers") as worker_index:
+        worker = tune_worker(preprocessed=pre.outputs["preprocessed"], worker_index=worker_index, n_workers=tune_workers, train_params=train_params,
+                             tune_params=tune_params, n_trials=n_trials, optuna_storage=optuna_storage, mlflow_tracking_uri=mlflow_tracking_uri,
+                             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        worker.set_display_name("Tune worker (Optuna)")
+        _training_resources(worker)
+        _mount_secrets(worker, "mlflow", "s3", "optuna")
+    tuned = tune(workers=dsl.Collected(worker.outputs["Output"]), train_params=train_params, tune_params=tune_params, optuna_storage=optuna_storage,
+                 pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    tuned.set_display_name("Tune: best parameters of the study")
     trained = train(preprocessed=pre.outputs["preprocessed"], best_params=tuned.outputs["best_params"], train_params=train_params,
                     mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     trained.set_display_name("Train")
     evaluated = evaluate(model=trained.outputs["model"], dataset=ingested.outputs["dataset"], overlap=overlap)
     evaluated.set_display_name("Evaluate on held-out cases")
+    evaluated.set_caching_options(True)  # deterministic given the model and the dataset
     registered = register(model=trained.outputs["model"], evaluation=evaluated.outputs["evaluation"], dataset=ingested.outputs["dataset"],
                           model_name=model_name, thresholds=thresholds,
                           mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
@@ -123,9 +152,15 @@ def training_pipeline(
     served.after(promoted)
     served.set_display_name("Serve (KServe smoke test)")
     served.set_caching_options(False)
-    for task in (tuned, trained):
-        _training_resources(task)
+    # deploy the champion pinned to its version (promote's champion_version: the new version if it passed the
+    # gate, else the one already serving; empty when there is none and the step records that)
+    deployed = deploy(model_name=model_name, champion_version=promoted.outputs["champion_version"], target=deploy_target, config=deploy_config,
+                      serve_image=SERVE_IMAGE, mlflow_tracking_uri=mlflow_tracking_uri)
+    deployed.set_display_name("Deploy (KServe InferenceService)")
+    deployed.set_caching_options(False)  # acts on the cluster and the registry: never replay an old answer
+    _training_resources(trained)
     _mount_secrets(ingested, "s3")
-    _mount_secrets(tuned, "mlflow", "s3", "optuna")
-    for task in (trained, registered, promoted, served):
+    _mount_secrets(shards, "optuna")
+    _mount_secrets(tuned, "optuna")
+    for task in (trained, registered, promoted, served, deployed):
         _mount_secrets(task, "mlflow", "s3")

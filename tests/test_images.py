@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "preprocess", "train", "evaluate", "register", "promote", "serve", "predict"]
+STAGES = ["ingest", "preprocess", "train", "evaluate", "register", "promote", "serve", "predict", "deploy"]
 DOCKERFILES = [ROOT / "components" / "Dockerfile.base"] + [ROOT / "components" / s / "Dockerfile" for s in STAGES]
 
 

@@ -118,17 +118,17 @@ def test_compile_and_load_back(tmp_path):
     assert path.name.startswith("medseg-training-") and path.suffix == ".yaml"
     spec = next(yaml.safe_load_all(path.read_text()))
     executors = spec["deploymentSpec"]["executors"]
-    assert {"exec-ingest", "exec-preprocess", "exec-tune", "exec-train", "exec-evaluate", "exec-register", "exec-promote", "exec-serve"} <= set(executors)
+    assert {"exec-ingest", "exec-preprocess", "exec-tune-worker", "exec-train", "exec-evaluate", "exec-register", "exec-promote", "exec-serve"} <= set(executors)
     train_resources = executors["exec-train"]["container"]["resources"]
     assert train_resources["cpuRequest"] == 4 and train_resources["memoryLimit"] == 32
     assert train_resources["accelerator"]["resourceType"] == "nvidia.com/gpu" and train_resources["accelerator"]["resourceCount"] == "1"
-    assert executors["exec-tune"]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert executors["exec-tune-worker"]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     platform = yaml.safe_load_all(path.read_text())
     docs = list(platform)
     k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     secrets = {s["secretName"] for s in k8s["exec-train"]["secretAsEnv"]}
     assert secrets == {"medseg-mlflow", "medseg-s3"}
-    assert {s["secretName"] for s in k8s["exec-tune"]["secretAsEnv"]} == {"medseg-mlflow", "medseg-s3", "medseg-optuna"}
+    assert {s["secretName"] for s in k8s["exec-tune-worker"]["secretAsEnv"]} == {"medseg-mlflow", "medseg-s3", "medseg-optuna"}
     assert k8s["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert "postgres" not in path.read_text() and "AKIA" not in path.read_text()  # no literal credentials
     assert spec["root"]["dag"]["tasks"]["ingest"]["cachingOptions"] == {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -37,9 +38,26 @@ def work_paths(params: dict[str, Any]) -> dict[str, Path]:
     return {"work": work, "raw": work / "raw", "kfp": work / "kfp", "mlflow_db": work / "mlflow.db", "optuna_db": work / "optuna.db"}
 
 
-def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri: str, optuna_storage: str) -> dict[str, Any]:
-    """``params.yaml`` → the pipeline's typed parameters."""
+#: ``pipeline_arguments(target=...)``: ``local`` for ``kfp.local`` runs, ``cluster`` for the compiled defaults.
+RUN_TARGETS = ("local", "cluster")
+
+
+def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri: str, optuna_storage: str, target: str = "local") -> dict[str, Any]:
+    """``params.yaml`` → the pipeline's typed parameters.
+
+    ``target="local"`` (``medseg pipeline run``, kfp.local): one tune worker (the study is a local SQLite
+    file and the machine has few cores) and ``deploy_target="local"`` (the model server on 127.0.0.1).
+    ``target="cluster"`` (the compiled pipeline's defaults): ``cluster.tune_workers`` parallel workers and
+    ``deploy.target`` (``kserve``).
+    """
+    if target not in RUN_TARGETS:
+        raise MedsegError(f"pipeline target must be one of {', '.join(RUN_TARGETS)}, got {target!r}")
+    from medseg.deploy.config import config_values
+
     ing, reg, tune = params.get("ingest", {}), params.get("registry", {}), params.get("tune", {})
+    deploy_config = config_values(params)
+    deploy_default = deploy_config.pop("target", "kserve")
+    deploy_config.pop("image", None)  # the pipeline passes the serve image it was compiled with
     return {
         "source": str(source),
         "mlflow_tracking_uri": tracking_uri,
@@ -57,6 +75,9 @@ def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri:
         "thresholds": dict(reg.get("thresholds", {"WT": 0.8})),
         "promotion_margin": float(reg.get("promotion_margin", 0.0)),
         "primary_region": reg.get("primary_region", "WT"),
+        "tune_workers": 1 if target == "local" else max(1, int((params.get("cluster") or {}).get("tune_workers", 1))),
+        "deploy_target": "local" if target == "local" else str(deploy_default),
+        "deploy_config": deploy_config,
     }
 
 
@@ -99,8 +120,24 @@ def run_local(arguments: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
     if not new_runs:
         raise MedsegError(f"pipeline finished but wrote no run folder under {pipeline_root}")
     run_dir = new_runs[-1]
-    tasks = {t.name: {o.name: str(o) for o in t.iterdir()} for t in sorted(run_dir.iterdir()) if t.is_dir()}
-    return {"run_dir": str(run_dir), "tasks": tasks, "seconds": seconds}
+    return {"run_dir": str(run_dir), "tasks": task_outputs(run_dir), "seconds": seconds}
+
+
+_LOOP_ITERATION = re.compile(r"^for-loop-\d+-iteration-(\d+)$")
+
+
+def task_outputs(run_dir: Path) -> dict[str, dict[str, str]]:
+    """``{task: {output: path}}`` of a kfp.local run folder. Tasks inside a ``dsl.ParallelFor`` (kfp.local
+    writes them to ``for-loop-<n>-iteration-<i>/<task>/``) are listed as ``<task>-<i>``."""
+    tasks: dict[str, dict[str, str]] = {}
+    for folder in sorted(p for p in Path(run_dir).iterdir() if p.is_dir()):
+        loop = _LOOP_ITERATION.match(folder.name)
+        if loop:
+            for task in sorted(p for p in folder.iterdir() if p.is_dir()):
+                tasks[f"{task.name}-{loop.group(1)}"] = {o.name: str(o) for o in task.iterdir()}
+        else:
+            tasks[folder.name] = {o.name: str(o) for o in folder.iterdir()}
+    return tasks
 
 
 def compiled_version() -> str:

@@ -91,6 +91,12 @@ def tune(preprocessed_dir: Path, base: TrainConfig, n_trials: int, storage: str,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=n_trials, callbacks=[after], catch=())
+    return _summarize(study, base, space, storage, study_name)
+
+
+def _summarize(study, base: TrainConfig, space: dict[str, tuple], storage: str, study_name: str) -> schemas.BestParams:
+    import optuna
+
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     if completed:
@@ -99,6 +105,54 @@ def tune(preprocessed_dir: Path, base: TrainConfig, n_trials: int, storage: str,
         best_params, best_value = {k: getattr(base, k) for k in space}, float("nan")
     return schemas.BestParams(params=best_params, best_value=best_value, study_name=study_name, storage=_redact(storage),
                               n_trials=len(study.trials), n_pruned=len(pruned))
+
+
+# --------------------------------------------------------------------------- parallel workers
+def pipeline_study_name(pipeline_run_id: str) -> str:
+    """The study every tune worker of one pipeline run shares (and the step after them reads)."""
+    return f"medseg-{pipeline_run_id}"
+
+
+def prepare_study(storage: str, study_name: str) -> None:
+    """Create the storage's tables and the (maximised) study once, before parallel workers start: several
+    processes initialising a fresh database at the same time race on its schema version row."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(study_name=study_name, storage=_storage(storage), direction="maximize", load_if_exists=True)
+
+
+def worker_trials(n_trials: int, n_workers: int, index: int) -> int:
+    """Trials of worker ``index`` when ``n_trials`` are shared by ``n_workers`` workers of one study
+    (the first ``n_trials % n_workers`` workers run one more; a worker may get 0)."""
+    if n_workers < 1 or not 0 <= index < n_workers:
+        raise ValueError(f"worker index {index} is not in 0..{n_workers - 1}")
+    if n_trials < 0:
+        raise ValueError(f"n_trials must be >= 0, got {n_trials}")
+    return n_trials // n_workers + (1 if index < n_trials % n_workers else 0)
+
+
+def worker_seed(seed: int, index: int) -> int:
+    """The seed of worker ``index``: workers of one study must not draw the same startup trials."""
+    return int(seed) + 1000 * int(index)
+
+
+def study_best(storage: str, study_name: str, base: TrainConfig, space: dict[str, tuple] | None = None) -> schemas.BestParams:
+    """The best parameters of an existing study (after parallel workers filled it); the defaults of
+    ``base`` when every trial was pruned. Raises :class:`~medseg.errors.MedsegError` if the study does
+    not exist or holds no finished trial."""
+    import optuna
+
+    from medseg.errors import MedsegError
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=_storage(storage))
+    except KeyError:
+        raise MedsegError(f"no Optuna study {study_name!r} in {_redact(storage)}") from None
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    if not finished:
+        raise MedsegError(f"Optuna study {study_name!r} has no finished trial ({len(study.trials)} trials in {_redact(storage)})")
+    return _summarize(study, base, space or SEARCH_SPACE, storage, study_name)
 
 
 def _redact(url: str) -> str:

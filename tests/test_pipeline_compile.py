@@ -1,0 +1,210 @@
+"""The compiled training pipeline (what a Kubeflow cluster runs) and the parallel-tuning fan-out.
+
+The pipeline is compiled in a child process with its own image registry/tag and parameter file
+(``components/image.py`` and the pipeline module read them at import), then read back as YAML. The
+fan-out (``tune_shards`` → ``dsl.ParallelFor`` of workers → ``tune`` on ``dsl.Collected``) also runs
+under kfp.local with stub workers that fill a SQLite Optuna study, so the real collector is exercised
+without training anything.
+
+No ``from __future__ import annotations`` here: kfp reads the stub component's annotations as types.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REGISTRY, TAG = "registry.local/ms", "9.9.9-abc"
+NODE_SELECTOR = {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """(pipeline spec, kubernetes platform spec, YAML text, params) of a compile with a cluster-specific parameter file."""
+    tmp = tmp_path_factory.mktemp("compile")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["cluster"]["node_selector"] = dict(NODE_SELECTOR)
+    params_file = tmp / "params-cluster.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    env = {**os.environ, "MEDSEG_IMAGE_REGISTRY": REGISTRY, "MEDSEG_IMAGE_TAG": TAG, "MEDSEG_PARAMS": str(params_file),
+           # must not leak into the YAML: compile never reads credentials
+           "MLFLOW_TRACKING_URI": "postgresql://mlflow:s3cr3t-pw@db:5432/mlflow", "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-not-a-real-key"}
+    code = "from medseg.pipeline.runner import compile_pipeline; import sys; print(compile_pipeline(sys.argv[1]))"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp)], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip().splitlines()[-1])
+    text = path.read_text()
+    docs = list(yaml.safe_load_all(text))
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"], text, params
+
+
+def test_tune_workers_fan_out_with_parallel_for(compiled):
+    spec, _, _, params = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    loops = {name: t for name, t in tasks.items() if "parameterIterator" in t}
+    assert len(loops) == 1
+    loop_name, loop = next(iter(loops.items()))
+    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--tune-shards-Output"}
+    assert loop["inputs"]["parameters"]["pipelinechannel--tune-shards-Output"]["taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "tune-shards"}
+    body = spec["components"][loop["componentRef"]["name"]]
+    assert list(body["dag"]["tasks"]) == ["tune-worker"]
+    worker_inputs = body["dag"]["tasks"]["tune-worker"]["inputs"]["parameters"]
+    assert worker_inputs["worker_index"] == {"componentInputParameter": loop["parameterIterator"]["itemInput"]}
+    assert body["inputDefinitions"]["parameters"][loop["parameterIterator"]["itemInput"]]["parameterType"] == "NUMBER_INTEGER"
+    assert worker_inputs["n_workers"] == {"componentInputParameter": "pipelinechannel--tune_workers"}
+    # the shards come from the tune_workers parameter, default cluster.tune_workers
+    assert tasks["tune-shards"]["inputs"]["parameters"]["n_workers"] == {"componentInputParameter": "tune_workers"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["tune_workers"]["defaultValue"] == params["cluster"]["tune_workers"]
+    # the best parameters are read after every worker, from their collected outputs, and train uses them
+    tune = tasks["tune"]
+    assert loop_name in tune["dependentTasks"]
+    assert tune["inputs"]["parameters"]["workers"]["taskOutputParameter"] == {"outputParameterKey": "pipelinechannel--tune-worker-Output", "producerTask": loop_name}
+    assert tasks["train"]["inputs"]["artifacts"]["best_params"]["taskOutputArtifact"] == {"outputArtifactKey": "best_params", "producerTask": "tune"}
+
+
+def test_resources_node_selector_and_tolerations_on_train_and_tune(compiled):
+    spec, k8s, _, params = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    res = params["cluster"]["train_resources"]
+    for name in ("exec-tune-worker", "exec-train"):
+        resources = executors[name]["container"]["resources"]
+        assert resources["resourceCpuRequest"] == res["cpu_request"] and resources["resourceMemoryLimit"] == res["memory_limit"], name
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu" and resources["accelerator"]["resourceCount"] == "1", name
+        assert k8s[name]["nodeSelector"]["labels"] == NODE_SELECTOR, name
+        assert k8s[name]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}], name
+    for name in ("exec-tune-shards", "exec-tune", "exec-deploy", "exec-promote"):  # small steps: no GPU, no GPU node
+        assert "accelerator" not in executors[name]["container"].get("resources", {}), name
+        assert "nodeSelector" not in k8s.get(name, {}) and "tolerations" not in k8s.get(name, {}), name
+
+
+def test_images_are_the_configured_registry_and_tag(compiled):
+    spec, _, _, _ = compiled
+    images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
+    assert all(image.startswith(f"{REGISTRY}/medseg-") and image.endswith(f":{TAG}") for image in images.values()), images
+    assert images["exec-tune-worker"] == images["exec-tune"] == images["exec-tune-shards"] == f"{REGISTRY}/medseg-train:{TAG}"
+    assert images["exec-deploy"] == f"{REGISTRY}/medseg-deploy:{TAG}"
+    # the InferenceService's predictor image: the serve image of the same build
+    serve_image = spec["root"]["dag"]["tasks"]["deploy"]["inputs"]["parameters"]["serve_image"]["runtimeValue"]["constant"]
+    assert serve_image == f"{REGISTRY}/medseg-serve:{TAG}"
+
+
+def test_caching_off_for_side_effects_on_for_deterministic_steps(compiled):
+    spec, _, _, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    for name in ("ingest", "tune-shards", "register", "promote", "serve", "deploy"):
+        assert tasks[name]["cachingOptions"] == {}, name  # {} = enableCache false
+    for name in ("preprocess", "evaluate"):
+        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
+    assert all(t["taskInfo"]["name"][0].isupper() or t["taskInfo"]["name"] == "tune-workers" for t in tasks.values())  # display names set
+
+
+def test_deploy_follows_promote_with_the_champion_version(compiled):
+    spec, _, _, params = compiled
+    deploy = spec["root"]["dag"]["tasks"]["deploy"]
+    assert deploy["dependentTasks"] == ["promote"]
+    inputs = deploy["inputs"]["parameters"]
+    assert inputs["champion_version"]["taskOutputParameter"] == {"outputParameterKey": "champion_version", "producerTask": "promote"}
+    assert inputs["target"] == {"componentInputParameter": "deploy_target"}
+    assert inputs["config"] == {"componentInputParameter": "deploy_config"}
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["deploy_target"]["defaultValue"] == "kserve"
+    config = defaults["deploy_config"]["defaultValue"]
+    assert config["namespace"] == params["deploy"]["namespace"] and config["canary"] is params["deploy"]["canary"]
+    from medseg.deploy.config import DeployConfig
+
+    DeployConfig.from_dict({**config, "target": "kserve"})  # the default is a valid deploy config
+
+
+def test_secrets_by_name_and_no_literal_credentials(compiled):
+    spec, k8s, text, params = compiled
+    secrets = params["cluster"]["secrets"]
+
+    def mounted(executor):
+        return {s["secretName"]: {k["envVar"]: k["secretKey"] for k in s["keyToEnv"]} for s in k8s[executor].get("secretAsEnv", [])}
+
+    expected = {s["name"]: {env: key for key, env in s["keys"].items()} for s in secrets.values()}
+    assert mounted("exec-tune-worker") == {n: expected[n] for n in ("medseg-mlflow", "medseg-s3", "medseg-optuna")}
+    assert mounted("exec-tune") == mounted("exec-tune-shards") == {"medseg-optuna": expected["medseg-optuna"]}
+    for executor in ("exec-train", "exec-register", "exec-promote", "exec-serve", "exec-deploy"):
+        assert mounted(executor) == {n: expected[n] for n in ("medseg-mlflow", "medseg-s3")}, executor
+    # the InferenceService gets the same Secrets, by name and key, through the deploy config
+    config = spec["root"]["inputDefinitions"]["parameters"]["deploy_config"]["defaultValue"]
+    assert config["secret_env"]["MLFLOW_TRACKING_URI"] == ["medseg-mlflow", "tracking_uri"]
+    assert "s3cr3t-pw" not in text and "wJalrXUtnFEMI" not in text and "AKIA" not in text
+    assert not re.search(r"[a-z+]+://[^/\s:@'\"]+:[^/\s@'\"]+@", text), "a URL with user:password@"
+    for name in ("mlflow_tracking_uri", "optuna_storage"):
+        assert spec["root"]["inputDefinitions"]["parameters"][name]["defaultValue"] == ""  # the Secret fills it
+
+
+# --------------------------------------------------------------------------- the fan-out under kfp.local
+def test_worker_shares_and_seeds():
+    from medseg.training.tuning import worker_seed, worker_trials
+
+    assert [worker_trials(10, 4, i) for i in range(4)] == [3, 3, 2, 2]
+    assert sum(worker_trials(7, 3, i) for i in range(3)) == 7
+    assert len({worker_seed(0, i) for i in range(4)}) == 4 and worker_seed(5, 0) == 5
+    with pytest.raises(ValueError):
+        worker_trials(3, 2, 2)
+
+
+def test_study_best_of_a_missing_study_is_a_clear_error(tmp_path):
+    from medseg.errors import MedsegError
+    from medseg.training.trainer import TrainConfig
+    from medseg.training.tuning import sqlite_url, study_best
+
+    with pytest.raises(MedsegError, match="no Optuna study 'medseg-nope'"):
+        study_best(sqlite_url(tmp_path / "optuna.db"), "medseg-nope", TrainConfig())
+
+
+def test_parallel_for_fan_out_runs_under_kfp_local(tmp_path):
+    """kfp.local runs the ParallelFor (2 at a time) and dsl.Collected; the real ``tune_shards`` and ``tune``
+    components around stub workers that each add their share of trials to one SQLite study."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from kfp import dsl, local
+
+    from components.image import COMPONENT_OPTIONS
+    from components.tune.component import tune, tune_shards
+    from medseg.training.tuning import sqlite_url
+
+    @dsl.component(base_image="python:3.11-slim", **COMPONENT_OPTIONS)
+    def stub_worker(worker_index: int, n_workers: int, n_trials: int, optuna_storage: str, pipeline_run_id: str) -> dict:
+        import optuna
+
+        from medseg.training.tuning import _storage, pipeline_study_name, worker_seed, worker_trials
+
+        index = int(worker_index)
+        share = worker_trials(int(n_trials), int(n_workers), index)
+        study = optuna.create_study(study_name=pipeline_study_name(pipeline_run_id), storage=_storage(optuna_storage), direction="maximize",
+                                    sampler=optuna.samplers.RandomSampler(seed=worker_seed(0, index)), load_if_exists=True)
+        study.optimize(lambda t: 1.0 - abs(t.suggest_float("learning_rate", 3e-4, 1e-2, log=True) - 0.003) - 0 * t.suggest_float("foreground_share", 0.2, 0.7)
+                       - 0 * t.suggest_float("weight_decay", 1e-6, 1e-3, log=True), n_trials=share)
+        return {"worker": index, "n_trials": share}
+
+    @dsl.pipeline(name="tune-fan-out")
+    def fan_out(n_workers: int, n_trials: int, optuna_storage: str):
+        shards = tune_shards(n_workers=n_workers, n_trials=n_trials, optuna_storage=optuna_storage, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        with dsl.ParallelFor(shards.output) as index:
+            worker = stub_worker(worker_index=index, n_workers=n_workers, n_trials=n_trials, optuna_storage=optuna_storage,
+                                 pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        tune(workers=dsl.Collected(worker.output), train_params={"epochs": 3}, tune_params={"epochs": 1}, optuna_storage=optuna_storage,
+             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"), raise_on_error=True)
+    fan_out(n_workers=3, n_trials=7, optuna_storage=sqlite_url(tmp_path / "optuna.db"))
+    run_dir = next((tmp_path / "root").glob("tune-fan-out-*"))
+    from medseg.pipeline.runner import task_outputs
+
+    tasks = task_outputs(run_dir)
+    assert {"tune-shards", "tune", "stub-worker-0", "stub-worker-1", "stub-worker-2"} <= set(tasks)
+    best = json.loads((Path(tasks["tune"]["best_params"]) / "best_params.json").read_text())
+    assert best["n_trials"] == 7 and set(best["params"]) == {"learning_rate", "foreground_share", "weight_decay"}
+    assert abs(best["params"]["learning_rate"] - 0.003) < 0.003
+    executor = json.loads((run_dir / "tune" / "executor_output.json").read_text())
+    assert "n_workers" in json.dumps(executor)
