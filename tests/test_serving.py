@@ -198,7 +198,9 @@ def test_metrics_exposed(served, case):
     assert f'medseg_requests_total{{model="{NAME}",status="4xx"}}' in text
     assert f'medseg_inflight_requests{{model="{NAME}"}} 0.0' in text
     assert "medseg_inference_seconds_bucket" in text and "medseg_input_voxels_bucket" in text
-    assert f'medseg_model_info{{configuration="3d_fullres",model="{NAME}",version="local"}} 1.0' in text
+    # the test package's plans hold the planner's placeholders (mean 0, std 1): no drift reference
+    assert f'medseg_model_info{{configuration="3d_fullres",drift_reference="none",model="{NAME}",version="local"}} 1.0' in text
+    assert f'medseg_stage_seconds_count{{model="{NAME}",stage="predict"}}' in text
     assert f'request_predict_seconds_count{{model_name="{NAME}"}}' in text
 
 
@@ -275,9 +277,9 @@ def test_decode_case_and_request_errors(case):
 
     encoded = {c: base64.b64encode(b).decode() for c, b in _files(case).items()}
     out = decode_case(encoded, list(BRATS_CHANNELS))
-    assert out["images"].shape == (4, 24, 24, 24) and out["spacing"] == [2.0, 2.0, 2.0]
+    assert out.images.shape == (4, 24, 24, 24) and out.spacing == [2.0, 2.0, 2.0]
     wrapped = {c: "\n".join(t[i:i + 76] for i in range(0, len(t), 76)) for c, t in encoded.items()}  # `base64` tool output
-    assert decode_case(wrapped, list(BRATS_CHANNELS))["images"].shape == (4, 24, 24, 24)
+    assert decode_case(wrapped, list(BRATS_CHANNELS)).images.shape == (4, 24, 24, 24)
     with pytest.raises(MedsegError, match="input 't1n': empty"):
         decode_case({**encoded, "t1n": ""}, list(BRATS_CHANNELS))
     assert parse_models_uri("models:/brats@champion") == ("brats", "champion", None)

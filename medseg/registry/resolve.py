@@ -39,22 +39,38 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise MedsegError("expected models:/NAME@ALIAS or models:/NAME/VERSION", uri)
 
 
+def registered_version(uri: str) -> str:
+    """The version ``models:/NAME@ALIAS`` (or ``/latest``, or ``/VERSION``) points to now: one registry lookup, no download."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _lookup_version(uri)
+    except MlflowException as exc:
+        raise MedsegError(f"cannot resolve the registered model ({exc.message})", uri) from None
+
+
+def _lookup_version(uri: str) -> str:
+    import mlflow
+
+    name, alias, version = parse_models_uri(uri)
+    client = mlflow.MlflowClient()
+    if alias is not None:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    if version is not None and version.lower() == "latest":
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise MedsegError("registered model has no versions", uri)
+        return str(max(int(v.version) for v in versions))
+    return str(client.get_model_version(name, version).version)
+
+
 def _download_registered(uri: str, download_dir: str | Path | None) -> tuple[Path, str]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    name, alias, version = parse_models_uri(uri)
-    client = mlflow.MlflowClient()
+    name, _, _ = parse_models_uri(uri)
     try:
-        if alias is not None:
-            version = str(client.get_model_version_by_alias(name, alias).version)
-        elif version is not None and version.lower() == "latest":
-            versions = client.search_model_versions(f"name='{name}'")
-            if not versions:
-                raise MedsegError("registered model has no versions", uri)
-            version = str(max(int(v.version) for v in versions))
-        else:
-            version = str(client.get_model_version(name, version).version)
+        version = _lookup_version(uri)
         # Download the pinned version, so an alias moved meanwhile cannot mix versions.
         dest = Path(download_dir) if download_dir else Path(tempfile.mkdtemp(prefix="medseg-model-"))
         dest.mkdir(parents=True, exist_ok=True)

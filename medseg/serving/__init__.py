@@ -1,10 +1,17 @@
 """Serving: a KServe model server for model packages, and its client.
 
-- :mod:`medseg.serving.model`: ``SegmentationModel`` (a ``kserve.Model``) answering Open Inference Protocol v2
-  requests whose inputs are the channel NIfTI files, base64 text in one ``BYTES`` element each.
+- :mod:`medseg.serving.model`: ``SegmentationModel`` (a ``kserve.Model``: load / preprocess / predict /
+  postprocess) answering Open Inference Protocol v2 and KServe V1 requests.
+- :mod:`medseg.serving.decode`: request → case (BYTES NIfTI per channel, or one FP32 ``[C,Z,Y,X]`` volume),
+  every client mistake a message naming the input.
+- :mod:`medseg.serving.guard`: the ASGI guard in front of KServe's app (size limit, admission with 503,
+  timeout with 504, binary tensor extension, JSON errors); :mod:`medseg.serving.limits` its numbers and tickets.
+- :mod:`medseg.serving.reload`: versions loaded beside each other and swapped atomically, alias polling, the
+  model repository behind ``POST /v2/repository/models/NAME/load``.
+- :mod:`medseg.serving.drift`: input drift z-scores against the package's training statistics.
 - :mod:`medseg.serving.server`: ``serve()`` (the real KServe ``ModelServer``, REST only, bound to one host,
   127.0.0.1 by default) and helpers to run it as a subprocess (tests, local runs).
-- :mod:`medseg.serving.client`: ``infer()`` and ``medseg predict``.
+- :mod:`medseg.serving.client`: ``infer()``, ``infer_volume()`` and ``medseg predict``.
 - :mod:`medseg.serving.metrics`: the ``medseg_*`` Prometheus metrics shown on ``/metrics``.
 
 kserve parses ``sys.argv`` when ``kserve.model_server`` is imported (and ``import kserve`` imports it), so an

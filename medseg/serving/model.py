@@ -1,119 +1,147 @@
-"""The KServe predictor: a model package behind the Open Inference Protocol (V2).
+"""The KServe predictor: a model package behind the Open Inference Protocol (V2) and KServe's V1 protocol.
 
-Request (``POST /v2/models/NAME/infer``): one input per channel, named as the model's channels
-(BraTS 2023: ``t1n``, ``t1c``, ``t2w``, ``t2f``), each ``{"datatype": "BYTES", "shape": [1],
-"data": ["<base64 of the .nii or .nii.gz file>"]}``. All channels must share shape and affine.
+Requests (details and examples in the README's wire contract, input formats in :mod:`medseg.serving.decode`):
 
-Response: outputs ``segmentation`` (BYTES, shape [1], base64 of a ``.nii.gz`` label map in the input's
+- ``POST /v2/models/NAME/infer``: one BYTES input per channel (BraTS 2023: ``t1n``, ``t1c``, ``t2w``, ``t2f``),
+  each one element, the ``.nii``/``.nii.gz`` file (base64 in JSON, raw bytes with the binary extension); or one
+  FP32 input ``volume`` ``[C, Z, Y, X]`` with ``affine`` (and ``spacing``) parameters, in JSON or binary.
+- ``POST /v1/models/NAME:predict``: ``{"instances": [{"t1n": "<base64>", ...}]}`` (one case).
+
+Response (V2): outputs ``segmentation`` (BYTES, shape [1], base64 of a ``.nii.gz`` label map in the input's
 geometry) and ``volumes_ml`` (FP32, one value per region, named in the output parameter ``regions``),
-response parameters ``model_name`` and ``model_version``.
+response parameters ``model_name`` and ``model_version``. V1: ``{"predictions": [{"segmentation",
+"volumes_ml": {region: ml}}], "model_name", "model_version"}``. Both carry the header ``x-model-version``:
+the version that answered (each request runs on the version serving when it started, see
+:mod:`medseg.serving.reload`).
 
-A client mistake (bad base64, not NIfTI, truncated gzip, missing channel, mismatched shapes, NaN voxels)
-answers HTTP 400 with a message naming the input and the problem; the server keeps serving.
-
-Decoding and inference run in worker threads (one inference at a time), so the event loop stays free
-for health checks and ``/metrics`` while a volume is being segmented.
+A client mistake answers 400 with a message naming the input and the problem; the server keeps serving.
+Decoding, inference and encoding run in worker threads (inference in at most ``max_concurrent`` at once),
+so the event loop stays free for health checks and ``/metrics``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.inference.predictor import Prediction, Predictor
-from medseg.io import load_nifti_bytes, nifti_spacing, nifti_to_bytes, stack_channels
-from medseg.registry.resolve import resolve_model_source
+from medseg.inference.predictor import Prediction
+from medseg.io import nifti_to_bytes
 from medseg.serving import import_kserve
-from medseg.serving.metrics import INFERENCE_SECONDS, INFLIGHT, INPUT_VOXELS, MODEL_INFO, REQUESTS
+from medseg.serving.decode import Case, DecodedRequest, decode_case, decode_tensors, request_tensors
+from medseg.serving.drift import drift_zscores, observe_drift
+from medseg.serving.limits import CURRENT_TICKET, RequestAbandoned, ServeLimits, run_in_worker
+from medseg.serving.metrics import (INFERENCE_SECONDS, INFLIGHT, INPUT_VOXELS, MODEL_RELOADS, REQUESTS,
+                                    STAGE_SECONDS)
+from medseg.serving.reload import ServedVersion, ensure_poller, load_served_version, needs_reload, publish_version, retire
 
 kserve = import_kserve()
 from kserve.errors import InvalidInput  # noqa: E402  (after the guarded kserve import)
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse  # noqa: E402
+from kserve.protocol.infer_type import InferOutput, InferResponse  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+__all__ = ["SegmentationModel", "decode_case"]
+
+VERSION_HEADER = "x-model-version"
 
 
 class SegmentationModel(kserve.Model):
-    """``SegmentationModel(name, model_uri)``; ``load()`` before serving.
+    """``SegmentationModel(name, model_uri)``; ``load()`` before serving, ``load()`` again to reload.
 
     ``model_uri``: a model package folder, or an MLflow registry URI ``models:/NAME@ALIAS`` /
     ``models:/NAME/VERSION`` whose MLflow model holds the package under ``artifacts/model_package/``.
+    ``limits``: voxel limit, inference slots and alias polling interval (default: no polling).
     """
 
-    def __init__(self, name: str, model_uri: str | Path, device: str = "auto", download_dir: str | Path | None = None):
-        super().__init__(name)
+    def __init__(self, name: str, model_uri: str | Path, device: str = "auto", download_dir: str | Path | None = None,
+                 limits: ServeLimits | None = None):
+        super().__init__(name, return_response_headers=True)
         self.model_uri = str(model_uri)
         self.device = device
         self.download_dir = download_dir
-        self.predictor: Predictor | None = None
-        self.package_dir: Path | None = None
+        self.limits = limits or ServeLimits(reload_interval_s=0.0)
+        self.served: ServedVersion | None = None  # swapped as a whole; a request reads it once
         self.model_version: str | None = None
+        self.package_dir: Path | None = None
         self.channels: list[str] = []
         self.regions: list[str] = []
-        self._lock = threading.Lock()  # one inference at a time: the volumes are large, the cores few
+        self.poller: Any = None
+        self._slots = threading.BoundedSemaphore(self.limits.max_concurrent)  # the volumes are large, the cores few
+        self._load_lock = threading.Lock()
 
     def load(self) -> bool:
-        self.package_dir, self.model_version = resolve_model_source(self.model_uri, self.download_dir)
-        self.predictor = Predictor.from_package(self.package_dir, device=self.device)
-        self.channels = self.predictor.channels
-        self.regions = self.predictor.region_names
-        MODEL_INFO.labels(model=self.name).info({"version": self.model_version, "configuration": self.predictor.package.configuration})
-        log.info("model %s version %s loaded from %s (channels %s)", self.name, self.model_version, self.package_dir, ",".join(self.channels))
-        self.ready = True
+        """Load the version ``model_uri`` points to beside the one serving and swap; a no-op if it has not moved."""
+        with self._load_lock:
+            current = self.served
+            try:
+                if needs_reload(self.model_uri, current):
+                    new = load_served_version(self.model_uri, self.device, self.download_dir)
+                    self.served = new  # the swap: requests that started before keep the bundle they read
+                    self.model_version, self.package_dir, self.channels, self.regions = new.version, new.package_dir, new.channels, new.regions
+                    publish_version(self.name, new)
+                    if current is not None:
+                        MODEL_RELOADS.labels(model=self.name, outcome="swapped").inc()
+                        log.info("model %s: version %s replaced by %s", self.name, current.version, new.version)
+                        retire(current)
+            except Exception:
+                if current is not None:
+                    MODEL_RELOADS.labels(model=self.name, outcome="failed").inc()
+                raise
+            self.ready = True
+            self.poller = ensure_poller(self, self.limits.reload_interval_s)
         return self.ready
 
-    async def preprocess(self, payload: InferRequest | dict, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        served = self.served
         INFLIGHT.labels(model=self.name).inc()
+        start = time.perf_counter()
         try:
-            request_id, encoded = _request_inputs(payload, headers)
-            case = await asyncio.to_thread(decode_case, encoded, self.channels)
+            if served is None:
+                raise RuntimeError("model not loaded")
+            ticket = CURRENT_TICKET.get()
+            request = request_tensors(payload, headers, ticket.binary if ticket is not None else None)
+            case, zscores = await run_in_worker(_decode_and_measure, request, served, self.limits.max_voxels)
         except BaseException as exc:
             raise _failed(self.name, exc) from None
-        INPUT_VOXELS.labels(model=self.name).observe(float(np.prod(case["shape"])))
-        case["request_id"] = request_id
-        return case
+        INPUT_VOXELS.labels(model=self.name).observe(float(np.prod(case.shape)))
+        observe_drift(self.name, zscores)
+        STAGE_SECONDS.labels(model=self.name, stage="preprocess").observe(time.perf_counter() - start)
+        return {"case": case, "request": request, "served": served}
 
-    async def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+    async def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> dict[str, Any]:
         try:
-            prediction, seconds = await asyncio.to_thread(_run_predictor, self.predictor, self._lock, payload)
+            prediction, waited, seconds = await run_in_worker(_run_predictor, payload["served"], self._slots, payload["case"])
         except BaseException as exc:
             raise _failed(self.name, exc) from None
+        STAGE_SECONDS.labels(model=self.name, stage="queue").observe(waited)
+        STAGE_SECONDS.labels(model=self.name, stage="predict").observe(seconds)
         INFERENCE_SECONDS.labels(model=self.name).observe(seconds)
-        return {"prediction": prediction, "header": payload["header"], "request_id": payload["request_id"]}
+        return {**payload, "prediction": prediction}
 
-    async def postprocess(self, result: dict[str, Any], headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None) -> InferResponse:
+    async def postprocess(self, result: dict[str, Any], headers: dict[str, str] | None = None,
+                          response_headers: dict[str, str] | None = None) -> InferResponse | dict[str, Any]:
+        start = time.perf_counter()
         try:
-            prediction: Prediction = result["prediction"]
-            seg_bytes = await asyncio.to_thread(nifti_to_bytes, prediction.segmentation.astype(np.uint8), prediction.affine, result["header"])
-            regions = list(prediction.volumes_ml)
-            outputs = [
-                InferOutput(name="segmentation", shape=[1], datatype="BYTES", data=[base64.b64encode(seg_bytes).decode("ascii")]),
-                InferOutput(name="volumes_ml", shape=[len(regions)], datatype="FP32", data=[float(prediction.volumes_ml[r]) for r in regions],
-                            parameters={"regions": ",".join(regions)}),
-            ]
-            response = InferResponse(
-                response_id=result["request_id"],  # never None: a None id resets the connection
-                model_name=self.name,
-                model_version=self.model_version,
-                infer_outputs=outputs,
-                parameters={"model_name": self.name, "model_version": self.model_version},
-            )
+            served: ServedVersion = result["served"]
+            case: Case = result["case"]
+            seg_bytes = await run_in_worker(_encode_segmentation, result["prediction"], case)
+            response = _response(self.name, served, result["request"], result["prediction"], seg_bytes)
+            if response_headers is not None:
+                response_headers[VERSION_HEADER] = served.version
         except BaseException as exc:
             raise _failed(self.name, exc) from None
         REQUESTS.labels(model=self.name, status="2xx").inc()
         INFLIGHT.labels(model=self.name).dec()
+        STAGE_SECONDS.labels(model=self.name, stage="postprocess").observe(time.perf_counter() - start)
         return response
 
 
@@ -127,108 +155,53 @@ def _failed(model_name: str, exc: BaseException) -> BaseException:
     if isinstance(exc, InvalidInput):
         REQUESTS.labels(model=model_name, status="4xx").inc()
         return exc
+    if isinstance(exc, (RequestAbandoned, asyncio.CancelledError)):
+        return exc  # the guard answered (504) or the client left: counted there, not here
     if isinstance(exc, Exception):
         REQUESTS.labels(model=model_name, status="5xx").inc()
-    return exc  # cancellation (client gone) is not counted as an answer
+        log.exception("model %s: request failed", model_name, exc_info=exc)
+    return exc
 
 
-def _request_inputs(payload: InferRequest | dict, headers: dict[str, str] | None) -> tuple[str, dict[str, str | bytes]]:
-    """``(request id, {input name: base64 text})`` from a V2 request (or a V2-shaped dict on the V1 route)."""
-    if isinstance(payload, InferRequest):
-        request_id = payload.id
-        items = [(inp.name, inp.datatype, _input_data(inp)) for inp in payload.inputs]
-    elif isinstance(payload, dict) and isinstance(payload.get("inputs"), list):
-        request_id = payload.get("id")
-        try:
-            items = [(inp["name"], str(inp.get("datatype", "")).upper(), inp.get("data")) for inp in payload["inputs"]]
-        except (TypeError, KeyError):
-            raise MedsegError("every input needs a 'name', 'datatype' and 'data'") from None
-    else:
-        raise MedsegError("expected an Open Inference Protocol v2 request (POST /v2/models/NAME/infer) with one BYTES input per channel")
-    request_id = str(request_id or (headers or {}).get("x-request-id") or uuid.uuid4())
-    encoded: dict[str, str | bytes] = {}
-    for name, datatype, data in items:
-        where = f"input '{name}'"
-        if name in encoded:
-            raise MedsegError("given more than once", where)
-        if datatype != "BYTES":
-            raise MedsegError(f"datatype {datatype}, expected BYTES (one element: the base64 text of the NIfTI file)", where)
-        values = _flatten(data)
-        if len(values) != 1 or not isinstance(values[0], (str, bytes)):
-            raise MedsegError(f"expected exactly one element (the base64 text of the NIfTI file), got {len(values)}", where)
-        encoded[name] = values[0]
-    return request_id, encoded
+def _decode_and_measure(request: DecodedRequest, served: ServedVersion, max_voxels: int) -> tuple[Case, dict[str, float]]:
+    """Decode the case (all checks) and its drift z-scores; runs in a worker thread."""
+    case = decode_tensors(request, served.channels, max_voxels, served.target_spacing)
+    zscores = drift_zscores(case.images, served.channels, served.drift) if served.drift is not None else {}
+    return case, zscores
 
 
-def _input_data(inp: Any) -> Any:
-    if inp.data is None and getattr(inp, "_raw_data", None) is not None:
-        return inp.as_numpy().ravel().tolist()
-    return inp.data
-
-
-def _flatten(data: Any) -> list[Any]:
-    if data is None:
-        return []
-    if isinstance(data, np.ndarray):
-        return data.ravel().tolist()
-    if isinstance(data, (list, tuple)):
-        out: list[Any] = []
-        for item in data:
-            out.extend(_flatten(item) if isinstance(item, (list, tuple, np.ndarray)) else [item])
-        return out
-    return [data]
-
-
-def _b64decode(text: str | bytes, where: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        pass
-    try:  # line-wrapped base64 (e.g. from the `base64` tool): drop the whitespace and try once more
-        compact = "".join(text.split()) if isinstance(text, str) else b"".join(text.split())
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise MedsegError(f"not valid base64 ({exc})", where) from None
-
-
-def decode_case(encoded: dict[str, str | bytes], channels: list[str]) -> dict[str, Any]:
-    """Base64 NIfTI per channel → ``{"images" C×I×J×K float32, "affine", "spacing", "header", "shape"}``.
-
-    Raises :class:`MedsegError` naming the input for every client mistake.
-    """
-    missing = [c for c in channels if c not in encoded]
-    unexpected = [n for n in encoded if n not in channels]
-    if missing or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"missing channel input(s): {', '.join(missing)}")
-        if unexpected:
-            problems.append(f"unexpected input(s): {', '.join(unexpected)}")
-        raise MedsegError(f"{'; '.join(problems)} (expected one BYTES input per channel: {', '.join(channels)})")
-    volumes = []
-    for channel in channels:
-        where = f"input '{channel}'"
-        raw = _b64decode(encoded[channel], where)
-        if not raw:
-            raise MedsegError("empty", where)
-        try:
-            array, aff, hdr = load_nifti_bytes(raw, name=where)
-        except MedsegError:
-            raise
-        except Exception as exc:  # e.g. nibabel's HeaderDataError for a garbage header: still the client's bytes
-            raise MedsegError(f"cannot read NIfTI ({type(exc).__name__}: {exc})", where) from None
-        volumes.append((array, aff, hdr))
-    images, affine, header = stack_channels(volumes, [f"input '{c}'" for c in channels])
-    return {"images": images, "affine": affine, "spacing": list(nifti_spacing(header)), "header": header, "shape": tuple(images.shape[1:])}
-
-
-def _run_predictor(predictor: Predictor | None, lock: threading.Lock, case: dict[str, Any]) -> tuple[Prediction, float]:
-    if predictor is None:
-        raise RuntimeError("model not loaded")
-    with lock:
+def _run_predictor(served: ServedVersion, slots: threading.BoundedSemaphore, case: Case) -> tuple[Prediction, float, float]:
+    """``(prediction, seconds waited for a slot, seconds in the predictor)``; skips the work if the request timed out meanwhile."""
+    queued = time.perf_counter()
+    with slots:
+        ticket = CURRENT_TICKET.get()
+        if ticket is not None and ticket.abandoned:
+            raise RequestAbandoned("the request timed out while queued")
         start = time.perf_counter()
-        prediction = predictor.predict(case["images"], case["affine"], case["spacing"])
-        return prediction, time.perf_counter() - start
+        prediction = served.predictor.predict(case.images, case.affine, case.spacing)
+        return prediction, start - queued, time.perf_counter() - start
 
 
-# --------------------------------------------------------------------------- model source
+def _encode_segmentation(prediction: Prediction, case: Case) -> bytes:
+    return nifti_to_bytes(prediction.segmentation.astype(np.uint8), prediction.affine, case.header)
+
+
+def _response(model_name: str, served: ServedVersion, request: DecodedRequest, prediction: Prediction, seg_bytes: bytes) -> InferResponse | dict[str, Any]:
+    """The V2 ``InferResponse`` or, for a V1 ``instances`` request, the V1 ``{"predictions": [...]}`` body."""
+    seg_text = base64.b64encode(seg_bytes).decode("ascii")
+    regions = list(prediction.volumes_ml)
+    if request.protocol == "v1":
+        return {"predictions": [{"segmentation": seg_text, "volumes_ml": {r: float(prediction.volumes_ml[r]) for r in regions}}],
+                "model_name": model_name, "model_version": served.version}
+    outputs = [
+        InferOutput(name="segmentation", shape=[1], datatype="BYTES", data=[seg_text]),
+        InferOutput(name="volumes_ml", shape=[len(regions)], datatype="FP32", data=[float(prediction.volumes_ml[r]) for r in regions],
+                    parameters={"regions": ",".join(regions)}),
+    ]
+    return InferResponse(
+        response_id=request.request_id,  # never None: a None id resets the connection
+        model_name=model_name,
+        model_version=served.version,
+        infer_outputs=outputs,
+        parameters={"model_name": model_name, "model_version": served.version},
+    )

@@ -5,8 +5,13 @@ creates that REST server, then calls ``setup_event_loop()``, and only then runs 
 binds the socket. :class:`HostBoundModelServer` (built lazily, see :func:`make_model_server`) overrides that
 hook to set the uvicorn config's host before anything listens, and refuses to run if a gRPC or
 multi-process server was configured (those would bind every interface). Default host: 127.0.0.1.
+The same hook hands uvicorn the :class:`~medseg.serving.guard.ServingGuard` wrapping KServe's app (limits,
+admission, timeout, binary extension), and the model repository is :func:`~medseg.serving.reload.make_repository`'s
+(``POST /v2/repository/models/NAME/load`` reloads).
 
-``medseg serve --model URI --name NAME [--host 127.0.0.1] [--port 8080]``; tests and local runs use
+``medseg serve --model URI --name NAME [--host 127.0.0.1] [--port 8080] [--max-request-mb 200] [--max-voxels N]
+[--max-concurrent 1] [--max-queue 4] [--timeout 300] [--reload-interval 60]``; each limit also reads a
+``MEDSEG_SERVE_*`` environment variable (see :mod:`medseg.serving.limits`). Tests and local runs use
 :func:`start_server_process`, :func:`wait_until_ready` and :func:`stop_server`.
 """
 
@@ -37,11 +42,17 @@ def free_port(host: str = DEFAULT_HOST) -> int:
         return int(s.getsockname()[1])
 
 
-def make_model_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> Any:
-    """A ``kserve.ModelServer`` (REST only, 1 worker) whose REST server listens on ``host`` only."""
+def make_model_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, limits: Any = None) -> Any:
+    """A ``kserve.ModelServer`` (REST only, 1 worker) whose REST server listens on ``host`` only, behind the
+    :class:`~medseg.serving.guard.ServingGuard` with ``limits`` (a :class:`~medseg.serving.limits.ServeLimits`;
+    default: from the environment)."""
     from medseg.serving import import_kserve
+    from medseg.serving.guard import ServingGuard
+    from medseg.serving.limits import ServeLimits
+    from medseg.serving.reload import make_repository
 
     kserve = import_kserve()
+    limits = limits or ServeLimits.resolve()
 
     class HostBoundModelServer(kserve.ModelServer):
         def __init__(self, host: str, **kwargs: Any):
@@ -52,21 +63,27 @@ def make_model_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> Any
             # Called by start() after the REST server object exists and before the loop runs it.
             if self._grpc_server is not None or self._rest_multiprocess_server is not None or self._rest_server is None:
                 raise RuntimeError("HostBoundModelServer serves REST with one worker only (gRPC/multi-process would bind all interfaces)")
-            self._rest_server.config.host = self.host
-            log.info("REST server will listen on %s:%d", self.host, self.http_port)
+            from kserve.model_server import app
+
+            config = self._rest_server.config
+            config.host = self.host
+            config.app = ServingGuard(app, limits, known_models=lambda: self.registered_models.get_models().keys())
+            log.info("REST server will listen on %s:%d (limits: %s)", self.host, self.http_port, limits)
             super().setup_event_loop()
 
-    return HostBoundModelServer(host=host, http_port=port, enable_grpc=False, workers=1)
+    return HostBoundModelServer(host=host, http_port=port, enable_grpc=False, workers=1, registered_models=make_repository())
 
 
-def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto") -> None:
+def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto", limits: Any = None) -> None:
     """Load the model (package folder or ``models:/NAME@ALIAS``) and serve it until SIGTERM/SIGINT."""
+    from medseg.serving.limits import ServeLimits
     from medseg.serving.model import SegmentationModel
 
+    limits = limits or ServeLimits.resolve()
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("model server listening on %s: reachable from other machines (no authentication)", host)
-    server = make_model_server(host, port)  # configures KServe logging first, so load() logs show
-    model = SegmentationModel(name, model_uri, device=device)
+    server = make_model_server(host, port, limits)  # configures KServe logging first, so load() logs show
+    model = SegmentationModel(name, model_uri, device=device, limits=limits)
     model.load()
     server.start([model])
 
@@ -74,25 +91,49 @@ def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAU
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``medseg serve``."""
+    from medseg.serving.limits import env_help  # light: no kserve/torch import at CLI start-up
+
     parser.add_argument("--model", required=True, help="model package folder, or models:/NAME@ALIAS or models:/NAME/VERSION (MLflow registry)")
     parser.add_argument("--name", required=True, help="model name on the endpoint: /v2/models/NAME/infer")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST}; 0.0.0.0 inside a container)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default: {DEFAULT_PORT})")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, mps (default: auto)")
+    parser.add_argument("--max-request-mb", type=float, default=None, help=f"largest request body in MiB; larger → 413 {env_help('max_request_mb')}")
+    parser.add_argument("--max-voxels", type=int, default=None,
+                        help=f"largest volume in voxels per channel, as sent and after resampling to the model's spacing; larger → 400 {env_help('max_voxels')}")
+    parser.add_argument("--max-concurrent", type=int, default=None, help=f"inferences running at once {env_help('max_concurrent')}")
+    parser.add_argument("--max-queue", type=int, default=None, help=f"requests waiting beyond those; more → 503 + Retry-After {env_help('max_queue')}")
+    parser.add_argument("--timeout", type=float, default=None, help=f"seconds per request from admission to answer; longer → 504 {env_help('timeout_s')}")
+    parser.add_argument("--reload-interval", type=float, default=None,
+                        help=f"seconds between checks of a models:/NAME@ALIAS alias for a new version, 0 = off {env_help('reload_interval_s')}")
+
+
+def limits_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~medseg.serving.limits.ServeLimits` of ``medseg serve``'s options (else environment, else defaults)."""
+    from medseg.serving.limits import ServeLimits
+
+    return ServeLimits.resolve(max_request_mb=getattr(args, "max_request_mb", None), max_voxels=getattr(args, "max_voxels", None),
+                               max_concurrent=getattr(args, "max_concurrent", None), max_queue=getattr(args, "max_queue", None),
+                               timeout_s=getattr(args, "timeout", None), reload_interval_s=getattr(args, "reload_interval", None))
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``medseg serve`` (blocks until the server stops); returns the exit code."""
-    serve(args.model, args.name, host=args.host, port=args.port, device=getattr(args, "device", "auto"))
+    limits = limits_from_args(args)
+    serve(args.model, args.name, host=args.host, port=args.port, device=getattr(args, "device", "auto"), limits=limits)
     return 0
 
 
 # --------------------------------------------------------------------------- subprocess helpers
 def start_server_process(model_uri: str | Path, name: str, port: int, env: dict[str, str] | None = None,
-                         log_file: str | Path | None = None, host: str = DEFAULT_HOST, device: str = "auto") -> subprocess.Popen:
-    """Start ``python -m medseg.serving.server`` in its own session; output to ``log_file`` (else inherited)."""
+                         log_file: str | Path | None = None, host: str = DEFAULT_HOST, device: str = "auto",
+                         extra_args: list[str] | None = None) -> subprocess.Popen:
+    """Start ``python -m medseg.serving.server`` in its own session; output to ``log_file`` (else inherited).
+
+    ``extra_args``: more ``medseg serve`` options, e.g. ``["--max-queue", "2", "--reload-interval", "1"]``.
+    """
     cmd = [sys.executable, "-m", "medseg.serving.server", "--model", str(model_uri), "--name", name,
-           "--host", host, "--port", str(port), "--device", device]
+           "--host", host, "--port", str(port), "--device", device, *(extra_args or [])]
     full_env = {**os.environ, **(env or {})}
     out: IO[bytes] | None = None
     if log_file is not None:
