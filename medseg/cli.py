@@ -84,25 +84,40 @@ def _run_tune(a: argparse.Namespace) -> int:
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     _add_train_common(p)
-    p.add_argument("--out", required=True, type=Path, help="training folder (checkpoint; the model package in OUT/model)")
+    p.add_argument("--out", required=True, type=Path, help="training folder (checkpoint; the model package in OUT/model; several folds: OUT/fold_N and their ensemble in OUT/model)")
     p.add_argument("--best-params", type=Path, default=None, help="best_params.json from tune (overrides params)")
     p.add_argument("--config", dest="configuration", default=None, help="configuration (default 3d_fullres)")
-    p.add_argument("--fold", type=int, default=None)
+    p.add_argument("--fold", default=None, help="fold N (default: params), a list N,M,... or 'all': each fold into OUT/fold_N, one after the other, then their ensemble in OUT/model")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_latest.pt")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None, help="default: params (auto: bf16/fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--deterministic", action="store_true", default=None, help="bitwise repeatable run (deterministic kernels)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_latest.pt (several folds: finished folds are skipped)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="DDP training processes on this machine, started with torchrun (one per GPU)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines of a multi-node DDP job (rendezvous from MASTER_ADDR, MASTER_PORT, RANK: a PyTorchJob sets them)")
 
 
 def _run_train(a: argparse.Namespace) -> int:
     import dataclasses
 
-    from medseg.training.stage import merged_params, run_train
+    from medseg import schemas
+    from medseg.training.stage import merged_params, parse_folds, run_train, run_train_folds
 
     cfg = merged_params(_train_params(a), a.best_params)
-    overrides = {k: getattr(a, k) for k in ("configuration", "fold", "epochs", "seed") if getattr(a, k) is not None}
+    overrides = {k: getattr(a, k) for k in ("configuration", "epochs", "seed", "precision", "deterministic") if getattr(a, k) is not None}
     cfg = dataclasses.replace(cfg, **overrides)
-    r = run_train(a.preprocessed, a.out, cfg, _tracking(a), resume=a.resume)
-    print(f"best val dice {r.best_val_dice:.4f} at epoch {r.best_epoch + 1}/{r.epochs_run}, {r.seconds_per_step:.2f} s/step → {r.model_dir}")
+    folds = parse_folds(a.fold, len(schemas.Splits.load(a.preprocessed).folds))
+    launch = {"resume": a.resume, "nproc_per_node": a.nproc_per_node, "nnodes": a.nnodes}
+    if folds is None or len(folds) == 1:
+        cfg = dataclasses.replace(cfg, fold=folds[0]) if folds else cfg
+        r = run_train(a.preprocessed, a.out, cfg, _tracking(a), **launch)
+        if r.model_dir is not None:  # None on ranks/nodes other than 0 of a distributed job
+            print(f"best val dice {r.best_val_dice:.4f} at epoch {r.best_epoch + 1}/{r.epochs_run}, {r.seconds_per_step:.2f} s/step → {r.model_dir}")
+        return 0
+    r = run_train_folds(a.preprocessed, a.out, cfg, folds, _tracking(a), **launch)
+    if r.model_dir is not None:
+        print("best val dice per fold: " + ", ".join(f"{f} {x.best_val_dice:.4f}" for f, x in r.results.items())
+              + " | out-of-fold dice: " + ", ".join(f"{k} {v:.4f}" for k, v in r.cv_dice.items()) + f" → ensemble {r.model_dir}")
     return 0
 
 
@@ -261,6 +276,7 @@ COMMANDS: dict[str, tuple[str, object]] = {
     "serve": ("start the KServe model server on 127.0.0.1", "medseg.serving.server"),
     "predict": ("predict a folder of cases with a model here, or send one case to a model server (--url)", (_add_predict, _run_predict)),
     "pipeline": ("run the Kubeflow pipeline locally (kfp.local) or compile it", (_add_pipeline, _run_pipeline)),
+    "deploy": ("deploy a registered version: a KServe InferenceService (server-side apply, optional canary) or the model server on 127.0.0.1", "medseg.deploy"),
     "data": ("data versioning with DVC on S3: remote, push, pull, version", (_add_data, _run_data)),
     "demo": ("synthetic data → pipeline → registry → served prediction, end to end", (_add_demo, _run_demo)),
 }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -39,7 +38,7 @@ def _one_thread_and_restore_torch_globals():
     threads = torch.get_num_threads()
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer, "os", SimpleNamespace(sched_getaffinity=lambda pid: {0}))  # one thread: the tests share 2 cores
+        mp.setattr(trainer, "available_cores", lambda: 1)  # one thread: the tests share 2 cores
         yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(det, warn_only=warn_only)

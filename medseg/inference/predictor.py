@@ -19,7 +19,7 @@ from medseg.inference.postprocess import enhancing_labels, relabel_small_enhanci
 from medseg.inference.sliding_window import predict_probabilities, select_device
 from medseg.io import load_nifti, nifti_spacing, stack_channels
 from medseg.preprocessing.preprocess import preprocess_case, restore_to_original
-from medseg.training.network import build_network
+from medseg.training.ensemble import load_network
 
 
 @dataclass
@@ -47,17 +47,8 @@ class Predictor:
         plans = schemas.Plans.load(model_dir)
         dataset = schemas.DatasetJson.load(model_dir)
         dev = select_device(device)
-        network = build_network(package.network)
-        # weights_only: a state_dict of tensors, never arbitrary pickled code
-        weights = model_dir / package.weights_file
-        try:
-            state = torch.load(weights, map_location=dev, weights_only=True)
-            network.load_state_dict(state)
-        except FileNotFoundError:
-            raise MedsegError("weights file not found", weights) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:  # corrupt file, or weights of another network
-            raise MedsegError(f"cannot load the weights ({str(exc).splitlines()[0][:200]})", weights) from None
-        network.to(dev).eval()
+        # one network, or an ensemble package's folds averaging their softmax; weights_only loading (never pickled code)
+        network = load_network(model_dir, package, dev)
         return cls(network, plans, dataset, package, dev, overlap, mirror)
 
     @property

@@ -1,19 +1,29 @@
 """The tune and train stages: what the CLI, the DVC stages and the KFP components call.
 
 Both log to MLflow when a tracking URI is given: tuning as one parent run with a nested run per trial,
-training as one run with per-epoch loss and validation Dice.
+training as one run with per-epoch loss, validation Dice, learning rate, seconds and data-wait share.
+``run_train`` can start a multi-process (DDP) job; ``run_train_folds`` trains several folds and combines
+them into an ensemble package.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medseg import schemas
+from medseg.errors import MedsegError
 from medseg.tracking import mlflow_run
+from medseg.training import ddp
 from medseg.training.trainer import TrainConfig, TrainResult, train
 from medseg.training.tuning import SEARCH_SPACE, tune
+
+log = logging.getLogger(__name__)
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, float]:
@@ -53,13 +63,25 @@ def merged_params(train_params: dict[str, Any], best_params: Path | None) -> Tra
     return TrainConfig.from_dict(params)
 
 
-def run_train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, tracking_uri: str | None = None, tags: dict[str, str] | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train and write the model package to ``out_dir/model``; returns the result with its MLflow run id."""
-    with mlflow_run(tracking_uri, f"train-fold{cfg.fold}", tags) as run:
+def run_train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, tracking_uri: str | None = None, tags: dict[str, str] | None = None, resume: bool = False,
+              progress: bool = True, nproc_per_node: int = 1, nnodes: int = 1) -> TrainResult:
+    """Train and write the model package to ``out_dir/model``; returns the result with its MLflow run id.
+
+    ``nproc_per_node`` × ``nnodes`` > 1 starts a DDP job with torchrun (:func:`medseg.training.ddp.launch`)
+    whose rank 0 tracks and writes the package; inside a torchrun worker (the job itself, or ``torchrun -m
+    medseg.cli train``) only rank 0 logs to MLflow. On a node other than rank 0's the returned result is empty.
+    """
+    if nproc_per_node * nnodes > 1 and not ddp.in_torchrun_worker():
+        spec = {"preprocessed_dir": str(Path(preprocessed_dir).resolve()), "cfg": dataclasses.asdict(cfg), "tracking_uri": tracking_uri,
+                "tags": dict(tags or {}), "resume": resume, "progress": progress}
+        data = ddp.launch(spec, Path(out_dir).resolve(), nproc_per_node, nnodes)
+        return TrainResult.from_dict(data) if data else TrainResult(best_val_dice=float("nan"), best_epoch=-1, epochs_run=0)
+    main = ddp.env_rank() == 0
+    with mlflow_run(tracking_uri if main else None, f"train-fold{cfg.fold}", tags) as run:
         if run is not None:
             import mlflow
 
-            mlflow.log_params(dataclasses.asdict(cfg))
+            mlflow.log_params({**dataclasses.asdict(cfg), "world_size": ddp.env_world_size()})
             plans = schemas.Plans.load(preprocessed_dir)
             mlflow.log_dict(plans.to_dict(), "plans.json")
 
@@ -82,4 +104,102 @@ def run_train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, tracking_
     return result
 
 
-__all__ = ["SEARCH_SPACE", "merged_params", "run_train", "run_tune"]
+# --------------------------------------------------------------------------- k-fold cross-validation
+def parse_folds(value: str | int | None, n_folds: int) -> list[int] | None:
+    """``--fold``: None → None (the config's fold), ``all`` → every fold, ``N`` or ``N,M,…`` → those folds.
+
+    Raises:
+        MedsegError: not a fold number, or a fold the splits do not have.
+    """
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text == "all":
+        return list(range(n_folds))
+    try:
+        folds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MedsegError(f"--fold takes a fold number, a comma-separated list or 'all', got {value!r}") from None
+    bad = [f for f in folds if not 0 <= f < n_folds]
+    if bad or not folds:
+        raise MedsegError(f"fold(s) {bad or value!r} do not exist (splits have {n_folds} folds: 0..{n_folds - 1})")
+    return folds
+
+
+@dataclass
+class FoldsResult:
+    """Training of several folds: one result per fold and the ensemble package of them all."""
+
+    results: dict[int, TrainResult]
+    model_dir: Path | None  # the ensemble package (``out/model``)
+    cv_dice: dict[str, float] = field(default_factory=dict)  # out-of-fold Dice per region, before postprocessing
+
+    @property
+    def best_val_dice(self) -> float:
+        return float(np.mean([r.best_val_dice for r in self.results.values()])) if self.results else float("nan")
+
+
+def fold_dir(out_dir: Path, fold: int) -> Path:
+    return Path(out_dir) / f"fold_{fold}"
+
+
+def _finished(run_dir: Path, cfg: TrainConfig) -> TrainResult | None:
+    """The result of a fold whose run is complete (last epoch checkpointed, package written), else None."""
+    from medseg.training.trainer import CHECKPOINT, load_checkpoint
+
+    ckpt_path, model_dir = run_dir / CHECKPOINT, run_dir / "model"
+    if not ckpt_path.is_file() or not (model_dir / schemas.MODEL_PACKAGE_JSON).is_file():
+        return None
+    ckpt = load_checkpoint(ckpt_path)
+    if int(ckpt.get("epoch", -1)) + 1 < cfg.epochs:
+        return None
+    return TrainResult(best_val_dice=float(ckpt["best"]), best_epoch=int(ckpt["best_epoch"]), epochs_run=len(ckpt["history"]), history=list(ckpt["history"]),
+                       model_dir=model_dir, world_size=int(ckpt.get("world_size", 1)))
+
+
+def run_train_folds(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, folds: list[int], tracking_uri: str | None = None, tags: dict[str, str] | None = None,
+                    resume: bool = False, progress: bool = True, nproc_per_node: int = 1, nnodes: int = 1, ensemble: bool = True) -> FoldsResult:
+    """Train ``folds`` one after the other, each into ``out_dir/fold_N`` (its own checkpoint, package and MLflow
+    run), then combine them into the ensemble package ``out_dir/model``
+    (:func:`~medseg.training.ensemble.save_ensemble_package`) with postprocessing chosen on the out-of-fold
+    predictions. With ``resume`` a finished fold is skipped and an unfinished one continues.
+    """
+    from medseg.training import ensemble as ens
+
+    out_dir = Path(out_dir)
+    results: dict[int, TrainResult] = {}
+    for fold in folds:
+        run_dir = fold_dir(out_dir, fold)
+        fold_cfg = dataclasses.replace(cfg, fold=fold)
+        done = _finished(run_dir, fold_cfg) if resume else None
+        if done is not None:
+            log.info("fold %d was trained already (%d epochs): skipped", fold, done.epochs_run)
+            results[fold] = done
+            continue
+        if progress:
+            log.info("training fold %d (%d of %d) → %s", fold, len(results) + 1, len(folds), run_dir)
+        results[fold] = run_train(preprocessed_dir, run_dir, fold_cfg, tracking_uri=tracking_uri, tags={**(tags or {}), "fold": str(fold)}, resume=resume,
+                                  progress=progress, nproc_per_node=nproc_per_node, nnodes=nnodes)
+    members = [r.model_dir for r in results.values() if r.model_dir is not None]
+    if not ensemble or len(members) < 2 or ddp.env_rank() != 0:
+        return FoldsResult(results, None)
+    from medseg.inference.sliding_window import select_device
+
+    device = select_device(cfg.device)
+    post, cv_dice = ens.cross_validation_postprocessing(preprocessed_dir, members, cfg.max_val_cases, cfg.val_overlap, device)
+    model_dir = ens.save_ensemble_package(out_dir / "model", members, training={"cv_dice": cv_dice}, postprocessing=post)
+    if progress:
+        log.info("ensemble of folds %s → %s (out-of-fold Dice %s)", sorted(results), model_dir, " ".join(f"{k} {v:.3f}" for k, v in cv_dice.items()))
+    with mlflow_run(tracking_uri, "train-ensemble", tags) as run:
+        if run is not None:
+            import mlflow
+
+            mlflow.log_params({"folds": ",".join(map(str, sorted(results))), "combine": ens.COMBINE})
+            mlflow.log_metrics({**{f"cv_dice_{k}": v for k, v in cv_dice.items()}, "mean_fold_val_dice": float(np.mean([r.best_val_dice for r in results.values()]))})
+            package = schemas.ModelPackage.load(model_dir)
+            package.training["mlflow_run_id"] = run.info.run_id
+            package.save(model_dir)
+    return FoldsResult(results, model_dir, cv_dice)
+
+
+__all__ = ["SEARCH_SPACE", "FoldsResult", "merged_params", "parse_folds", "run_train", "run_train_folds", "run_tune"]

@@ -1,25 +1,40 @@
-"""The training loop: patch-based, checkpointed every epoch, resumable, CPU or CUDA.
+"""The training loop: patch-based, checkpointed every epoch, exactly resumable, CPU or CUDA, one process or DDP.
 
-- Optimisers: AdamW (default on CPU: converges in few iterations) or SGD with Nesterov momentum 0.99
-  and poly learning-rate decay (nnU-Net's default).
-- CUDA: mixed precision (bf16, or fp16 with a GradScaler) and channels_last_3d. CPU: fp32.
+- Optimisers (``TrainConfig.optimizer``): ``sgd`` (Nesterov, momentum 0.99: nnU-Net's default) or ``adamw``;
+  learning-rate schedule (``lr_schedule``) per epoch: ``poly`` lr·(1 − epoch/epochs)^0.9 (nnU-Net),
+  ``cosine`` or ``constant``; weight decay; gradient-norm clipping (12, as nnU-Net).
+- Precision (``precision``): ``auto`` is bf16 autocast on CUDA (fp16 + ``GradScaler`` where bf16 is not
+  supported) and fp32 on CPU; ``bf16`` also runs on CPU (autocast); ``fp16`` needs CUDA. CUDA also gets
+  the ``channels_last_3d`` layout and cuDNN autotuning; ``compile`` wraps the network in ``torch.compile``.
+- Deterministic mode (``deterministic``): deterministic algorithms (strict on CPU), no cuDNN autotuning;
+  together with the seeding below a run is bitwise repeatable on the same machine and thread count.
+- Seeding: python, numpy and torch are seeded from ``seed`` once; the patch sampler is rebuilt every epoch
+  with a seed derived from (seed, epoch, rank) (like ``DistributedSampler.set_epoch``), so the data a
+  rank sees in an epoch does not depend on what happened before.
 - Every epoch ends with validation Dice (sliding window on the fold's validation cases, on the
-  preprocessed grid, mean over regions) and an atomic checkpoint (model, optimiser, scheduler, scaler,
-  RNG states, epoch, best metric), so ``resume=True`` continues where a killed run stopped.
+  preprocessed grid, mean over regions) and an atomic checkpoint ``checkpoint_latest.pt``: model,
+  optimiser, scheduler, scaler, every rank's python/numpy/torch(/CUDA) RNG state, epoch, best metric and
+  weights, history. ``resume=True`` continues after the last complete epoch of a killed run and ends with
+  the same weights as an uninterrupted run (deterministic mode, same thread count).
+- Distributed (``torchrun``, see :mod:`medseg.training.ddp`): each rank samples from its shard of the
+  training cases, validates its share of the validation cases; metrics are all-reduced; rank 0 alone logs,
+  checkpoints and writes the model package.
 - The best epoch's weights are written as a model package (``weights.pt`` state_dict + plans +
   dataset.json + model_package.json).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,37 +46,64 @@ from tqdm import tqdm
 import medseg
 from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.inference.sliding_window import autocast, predict_probabilities, select_device
+from medseg.inference.sliding_window import predict_probabilities
 from medseg.io import atomic_path
-from medseg.training.losses import build_loss
-from medseg.training.network import build_network, channels_last
+from medseg.training import ddp
+from medseg.training.network import build_network
 from medseg.training.sampler import PatchSampler, PreprocessedCase
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint_latest.pt"
+CHECKPOINT_FORMAT = 2
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("poly", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
 class TrainConfig:
-    """Hyperparameters of one training run (``params.yaml`` → ``train``; tuned ones come from Optuna)."""
+    """Hyperparameters of one training run (``params.yaml`` → ``train``; tuned ones come from Optuna).
+
+    Invalid names (optimizer, schedule, precision) raise :class:`~medseg.errors.MedsegError` at construction.
+    """
 
     epochs: int = 10
     iterations_per_epoch: int = 50
     learning_rate: float = 3e-3
     weight_decay: float = 1e-5
-    optimizer: str = "adamw"  # adamw | sgd
-    loss: str = "dice_ce"
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov)
+    momentum: float = 0.99  # sgd only (nnU-Net: 0.99)
+    lr_schedule: str = "poly"  # poly | cosine | constant, stepped per epoch
+    loss: str = "dice_ce"  # a softmax loss of medseg.training.losses.LOSSES
+    loss_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"class_weights": [...]}
+    network: str = "unet"  # a segmentation network of medseg.training.networks.NETWORKS, built on the plan's topology
+    network_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"deep_supervision": true}
+    augmentation: bool = False  # nnU-Net's default augmentation pipeline; False: random mirroring only
     foreground_share: float = 1 / 3
-    batch_size: int = 0  # 0: the plan's
+    batch_size: int = 0  # per process; 0: the plan's
     configuration: str = "3d_fullres"
     fold: int = 0
     seed: int = 0
-    grad_clip: float = 12.0
+    grad_clip: float = 12.0  # max gradient norm; 0 disables clipping
     val_overlap: float = 0.25
     max_val_cases: int = 8
     deterministic: bool = False
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (CUDA: bf16, or fp16 without bf16 support; CPU: fp32) | fp32 | bf16 | fp16
+    channels_last: bool = True  # channels_last_3d memory layout, CUDA only
+    compile: bool = False  # torch.compile the network (slow first steps; pays off on long GPU runs)
+    num_threads: int = 0  # CPU threads per process; 0: the cores this process may use / processes per node
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise MedsegError(f"unknown {name} {getattr(self, name)!r} (known: {', '.join(allowed)})")
+        for name in ("loss_options", "network_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise MedsegError(f"{name} must be a mapping of option names to values, got {getattr(self, name)!r}")
+        if self.epochs < 1 or self.iterations_per_epoch < 1:
+            raise MedsegError(f"epochs and iterations_per_epoch must be >= 1, got {self.epochs} and {self.iterations_per_epoch}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -96,24 +138,202 @@ def _as_bool(value: Any) -> bool:
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns (on every rank; ``model_dir`` is set on rank 0 only)."""
+
     best_val_dice: float
     best_epoch: int
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
     model_dir: Path | None = None
     seconds_per_step: float = 0.0
+    weights_sha256: str = ""  # sha256 of the final weights (:func:`~medseg.training.ddp.state_digest`)
+    world_size: int = 1
+    rank_weights_sha256: list[str] = field(default_factory=list)  # every rank's digest, checked equal (DDP)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model_dir"] = str(self.model_dir) if self.model_dir is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in data.items() if k in names}
+        d["model_dir"] = Path(d["model_dir"]) if d.get("model_dir") else None
+        return cls(**d)
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+# --------------------------------------------------------------------------- building blocks
+def available_cores() -> int:
+    """CPU cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators (CPU and every CUDA device)."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def validation_dice(network: torch.nn.Module, cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], overlap: float, device: torch.device) -> dict[str, float]:
-    """Mean Dice per region (or per label when the dataset has no regions) on the preprocessed grid."""
+@contextlib.contextmanager
+def determinism(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Deterministic algorithms for the duration of a run; the process-wide settings are put back after.
+
+    On CPU ``torch.use_deterministic_algorithms(True)`` is strict (an op without a deterministic
+    implementation raises). On CUDA it warns instead, cuDNN is pinned to deterministic kernels and
+    ``CUBLAS_WORKSPACE_CONFIG`` is set when missing (it only takes effect if set before CUDA starts:
+    set it in the environment of the job). Without determinism CUDA runs autotune cuDNN (fixed patch size).
+    """
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic, cudnn.benchmark)
+    if enabled:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        cudnn.deterministic, cudnn.benchmark = True, False
+    else:
+        cudnn.benchmark = device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``; ``None`` means fp32 (no autocast).
+
+    Raises:
+        MedsegError: an unknown name, fp16 off CUDA, or bf16 on a GPU without bf16 support.
+    """
+    if precision not in PRECISIONS:
+        raise MedsegError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    cuda = device.type == "cuda"
+    if precision == "fp32" or (precision == "auto" and not cuda):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16":
+        if not cuda:
+            raise MedsegError("precision fp16 needs CUDA (its gradient scaler is CUDA's): use bf16 or fp32 on the CPU")
+        return torch.float16
+    if cuda and not torch.cuda.is_bf16_supported():
+        raise MedsegError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support: use precision fp16 or auto")
+    return torch.bfloat16
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (``cfg.momentum``) or AdamW, both with ``cfg.weight_decay``."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    raise MedsegError(f"unknown optimizer {cfg.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """Multiplier of the initial learning rate in ``epoch`` (0-based) of ``epochs``.
+
+    poly: (1 − epoch/epochs)^0.9 (nnU-Net); cosine: ½(1 + cos(π·epoch/epochs)); constant: 1.
+    """
+    t = min(max(epoch, 0), epochs) / epochs
+    if schedule == "poly":
+        return (1.0 - t) ** 0.9
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "constant":
+        return 1.0
+    raise MedsegError(f"unknown lr_schedule {schedule!r} (known: {', '.join(LR_SCHEDULES)})")
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-epoch :func:`lr_factor` schedule (stepped once at the end of each epoch)."""
+    schedule, epochs = cfg.lr_schedule, cfg.epochs
+
+    def factor(epoch: int) -> float:  # a plain function: LambdaLR keeps it out of its state_dict
+        return lr_factor(schedule, epoch, epochs)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resolve_topology(cfg: TrainConfig, config: schemas.Configuration) -> dict[str, Any]:
+    """The network ``cfg.network`` (with ``cfg.network_options``) on the plan's topology and patch size, as the
+    self-contained dict the model package stores (:func:`medseg.training.networks.network_topology`).
+
+    Raises:
+        MedsegError: an unknown network or option, a classification network, a patch size it cannot take.
+    """
+    from medseg.training import networks
+
+    if cfg.network in networks.NETWORKS and networks.NETWORKS[cfg.network].task != "segmentation":
+        raise MedsegError(f"network {cfg.network!r} is a {networks.NETWORKS[cfg.network].task} network: the trainer trains segmentation networks")
+    try:
+        return networks.network_topology(cfg.network, config.network, patch_size=config.patch_size, **cfg.network_options)
+    except ValueError as exc:
+        raise MedsegError(f"network: {exc}") from None
+
+
+def resolve_loss(cfg: TrainConfig) -> torch.nn.Module:
+    """The loss ``cfg.loss`` with ``cfg.loss_options``; softmax losses only (validation and the predictor read
+    softmax outputs).
+
+    Raises:
+        MedsegError: an unknown loss or option, or a sigmoid (region) loss.
+    """
+    from medseg.training import losses
+
+    try:
+        spec = losses.loss_spec(cfg.loss)
+        if spec.activation != "softmax" or "segmentation" not in spec.tasks:
+            raise MedsegError(f"loss {cfg.loss!r} trains {spec.activation} outputs; the trainer's validation and the predictor read softmax "
+                              f"outputs (use one of {', '.join(n for n, s in losses.LOSSES.items() if s.activation == 'softmax' and 'segmentation' in s.tasks)})")
+        return losses.build_loss(cfg.loss, **cfg.loss_options)
+    except ValueError as exc:
+        raise MedsegError(f"loss: {exc}") from None
+
+
+def _make_sampler(cases: list[PreprocessedCase], patch_size: list[int], batch_size: int, cfg: TrainConfig, seed: int) -> PatchSampler:
+    """The patch sampler of one rank for one epoch (the one place that knows the sampler's constructor).
+    Patch positions, mirroring and augmentation all draw from its one generator, seeded with ``seed``."""
+    return PatchSampler(cases, patch_size, batch_size, cfg.foreground_share, seed=seed, augmentation=True if cfg.augmentation else None)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic: a temporary file beside ``path``, flushed to disk, renamed over it (a kill leaves the old one)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Our own checkpoint file (it holds numpy RNG states, which ``weights_only`` loading refuses)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise MedsegError(f"cannot read the checkpoint ({str(exc).splitlines()[0][:200]})", path) from None
+
+
+# --------------------------------------------------------------------------- validation and postprocessing
+def validation_sums(network: torch.nn.Module, cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], overlap: float, device: torch.device) -> dict[str, float]:
+    """Per region (or label) the sum of the cases' Dice on the preprocessed grid (empty vs empty: 1)."""
     groups = plans.reported_groups
     sums = {name: 0.0 for name in groups}
     for case in cases:
@@ -124,34 +344,30 @@ def validation_dice(network: torch.nn.Module, cases: list[PreprocessedCase], pla
             p, r = np.isin(pred, values), np.isin(ref, values)
             denom = p.sum() + r.sum()
             sums[name] += 1.0 if denom == 0 else 2.0 * np.logical_and(p, r).sum() / denom
+    return sums
+
+
+def validation_dice(network: torch.nn.Module, cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], overlap: float, device: torch.device) -> dict[str, float]:
+    """Mean Dice per region (or per label when the dataset has no regions) on the preprocessed grid."""
+    sums = validation_sums(network, cases, plans, patch_size, overlap, device)
     return {name: s / max(len(cases), 1) for name, s in sums.items()}
 
 
-def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
-    raise MedsegError(f"unknown optimizer {cfg.optimizer!r} (known: adamw, sgd)")
+def validation_pairs(network: torch.nn.Module, cases: list[PreprocessedCase], patch_size: list[int], overlap: float, device: torch.device) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(prediction, reference) uint8 label maps of ``cases`` on the preprocessed grid."""
+    return [(np.argmax(predict_probabilities(network, np.asarray(c.data), patch_size, overlap=overlap, device=device), axis=0).astype(np.uint8),
+             np.asarray(c.seg).astype(np.uint8)) for c in cases]
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def choose_postprocessing(network: torch.nn.Module, state: dict[str, torch.Tensor], cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], spacing: list[float], overlap: float, device: torch.device) -> dict[str, Any]:
-    """Minimum component volume per label, chosen on the validation cases (preprocessed grid, mm³ so it
-    carries over to any grid). Scored by BraTS 2023 lesion-wise Dice for BraTS data, else by Dice."""
+def postprocessing_from_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], plans: schemas.Plans, spacing: list[float]) -> dict[str, Any]:
+    """Minimum component volume per label (mm³, so it carries over to any grid) chosen on validation
+    predictions. Scored by BraTS 2023 lesion-wise Dice for BraTS data, else by Dice."""
     from medseg.evaluation.lesionwise import lesionwise_case
     from medseg.evaluation.metrics import dice
     from medseg.inference.postprocess import choose_min_volumes
 
-    if not cases:
+    if not pairs:
         return {}
-    network.load_state_dict(state)
-    pairs = [(np.argmax(predict_probabilities(network, np.asarray(c.data), patch_size, overlap=overlap, device=device), axis=0).astype(np.uint8),
-              np.asarray(c.seg).astype(np.uint8)) for c in cases]
     groups = plans.reported_groups
     brats = {k: int(v) for k, v in plans.labels.items()} == schemas.BRATS_LABELS and {k: sorted(v) for k, v in plans.regions.items()} == schemas.BRATS_REGIONS
     if brats:
@@ -171,8 +387,18 @@ def choose_postprocessing(network: torch.nn.Module, state: dict[str, torch.Tenso
     return {"min_volume_mm3": chosen, "metric": metric, "validation_cases": len(pairs), "score_before": before, "score_after": after}
 
 
-def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], preprocessed_dir: Path, configuration: str, training: dict[str, Any], lineage: dict[str, str] | None = None, postprocessing: dict[str, Any] | None = None) -> Path:
-    """Write the model package folder (the contract the registry and the server load)."""
+def choose_postprocessing(network: torch.nn.Module, state: dict[str, torch.Tensor], cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], spacing: list[float], overlap: float, device: torch.device) -> dict[str, Any]:
+    """:func:`postprocessing_from_pairs` on the validation cases predicted with ``state`` (loaded into ``network``)."""
+    if not cases:
+        return {}
+    network.load_state_dict(state)
+    return postprocessing_from_pairs(validation_pairs(network, cases, patch_size, overlap, device), plans, spacing)
+
+
+def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], preprocessed_dir: Path, configuration: str, training: dict[str, Any], lineage: dict[str, str] | None = None,
+                       postprocessing: dict[str, Any] | None = None, network: dict[str, Any] | None = None) -> Path:
+    """Write the model package folder (the contract the registry and the server load). ``network``: the
+    resolved topology the weights belong to (default: the plan's)."""
     from medseg.io import atomic_dir
 
     plans = schemas.Plans.load(preprocessed_dir)
@@ -182,16 +408,81 @@ def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], pre
         shutil.copy2(preprocessed_dir / schemas.PLANS_JSON, tmp / schemas.PLANS_JSON)
         shutil.copy2(preprocessed_dir / schemas.DATASET_JSON, tmp / schemas.DATASET_JSON)
         schemas.ModelPackage(
-            configuration=configuration, network=plans.configuration(configuration).network,
+            configuration=configuration, network=dict(network or plans.configuration(configuration).network),
             medseg_version=medseg.__version__, training=training, lineage=dict(lineage or {}), postprocessing=dict(postprocessing or {}),
         ).save(tmp)
     return model_dir
 
 
-def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True, write_package: bool = True) -> TrainResult:
-    """Train one fold; ``on_epoch(epoch, metrics)`` is called after each validation (MLflow, Optuna).
+# --------------------------------------------------------------------------- the loop
+@dataclass
+class _Engine:
+    """The per-run objects of one process."""
 
-    ``on_epoch`` may raise (e.g. ``optuna.TrialPruned``) to stop the run early.
+    network: torch.nn.Module  # the plain module: state_dict, validation, checkpoints
+    train_model: torch.nn.Module  # what the training step calls (DDP and/or compiled around ``network``)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    loss_fn: torch.nn.Module
+
+
+def _build_engine(cfg: TrainConfig, topology: dict[str, Any], ctx: ddp.DistContext, loss_fn: torch.nn.Module | None = None) -> _Engine:
+    device = ctx.device
+    amp_dtype = resolve_precision(cfg.precision, device)
+    network = build_network(topology).to(device)
+    # channels_last_3d speeds up 3D convolutions on CUDA (cuDNN NDHWC kernels, tensor cores under AMP); a network
+    # with 2D convolutions (slice-wise) keeps the default layout, and the CPU gains nothing but copies
+    conv3d_only = all(p.dim() != 4 for p in network.parameters())
+    memory_format = torch.channels_last_3d if (cfg.channels_last and device.type == "cuda" and conv3d_only) else torch.contiguous_format
+    if memory_format is not torch.contiguous_format:
+        network = network.to(memory_format=memory_format)
+    optimizer = build_optimizer(cfg, network.parameters())
+    scheduler = build_scheduler(cfg, optimizer)
+    # a loss scale is needed for fp16 only (bf16 has fp32's exponent range)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    train_model = ddp.wrap(network, ctx)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return _Engine(network, train_model, optimizer, scheduler, scaler, amp_dtype, memory_format, loss_fn if loss_fn is not None else resolve_loss(cfg))
+
+
+def _train_step(engine: _Engine, images: np.ndarray, labels: np.ndarray, device: torch.device, grad_clip: float) -> torch.Tensor:
+    x = torch.from_numpy(images).to(device, non_blocking=True).contiguous(memory_format=engine.memory_format)
+    y = torch.from_numpy(labels).to(device, non_blocking=True)
+    engine.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=engine.amp_dtype, enabled=engine.amp_dtype is not None):
+        out = engine.train_model(x)
+    loss = _deep_supervision_loss(engine.loss_fn, out.float(), y)  # the loss in fp32: softmax and log are precision-sensitive
+    engine.scaler.scale(loss).backward()
+    if grad_clip > 0:
+        engine.scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), grad_clip)
+    engine.scaler.step(engine.optimizer)
+    engine.scaler.update()
+    return loss.detach()
+
+
+def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True, write_package: bool = True) -> TrainResult:
+    """Train one fold; writes ``out_dir/checkpoint_latest.pt`` every epoch and the model package to ``out_dir/model``.
+
+    Args:
+        preprocessed_dir: output of ``medseg preprocess`` (plans.json, splits.json, the cases).
+        out_dir: the run's folder (checkpoint, model package).
+        cfg: the hyperparameters.
+        resume: continue after the last complete epoch in ``out_dir``'s checkpoint (a fresh start without one).
+        on_epoch: ``on_epoch(epoch, metrics)`` after each epoch's validation and checkpoint (MLflow, Optuna);
+            called on rank 0 only. It may raise (e.g. ``optuna.TrialPruned``) to stop the run: the exception
+            propagates on rank 0, the other ranks stop too.
+        progress: a progress bar (on a terminal) and a log line per epoch.
+        write_package: write the model package (with postprocessing chosen on the validation cases).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this is one rank of a DDP job: see :mod:`medseg.training.ddp`.
+
+    Raises:
+        MedsegError: a missing fold, invalid settings, a non-finite training loss, an unreadable checkpoint.
     """
     preprocessed_dir, out_dir = Path(preprocessed_dir), Path(out_dir)
     plans = schemas.Plans.load(preprocessed_dir)
@@ -203,95 +494,155 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
     folder = preprocessed_dir / cfg.configuration
     train_cases = [PreprocessedCase(folder, c) for c in fold["train"]]
     val_cases = [PreprocessedCase(folder, c) for c in fold["val"][: cfg.max_val_cases]]
-    seed_everything(cfg.seed, cfg.deterministic)
-    device = select_device(cfg.device)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (container CPU set)
+    if not train_cases:
+        raise MedsegError(f"fold {cfg.fold} has no training cases", preprocessed_dir / schemas.SPLITS_JSON)
+    topology, loss_fn = resolve_topology(cfg, config), resolve_loss(cfg)  # configuration errors before any process group
 
-    network = channels_last(build_network(config.network).to(device), device)
-    optimizer = _optimizer(cfg, network.parameters())
-    total_steps = cfg.epochs * cfg.iterations_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total_steps - 1) / total_steps) ** 0.9)
-    use_fp16_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16_scaler)
-    loss_fn = build_loss(cfg.loss)
-    sampler = PatchSampler(train_cases, config.patch_size, cfg.batch_size or config.batch_size, cfg.foreground_share, seed=cfg.seed)
+    with ddp.distributed(cfg.device) as ctx, determinism(cfg.deterministic, ctx.device):
+        torch.set_num_threads(cfg.num_threads or max(1, available_cores() // ddp.local_world_size()))
+        return _train(preprocessed_dir, out_dir, cfg, plans, config, topology, loss_fn, train_cases, val_cases, ctx, resume, on_epoch, progress and ctx.is_main, write_package)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schemas.Plans, config: schemas.Configuration, topology: dict[str, Any],
+           loss_fn: torch.nn.Module, train_cases: list[PreprocessedCase], val_cases: list[PreprocessedCase], ctx: ddp.DistContext, resume: bool, on_epoch: Callable[[int, dict[str, float]], None] | None, progress: bool,
+           write_package: bool) -> TrainResult:
+    device = ctx.device
+    seed_everything(cfg.seed)
+    engine = _build_engine(cfg, topology, ctx, loss_fn.to(device))
+    batch_size = cfg.batch_size or config.batch_size
+
     start_epoch, best, best_epoch, history = 0, -1.0, -1, []
     best_state: dict[str, torch.Tensor] | None = None
     ckpt_path = out_dir / CHECKPOINT
-    if resume and ckpt_path.exists():
-        # our own checkpoint: it holds numpy RNG state, which weights_only loading refuses
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        network.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, best_epoch, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["best_epoch"], ckpt["history"]
-        best_state = ckpt.get("best_state")
-        sampler.rng.bit_generator.state = ckpt["sampler_rng"]
-        torch.set_rng_state(ckpt["torch_rng"])
-        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        # rank 0 owns the checkpoint: it reads it and hands it to the other ranks (no shared volume needed)
+        ckpt = ddp.broadcast_object(load_checkpoint(ckpt_path) if ctx.is_main and ckpt_path.exists() else None, ctx)
+        if ckpt is not None:
+            start_epoch, best, best_epoch, history, best_state = _restore(ckpt, engine, cfg, ctx)
+            if progress:
+                log.info("resumed from %s after epoch %d/%d", ckpt_path, start_epoch, cfg.epochs)
+        elif progress:
+            log.info("no checkpoint in %s: starting from epoch 1", out_dir)
 
     step_times: list[float] = []
+    stopped_by_main = False
     for epoch in range(start_epoch, cfg.epochs):
-        network.train()
-        losses, data_wait = [], 0.0
-        t_epoch = time.perf_counter()
-        # a live bar on a terminal only: in pipeline logs each redraw would become a line
-        bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not sys.stderr.isatty(), leave=False)
-        for _ in bar:
-            t0 = time.perf_counter()
-            images, labels = sampler.sample()
-            x = torch.from_numpy(images).to(device, non_blocking=True)
-            y = torch.from_numpy(labels).to(device, non_blocking=True)
-            t1 = time.perf_counter()
-            data_wait += t1 - t0
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device):
-                out = network(x)
-                loss = _deep_supervision_loss(loss_fn, out, y)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            step_times.append(time.perf_counter() - t1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        epoch_s = time.perf_counter() - t_epoch
-        val = {k: float(v) for k, v in validation_dice(network, val_cases, plans, config.patch_size, cfg.val_overlap, device).items()} if val_cases else {}
-        val_mean = float(np.mean(list(val.values()))) if val else float("nan")
-        metrics = {"train_loss": float(np.mean(losses)), "val_dice_mean": val_mean, **{f"val_dice_{k}": v for k, v in val.items()},
-                   "lr": float(scheduler.get_last_lr()[0]), "data_wait_share": data_wait / max(epoch_s, 1e-9), "epoch_seconds": epoch_s}
+        metrics = _run_epoch(engine, cfg, epoch, train_cases, val_cases, plans, config, batch_size, ctx, progress, step_times)
         history.append({"epoch": epoch, **metrics})
-        if val_mean > best or best_state is None:
-            best, best_epoch = val_mean, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+        if best_state is None or not math.isfinite(best) or metrics["val_dice_mean"] > best:  # no validation cases: the last epoch
+            best, best_epoch = metrics["val_dice_mean"], epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in engine.network.state_dict().items()} if ctx.is_main else {}
         if progress:
-            log.info("epoch %d/%d: loss %.4f  val dice %.4f (%s)  best %.4f @ epoch %d  %.0fs", epoch + 1, cfg.epochs, metrics["train_loss"], val_mean,
-                     " ".join(f"{k} {v:.3f}" for k, v in val.items()), best, best_epoch + 1, epoch_s)
-        _save_checkpoint(ckpt_path, {
-            "model": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch, "history": history,
-            "best_state": best_state, "sampler_rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-            "config": dataclasses.asdict(cfg),
-        })
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
+            val_text = " ".join(f"{k[len('val_dice_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith("val_dice_") and k != "val_dice_mean")
+            log.info("epoch %d/%d: loss %.4f  val dice %.4f (%s)  best %.4f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)", epoch + 1, cfg.epochs,
+                     metrics["train_loss"], metrics["val_dice_mean"], val_text, best, best_epoch + 1, metrics["lr"], metrics["epoch_seconds"], 100 * metrics["data_wait_share"])
+        rng_states = ddp.all_gather_object(_rng_state(device), ctx)
+        if ctx.is_main:
+            _save_checkpoint(out_dir / CHECKPOINT, {
+                "format": CHECKPOINT_FORMAT, "model": engine.network.state_dict(), "optimizer": engine.optimizer.state_dict(),
+                "scheduler": engine.scheduler.state_dict(), "scaler": engine.scaler.state_dict(), "epoch": epoch, "best": best,
+                "best_epoch": best_epoch, "history": history, "best_state": best_state, "rng": rng_states, "world_size": ctx.world_size,
+                "config": dataclasses.asdict(cfg), "medseg_version": medseg.__version__,
+            })
+        stop: BaseException | None = None
+        if on_epoch is not None and ctx.is_main:
+            try:
+                on_epoch(epoch, metrics)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                stop = exc
+        if ddp.broadcast_object(stop is not None, ctx):  # every rank learns whether rank 0's callback stopped the run
+            if stop is not None:
+                raise stop
+            stopped_by_main = True
+            break
 
+    final_state = engine.network.state_dict()
+    digests = ddp.check_in_sync(final_state, ctx) if not stopped_by_main else [ddp.state_digest(final_state)]
     result = TrainResult(best_val_dice=float(best), best_epoch=best_epoch, epochs_run=len(history), history=history,
-                         seconds_per_step=float(np.median(step_times)) if step_times else 0.0)
-    if write_package and best_state is not None:
-        training = {"config": dataclasses.asdict(cfg), "best_val_dice": result.best_val_dice, "best_epoch": best_epoch,
-                    "epochs_run": result.epochs_run, "seconds_per_step": result.seconds_per_step, "device": str(device)}
-        post = choose_postprocessing(network, best_state, val_cases, plans, config.patch_size, list(config.spacing), cfg.val_overlap, device)
+                         seconds_per_step=float(np.median(step_times)) if step_times else 0.0, weights_sha256=digests[ctx.rank if len(digests) > 1 else 0],
+                         world_size=ctx.world_size, rank_weights_sha256=digests)
+    if write_package and ctx.is_main and best_state:
+        training = {"config": dataclasses.asdict(cfg), "best_val_dice": result.best_val_dice, "best_epoch": best_epoch, "epochs_run": result.epochs_run,
+                    "seconds_per_step": result.seconds_per_step, "device": str(device), "world_size": ctx.world_size,
+                    "precision": str(engine.amp_dtype or torch.float32).replace("torch.", "")}
+        post = choose_postprocessing(engine.network, best_state, val_cases, plans, config.patch_size, list(config.spacing), cfg.val_overlap, device)
         if post and progress:
             log.info("postprocessing chosen on %d validation case(s): minimum volumes %s mm³ (%s %.4f → %.4f)", post["validation_cases"],
                      post["min_volume_mm3"] or "none", post["metric"], post["score_before"], post["score_after"])
-        result.model_dir = save_model_package(out_dir / "model", best_state, preprocessed_dir, cfg.configuration, training, postprocessing=post)
+        result.model_dir = save_model_package(out_dir / "model", best_state, preprocessed_dir, cfg.configuration, training, postprocessing=post, network=topology)
     return result
+
+
+def _restore(ckpt: dict[str, Any], engine: _Engine, cfg: TrainConfig, ctx: ddp.DistContext) -> tuple[int, float, int, list[dict[str, float]], dict[str, torch.Tensor] | None]:
+    """Load a checkpoint into the engine and this rank's RNGs; returns (next epoch, best, best epoch, history, best state)."""
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MedsegError(f"checkpoint format {ckpt.get('format', 1)} is not this version's ({CHECKPOINT_FORMAT}): start without --resume")
+    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt.get("config", {}).items() if hasattr(cfg, k) and getattr(cfg, k) != v and k not in ("device", "num_threads")}
+    if changed and ctx.is_main:
+        log.warning("resuming with changed settings %s: the run will not match an uninterrupted one", {k: f"{a!r} → {b!r}" for k, (a, b) in changed.items()})
+    engine.network.load_state_dict(ckpt["model"])
+    engine.optimizer.load_state_dict(ckpt["optimizer"])
+    engine.scheduler.load_state_dict(ckpt["scheduler"])
+    engine.scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"]
+    if ckpt.get("world_size", 1) != ctx.world_size and ctx.is_main:
+        log.warning("checkpoint of %d process(es) resumed with %d: random states are not per rank any more", ckpt.get("world_size", 1), ctx.world_size)
+    _set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0], ctx.device)
+    return int(ckpt["epoch"]) + 1, float(ckpt["best"]), int(ckpt["best_epoch"]), list(ckpt["history"]), ckpt.get("best_state") or None
+
+
+def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[PreprocessedCase], val_cases: list[PreprocessedCase], plans: schemas.Plans,
+               config: schemas.Configuration, batch_size: int, ctx: ddp.DistContext, progress: bool, step_times: list[float]) -> dict[str, float]:
+    """One epoch on this rank: training steps, validation, metrics reduced over the ranks."""
+    device = ctx.device
+    lr = float(engine.optimizer.param_groups[0]["lr"])
+    sampler = _make_sampler(ddp.shard(train_cases, ctx, epoch, cfg.seed), config.patch_size, batch_size, cfg, ddp.epoch_seed(cfg.seed, epoch, ctx.rank))
+    engine.train_model.train()
+    # summed on the device (no synchronisation per step); non-finite losses are counted apart: with fp16 the
+    # scaler skips those steps, in fp32/bf16 they would poison the weights
+    loss_sum, n_bad, data_wait = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64, device=device), 0.0
+    t_epoch = time.perf_counter()
+    # a live bar on a terminal only: in pipeline logs each redraw would become a line
+    bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not sys.stderr.isatty(), leave=False)
+    for _ in bar:
+        t0 = time.perf_counter()
+        images, labels = sampler.sample()
+        t1 = time.perf_counter()
+        data_wait += t1 - t0
+        loss = _train_step(engine, images, labels, device, cfg.grad_clip)
+        finite = torch.isfinite(loss)
+        loss_sum += torch.where(finite, loss.double(), 0.0)
+        n_bad += (~finite).long()
+        step_times.append(time.perf_counter() - t1)
+        if not bar.disable:
+            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")
+    close = getattr(sampler, "close", None)
+    if callable(close):
+        close()
+    engine.scheduler.step()
+    train_s = time.perf_counter() - t_epoch
+
+    t_val = time.perf_counter()
+    mine = ddp.split_evenly(val_cases, ctx)
+    sums = validation_sums(engine.network, mine, plans, config.patch_size, cfg.val_overlap, device)
+    names = sorted(sums)
+    totals = ddp.all_reduce_sum([sums[n] for n in names] + [len(mine)], ctx)
+    n_val = totals[-1]
+    val = {n: totals[i] / n_val for i, n in enumerate(names)} if n_val else {}
+    val_s = time.perf_counter() - t_val
+
+    bad = int(n_bad)
+    local = {"train_loss": float(loss_sum) / max(cfg.iterations_per_epoch - bad, 1), "data_wait_share": data_wait / max(train_s, 1e-9),
+             "train_seconds": train_s, "val_seconds": val_s, "non_finite_steps": float(bad)}
+    reduced = ddp.all_reduce_mean(local, ctx)
+    if reduced["non_finite_steps"] and (not engine.scaler.is_enabled() or reduced["non_finite_steps"] >= cfg.iterations_per_epoch):
+        raise MedsegError(f"the training loss was NaN/Inf in {reduced['non_finite_steps']:.0f} of {cfg.iterations_per_epoch} steps of epoch {epoch + 1}: "
+                          "lower the learning rate, or use precision fp32")
+    return {"train_loss": reduced["train_loss"], "val_dice_mean": float(np.mean(list(val.values()))) if val else float("nan"),
+            **{f"val_dice_{k}": float(v) for k, v in val.items()}, "lr": lr, "epoch_seconds": reduced["train_seconds"] + reduced["val_seconds"],
+            "train_seconds": reduced["train_seconds"], "val_seconds": reduced["val_seconds"], "data_wait_share": reduced["data_wait_share"]}
 
 
 def _deep_supervision_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -301,4 +652,3 @@ def _deep_supervision_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch
         norm = sum(weights)
         return sum(w / norm * loss_fn(out[:, i], y) for i, w in enumerate(weights))
     return loss_fn(out, y)
-
