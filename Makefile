@@ -41,13 +41,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medseg demo
 
-# Tools some tests drive from outside Python: headless Chromium renders the HTML report and the viewer.
-# Installed from Debian when missing and we may (root, apt); otherwise those tests skip and say why.
+# Tools some tests drive from outside Python: headless Chromium renders the HTML report and the viewer;
+# promtool (Debian's prometheus) checks and unit-tests the alert rules. Installed from Debian when missing
+# and we may (root, apt); otherwise those tests skip and say why.
+APT_TEST_TOOLS := chromium:chromium prometheus:promtool
 test-tools:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	@missing=""; for pair in $(APT_TEST_TOOLS); do command -v $${pair#*:} >/dev/null 2>&1 || missing="$$missing $${pair%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) && echo "installed chromium"; } || \
-	  echo "chromium not available: the browser-rendering tests will be skipped"
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null && echo "installed:$$missing"; } || \
+	  echo "not available:$$missing (tests that need them will be skipped)"; fi
 
 test: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
