@@ -41,6 +41,20 @@ GIT_ID = ["-c", "user.name=medseg tests", "-c", "user.email=tests@medseg.invalid
 
 
 # --------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def _restore_dvc_logging():
+    """DVC's commands attach log handlers bound to the stdout of the moment (pytest's capture, closed
+    after the test); put the handlers back so later DVC use in the session does not log into a closed file."""
+    import logging
+
+    names = ("dvc", "")
+    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).level) for n in names}
+    yield
+    for n, (handlers, level) in saved.items():
+        logging.getLogger(n).handlers[:] = handlers
+        logging.getLogger(n).setLevel(level)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
