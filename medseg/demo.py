@@ -31,9 +31,12 @@ def _stage_seconds(run_dir: Path, started: float) -> dict[str, float]:
         if stamps:
             times[task.name] = max(stamps)
     ordered = sorted(times.items(), key=lambda kv: kv[1])
-    out, prev = {}, started
+    out: dict[str, float] = {}
+    prev = started
     for name, stamp in ordered:
-        out[name] = round(stamp - prev, 1)
+        # the tuning fan-out (study creation, ParallelFor workers, best-params collector) is one stage
+        stage = "tune" if name == "tune-shards" or name.startswith("for-loop-") else name
+        out[stage] = round(out.get(stage, 0.0) + stamp - prev, 1)
         prev = stamp
     return out
 
