@@ -232,7 +232,7 @@ class Configuration:
     network: dict[str, Any]  # NetworkTopology as dict
     n_parameters: int = 0
     estimated_memory_gib: float = 0.0
-    seg_resampling: str = "linear"  # "linear": per label on the one-hot map, ≥ 0.5 wins (nnU-Net); "nearest"
+    seg_resampling: str = "linear"  # "linear": argmax of the linearly resampled one-hot maps (nnU-Net); "nearest"
     slice_axis: int | None = None  # 2d only: slices are taken along this axis, whose spacing is left as it is
 
 

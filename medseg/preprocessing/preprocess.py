@@ -1,106 +1,161 @@
-"""Preprocess cases for training and inference, and invert it for predictions.
+"""Preprocess cases for training and inference (fingerprint → plan → preprocess, as nnU-Net).
 
 One function, :func:`preprocess_case`, serves training (with a segmentation) and inference (without),
-so a served model sees exactly the preprocessing it was trained on. Steps: crop to nonzero → resample
-to the plan's spacing → normalise each channel. Properties recorded per case let
-:func:`restore_to_original` put a prediction back on the original grid and affine.
+so a served model sees exactly the preprocessing it was trained on. Steps, in nnU-Net's order
+(Isensee et al. 2021): crop to the nonzero box → normalise each channel (before resampling, so the
+nonzero mask fits the image exactly) → resample to the configuration's spacing (images: cubic spline,
+segmentations: linear on the one-hot map or nearest, "separate z" on anisotropic data) → sample
+foreground locations per class. The properties recorded per case let
+:func:`~medseg.preprocessing.inversion.restore_to_original` put a prediction back on the original grid.
 
 Preprocessed folder layout::
 
     plans.json  fingerprint.json  dataset.json  splits.json
     <configuration>/<CASE>.npy       float32 C×I×J×K (read with mmap_mode="r" by the patch sampler)
-    <configuration>/<CASE>_seg.npy   int8 I×J×K
-    <configuration>/<CASE>.json      CaseProperties
+    <configuration>/<CASE>_seg.npy   int8 I×J×K (int16 for label values > 127)
+    <configuration>/<CASE>.json      CaseProperties (incl. class_locations)
+
+Cases run in parallel (``workers`` processes, one case per worker at a time); each case is read once and
+written for every configuration to preprocess (files shared by hard links when two configurations give
+the same grid, e.g. ``2d`` and ``3d_fullres`` on data already at the target spacing).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+import time
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.io import atomic_dir, save_npy
-from medseg.preprocessing.cropping import bounding_box, crop, nonzero_mask, uncrop
-from medseg.preprocessing.fingerprint import compute_fingerprint, load_case
+from medseg.io import atomic_dir, save_npy, write_text
+from medseg.preprocessing.cropping import bounding_box, crop, nonzero_mask
+from medseg.preprocessing.fingerprint import describe_case, case_files, check_channels, check_spacing, compute_fingerprint, load_case
+from medseg.preprocessing.inversion import restore_labels_to_original, restore_to_original
+from medseg.preprocessing.locations import CLASS_LOCATIONS_PER_LABEL, sample_class_locations
 from medseg.preprocessing.normalization import normalize
+from medseg.preprocessing.parallel import default_workers, run_cases
 from medseg.preprocessing.planner import make_plans
-from medseg.preprocessing.resampling import anisotropic_axis, needs_resampling, resample, resample_segmentation, shape_for_spacing
+from medseg.preprocessing.resampling import resample, resample_segmentation, separate_z_axis, shape_for_spacing
 
-CLASS_LOCATIONS_PER_LABEL = 2000
+__all__ = [  # the inversion and the location count are re-exported: callers import them from here
+    "CLASS_LOCATIONS_PER_LABEL", "case_target_spacing", "preprocess_case", "restore_labels_to_original",
+    "restore_to_original", "run_preprocessing", "save_case_properties", "training_case_ids",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def case_target_spacing(config: schemas.Configuration, spacing: list[float]) -> list[float]:
+    """The spacing (mm) a case is resampled to: the configuration's, except along a ``2d`` slice axis,
+    which keeps the case's own spacing (slices are never interpolated into each other)."""
+    target = [float(s) for s in config.spacing]
+    if config.slice_axis is not None:
+        target[config.slice_axis] = float(spacing[config.slice_axis])
+    return target
 
 
 def preprocess_case(images: np.ndarray, seg: np.ndarray | None, spacing: list[float], affine: np.ndarray, plans: schemas.Plans, configuration: str | None = None, case_id: str = "case", seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, schemas.CaseProperties]:
-    """Crop, resample and normalise one case.
+    """Crop, normalise and resample one case.
 
-    ``images``: C×I×J×K raw intensities; ``seg``: I×J×K labels or None; ``spacing`` in mm.
-    Returns float32 C×I'×J'×K', int8 I'×J'×K' (or None) and the properties to invert it.
+    Args:
+        images: C×I×J×K raw intensities (channels in ``plans.channel_names`` order).
+        seg: I×J×K integer labels, or None (inference).
+        spacing: voxel size in mm along I, J, K. affine: 4×4 of the original grid.
+        configuration: a name in ``plans.configurations`` (default: the plan's default).
+        seed: with ``case_id``, seeds the sampling of foreground locations.
+
+    Returns:
+        float32 C×I'×J'×K', int8 I'×J'×K' (or None) and the :class:`~medseg.schemas.CaseProperties` that
+        invert it.
+
+    Raises:
+        MedsegError: naming ``case_id`` for a wrong channel count, a spacing that is not > 0, an all-zero
+            channel, or a segmentation of another shape.
     """
     config = plans.configuration(configuration)
-    if images.shape[0] != len(plans.channel_names):
-        raise MedsegError(f"{case_id}: expected {len(plans.channel_names)} channels ({', '.join(plans.channel_names)}), got {images.shape[0]}")
+    if images.ndim != 4 or images.shape[0] != len(plans.channel_names):
+        raise MedsegError(f"{describe_case(case_id)}: expected {len(plans.channel_names)} channels ({', '.join(plans.channel_names)}) of 3D volumes, got an array of shape {tuple(images.shape)}")
+    check_spacing(list(spacing), case_id)
+    check_channels(images, case_id, list(plans.channel_names))
+    if seg is not None and tuple(seg.shape) != tuple(images.shape[1:]):
+        raise MedsegError(f"{describe_case(case_id)}: segmentation shape {tuple(seg.shape)} differs from the images' {tuple(images.shape[1:])}")
     mask = nonzero_mask(images)
     box = bounding_box(mask)
-    images_c, mask_c = crop(images, box), crop(mask, box)
+    mask_c = crop(mask, box)
+    shape_after_crop = [b - a for a, b in box]
+    # normalise on the cropped grid, before resampling (nnU-Net: a resampled mask would no longer fit)
+    data = np.empty((images.shape[0], *shape_after_crop), dtype=np.float32)
+    for c, spec in enumerate(plans.normalization):
+        data[c] = crop(images[c], box)
+        normalize(data[c], mask_c, spec, inplace=True)
+    target = case_target_spacing(config, list(spacing))
+    new_shape = shape_for_spacing(shape_after_crop, list(spacing), target)
     seg_c = crop(seg, box) if seg is not None else None
-    shape_after_crop = list(images_c.shape[1:])
-    target = list(config.spacing)
-    new_shape = shape_for_spacing(shape_after_crop, spacing, target)
-    if needs_resampling(spacing, target):
-        aniso = anisotropic_axis(spacing)
-        images_c = resample(images_c, new_shape, order=3, anisotropic_axis=aniso)
-        mask_c = resample_segmentation(mask_c.astype(np.uint8), new_shape).astype(bool)
+    if new_shape != shape_after_crop:
+        axis = separate_z_axis(list(spacing), target)
+        data = resample(data, new_shape, order=3, anisotropic_axis=axis)
         if seg_c is not None:
-            seg_c = resample_segmentation(seg_c, new_shape)
-    data = np.stack([normalize(images_c[c], mask_c, spec) for c, spec in enumerate(plans.normalization)]).astype(np.float32)
+            seg_c = resample_segmentation(np.ascontiguousarray(seg_c), new_shape, config.seg_resampling, anisotropic_axis=axis, outside=~mask_c)
     locations: dict[str, list[list[int]]] = {}
     if seg_c is not None:
-        rng = np.random.default_rng(seed)
-        for value in sorted(set(plans.labels.values()) - {0}):
-            idx = np.argwhere(seg_c == value)
-            if len(idx) > CLASS_LOCATIONS_PER_LABEL:
-                idx = idx[rng.choice(len(idx), CLASS_LOCATIONS_PER_LABEL, replace=False)]
-            locations[str(value)] = idx.astype(int).tolist()
+        rng = np.random.default_rng([int(seed), zlib.crc32(case_id.encode())])
+        locations = sample_class_locations(seg_c, list(plans.labels.values()), rng)
+        seg_c = seg_c.astype(np.int16 if int(seg_c.max(initial=0)) > 127 else np.int8)
     props = schemas.CaseProperties(
         case_id=case_id, original_shape=list(images.shape[1:]), original_spacing=[float(s) for s in spacing],
         original_affine=np.asarray(affine).tolist(), crop_bbox=box, shape_after_crop=shape_after_crop,
         shape_after_resample=list(data.shape[1:]), target_spacing=target, class_locations=locations,
     )
-    return data, (seg_c.astype(np.int8) if seg_c is not None else None), props
+    return data, seg_c, props
 
 
-def restore_to_original(probabilities: np.ndarray, props: schemas.CaseProperties) -> np.ndarray:
-    """Class probabilities K×I'×J'×K' on the preprocessed grid → label map on the original grid.
-
-    Probabilities are resampled linearly (smoother than resampling labels), then arg-maxed, then pasted
-    into the crop box; voxels outside it are background.
-    """
-    if list(probabilities.shape[1:]) != list(props.shape_after_crop):
-        probabilities = resample(probabilities.astype(np.float32), props.shape_after_crop, order=1)
-    labels = np.argmax(probabilities, axis=0).astype(np.uint8)
-    return uncrop(labels, props.crop_bbox, props.original_shape, fill=0)
+def _grid_key(config: schemas.Configuration, spacing: list[float]) -> tuple:
+    return (tuple(round(s, 9) for s in case_target_spacing(config, spacing)), config.seg_resampling)
 
 
-def restore_labels_to_original(labels: np.ndarray, props: schemas.CaseProperties) -> np.ndarray:
-    """A label map on the preprocessed grid → the original grid (nearest neighbour)."""
-    if list(labels.shape) != list(props.shape_after_crop):
-        labels = resample_segmentation(labels, props.shape_after_crop)
-    return uncrop(labels.astype(np.uint8), props.crop_bbox, props.original_shape, fill=0)
-
-
-def _preprocess_one(job: tuple[Path, Path, str, schemas.Plans, str, int]) -> str:
-    dataset_dir, out_dir, case_id, plans, configuration, seed = job
+def _preprocess_job(job: tuple[Path, Path, str, schemas.Plans, list[str], int]) -> str:
+    """One case for every configuration in the job; files written into ``out_root/<configuration>/``."""
+    dataset_dir, out_root, case_id, plans, configurations, seed = job
     images, seg, affine, spacing = load_case(dataset_dir, case_id, len(plans.channel_names))
-    data, seg_p, props = preprocess_case(images, seg, spacing, affine, plans, configuration, case_id, seed)
-    save_npy(out_dir / f"{case_id}.npy", data)
-    save_npy(out_dir / f"{case_id}_seg.npy", seg_p)
-    props.save(out_dir / f"{case_id}.json")
+    check_channels(images, case_id, list(plans.channel_names), case_files(dataset_dir, case_id, len(plans.channel_names)))
+    written: dict[tuple, Path] = {}
+    for name in configurations:
+        config = plans.configuration(name)
+        folder = out_root / name
+        key = _grid_key(config, spacing)
+        if key in written:  # same grid as a configuration done already: share the files
+            _link_case(written[key], folder, case_id)
+            continue
+        data, seg_p, props = preprocess_case(images, seg, spacing, affine, plans, name, case_id, seed)
+        save_npy(folder / f"{case_id}.npy", data)
+        save_npy(folder / f"{case_id}_seg.npy", seg_p)
+        save_case_properties(props, folder / f"{case_id}.json")
+        written[key] = folder
     return case_id
+
+
+def save_case_properties(props: schemas.CaseProperties, path: Path) -> Path:
+    """Write ``<case>.json`` compactly: the class locations are thousands of index triples, and the
+    indented, deep-copying generic writer spent more time on them than the whole case took to preprocess."""
+    fields = {f.name: getattr(props, f.name) for f in dataclasses.fields(props)}
+    return write_text(path, json.dumps(fields, separators=(",", ":")) + "\n")
+
+
+def _link_case(src: Path, dst: Path, case_id: str) -> None:
+    for suffix in (".npy", "_seg.npy", ".json"):
+        try:
+            os.link(src / f"{case_id}{suffix}", dst / f"{case_id}{suffix}")
+        except OSError:
+            shutil.copy2(src / f"{case_id}{suffix}", dst / f"{case_id}{suffix}")
 
 
 def training_case_ids(splits: schemas.Splits) -> list[str]:
@@ -109,8 +164,39 @@ def training_case_ids(splits: schemas.Splits) -> list[str]:
     return sorted(ids - set(splits.test))
 
 
-def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", configurations: tuple[str, ...] = ("3d_fullres",), workers: int | None = None, progress: bool = True) -> schemas.Plans:
-    """Fingerprint, plan and preprocess the training cases of a canonical dataset into ``out_dir``."""
+def _load_plans(plans: schemas.Plans | str | Path, dataset: schemas.DatasetJson) -> tuple[schemas.Plans, Path | None]:
+    source = None
+    if not isinstance(plans, schemas.Plans):
+        source = Path(plans)
+        plans = schemas.Plans.load(source)
+    if list(plans.channel_names) != dataset.channels:
+        raise MedsegError(f"the plan's channels {plans.channel_names} differ from the dataset's {dataset.channels}", source)
+    if len(plans.normalization) != len(plans.channel_names):
+        raise MedsegError(f"the plan has {len(plans.normalization)} normalisation entries for {len(plans.channel_names)} channels", source)
+    for spec in plans.normalization:
+        if spec.get("scheme") not in ("zscore_nonzero", "zscore", "ct", "rescale", "none"):
+            raise MedsegError(f"channel {spec.get('channel')!r}: unknown normalisation scheme {spec.get('scheme')!r}", source)
+    return plans, source
+
+
+def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", configurations: tuple[str, ...] = ("3d_fullres",), workers: int | None = None, progress: bool = True, plans: schemas.Plans | str | Path | None = None, timings: dict[str, Any] | None = None) -> schemas.Plans:
+    """Fingerprint, plan and preprocess the training cases of a canonical dataset into ``out_dir``.
+
+    Args:
+        dataset_dir: canonical dataset (``dataset.json``, ``splits.json``, ``imagesTr``, ``labelsTr``).
+        out_dir: written atomically (replaced as a whole only on success).
+        budget: ``cpu`` or ``gpu:<GiB>``. configurations: which to preprocess (and train).
+        workers: parallel cases (default: the cores this process may use).
+        plans: an existing (possibly hand-edited) ``plans.json`` or Plans to use instead of planning;
+            its budget is kept and no fingerprint is computed (the one beside the file is copied).
+        timings: when given, filled with wall seconds per phase (``fingerprint_s``, ``plan_s``,
+            ``preprocess_s``, ``total_s``) and the case and worker counts.
+
+    Raises:
+        MedsegError: naming the folder, case or file for a missing dataset, no training cases, an
+            unusable budget or plan, or bad case data (see :func:`preprocess_case`).
+    """
+    t_start = time.perf_counter()
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     if not dataset_dir.is_dir():
         raise MedsegError("dataset folder not found", dataset_dir)
@@ -119,22 +205,43 @@ def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", con
     case_ids = training_case_ids(splits)
     if not case_ids:
         raise MedsegError("splits.json has no training cases", dataset_dir / schemas.SPLITS_JSON)
-    workers = workers or len(os.sched_getaffinity(0))
-    fingerprint = compute_fingerprint(dataset_dir, case_ids, workers=workers, progress=progress)
-    plans = make_plans(fingerprint, dataset, budget, configurations)
+    workers = int(workers or default_workers())
+    phase: dict[str, Any] = {"n_cases": len(case_ids), "workers": workers}
+    fingerprint, fingerprint_source = None, None
+    if plans is None:
+        from medseg.preprocessing.planner import parse_budget
+
+        parse_budget(budget)  # fail before the costly part
+        t0 = time.perf_counter()
+        fingerprint = compute_fingerprint(dataset_dir, case_ids, workers=workers, progress=progress)
+        phase["fingerprint_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan = make_plans(fingerprint, dataset, budget, tuple(configurations))
+        phase["plan_s"] = time.perf_counter() - t0
+    else:
+        plan, source = _load_plans(plans, dataset)
+        wanted = [c for c in configurations if c in plan.configurations] or [plan.default_configuration]
+        plan.trained_configurations = wanted
+        phase["fingerprint_s"] = phase["plan_s"] = 0.0
+        if source is not None and (source.parent / schemas.FINGERPRINT_JSON).is_file():
+            fingerprint_source = source.parent / schemas.FINGERPRINT_JSON
+            fingerprint = schemas.Fingerprint.load(fingerprint_source)
+    skipped = [c for c in configurations if c not in plan.trained_configurations]
+    if skipped:
+        logger.warning("configuration(s) %s not planned for this dataset: preprocessing %s", skipped, plan.trained_configurations)
+    t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        fingerprint.save(tmp)
-        plans.save(tmp)
+        if fingerprint is not None:
+            fingerprint.save(tmp)
+        plan.save(tmp)
         shutil.copy2(dataset_dir / schemas.DATASET_JSON, tmp / schemas.DATASET_JSON)
         shutil.copy2(dataset_dir / schemas.SPLITS_JSON, tmp / schemas.SPLITS_JSON)
-        for name in plans.configurations:
+        for name in plan.trained_configurations:
             (tmp / name).mkdir()
-            jobs = [(dataset_dir, tmp / name, cid, plans, name, i) for i, cid in enumerate(case_ids)]
-            desc = f"preprocess {name}"
-            if workers > 1:
-                with ProcessPoolExecutor(workers) as pool:
-                    list(tqdm(pool.map(_preprocess_one, jobs), total=len(jobs), desc=desc, disable=not progress))
-            else:
-                for job in tqdm(jobs, desc=desc, disable=not progress):
-                    _preprocess_one(job)
-    return plans
+        jobs = [(dataset_dir, tmp, cid, plan, list(plan.trained_configurations), 0) for cid in case_ids]
+        run_cases(_preprocess_job, jobs, workers, f"preprocess {'+'.join(plan.trained_configurations)}", progress)
+    phase["preprocess_s"] = time.perf_counter() - t0
+    phase["total_s"] = time.perf_counter() - t_start
+    if timings is not None:
+        timings.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in phase.items()})
+    return plan
