@@ -24,12 +24,13 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, type=Path, help="canonical dataset folder (output of ingest)")
     p.add_argument("--out", required=True, type=Path, help="preprocessed folder to write")
     p.add_argument("--device-budget", default="cpu", help="cpu | gpu:<GiB> (default: cpu)")
-    p.add_argument("--configurations", nargs="+", default=["3d_fullres"], help="3d_fullres and/or 3d_lowres")
+    p.add_argument("--configurations", nargs="+", default=["3d_fullres"], help="which planned configurations to preprocess (and train): 2d, 3d_fullres, 3d_lowres (default: 3d_fullres)")
+    p.add_argument("--plans", type=Path, default=None, help="use this (hand-edited) plans.json instead of planning (no new fingerprint: the one beside it is copied)")
     p.add_argument("--workers", type=int, default=None, help="parallel cases (default: cores)")
 
 
 def _run_preprocess(a: argparse.Namespace) -> int:
-    plans = _stage("medseg.preprocessing.preprocess").run_preprocessing(a.dataset, a.out, a.device_budget, tuple(a.configurations), a.workers)
+    plans = _stage("medseg.preprocessing.preprocess").run_preprocessing(a.dataset, a.out, a.device_budget, tuple(a.configurations), a.workers, plans=a.plans)
     c = plans.configuration()
     print(f"plans: spacing {[round(s, 3) for s in c.spacing]} mm, patch {c.patch_size}, batch {c.batch_size}, "
           f"features {c.network['features']}, {c.n_parameters:,} parameters → {a.out}")
