@@ -205,6 +205,8 @@ class Fingerprint(Artifact):
     class_voxel_counts: dict[str, int] = field(default_factory=dict)  # label value → voxels over the fingerprinted cases
     samples_per_case: int = 0  # foreground voxels drawn per case (with replacement) for the channel statistics
     seed: int = 0  # seed of that sampling
+    # channel → per case the mean raw intensity of its nonzero voxels: the serving drift reference
+    case_nonzero_means: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass

@@ -109,6 +109,11 @@ def case_fingerprint(images: np.ndarray, seg: np.ndarray, spacing: list[float], 
         samples = [np.zeros(0, np.float32) for _ in range(images.shape[0])]
     counts = np.bincount(seg.reshape(-1), minlength=n_labels)
     shape_after_crop = [b - a for a, b in box]
+    # per channel, the mean of its nonzero voxels: what the model server compares each request with (drift)
+    nonzero_means = []
+    for channel in images_c:
+        n = int(np.count_nonzero(channel))
+        nonzero_means.append(float(np.sum(channel, dtype=np.float64)) / n if n else None)
     return {
         "case_id": case_id,
         "spacing": [float(s) for s in spacing],
@@ -118,6 +123,7 @@ def case_fingerprint(images: np.ndarray, seg: np.ndarray, spacing: list[float], 
         "crop_fraction": float(np.prod(shape_after_crop) / np.prod(images.shape[1:])),
         "samples": samples,
         "counts": [int(c) for c in counts],
+        "nonzero_means": nonzero_means,
     }
 
 
@@ -169,4 +175,5 @@ def compute_fingerprint(dataset_dir: Path, case_ids: list[str], workers: int = 1
         class_voxel_counts={str(v): int(counts[v]) for v in ds.label_values},
         samples_per_case=int(samples_per_case),
         seed=int(seed),
+        case_nonzero_means={name: [r["nonzero_means"][c] for r in rows if r["nonzero_means"][c] is not None] for c, name in enumerate(ds.channels)},
     )

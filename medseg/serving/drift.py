@@ -7,7 +7,8 @@ package, first found of:
 1. ``drift_reference.json`` (:func:`write_drift_reference`): mean and std over the training **cases** of each
    case's nonzero-voxel mean — the same statistic as ``m``, so ``z`` is a proper z-score of a case mean
    (``statistic = "case_mean_nonzero"``).
-2. ``fingerprint.json``, else ``plans.json``'s normalisation entries (the planner copies the fingerprint's
+2. ``fingerprint.json``'s ``case_nonzero_means`` (written by preprocessing; the same statistic as 1.).
+3. ``fingerprint.json``'s channel statistics, else ``plans.json``'s normalisation entries (the planner copies the fingerprint's
    per-channel ``mean``/``std`` there): mean and std of the training **voxels** under the label (label > 0;
    nnU-Net's "foreground"), pooled over cases (``statistic = "voxel_foreground"``). This compares a
    whole-brain case mean with the spread of tumour voxels: in-distribution cases do not score 0 and the
@@ -63,7 +64,11 @@ def load_drift_reference(package_dir: Path, channels: list[str]) -> DriftReferen
     fp_file = package_dir / schemas.FINGERPRINT_JSON
     if fp_file.is_file():
         try:
-            candidates.append((VOXEL_FOREGROUND, schemas.FINGERPRINT_JSON, dict(schemas.Fingerprint.load(package_dir).channels)))
+            fingerprint = schemas.Fingerprint.load(package_dir)
+            case_means = {c: {"mean": float(np.mean(v)), "std": float(np.std(v))} for c, v in fingerprint.case_nonzero_means.items() if len(v) >= 2}
+            if case_means:  # the fingerprint kept each training case's nonzero mean: the same statistic as a request's
+                candidates.append((CASE_MEAN_NONZERO, f"{schemas.FINGERPRINT_JSON} (case means)", case_means))
+            candidates.append((VOXEL_FOREGROUND, schemas.FINGERPRINT_JSON, dict(fingerprint.channels)))
         except MedsegError as exc:
             log.warning("drift: cannot read %s (%s)", fp_file, exc)
     try:
