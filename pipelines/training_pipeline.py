@@ -46,6 +46,14 @@ def _mount_secrets(task: dsl.PipelineTask, *which: str) -> None:
             kubernetes.use_secret_as_env(task, secret_name=secret["name"], secret_key_to_env=dict(secret["keys"]))
 
 
+def _mount_source_data(task: dsl.PipelineTask) -> None:
+    """A path source lives on the PVC named in ``params.yaml`` → cluster.data_pvc, mounted at its
+    ``mount_path`` when one is set (an ``s3://`` source needs only the S3 Secret, mounted below)."""
+    pvc = CLUSTER.get("data_pvc") or {}
+    if pvc.get("name"):
+        kubernetes.mount_pvc(task, pvc_name=pvc["name"], mount_path=pvc.get("mount_path", "/data"))
+
+
 def _training_resources(task: dsl.PipelineTask) -> None:
     """CPU/memory, GPU, node selector and tolerations for the tune and train steps (``params.yaml`` → cluster)."""
     res = CLUSTER.get("train_resources", {})
@@ -114,6 +122,7 @@ def training_pipeline(
     ingested = ingest(source=source, source_format=source_format, n_folds=n_folds, test_fraction=test_fraction, seed=seed)
     ingested.set_display_name("Ingest and validate")
     ingested.set_caching_options(False)  # the same source path may hold new data: always re-read it
+    _mount_source_data(ingested)
     pre = preprocess(dataset=ingested.outputs["dataset"], device_budget=device_budget)
     pre.set_display_name("Fingerprint, plan, preprocess")
     pre.set_caching_options(True)  # deterministic given the dataset and the budget

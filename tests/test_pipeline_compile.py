@@ -208,3 +208,15 @@ def test_parallel_for_fan_out_runs_under_kfp_local(tmp_path):
     assert abs(best["params"]["learning_rate"] - 0.003) < 0.003
     executor = json.loads((run_dir / "tune" / "executor_output.json").read_text())
     assert "n_workers" in json.dumps(executor)
+
+
+def test_raw_data_pvc_is_mounted_on_ingest_only(tmp_path):
+    import yaml
+
+    from medseg.pipeline.runner import compile_pipeline
+
+    docs = list(yaml.safe_load_all(compile_pipeline(tmp_path).read_text()))
+    platform = next(d for d in docs if "platforms" in d)["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounted = {name: [m["mountPath"] for m in spec.get("pvcMount", [])] for name, spec in platform.items()}
+    assert mounted["exec-ingest"] == ["/data"]
+    assert not any(paths for name, paths in mounted.items() if name != "exec-ingest")
