@@ -71,9 +71,8 @@ def time_evaluate(n_cases: int, shape: tuple[int, int, int]) -> dict:
         dataset = DatasetJson(name="bench", channel_names={str(i): c for i, c in enumerate(BRATS_CHANNELS)},
                               labels=dict(BRATS_LABELS), numTraining=n_cases, regions={k: list(v) for k, v in BRATS_REGIONS.items()},
                               source_format="brats2023")
-        dataset.save(Path(tmp))
         start = time.perf_counter()
-        evaluate_folder(pred_dir, label_dir, Path(tmp) / "dataset.json", Path(tmp) / "eval", progress=False)
+        evaluate_folder(pred_dir, label_dir, dataset, Path(tmp) / "eval", progress=False)
         seconds = time.perf_counter() - start
     return {"cases": n_cases, "shape": list(shape), "seconds_total": round(seconds, 2), "seconds_per_case": round(seconds / n_cases, 3)}
 
