@@ -29,4 +29,4 @@ def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_para
     shutil.move(str(result.model_dir), model.path)
     shutil.rmtree(work, ignore_errors=True)
     model.metadata.update({"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch, "seconds_per_step": result.seconds_per_step,
-                           "world_size": result.world_size})
+                           "world_size": result.world_size, "val_metric": result.metric})  # best_val_dice: balanced accuracy for a classifier

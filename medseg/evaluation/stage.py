@@ -1,4 +1,10 @@
-"""The evaluate stage: predict the held-out test cases with a model package and score them."""
+"""The evaluate stage: predict the held-out test cases with a model package and score them.
+
+Segmentation datasets get the segmentation report (:func:`~medseg.evaluation.report.evaluate_arrays`);
+classification datasets (dataset.json ``task: "classification"``) the classification report
+(:func:`~medseg.evaluation.classification.evaluate_classification`: accuracy, balanced accuracy, one-vs-rest
+ROC-AUC per class, ROC curves), each test case's true class and age read from the dataset's manifest.json.
+"""
 
 from __future__ import annotations
 
@@ -29,11 +35,16 @@ def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_
     model_dir, dataset_dir, out_dir = Path(model_dir), Path(dataset_dir), Path(out_dir)
     predictor = Predictor.from_package(model_dir, overlap=overlap, mirror=mirror)
     dataset = schemas.DatasetJson.load(dataset_dir)
-    if dataset.task != "segmentation":
-        raise MedsegError(f"the evaluate stage predicts segmentations; this dataset's task is {dataset.task!r} (see medseg.evaluation.classification)", dataset_dir / schemas.DATASET_JSON)
+    if dataset.task not in ("segmentation", "classification"):
+        raise MedsegError(f"the evaluate stage scores segmentation and classification datasets; this dataset's task is {dataset.task!r}", dataset_dir / schemas.DATASET_JSON)
+    if (dataset.task == "classification") != (predictor.output == "classes"):
+        what = "a classifier" if predictor.output == "classes" else "a segmentation model"
+        raise MedsegError(f"the model is {what}, the dataset's task is {dataset.task!r}", dataset_dir / schemas.DATASET_JSON)
     case_ids = case_ids if case_ids is not None else schemas.Splits.load(dataset_dir).test
     if not case_ids:
         raise MedsegError("no test cases to evaluate (splits.json has an empty test list)", dataset_dir / schemas.SPLITS_JSON)
+    if dataset.task == "classification":
+        return _evaluate_classification(predictor, dataset, dataset_dir, out_dir, case_ids, progress)
     predictions_dir = Path(predictions_dir) if predictions_dir else out_dir / "predictions"
     n_channels = len(dataset.channel_names)
 
@@ -52,6 +63,31 @@ def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_
 
     out_dir.mkdir(parents=True, exist_ok=True)
     return evaluate_arrays(pairs(), dataset, out_dir, total=len(case_ids), lesionwise=lesionwise_setting(dataset))
+
+
+def _evaluate_classification(predictor, dataset: schemas.DatasetJson, dataset_dir: Path, out_dir: Path, case_ids: list[str], progress: bool) -> schemas.Metrics:
+    """Each case's class probabilities (with its age when the classifier takes it) against its true class
+    from manifest.json → the classification report in ``out_dir``."""
+    from medseg.evaluation.classification import evaluate_classification
+
+    if list(predictor.classes) != [name for name, _ in sorted(dataset.labels.items(), key=lambda kv: int(kv[1]))]:
+        raise MedsegError(f"the classifier's classes {predictor.classes} are not the dataset's {dataset.labels}", dataset_dir / schemas.DATASET_JSON)
+    records = {str(c["case_id"]): c for c in schemas.Manifest.load(dataset_dir).cases}
+    missing = [c for c in case_ids if c not in records or records[c].get("class_label") is None]
+    if missing:
+        raise MedsegError(f"no class label in manifest.json for test case(s) {missing[:10]}", dataset_dir / schemas.MANIFEST_JSON)
+    n_channels = len(dataset.channel_names)
+
+    def cases():
+        for case_id in tqdm(case_ids, desc="evaluate", disable=not progress):
+            age = (records[case_id].get("covariates") or {}).get("age")
+            if predictor.uses_age and age is None:
+                raise MedsegError(f"case {case_id}: the classifier takes the age, which manifest.json does not give (covariates.age)", dataset_dir / schemas.MANIFEST_JSON)
+            scores = predictor.predict_class_files(case_files(dataset_dir, case_id, n_channels), age=age)
+            yield case_id, scores, records[case_id]["class_label"]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return evaluate_classification(cases(), dataset, out_dir)
 
 
 def _same_labels(dataset: schemas.DatasetJson, labels: dict[str, int], regions: dict[str, list[int]]) -> bool:

@@ -2,6 +2,15 @@
 
 Used by evaluation, the MLflow pyfunc model and the KServe predictor alike, so all three run exactly the
 preprocessing the model was trained with (:func:`~medseg.preprocessing.preprocess.preprocess_case`).
+
+What the network's outputs mean comes from the package (:func:`~medseg.training.ensemble.network_output`):
+
+- ``labels``: softmax over the label values, arg-maxed (probabilities resampled back to the input grid);
+- ``regions`` (BraTS region-based training): a sigmoid per region (WT, TC, ET), turned into a label map
+  on the preprocessed grid with :func:`~medseg.training.losses.regions_to_labels`, then put back on the
+  input grid; postprocessing and volumes as for ``labels``;
+- ``classes`` (a classifier): :meth:`Predictor.predict_class` gives one probability per class for the
+  whole volume (the subject's age too when the network takes it).
 """
 
 from __future__ import annotations
@@ -16,10 +25,40 @@ import torch
 from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.inference.postprocess import enhancing_labels, relabel_small_enhancing, remove_small_components
-from medseg.inference.sliding_window import predict_probabilities, select_device
+from medseg.inference.sliding_window import predict_logits, predict_probabilities, select_device
 from medseg.io import load_nifti, nifti_spacing, stack_channels
-from medseg.preprocessing.preprocess import preprocess_case, restore_to_original
-from medseg.training.ensemble import load_network
+from medseg.preprocessing.preprocess import preprocess_case, restore_labels_to_original, restore_to_original
+from medseg.training.ensemble import load_network, network_output
+from medseg.training.losses import regions_to_labels
+from medseg.training.sampler import fit_volume
+
+
+def grid_probabilities(network: torch.nn.Module, data: np.ndarray, patch_size: list[int], output: str = "labels", overlap: float = 0.5, mirror: bool = False,
+                       device: torch.device | None = None) -> np.ndarray:
+    """Sliding-window probabilities K×(spatial) float32 of a preprocessed volume: the softmax over the labels,
+    or for ``output="regions"`` a sigmoid per region channel."""
+    if output == "regions":
+        return torch.sigmoid(predict_logits(network, data, patch_size, overlap=overlap, mirror=mirror, device=device)).numpy()
+    return predict_probabilities(network, data, patch_size, overlap=overlap, mirror=mirror, device=device)
+
+
+def grid_labels(probs: np.ndarray, regions: dict[str, list[int]] | None = None, labels: list[int] | None = None) -> np.ndarray:
+    """uint8 label map from :func:`grid_probabilities`: the arg-max over labels, or with ``regions`` (name →
+    labels, in channel order) :func:`~medseg.training.losses.regions_to_labels` (``labels``: every label value)."""
+    if regions:
+        return np.asarray(regions_to_labels(probs, regions, labels, channel_axis=0)).astype(np.uint8)
+    return np.argmax(probs, axis=0).astype(np.uint8)
+
+
+@torch.inference_mode()
+def class_probabilities(network: torch.nn.Module, images: np.ndarray, ages: np.ndarray | None = None, device: torch.device | None = None) -> np.ndarray:
+    """Softmax class probabilities N×K of a classifier for inputs N×C×X×Y×Z (:func:`~medseg.training.sampler.fit_volume`),
+    with the subjects' ages N (years) when the network takes them."""
+    device = device or next(network.parameters()).device
+    network.eval()
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
+    out = network(x) if ages is None else network(x, torch.from_numpy(np.asarray(ages, dtype=np.float32)).to(device))
+    return torch.softmax(out.float(), dim=1).cpu().numpy()
 
 
 @dataclass
@@ -37,6 +76,7 @@ class Predictor:
         self.network, self.plans, self.dataset, self.package = network, plans, dataset, package
         self.device, self.overlap, self.mirror = device, overlap, mirror
         self.config = plans.configuration(package.configuration)
+        self.output = network_output(package.network)
 
     @classmethod
     def from_package(cls, model_dir: str | Path, device: str = "auto", overlap: float = 0.5, mirror: bool = False) -> Predictor:
@@ -47,7 +87,7 @@ class Predictor:
         plans = schemas.Plans.load(model_dir)
         dataset = schemas.DatasetJson.load(model_dir)
         dev = select_device(device)
-        # one network, or an ensemble package's folds averaging their softmax; weights_only loading (never pickled code)
+        # one network, or an ensemble package's folds averaging their probabilities; weights_only loading (never pickled code)
         network = load_network(model_dir, package, dev)
         return cls(network, plans, dataset, package, dev, overlap, mirror)
 
@@ -59,16 +99,41 @@ class Predictor:
     def region_names(self) -> list[str]:
         return list(self.plans.reported_groups)
 
-    def predict(self, images: np.ndarray, affine: np.ndarray, spacing: list[float]) -> Prediction:
-        """``images`` C×I×J×K raw intensities in ``self.channels`` order → segmentation on the same grid."""
+    @property
+    def regions(self) -> dict[str, list[int]]:
+        """A region model's regions (name → labels) in output-channel order; empty for other models."""
+        return {str(k): [int(v) for v in vs] for k, vs in (self.package.network.get("regions") or {}).items()} if self.output == "regions" else {}
+
+    @property
+    def classes(self) -> list[str]:
+        """A classifier's class names in output order; empty for segmentation models."""
+        return [str(c) for c in self.package.network.get("classes") or []] if self.output == "classes" else []
+
+    @property
+    def uses_age(self) -> bool:
+        """The classifier takes the subject's age (years) as a second input."""
+        return self.output == "classes" and bool((self.package.network.get("options") or {}).get("use_age"))
+
+    def _preprocess(self, images: np.ndarray, affine: np.ndarray, spacing: list[float]):
         images = np.asarray(images, dtype=np.float32)
         if images.ndim != 4 or images.shape[0] != len(self.channels):
             raise MedsegError(f"expected {len(self.channels)} channels ({', '.join(self.channels)}) of 3D volumes, got an array of shape {tuple(images.shape)}")
         if not np.isfinite(images).all():
             raise MedsegError("input contains NaN/Inf voxels")
         data, _, props = preprocess_case(images, None, list(spacing), affine, self.plans, self.package.configuration)
-        probs = predict_probabilities(self.network, data, self.config.patch_size, overlap=self.overlap, mirror=self.mirror, device=self.device)
-        seg = restore_to_original(probs, props)
+        return data, props
+
+    def predict(self, images: np.ndarray, affine: np.ndarray, spacing: list[float]) -> Prediction:
+        """``images`` C×I×J×K raw intensities in ``self.channels`` order → segmentation on the same grid."""
+        if self.output == "classes":
+            raise MedsegError("this model package is a classifier (output: classes): use predict_class")
+        data, props = self._preprocess(images, affine, spacing)
+        probs = grid_probabilities(self.network, data, self.config.patch_size, self.output, overlap=self.overlap, mirror=self.mirror, device=self.device)
+        if self.output == "regions":
+            labels = grid_labels(probs, self.regions, self.dataset.label_values)
+            seg = restore_labels_to_original(labels, props, method="linear")
+        else:
+            seg = restore_to_original(probs, props)
         min_volumes = self.package.postprocessing.get("min_volume_mm3") or {}
         if min_volumes:
             seg = remove_small_components(seg, min_volumes, spacing)
@@ -77,6 +142,27 @@ class Predictor:
         if et_threshold > 0 and pair is not None:
             seg = relabel_small_enhancing(seg, et_threshold, *pair)
         return Prediction(segmentation=seg, affine=np.asarray(affine), volumes_ml=self.volumes_ml(seg, spacing))
+
+    def predict_class(self, images: np.ndarray, affine: np.ndarray, spacing: list[float], age: float | None = None) -> dict[str, float]:
+        """A classifier's probability per class (``self.classes`` order) for one subject: ``images`` C×I×J×K raw
+        intensities in ``self.channels`` order, ``age`` in years (required when :attr:`uses_age`, else ignored)."""
+        if self.output != "classes":
+            raise MedsegError(f"this model package segments (output: {self.output}): use predict")
+        if self.uses_age and (age is None or not np.isfinite(float(age))):
+            raise MedsegError("this classifier takes the subject's age: pass age (years)")
+        data, _ = self._preprocess(images, affine, spacing)
+        options = self.package.network.get("options") or {}
+        size = options.get("input_size") or list(self.config.patch_size)
+        x = fit_volume(data, list(size), float(options.get("input_scale") or 1.0))[None]
+        probs = class_probabilities(self.network, x, np.array([float(age)]) if self.uses_age else None, self.device)[0]  # type: ignore[arg-type]
+        return {name: float(p) for name, p in zip(self.classes, probs)}
+
+    def predict_class_files(self, paths: list[str | Path], age: float | None = None) -> dict[str, float]:
+        """:meth:`predict_class` of one NIfTI file per channel, in ``self.channels`` order."""
+        if len(paths) != len(self.channels):
+            raise MedsegError(f"expected {len(self.channels)} image files ({', '.join(self.channels)}), got {len(paths)}")
+        images, affine, header = stack_channels([load_nifti(p) for p in paths], [str(p) for p in paths])
+        return self.predict_class(images, affine, list(nifti_spacing(header)), age)
 
     def volumes_ml(self, seg: np.ndarray, spacing: list[float]) -> dict[str, float]:
         voxel_ml = float(np.prod(spacing)) / 1000.0

@@ -1,18 +1,25 @@
-"""Cross-validation ensembles: the folds' networks in one model package, their softmax averaged at inference.
+"""Cross-validation ensembles: the folds' networks in one model package, their probabilities averaged at inference.
 
 An ensemble package is an ordinary model package folder whose ``model_package.json`` lists its members::
 
     model/
       model_package.json   weights_file: weights_fold0.pt (the first member: a loader that knows
                            nothing of ensembles still gets a working single model)
-                           training.ensemble: {combine: mean_softmax, weights_files: [...], members: [...]}
+                           training.ensemble: {combine: mean_softmax | mean_sigmoid, weights_files: [...], members: [...]}
       weights_fold0.pt … weights_foldK.pt   one state_dict per fold, same network
       plans.json, dataset.json
 
 :func:`load_network` turns any package into one ``nn.Module``: the network itself for a single model, an
 :class:`EnsembleNetwork` for several members. The ensemble returns the log of the members' mean softmax, so
 whatever applies a softmax to a network's output (the sliding window, mirroring) gets the mean softmax back
-within each window, with no change of its own.
+within each window, with no change of its own. Region packages (``network.output == "regions"``: one sigmoid
+output per region, BraTS region-based training) average the members' sigmoid probabilities instead and return
+their logit, so a sigmoid of the output is the mean probability.
+
+What a package's outputs mean is recorded in its ``network`` entry (:func:`network_output`): ``output``
+``"labels"`` (softmax over the label values; the default of older packages), ``"regions"`` (one sigmoid per
+region of ``network.regions``, name → labels, in channel order) or ``"classes"`` (one softmax over
+``network.classes`` per case, a classifier).
 
 Postprocessing of an ensemble is chosen as nnU-Net chooses it: on the pooled out-of-fold predictions, every
 validation case predicted by the fold that did not train on it (:func:`cross_validation_postprocessing`).
@@ -35,6 +42,22 @@ from medseg.errors import MedsegError
 from medseg.training.network import build_network
 
 COMBINE = "mean_softmax"
+OUTPUTS = ("labels", "regions", "classes")
+
+
+def network_output(network: dict[str, Any]) -> str:
+    """What a stored topology's outputs are: ``labels`` (default), ``regions`` or ``classes`` (see the module docstring)."""
+    kind = str(network.get("output") or "labels")
+    if kind not in OUTPUTS:
+        raise MedsegError(f"unknown network output {kind!r} in the model package (known: {', '.join(OUTPUTS)})")
+    if kind == "regions" and not network.get("regions"):
+        raise MedsegError("a region-output model package must list its regions (network.regions, name → labels)")
+    return kind
+
+
+def combine_rule(network: dict[str, Any]) -> str:
+    """How an ensemble of this network combines its members: ``mean_sigmoid`` for region outputs, else ``mean_softmax``."""
+    return "mean_sigmoid" if network_output(network) == "regions" else COMBINE
 
 
 def member_weights(package: schemas.ModelPackage) -> list[str]:
@@ -48,31 +71,42 @@ def is_ensemble(package: schemas.ModelPackage) -> bool:
 
 
 class EnsembleNetwork(nn.Module):
-    """Several networks of one topology as one: ``forward`` returns log(mean of the members' softmax).
+    """Several networks of one topology as one.
 
-    A softmax over the class axis of the output gives the members' mean probabilities back
-    (softmax(log p) = p / Σp = p). Deep-supervision outputs (N×S×K×… or a list) are reduced to the full
-    resolution head first, as at inference.
+    ``activation="softmax"``: ``forward`` returns log(mean of the members' softmax); a softmax over the class
+    axis of the output gives the members' mean probabilities back (softmax(log p) = p / Σp = p).
+    ``activation="sigmoid"`` (region outputs): it returns logit(mean of the members' sigmoid), so a sigmoid
+    of each channel gives the mean probability back. Deep-supervision outputs (N×S×K×… or a list) are
+    reduced to the full resolution head first, as at inference. Extra arguments (a classifier's age) are
+    passed to every member.
     """
 
-    def __init__(self, members: list[nn.Module]):
+    def __init__(self, members: list[nn.Module], activation: str = "softmax"):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
         self.members = nn.ModuleList(members)
+        self.activation = activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         total: torch.Tensor | None = None
         for member in self.members:
-            out = member(x)
+            out = member(x, *args)
             if isinstance(out, (list, tuple)):
                 out = out[0]
             elif out.ndim == x.ndim + 1:
                 out = out[:, 0]
-            probs = torch.softmax(out.float(), dim=1)
+            probs = torch.sigmoid(out.float()) if self.activation == "sigmoid" else torch.softmax(out.float(), dim=1)
             total = probs if total is None else total + probs
         assert total is not None
-        return torch.log((total / len(self.members)).clamp_min(torch.finfo(torch.float32).tiny))
+        mean = total / len(self.members)
+        if self.activation == "sigmoid":
+            eps = 1e-7  # sigmoid(±16.1): probabilities of exactly 0 or 1 stay finite
+            mean = mean.clamp(eps, 1 - eps)
+            return torch.log(mean) - torch.log1p(-mean)
+        return torch.log(mean.clamp_min(torch.finfo(torch.float32).tiny))
 
 
 def _load_state(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
@@ -103,7 +137,8 @@ def load_network(model_dir: str | Path, package: schemas.ModelPackage, device: t
         except RuntimeError as exc:  # weights of another network
             raise MedsegError(f"cannot load the weights ({str(exc).splitlines()[0][:200]})", path) from None
         networks.append(network)
-    network = networks[0] if len(networks) == 1 else EnsembleNetwork(networks)
+    activation = "sigmoid" if network_output(package.network) == "regions" else "softmax"
+    network = networks[0] if len(networks) == 1 else EnsembleNetwork(networks, activation)
     return network.to(device).eval()
 
 
@@ -146,11 +181,12 @@ def save_ensemble_package(model_dir: str | Path, members: list[str | Path], trai
         raise MedsegError(f"ensemble members must come from different folds, got folds {folds}")
 
     names = [f"weights_fold{f}.pt" for f in folds]
-    described = [{"fold": f, "weights_file": n, "source": str(m), "best_val_dice": p.training.get("best_val_dice"), "best_epoch": p.training.get("best_epoch"),
+    score = "best_val_balanced_accuracy" if network_output(first.network) == "classes" else "best_val_dice"
+    described = [{"fold": f, "weights_file": n, "source": str(m), score: p.training.get(score), "best_epoch": p.training.get("best_epoch"),
                   "mlflow_run_id": p.training.get("mlflow_run_id")} for f, n, m, p in zip(folds, names, members, packages)]
-    val = [d["best_val_dice"] for d in described if isinstance(d["best_val_dice"], (int, float))]
-    info = {"ensemble": {"combine": COMBINE, "weights_files": names, "members": described}, "folds": folds,
-            "config": dict(first.training.get("config", {})), "mean_fold_val_dice": float(np.mean(val)) if val else None, **(training or {})}
+    val = [d[score] for d in described if isinstance(d[score], (int, float))]
+    info = {"ensemble": {"combine": combine_rule(first.network), "weights_files": names, "members": described}, "folds": folds,
+            "config": dict(first.training.get("config", {})), f"mean_fold_{score[len('best_'):]}": float(np.mean(val)) if val else None, **(training or {})}
     with atomic_dir(Path(model_dir)) as tmp:
         for folder, package, name in zip(members, packages, names):
             shutil.copy2(folder / package.weights_file, tmp / name)
@@ -184,7 +220,9 @@ def cross_validation_postprocessing(preprocessed_dir: str | Path, members: list[
             raise MedsegError(f"member {folder} was trained on fold {fold}, which {preprocessed_dir / schemas.SPLITS_JSON} does not have")
         cases = [PreprocessedCase(preprocessed_dir / package.configuration, c) for c in splits.folds[fold]["val"][:max_val_cases]]
         network = load_network(folder, package, device)
-        pairs += validation_pairs(network, cases, plans.configuration(package.configuration).patch_size, overlap, device)
+        regions = package.network.get("regions") if network_output(package.network) == "regions" else None
+        pairs += validation_pairs(network, cases, plans.configuration(package.configuration).patch_size, overlap, device, regions,
+                                  sorted(int(v) for v in plans.labels.values()))
     if not pairs or configuration is None:
         return {}, {}
     groups = plans.reported_groups
@@ -195,4 +233,28 @@ def cross_validation_postprocessing(preprocessed_dir: str | Path, members: list[
     return post, cv_dice
 
 
-__all__ = ["EnsembleNetwork", "cross_validation_postprocessing", "is_ensemble", "load_member_states", "load_network", "member_weights", "save_ensemble_package"]
+def cross_validation_classification(preprocessed_dir: str | Path, members: list[str | Path], device: torch.device | str = "cpu",
+                                    dataset_dir: str | Path | None = None) -> dict[str, float]:
+    """Out-of-fold accuracy, balanced accuracy and cross-entropy of classifier packages ``members`` (single
+    folds): every validation case predicted by the fold that did not train on it."""
+    from medseg.training.trainer import _Task, _volume_cases, classification_scores, classification_sums, classification_targets
+
+    preprocessed_dir, device = Path(preprocessed_dir), torch.device(device)
+    splits = schemas.Splits.load(preprocessed_dir)
+    targets = classification_targets(preprocessed_dir, Path(dataset_dir) if dataset_dir else None)
+    totals: dict[str, float] = {}
+    n_cases, n_classes = 0, 0
+    for i, folder in enumerate(members):
+        package = schemas.ModelPackage.load(folder)
+        opts = package.network.get("options") or {}
+        task = _Task("classes", classes=list(package.network.get("classes") or []), input_size=list(opts["input_size"]),
+                     input_scale=float(opts.get("input_scale") or 1.0), use_age=bool(opts.get("use_age")))
+        n_classes = len(task.classes)
+        cases = _volume_cases(preprocessed_dir / package.configuration, splits.folds[_fold_of(package, i)]["val"], task, targets)
+        for k, v in classification_sums(load_network(folder, package, device), cases, task, device).items():
+            totals[k] = totals.get(k, 0.0) + v
+        n_cases += len(cases)
+    return {k[len("val_"):]: v for k, v in classification_scores(totals, n_classes, n_cases).items()} if n_cases else {}
+
+
+__all__ = ["EnsembleNetwork", "combine_rule", "cross_validation_classification", "cross_validation_postprocessing", "is_ensemble", "load_member_states", "load_network", "member_weights", "network_output", "save_ensemble_package"]

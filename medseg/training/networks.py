@@ -16,7 +16,10 @@
 - ``classifier3d``: a 3D classification CNN after Liu et al. 2020 ("On the design of convolutional neural
   networks for automatic detection of Alzheimer's disease", ML4H workshop; seed report 000): instance norm,
   no early downsampling, a widening factor, optional age input concatenated before the head; logits over
-  ``n_classes`` (CN, MCI, AD). Input: each axis ≥ 2**blocks.
+  ``n_classes`` (CN, MCI, AD). Input: each axis ≥ 2**blocks. Its ``input_size`` (default: the patch size)
+  and ``input_scale`` options say how a whole preprocessed volume becomes the network's input (one zoom
+  factor for every case, then centre crop/pad: :func:`medseg.training.sampler.fit_volume`); the trainer
+  fills them in, the predictor reads them back from the package.
 
 The MONAI transformer networks need the ``einops`` package.
 
@@ -242,7 +245,8 @@ NETWORKS: dict[str, NetworkSpec] = {
                      "attn_drop_rate": 0.0, "dropout_path_rate": 0.0, "use_checkpoint": False, "spatial_dims": 3, "use_v2": False},
                     _build_swinunetr, f"each spatial axis divisible by {SWIN_DIVISOR} and one axis ≥ {2 * SWIN_DIVISOR} (the instance norm of the 1/{SWIN_DIVISOR} bottleneck needs more than one voxel in training); feature_size divisible by 12"),
         NetworkSpec("classifier3d", "3D classification CNN (instance norm, no early downsampling, widening, optional age)", "classification", False,
-                    {"widening": 8, "channels": [4, 32, 64, 64], "feature_dim": 1024, "hidden": 512, "use_age": False, "age_dim": 16, "dropout": 0.5},
+                    {"widening": 8, "channels": [4, 32, 64, 64], "feature_dim": 1024, "hidden": 512, "use_age": False, "age_dim": 16, "dropout": 0.5,
+                     "input_size": None, "input_scale": None},
                     _build_classifier3d, "each spatial axis ≥ 2**len(channels)"),
     )
 }
@@ -343,8 +347,18 @@ def network_topology(name: str, topology: Mapping[str, Any] | None = None, *, in
             raise ValueError(f"swinunetr: depths {opts['depths']} and num_heads {opts['num_heads']} need one entry per stage")
     elif name == "classifier3d":
         opts["channels"] = [int(c) for c in opts["channels"]]
-        if patch_size is not None and min(patch_size) < 2 ** len(opts["channels"]):
-            raise ValueError(f"classifier3d: input {list(patch_size)} is too small for {len(opts['channels'])} pooling blocks ({spec.constraint})")
+        size = opts["input_size"] if opts["input_size"] is not None else patch_size
+        if size is not None:
+            size = [int(s) for s in size]
+            if len(size) != 3:
+                raise ValueError(f"classifier3d: input_size must have 3 axes, got {size}")
+            if min(size) < 2 ** len(opts["channels"]):
+                raise ValueError(f"classifier3d: input {size} is too small for {len(opts['channels'])} pooling blocks ({spec.constraint})")
+        opts["input_size"] = size
+        if opts["input_scale"] is not None:
+            opts["input_scale"] = float(opts["input_scale"])
+            if not 0 < opts["input_scale"] < float("inf"):
+                raise ValueError(f"classifier3d: input_scale must be > 0, got {opts['input_scale']}")
     out["options"] = opts
     return out
 

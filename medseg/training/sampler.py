@@ -8,6 +8,10 @@ Without ``augmentation`` each patch is only mirrored (each axis with p ½, ``mir
 :class:`~medseg.training.augmentation.Compose`) the sampler crops the pipeline's larger ``input_size``
 around the same centre and passes the batch through the pipeline (which mirrors itself), drawing its random
 numbers from the sampler's generator: one seed, one state to checkpoint.
+
+Classification (dataset.json ``task: "classification"``) trains on whole volumes, not patches:
+:class:`VolumeCase` is a preprocessed case with its class and age, :func:`fit_volume` turns a whole volume
+into the classifier's fixed input, and :class:`VolumeSampler` draws batches of them.
 """
 
 from __future__ import annotations
@@ -106,3 +110,84 @@ class PatchSampler:
         if self.augmentation is not None:
             batch_img, batch_seg = self.augmentation(batch_img, batch_seg, self.rng)
         return batch_img, batch_seg.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- whole volumes (classification)
+class VolumeCase:
+    """One preprocessed case of a classification dataset: ``data`` C×I×J×K float32 (memory-mapped), its
+    class index ``target`` and the subject's ``age`` in years (None when unknown). No segmentation is read."""
+
+    def __init__(self, folder: Path, case_id: str, target: int, age: float | None = None):
+        self.case_id, self.target, self.age = case_id, int(target), (None if age is None else float(age))
+        path = folder / f"{case_id}.npy"
+        if not path.is_file():
+            raise MedsegError(f"preprocessed case {case_id} is missing (rerun preprocess?)", path)
+        self.data = np.load(path, mmap_mode="r")
+
+
+def fit_volume(data: np.ndarray, size: list[int], scale: float = 1.0) -> np.ndarray:
+    """A whole preprocessed volume C×I×J×K as the classifier's fixed input C×``size``: zoomed by ``scale``
+    (trilinear; the same factor for every case, so sizes stay comparable between subjects: atrophy is a
+    signal), then centre-cropped or zero-padded (the background of a z-scored, cropped-to-nonzero volume)
+    to ``size``. float32."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.array(data, dtype=np.float32))  # a copy: ``data`` is often a read-only memory map
+    if scale != 1.0:
+        shape = [max(1, int(round(n * scale))) for n in x.shape[1:]]
+        if shape != list(x.shape[1:]):
+            x = F.interpolate(x[None], size=shape, mode="trilinear", align_corners=False)[0]
+    out = np.zeros((x.shape[0], *size), dtype=np.float32)
+    src, dst = [], []
+    for n, m in zip(x.shape[1:], size):
+        if n >= m:  # crop the centre
+            a = (n - m) // 2
+            src.append(slice(a, a + m))
+            dst.append(slice(0, m))
+        else:  # pad around it
+            a = (m - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(a, a + n))
+    out[(slice(None), *dst)] = x[(slice(None), *src)].numpy()
+    return out
+
+
+class VolumeSampler:
+    """Draws classification batches ``(images N×C×size float32, classes N×1 int64, ages N float32 | None)``.
+
+    Cases come in a random order, each once before any repeats (a new order every pass), so an epoch of
+    ``len(cases) / batch_size`` steps sees every training case once. ``mirror_axes``: axes (0, 1, 2) flipped
+    each with p ½ (left-right, axis 0 in RAS, for brains). ``ages``: return the cases' ages (all must have one).
+    """
+
+    def __init__(self, cases: list[VolumeCase], size: list[int], scale: float, batch_size: int, seed: int = 0,
+                 mirror_axes: tuple[int, ...] = (), ages: bool = False):
+        if not cases:
+            raise ValueError("no cases to sample from")
+        if ages:
+            missing = [c.case_id for c in cases if c.age is None]
+            if missing:
+                raise MedsegError(f"the network takes the age, which case(s) {missing[:10]} do not have (manifest.json covariates.age)")
+        self.cases, self.size, self.scale, self.batch_size = cases, list(size), float(scale), int(batch_size)
+        self.mirror_axes, self.ages = tuple(mirror_axes), ages
+        self.rng = np.random.default_rng(seed)
+        self._order: list[int] = []
+
+    def _next(self) -> VolumeCase:
+        if not self._order:
+            self._order = list(self.rng.permutation(len(self.cases)))
+        return self.cases[self._order.pop()]
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        images, targets, ages = [], [], []
+        for _ in range(self.batch_size):
+            case = self._next()
+            img = fit_volume(case.data, self.size, self.scale)
+            for axis in self.mirror_axes:
+                if self.rng.random() < 0.5:
+                    img = np.flip(img, axis=1 + axis)
+            images.append(np.ascontiguousarray(img))
+            targets.append(case.target)
+            ages.append(case.age if case.age is not None else np.nan)
+        return np.stack(images), np.asarray(targets, dtype=np.int64)[:, None], (np.asarray(ages, dtype=np.float32) if self.ages else None)

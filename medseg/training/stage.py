@@ -64,14 +64,19 @@ def merged_params(train_params: dict[str, Any], best_params: Path | None) -> Tra
 
 
 def run_train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, tracking_uri: str | None = None, tags: dict[str, str] | None = None, resume: bool = False,
-              progress: bool = True, nproc_per_node: int = 1, nnodes: int = 1) -> TrainResult:
+              progress: bool = True, nproc_per_node: int = 1, nnodes: int = 1, dataset_dir: Path | None = None) -> TrainResult:
     """Train and write the model package to ``out_dir/model``; returns the result with its MLflow run id.
+
+    ``dataset_dir``: the ingested dataset, read for a classification dataset's per-case classes and ages when
+    the preprocessed folder holds no ``manifest.json`` (see :func:`~medseg.training.trainer.train`).
 
     ``nproc_per_node`` × ``nnodes`` > 1 starts a DDP job with torchrun (:func:`medseg.training.ddp.launch`)
     whose rank 0 tracks and writes the package; inside a torchrun worker (the job itself, or ``torchrun -m
     medseg.cli train``) only rank 0 logs to MLflow. On a node other than rank 0's the returned result is empty.
     """
     if nproc_per_node * nnodes > 1 and not ddp.in_torchrun_worker():
+        if dataset_dir is not None:
+            raise MedsegError("dataset_dir is not passed to DDP workers: put the dataset's manifest.json in the preprocessed folder")
         spec = {"preprocessed_dir": str(Path(preprocessed_dir).resolve()), "cfg": dataclasses.asdict(cfg), "tracking_uri": tracking_uri,
                 "tags": dict(tags or {}), "resume": resume, "progress": progress}
         data = ddp.launch(spec, Path(out_dir).resolve(), nproc_per_node, nnodes)
@@ -91,11 +96,11 @@ def run_train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, tracking_
 
                 mlflow.log_metrics(_plain(metrics), step=epoch)
 
-        result = train(preprocessed_dir, out_dir, cfg, resume=resume, on_epoch=on_epoch, progress=progress)
+        result = train(preprocessed_dir, out_dir, cfg, resume=resume, on_epoch=on_epoch, progress=progress, dataset_dir=dataset_dir)
         if run is not None:
             import mlflow
 
-            mlflow.log_metrics({"best_val_dice_mean": result.best_val_dice, "seconds_per_step": result.seconds_per_step})
+            mlflow.log_metrics({f"best_{result.metric}": result.best_val_dice, "seconds_per_step": result.seconds_per_step})
             if result.model_dir is not None:
                 # record the training run in the package: the registry copies it into lineage tags
                 package = schemas.ModelPackage.load(result.model_dir)
@@ -153,16 +158,20 @@ def _finished(run_dir: Path, cfg: TrainConfig) -> TrainResult | None:
     ckpt = load_checkpoint(ckpt_path)
     if int(ckpt.get("epoch", -1)) + 1 < cfg.epochs:
         return None
+    metric = str(schemas.ModelPackage.load(model_dir).training.get("val_metric") or "val_dice_mean")
     return TrainResult(best_val_dice=float(ckpt["best"]), best_epoch=int(ckpt["best_epoch"]), epochs_run=len(ckpt["history"]), history=list(ckpt["history"]),
-                       model_dir=model_dir, world_size=int(ckpt.get("world_size", 1)))
+                       model_dir=model_dir, world_size=int(ckpt.get("world_size", 1)), metric=metric)
 
 
 def run_train_folds(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, folds: list[int], tracking_uri: str | None = None, tags: dict[str, str] | None = None,
-                    resume: bool = False, progress: bool = True, nproc_per_node: int = 1, nnodes: int = 1, ensemble: bool = True) -> FoldsResult:
+                    resume: bool = False, progress: bool = True, nproc_per_node: int = 1, nnodes: int = 1, ensemble: bool = True,
+                    dataset_dir: Path | None = None) -> FoldsResult:
     """Train ``folds`` one after the other, each into ``out_dir/fold_N`` (its own checkpoint, package and MLflow
     run), then combine them into the ensemble package ``out_dir/model``
     (:func:`~medseg.training.ensemble.save_ensemble_package`) with postprocessing chosen on the out-of-fold
-    predictions. With ``resume`` a finished fold is skipped and an unfinished one continues.
+    predictions. With ``resume`` a finished fold is skipped and an unfinished one continues. Classifiers
+    (classification datasets) get no postprocessing; ``cv_dice`` then holds their out-of-fold accuracy,
+    balanced accuracy and cross-entropy (``loss``).
     """
     from medseg.training import ensemble as ens
 
@@ -179,23 +188,31 @@ def run_train_folds(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, fol
         if progress:
             log.info("training fold %d (%d of %d) → %s", fold, len(results) + 1, len(folds), run_dir)
         results[fold] = run_train(preprocessed_dir, run_dir, fold_cfg, tracking_uri=tracking_uri, tags={**(tags or {}), "fold": str(fold)}, resume=resume,
-                                  progress=progress, nproc_per_node=nproc_per_node, nnodes=nnodes)
+                                  progress=progress, nproc_per_node=nproc_per_node, nnodes=nnodes, dataset_dir=dataset_dir)
     members = [r.model_dir for r in results.values() if r.model_dir is not None]
     if not ensemble or len(members) < 2 or ddp.env_rank() != 0:
         return FoldsResult(results, None)
     from medseg.inference.sliding_window import select_device
 
     device = select_device(cfg.device)
-    post, cv_dice = ens.cross_validation_postprocessing(preprocessed_dir, members, cfg.max_val_cases, cfg.val_overlap, device)
-    model_dir = ens.save_ensemble_package(out_dir / "model", members, training={"cv_dice": cv_dice}, postprocessing=post)
+    first = schemas.ModelPackage.load(members[0])
+    classifier = ens.network_output(first.network) == "classes"
+    if classifier:
+        post, cv_dice = {}, ens.cross_validation_classification(preprocessed_dir, members, device, dataset_dir)
+        training = {"cv_classification": cv_dice}
+    else:
+        post, cv_dice = ens.cross_validation_postprocessing(preprocessed_dir, members, cfg.max_val_cases, cfg.val_overlap, device)
+        training = {"cv_dice": cv_dice}
+    model_dir = ens.save_ensemble_package(out_dir / "model", members, training=training, postprocessing=post)
     if progress:
-        log.info("ensemble of folds %s → %s (out-of-fold Dice %s)", sorted(results), model_dir, " ".join(f"{k} {v:.3f}" for k, v in cv_dice.items()))
+        log.info("ensemble of folds %s → %s (out-of-fold %s %s)", sorted(results), model_dir, "scores" if classifier else "Dice", " ".join(f"{k} {v:.3f}" for k, v in cv_dice.items()))
     with mlflow_run(tracking_uri, "train-ensemble", tags) as run:
         if run is not None:
             import mlflow
 
-            mlflow.log_params({"folds": ",".join(map(str, sorted(results))), "combine": ens.COMBINE})
-            mlflow.log_metrics({**{f"cv_dice_{k}": v for k, v in cv_dice.items()}, "mean_fold_val_dice": float(np.mean([r.best_val_dice for r in results.values()]))})
+            prefix, mean_key = ("cv_", f"mean_fold_{results[sorted(results)[0]].metric}") if classifier else ("cv_dice_", "mean_fold_val_dice")
+            mlflow.log_params({"folds": ",".join(map(str, sorted(results))), "combine": ens.combine_rule(first.network)})
+            mlflow.log_metrics({**{f"{prefix}{k}": v for k, v in cv_dice.items()}, mean_key: float(np.mean([r.best_val_dice for r in results.values()]))})
             package = schemas.ModelPackage.load(model_dir)
             package.training["mlflow_run_id"] = run.info.run_id
             package.save(model_dir)

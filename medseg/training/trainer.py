@@ -21,6 +21,21 @@
   checkpoints and writes the model package.
 - The best epoch's weights are written as a model package (``weights.pt`` state_dict + plans +
   dataset.json + model_package.json).
+
+What is trained follows the dataset and the loss (the package's ``network.output`` records it):
+
+- ``labels`` (default): one softmax output per label value (``dice_ce`` and the other softmax losses).
+- ``regions``: BraTS region-based training as nnU-Net does it (Isensee et al. 2021, "nnU-Net for brain tumor
+  segmentation"): with a sigmoid loss (``loss: region_bce_dice``) the network has one sigmoid output per
+  region of dataset.json ``regions`` (WT, TC, ET: overlapping, nested), trained on targets from
+  :func:`~medseg.training.losses.labels_to_regions`; validation Dice per region from sigmoid > 0.5; the
+  predictor turns the region probabilities back into labels (:func:`~medseg.training.losses.regions_to_labels`).
+- ``classes``: a classification dataset (dataset.json ``task: "classification"``, e.g. CN / MCI / AD from T1
+  MRI) trains ``classifier3d`` (the default network ``unet`` and loss ``dice_ce`` become ``classifier3d`` and
+  ``ce``) on whole preprocessed volumes (:func:`~medseg.training.sampler.fit_volume`), with each case's class
+  and, when ``network_options.use_age``, age from the ingested dataset's ``manifest.json`` (in the
+  preprocessed folder, or ``dataset_dir``). Validation: accuracy, balanced accuracy and cross-entropy on
+  every validation case of the fold; the best epoch is the one with the best balanced accuracy.
 """
 
 from __future__ import annotations
@@ -46,11 +61,11 @@ from tqdm import tqdm
 import medseg
 from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.inference.sliding_window import predict_probabilities
+from medseg.inference.predictor import class_probabilities, grid_labels, grid_probabilities
 from medseg.io import atomic_path
 from medseg.training import ddp
 from medseg.training.network import build_network
-from medseg.training.sampler import PatchSampler, PreprocessedCase
+from medseg.training.sampler import PatchSampler, PreprocessedCase, VolumeCase, VolumeSampler, fit_volume
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +90,9 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | sgd (Nesterov)
     momentum: float = 0.99  # sgd only (nnU-Net: 0.99)
     lr_schedule: str = "poly"  # poly | cosine | constant, stepped per epoch
-    loss: str = "dice_ce"  # a softmax loss of medseg.training.losses.LOSSES
+    loss: str = "dice_ce"  # medseg.training.losses.LOSSES: softmax, or region_bce_dice (sigmoid per dataset.json region); classification: ce | focal
     loss_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"class_weights": [...]}
-    network: str = "unet"  # a segmentation network of medseg.training.networks.NETWORKS, built on the plan's topology
+    network: str = "unet"  # medseg.training.networks.NETWORKS, built on the plan's topology; classification datasets: classifier3d
     network_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"deep_supervision": true}
     augmentation: bool = False  # nnU-Net's default augmentation pipeline; False: random mirroring only
     foreground_share: float = 1 / 3
@@ -87,7 +102,7 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float = 12.0  # max gradient norm; 0 disables clipping
     val_overlap: float = 0.25
-    max_val_cases: int = 8
+    max_val_cases: int = 8  # segmentation (sliding-window validation); a classifier validates on every case of the fold
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (CUDA: bf16, or fp16 without bf16 support; CPU: fp32) | fp32 | bf16 | fp16
@@ -138,7 +153,10 @@ def _as_bool(value: Any) -> bool:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns (on every rank; ``model_dir`` is set on rank 0 only)."""
+    """What :func:`train` returns (on every rank; ``model_dir`` is set on rank 0 only).
+
+    ``best_val_dice`` is the best epoch's validation score, named by ``metric``: mean Dice for segmentation,
+    balanced accuracy for classification."""
 
     best_val_dice: float
     best_epoch: int
@@ -149,6 +167,7 @@ class TrainResult:
     weights_sha256: str = ""  # sha256 of the final weights (:func:`~medseg.training.ddp.state_digest`)
     world_size: int = 1
     rank_weights_sha256: list[str] = field(default_factory=list)  # every rank's digest, checked equal (DDP)
+    metric: str = "val_dice_mean"  # what best_val_dice measures: val_dice_mean | val_balanced_accuracy
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -257,9 +276,10 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def resolve_topology(cfg: TrainConfig, config: schemas.Configuration) -> dict[str, Any]:
-    """The network ``cfg.network`` (with ``cfg.network_options``) on the plan's topology and patch size, as the
-    self-contained dict the model package stores (:func:`medseg.training.networks.network_topology`).
+def resolve_topology(cfg: TrainConfig, config: schemas.Configuration, out_channels: int | None = None) -> dict[str, Any]:
+    """The segmentation network ``cfg.network`` (with ``cfg.network_options``) on the plan's topology and patch
+    size, as the self-contained dict the model package stores (:func:`medseg.training.networks.network_topology`).
+    ``out_channels``: instead of the plan's (one per label), e.g. one per region.
 
     Raises:
         MedsegError: an unknown network or option, a classification network, a patch size it cannot take.
@@ -267,36 +287,179 @@ def resolve_topology(cfg: TrainConfig, config: schemas.Configuration) -> dict[st
     from medseg.training import networks
 
     if cfg.network in networks.NETWORKS and networks.NETWORKS[cfg.network].task != "segmentation":
-        raise MedsegError(f"network {cfg.network!r} is a {networks.NETWORKS[cfg.network].task} network: the trainer trains segmentation networks")
+        raise MedsegError(f"network {cfg.network!r} is a {networks.NETWORKS[cfg.network].task} network: the trainer trains it on classification datasets "
+                          "(dataset.json task: classification), this one is a segmentation dataset")
     try:
-        return networks.network_topology(cfg.network, config.network, patch_size=config.patch_size, **cfg.network_options)
+        return networks.network_topology(cfg.network, config.network, out_channels=out_channels, patch_size=config.patch_size, **cfg.network_options)
     except ValueError as exc:
         raise MedsegError(f"network: {exc}") from None
 
 
+def _is_sigmoid_loss(cfg: TrainConfig) -> bool:
+    from medseg.training import losses
+
+    try:
+        spec = losses.loss_spec(cfg.loss)
+    except ValueError as exc:
+        raise MedsegError(f"loss: {exc}") from None
+    return spec.activation == "sigmoid" or bool(cfg.loss_options.get("sigmoid"))
+
+
 def resolve_loss(cfg: TrainConfig) -> torch.nn.Module:
-    """The loss ``cfg.loss`` with ``cfg.loss_options``; softmax losses only (validation and the predictor read
-    softmax outputs).
+    """The loss ``cfg.loss`` with ``cfg.loss_options``: a softmax loss, or a sigmoid (region) loss whose
+    ``loss_options`` hold the ``regions`` (:func:`train` fills them in from dataset.json).
 
     Raises:
-        MedsegError: an unknown loss or option, or a sigmoid (region) loss.
+        MedsegError: an unknown loss or option, or a sigmoid loss without regions.
     """
     from medseg.training import losses
 
     try:
         spec = losses.loss_spec(cfg.loss)
-        if spec.activation != "softmax" or "segmentation" not in spec.tasks:
-            raise MedsegError(f"loss {cfg.loss!r} trains {spec.activation} outputs; the trainer's validation and the predictor read softmax "
-                              f"outputs (use one of {', '.join(n for n, s in losses.LOSSES.items() if s.activation == 'softmax' and 'segmentation' in s.tasks)})")
+        if _is_sigmoid_loss(cfg) and not cfg.loss_options.get("regions"):
+            softmax = ", ".join(n for n, s in losses.LOSSES.items() if s.activation == "softmax" and "segmentation" in s.tasks)
+            raise MedsegError(f"loss {cfg.loss!r} trains one sigmoid output per region of dataset.json `regions` (BraTS: WT, TC, ET), and this "
+                              f"dataset has no regions: use a softmax loss ({softmax})")
+        if "segmentation" not in spec.tasks and "classification" not in spec.tasks:
+            raise MedsegError(f"loss {cfg.loss!r} trains neither segmentation nor classification")
         return losses.build_loss(cfg.loss, **cfg.loss_options)
     except ValueError as exc:
         raise MedsegError(f"loss: {exc}") from None
+
+
+# --------------------------------------------------------------------------- what is trained
+@dataclass
+class _Task:
+    """What the network's outputs are (``labels`` | ``regions`` | ``classes``) and what the run needs to feed
+    and score them."""
+
+    output: str = "labels"
+    regions: dict[str, list[int]] = field(default_factory=dict)  # regions: name → labels, in output-channel order
+    labels: list[int] = field(default_factory=list)  # every label value of the dataset (regions → labels)
+    classes: list[str] = field(default_factory=list)  # classes: names in output order
+    input_size: list[int] = field(default_factory=list)  # classes: the network's input (fit_volume)
+    input_scale: float = 1.0
+    use_age: bool = False
+
+    @property
+    def metric(self) -> str:
+        """The validation metric that picks the best epoch."""
+        return "val_balanced_accuracy" if self.output == "classes" else "val_dice_mean"
+
+    def package_fields(self) -> dict[str, Any]:
+        """What the model package's ``network`` entry records about the outputs (:func:`~medseg.training.ensemble.network_output`)."""
+        if self.output == "regions":
+            return {"output": "regions", "regions": {k: list(v) for k, v in self.regions.items()}}
+        if self.output == "classes":
+            return {"output": "classes", "classes": list(self.classes)}
+        return {"output": "labels"}
+
+
+def dataset_classes(dataset: schemas.DatasetJson) -> list[str]:
+    """A classification dataset's class names in index order (dataset.json ``labels``: class → 0..n-1)."""
+    items = sorted((int(v), str(k)) for k, v in dataset.labels.items())
+    if [i for i, _ in items] != list(range(len(items))) or len(items) < 2:
+        raise MedsegError(f"classification labels must map at least two classes to 0..n-1, got {dataset.labels}")
+    return [name for _, name in items]
+
+
+def classification_targets(preprocessed_dir: Path, dataset_dir: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Case id → ``{"class": name | None, "age": years | None}`` from the ingested dataset's ``manifest.json``
+    (``cases[].class_label`` and ``cases[].covariates.age``): the one in ``preprocessed_dir``, else ``dataset_dir``'s.
+
+    Raises:
+        MedsegError: no manifest in either place.
+    """
+    for folder in (preprocessed_dir, dataset_dir):
+        if folder is not None and (Path(folder) / schemas.MANIFEST_JSON).is_file():
+            manifest = schemas.Manifest.load(folder)
+            out = {}
+            for case in manifest.cases:
+                age = (case.get("covariates") or {}).get("age")
+                out[str(case["case_id"])] = {"class": case.get("class_label"), "age": float(age) if isinstance(age, (int, float)) else None}
+            return out
+    raise MedsegError("classification training needs each case's class (and age): the ingested dataset's manifest.json, in the preprocessed "
+                      "folder or in the dataset folder given as dataset_dir", Path(preprocessed_dir) / schemas.MANIFEST_JSON)
+
+
+def _segmentation_task(cfg: TrainConfig, plans: schemas.Plans, config: schemas.Configuration) -> tuple[TrainConfig, _Task, dict[str, Any]]:
+    labels = sorted(int(v) for v in plans.labels.values())
+    if _is_sigmoid_loss(cfg) and (cfg.loss_options.get("regions") or plans.regions):
+        from medseg.training import losses
+
+        regions = {str(k): [int(v) for v in vs] for k, vs in (cfg.loss_options.get("regions") or plans.regions).items()}
+        try:
+            losses.region_signatures(regions, labels)  # the label map can be rebuilt from the region outputs
+        except ValueError as exc:
+            raise MedsegError(f"region-based training: {exc}") from None
+        if "regions" in losses.loss_spec(cfg.loss).options:
+            cfg = dataclasses.replace(cfg, loss_options={**cfg.loss_options, "regions": regions})
+        task = _Task("regions", regions=regions, labels=labels)
+        topology = resolve_topology(cfg, config, out_channels=len(regions))
+    else:
+        task = _Task("labels", labels=labels)
+        topology = resolve_topology(cfg, config)
+    return cfg, task, {**topology, **task.package_fields()}
+
+
+def _classification_task(cfg: TrainConfig, plans: schemas.Plans, config: schemas.Configuration, dataset: schemas.DatasetJson) -> tuple[TrainConfig, _Task, dict[str, Any]]:
+    from medseg.training import losses, networks
+
+    network = "classifier3d" if cfg.network == "unet" else cfg.network  # the default network: the classifier
+    if network not in networks.NETWORKS:
+        raise MedsegError(f"network: unknown network {network!r} (known: {', '.join(networks.NETWORKS)})")
+    if networks.NETWORKS[network].task != "classification":
+        raise MedsegError(f"network {network!r} is a segmentation network; a classification dataset trains "
+                          f"{', '.join(n for n, s in networks.NETWORKS.items() if s.task == 'classification')}")
+    loss = "ce" if cfg.loss == "dice_ce" else cfg.loss  # the default loss: cross-entropy
+    try:
+        spec = losses.loss_spec(loss)
+    except ValueError as exc:
+        raise MedsegError(f"loss: {exc}") from None
+    if "classification" not in spec.tasks:
+        raise MedsegError(f"loss {loss!r} is not a classification loss (use one of {', '.join(n for n, s in losses.LOSSES.items() if 'classification' in s.tasks)})")
+    cfg = dataclasses.replace(cfg, network=network, loss=loss)
+    classes = dataset_classes(dataset)
+    options = dict(cfg.network_options)
+    size = [int(v) for v in (options.get("input_size") or config.patch_size)]
+    if options.get("input_scale") is None:  # one zoom for every case: the median case fits the input (never enlarged)
+        options["input_scale"] = min(1.0, *(s / max(int(m), 1) for s, m in zip(size, config.median_shape)))
+    try:
+        topology = networks.network_topology(network, None, in_channels=len(plans.channel_names), out_channels=len(classes), patch_size=size, **options)
+    except ValueError as exc:
+        raise MedsegError(f"network: {exc}") from None
+    opts = topology["options"]
+    task = _Task("classes", classes=classes, input_size=list(opts["input_size"]), input_scale=float(opts["input_scale"]), use_age=bool(opts.get("use_age")))
+    return cfg, task, {**topology, **task.package_fields()}
+
+
+def _volume_cases(folder: Path, ids: list[str], task: _Task, targets: dict[str, dict[str, Any]]) -> list[VolumeCase]:
+    index = {name: i for i, name in enumerate(task.classes)}
+    cases, problems = [], []
+    for case_id in ids:
+        target = targets.get(case_id)
+        if target is None or target["class"] is None:
+            problems.append(f"{case_id}: no class in manifest.json")
+        elif target["class"] not in index:
+            problems.append(f"{case_id}: class {target['class']!r} is not one of {task.classes}")
+        elif task.use_age and target["age"] is None:
+            problems.append(f"{case_id}: no age (covariates.age), which the network takes")
+        else:
+            cases.append(VolumeCase(folder, case_id, index[target["class"]], target["age"]))
+    if problems:
+        raise MedsegError(f"classification targets: {'; '.join(problems[:10])}" + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
+    return cases
 
 
 def _make_sampler(cases: list[PreprocessedCase], patch_size: list[int], batch_size: int, cfg: TrainConfig, seed: int) -> PatchSampler:
     """The patch sampler of one rank for one epoch (the one place that knows the sampler's constructor).
     Patch positions, mirroring and augmentation all draw from its one generator, seeded with ``seed``."""
     return PatchSampler(cases, patch_size, batch_size, cfg.foreground_share, seed=seed, augmentation=True if cfg.augmentation else None)
+
+
+def _make_volume_sampler(cases: list[VolumeCase], task: _Task, batch_size: int, cfg: TrainConfig, seed: int) -> VolumeSampler:
+    """The whole-volume sampler of one rank for one epoch (classification); ``augmentation``: left-right mirroring."""
+    return VolumeSampler(cases, task.input_size, task.input_scale, batch_size, seed=seed, mirror_axes=(0,) if cfg.augmentation else (), ages=task.use_age)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -332,31 +495,67 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- validation and postprocessing
-def validation_sums(network: torch.nn.Module, cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], overlap: float, device: torch.device) -> dict[str, float]:
-    """Per region (or label) the sum of the cases' Dice on the preprocessed grid (empty vs empty: 1)."""
-    groups = plans.reported_groups
+def validation_sums(network: torch.nn.Module, cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], overlap: float, device: torch.device,
+                    regions: dict[str, list[int]] | None = None) -> dict[str, float]:
+    """Per region (or label) the sum of the cases' Dice on the preprocessed grid (empty vs empty: 1).
+
+    ``regions`` (name → labels, in output-channel order): the network has one sigmoid output per region and
+    region r is predicted where its probability is > 0.5 (nnU-Net's region-based validation); otherwise the
+    outputs are a softmax over the labels and each region (``plans.reported_groups``) is read from the arg-max.
+    """
+    groups = dict(regions) if regions else plans.reported_groups
     sums = {name: 0.0 for name in groups}
     for case in cases:
-        probs = predict_probabilities(network, np.asarray(case.data), patch_size, overlap=overlap, device=device)
-        pred = np.argmax(probs, axis=0)
+        probs = grid_probabilities(network, np.asarray(case.data), patch_size, "regions" if regions else "labels", overlap=overlap, device=device)
         ref = np.asarray(case.seg)
-        for name, values in groups.items():
-            p, r = np.isin(pred, values), np.isin(ref, values)
+        pred = None if regions else np.argmax(probs, axis=0)
+        for i, (name, values) in enumerate(groups.items()):
+            p = probs[i] > 0.5 if regions else np.isin(pred, values)
+            r = np.isin(ref, values)
             denom = p.sum() + r.sum()
             sums[name] += 1.0 if denom == 0 else 2.0 * np.logical_and(p, r).sum() / denom
     return sums
 
 
-def validation_dice(network: torch.nn.Module, cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], overlap: float, device: torch.device) -> dict[str, float]:
+def validation_dice(network: torch.nn.Module, cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], overlap: float, device: torch.device,
+                    regions: dict[str, list[int]] | None = None) -> dict[str, float]:
     """Mean Dice per region (or per label when the dataset has no regions) on the preprocessed grid."""
-    sums = validation_sums(network, cases, plans, patch_size, overlap, device)
+    sums = validation_sums(network, cases, plans, patch_size, overlap, device, regions)
     return {name: s / max(len(cases), 1) for name, s in sums.items()}
 
 
-def validation_pairs(network: torch.nn.Module, cases: list[PreprocessedCase], patch_size: list[int], overlap: float, device: torch.device) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(prediction, reference) uint8 label maps of ``cases`` on the preprocessed grid."""
-    return [(np.argmax(predict_probabilities(network, np.asarray(c.data), patch_size, overlap=overlap, device=device), axis=0).astype(np.uint8),
+def validation_pairs(network: torch.nn.Module, cases: list[PreprocessedCase], patch_size: list[int], overlap: float, device: torch.device,
+                     regions: dict[str, list[int]] | None = None, labels: list[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(prediction, reference) uint8 label maps of ``cases`` on the preprocessed grid; with ``regions`` the
+    network's region outputs are turned into labels (:func:`~medseg.training.losses.regions_to_labels`)."""
+    output = "regions" if regions else "labels"
+    return [(grid_labels(grid_probabilities(network, np.asarray(c.data), patch_size, output, overlap=overlap, device=device), regions, labels),
              np.asarray(c.seg).astype(np.uint8)) for c in cases]
+
+
+def classification_sums(network: torch.nn.Module, cases: list[VolumeCase], task: _Task, device: torch.device) -> dict[str, float]:
+    """Sums over ``cases`` (so ranks can add theirs): the confusion matrix (``cm_<true>_<pred>``, class
+    indices) and the cross-entropy (``loss``, natural log) of the classifier's whole-volume predictions."""
+    n = len(task.classes)
+    sums = {f"cm_{i}_{j}": 0.0 for i in range(n) for j in range(n)}
+    sums["loss"] = 0.0
+    for case in cases:
+        x = fit_volume(case.data, task.input_size, task.input_scale)[None]
+        probs = class_probabilities(network, x, np.array([case.age], np.float32) if task.use_age else None, device)[0]
+        sums[f"cm_{case.target}_{int(np.argmax(probs))}"] += 1.0
+        sums["loss"] -= float(np.log(max(float(probs[case.target]), 1e-12)))
+    return sums
+
+
+def classification_scores(sums: dict[str, float], n_classes: int, n_cases: float) -> dict[str, float]:
+    """Accuracy, balanced accuracy (mean recall over the classes present) and mean cross-entropy from
+    :func:`classification_sums` (added over ranks)."""
+    cm = np.array([[sums[f"cm_{i}_{j}"] for j in range(n_classes)] for i in range(n_classes)])
+    support = cm.sum(axis=1)
+    present = support > 0
+    return {"val_accuracy": float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan"),
+            "val_balanced_accuracy": float(np.mean(np.diag(cm)[present] / support[present])) if present.any() else float("nan"),
+            "val_loss": float(sums["loss"] / n_cases) if n_cases else float("nan")}
 
 
 def postprocessing_from_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], plans: schemas.Plans, spacing: list[float]) -> dict[str, Any]:
@@ -387,12 +586,14 @@ def postprocessing_from_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], plans:
     return {"min_volume_mm3": chosen, "metric": metric, "validation_cases": len(pairs), "score_before": before, "score_after": after}
 
 
-def choose_postprocessing(network: torch.nn.Module, state: dict[str, torch.Tensor], cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], spacing: list[float], overlap: float, device: torch.device) -> dict[str, Any]:
+def choose_postprocessing(network: torch.nn.Module, state: dict[str, torch.Tensor], cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], spacing: list[float], overlap: float, device: torch.device,
+                          regions: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """:func:`postprocessing_from_pairs` on the validation cases predicted with ``state`` (loaded into ``network``)."""
     if not cases:
         return {}
     network.load_state_dict(state)
-    return postprocessing_from_pairs(validation_pairs(network, cases, patch_size, overlap, device), plans, spacing)
+    labels = sorted(int(v) for v in plans.labels.values())
+    return postprocessing_from_pairs(validation_pairs(network, cases, patch_size, overlap, device, regions, labels), plans, spacing)
 
 
 def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], preprocessed_dir: Path, configuration: str, training: dict[str, Any], lineage: dict[str, str] | None = None,
@@ -449,12 +650,15 @@ def _build_engine(cfg: TrainConfig, topology: dict[str, Any], ctx: ddp.DistConte
     return _Engine(network, train_model, optimizer, scheduler, scaler, amp_dtype, memory_format, loss_fn if loss_fn is not None else resolve_loss(cfg))
 
 
-def _train_step(engine: _Engine, images: np.ndarray, labels: np.ndarray, device: torch.device, grad_clip: float) -> torch.Tensor:
+def _train_step(engine: _Engine, images: np.ndarray, labels: np.ndarray, device: torch.device, grad_clip: float, ages: np.ndarray | None = None) -> torch.Tensor:
+    """One optimiser step. ``labels``: N×1×… label maps (segmentation; region losses make their targets from
+    them) or N×1 class indices; ``ages``: N years, a classifier's second input."""
     x = torch.from_numpy(images).to(device, non_blocking=True).contiguous(memory_format=engine.memory_format)
     y = torch.from_numpy(labels).to(device, non_blocking=True)
+    extra = () if ages is None else (torch.from_numpy(ages).to(device, non_blocking=True),)
     engine.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=engine.amp_dtype, enabled=engine.amp_dtype is not None):
-        out = engine.train_model(x)
+        out = engine.train_model(x, *extra)
     loss = _deep_supervision_loss(engine.loss_fn, out.float(), y)  # the loss in fp32: softmax and log are precision-sensitive
     engine.scaler.scale(loss).backward()
     if grad_clip > 0:
@@ -465,7 +669,8 @@ def _train_step(engine: _Engine, images: np.ndarray, labels: np.ndarray, device:
     return loss.detach()
 
 
-def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True, write_package: bool = True) -> TrainResult:
+def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True, write_package: bool = True,
+          dataset_dir: Path | None = None) -> TrainResult:
     """Train one fold; writes ``out_dir/checkpoint_latest.pt`` every epoch and the model package to ``out_dir/model``.
 
     Args:
@@ -478,6 +683,8 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
             propagates on rank 0, the other ranks stop too.
         progress: a progress bar (on a terminal) and a log line per epoch.
         write_package: write the model package (with postprocessing chosen on the validation cases).
+        dataset_dir: the ingested dataset, for a classification dataset whose preprocessed folder holds no
+            ``manifest.json`` (the per-case classes and ages are read from it).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this is one rank of a DDP job: see :mod:`medseg.training.ddp`.
 
@@ -487,25 +694,37 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
     preprocessed_dir, out_dir = Path(preprocessed_dir), Path(out_dir)
     plans = schemas.Plans.load(preprocessed_dir)
     splits = schemas.Splits.load(preprocessed_dir)
+    dataset = schemas.DatasetJson.load(preprocessed_dir)
     config = plans.configuration(cfg.configuration)
     if not 0 <= cfg.fold < len(splits.folds):
         raise MedsegError(f"fold {cfg.fold} does not exist (splits have {len(splits.folds)} folds)")
     fold = splits.folds[cfg.fold]
     folder = preprocessed_dir / cfg.configuration
-    train_cases = [PreprocessedCase(folder, c) for c in fold["train"]]
-    val_cases = [PreprocessedCase(folder, c) for c in fold["val"][: cfg.max_val_cases]]
+    # configuration errors before any process group; ``cfg`` becomes what is trained (e.g. the classifier, the regions)
+    train_cases: list[Any]
+    val_cases: list[Any]
+    if dataset.task == "classification":
+        cfg, task, topology = _classification_task(cfg, plans, config, dataset)
+        targets = classification_targets(preprocessed_dir, dataset_dir)
+        train_cases, val_cases = _volume_cases(folder, fold["train"], task, targets), _volume_cases(folder, fold["val"], task, targets)
+    else:
+        cfg, task, topology = _segmentation_task(cfg, plans, config)
+        train_cases = [PreprocessedCase(folder, c) for c in fold["train"]]
+        val_cases = [PreprocessedCase(folder, c) for c in fold["val"][: cfg.max_val_cases]]
     if not train_cases:
         raise MedsegError(f"fold {cfg.fold} has no training cases", preprocessed_dir / schemas.SPLITS_JSON)
-    topology, loss_fn = resolve_topology(cfg, config), resolve_loss(cfg)  # configuration errors before any process group
+    loss_fn = resolve_loss(cfg)
 
     with ddp.distributed(cfg.device) as ctx, determinism(cfg.deterministic, ctx.device):
         torch.set_num_threads(cfg.num_threads or max(1, available_cores() // ddp.local_world_size()))
-        return _train(preprocessed_dir, out_dir, cfg, plans, config, topology, loss_fn, train_cases, val_cases, ctx, resume, on_epoch, progress and ctx.is_main, write_package)
+        return _train(preprocessed_dir, out_dir, cfg, plans, config, topology, loss_fn, train_cases, val_cases, ctx, resume, on_epoch, progress and ctx.is_main, write_package, task)
 
 
 def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schemas.Plans, config: schemas.Configuration, topology: dict[str, Any],
-           loss_fn: torch.nn.Module, train_cases: list[PreprocessedCase], val_cases: list[PreprocessedCase], ctx: ddp.DistContext, resume: bool, on_epoch: Callable[[int, dict[str, float]], None] | None, progress: bool,
-           write_package: bool) -> TrainResult:
+           loss_fn: torch.nn.Module, train_cases: list[Any], val_cases: list[Any], ctx: ddp.DistContext, resume: bool, on_epoch: Callable[[int, dict[str, float]], None] | None, progress: bool,
+           write_package: bool, task: _Task | None = None) -> TrainResult:
+    task = task or _Task()
+    metric = task.metric
     device = ctx.device
     seed_everything(cfg.seed)
     engine = _build_engine(cfg, topology, ctx, loss_fn.to(device))
@@ -529,12 +748,16 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
     step_times: list[float] = []
     stopped_by_main = False
     for epoch in range(start_epoch, cfg.epochs):
-        metrics = _run_epoch(engine, cfg, epoch, train_cases, val_cases, plans, config, batch_size, ctx, progress, step_times)
+        metrics = _run_epoch(engine, cfg, epoch, train_cases, val_cases, plans, config, batch_size, ctx, progress, step_times, task)
         history.append({"epoch": epoch, **metrics})
-        if best_state is None or not math.isfinite(best) or metrics["val_dice_mean"] > best:  # no validation cases: the last epoch
-            best, best_epoch = metrics["val_dice_mean"], epoch
+        if best_state is None or not math.isfinite(best) or metrics[metric] > best:  # no validation cases: the last epoch
+            best, best_epoch = metrics[metric], epoch
             best_state = {k: v.detach().cpu().clone() for k, v in engine.network.state_dict().items()} if ctx.is_main else {}
-        if progress:
+        if progress and task.output == "classes":
+            log.info("epoch %d/%d: loss %.4f  val accuracy %.3f  balanced accuracy %.3f  val loss %.4f  best %.3f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)",
+                     epoch + 1, cfg.epochs, metrics["train_loss"], metrics["val_accuracy"], metrics["val_balanced_accuracy"], metrics["val_loss"], best, best_epoch + 1,
+                     metrics["lr"], metrics["epoch_seconds"], 100 * metrics["data_wait_share"])
+        elif progress:
             val_text = " ".join(f"{k[len('val_dice_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith("val_dice_") and k != "val_dice_mean")
             log.info("epoch %d/%d: loss %.4f  val dice %.4f (%s)  best %.4f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)", epoch + 1, cfg.epochs,
                      metrics["train_loss"], metrics["val_dice_mean"], val_text, best, best_epoch + 1, metrics["lr"], metrics["epoch_seconds"], 100 * metrics["data_wait_share"])
@@ -562,12 +785,14 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
     digests = ddp.check_in_sync(final_state, ctx) if not stopped_by_main else [ddp.state_digest(final_state)]
     result = TrainResult(best_val_dice=float(best), best_epoch=best_epoch, epochs_run=len(history), history=history,
                          seconds_per_step=float(np.median(step_times)) if step_times else 0.0, weights_sha256=digests[ctx.rank if len(digests) > 1 else 0],
-                         world_size=ctx.world_size, rank_weights_sha256=digests)
+                         world_size=ctx.world_size, rank_weights_sha256=digests, metric=metric)
     if write_package and ctx.is_main and best_state:
-        training = {"config": dataclasses.asdict(cfg), "best_val_dice": result.best_val_dice, "best_epoch": best_epoch, "epochs_run": result.epochs_run,
+        score = {"best_val_dice": result.best_val_dice} if task.output != "classes" else {"best_val_balanced_accuracy": result.best_val_dice}
+        training = {"config": dataclasses.asdict(cfg), **score, "val_metric": metric, "best_epoch": best_epoch, "epochs_run": result.epochs_run,
                     "seconds_per_step": result.seconds_per_step, "device": str(device), "world_size": ctx.world_size,
                     "precision": str(engine.amp_dtype or torch.float32).replace("torch.", "")}
-        post = choose_postprocessing(engine.network, best_state, val_cases, plans, config.patch_size, list(config.spacing), cfg.val_overlap, device)
+        post = {} if task.output == "classes" else choose_postprocessing(engine.network, best_state, val_cases, plans, config.patch_size, list(config.spacing),
+                                                                         cfg.val_overlap, device, task.regions or None)
         if post and progress:
             log.info("postprocessing chosen on %d validation case(s): minimum volumes %s mm³ (%s %.4f → %.4f)", post["validation_cases"],
                      post["min_volume_mm3"] or "none", post["metric"], post["score_before"], post["score_after"])
@@ -593,12 +818,17 @@ def _restore(ckpt: dict[str, Any], engine: _Engine, cfg: TrainConfig, ctx: ddp.D
     return int(ckpt["epoch"]) + 1, float(ckpt["best"]), int(ckpt["best_epoch"]), list(ckpt["history"]), ckpt.get("best_state") or None
 
 
-def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[PreprocessedCase], val_cases: list[PreprocessedCase], plans: schemas.Plans,
-               config: schemas.Configuration, batch_size: int, ctx: ddp.DistContext, progress: bool, step_times: list[float]) -> dict[str, float]:
+def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[Any], val_cases: list[Any], plans: schemas.Plans,
+               config: schemas.Configuration, batch_size: int, ctx: ddp.DistContext, progress: bool, step_times: list[float], task: _Task | None = None) -> dict[str, float]:
     """One epoch on this rank: training steps, validation, metrics reduced over the ranks."""
+    task = task or _Task()
     device = ctx.device
     lr = float(engine.optimizer.param_groups[0]["lr"])
-    sampler = _make_sampler(ddp.shard(train_cases, ctx, epoch, cfg.seed), config.patch_size, batch_size, cfg, ddp.epoch_seed(cfg.seed, epoch, ctx.rank))
+    shard, seed = ddp.shard(train_cases, ctx, epoch, cfg.seed), ddp.epoch_seed(cfg.seed, epoch, ctx.rank)
+    if task.output == "classes":
+        sampler: Any = _make_volume_sampler(shard, task, batch_size, cfg, seed)
+    else:
+        sampler = _make_sampler(shard, config.patch_size, batch_size, cfg, seed)
     engine.train_model.train()
     # summed on the device (no synchronisation per step); non-finite losses are counted apart: with fp16 the
     # scaler skips those steps, in fp32/bf16 they would poison the weights
@@ -608,10 +838,10 @@ def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[
     bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or not sys.stderr.isatty(), leave=False)
     for _ in bar:
         t0 = time.perf_counter()
-        images, labels = sampler.sample()
+        batch = sampler.sample()
         t1 = time.perf_counter()
         data_wait += t1 - t0
-        loss = _train_step(engine, images, labels, device, cfg.grad_clip)
+        loss = _train_step(engine, batch[0], batch[1], device, cfg.grad_clip, batch[2] if len(batch) > 2 else None)
         finite = torch.isfinite(loss)
         loss_sum += torch.where(finite, loss.double(), 0.0)
         n_bad += (~finite).long()
@@ -626,11 +856,18 @@ def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[
 
     t_val = time.perf_counter()
     mine = ddp.split_evenly(val_cases, ctx)
-    sums = validation_sums(engine.network, mine, plans, config.patch_size, cfg.val_overlap, device)
+    if task.output == "classes":
+        sums = classification_sums(engine.network, mine, task, device)
+    else:
+        sums = validation_sums(engine.network, mine, plans, config.patch_size, cfg.val_overlap, device, task.regions or None)
     names = sorted(sums)
     totals = ddp.all_reduce_sum([sums[n] for n in names] + [len(mine)], ctx)
     n_val = totals[-1]
-    val = {n: totals[i] / n_val for i, n in enumerate(names)} if n_val else {}
+    if task.output == "classes":
+        val_metrics = classification_scores(dict(zip(names, totals)), len(task.classes), n_val)
+    else:
+        val = {n: totals[i] / n_val for i, n in enumerate(names)} if n_val else {}
+        val_metrics = {"val_dice_mean": float(np.mean(list(val.values()))) if val else float("nan"), **{f"val_dice_{k}": float(v) for k, v in val.items()}}
     val_s = time.perf_counter() - t_val
 
     bad = int(n_bad)
@@ -640,8 +877,7 @@ def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[
     if reduced["non_finite_steps"] and (not engine.scaler.is_enabled() or reduced["non_finite_steps"] >= cfg.iterations_per_epoch):
         raise MedsegError(f"the training loss was NaN/Inf in {reduced['non_finite_steps']:.0f} of {cfg.iterations_per_epoch} steps of epoch {epoch + 1}: "
                           "lower the learning rate, or use precision fp32")
-    return {"train_loss": reduced["train_loss"], "val_dice_mean": float(np.mean(list(val.values()))) if val else float("nan"),
-            **{f"val_dice_{k}": float(v) for k, v in val.items()}, "lr": lr, "epoch_seconds": reduced["train_seconds"] + reduced["val_seconds"],
+    return {"train_loss": reduced["train_loss"], **val_metrics, "lr": lr, "epoch_seconds": reduced["train_seconds"] + reduced["val_seconds"],
             "train_seconds": reduced["train_seconds"], "val_seconds": reduced["val_seconds"], "data_wait_share": reduced["data_wait_share"]}
 
 
