@@ -113,11 +113,11 @@ def _run_train(a: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, fold=folds[0]) if folds else cfg
         r = run_train(a.preprocessed, a.out, cfg, _tracking(a), **launch)
         if r.model_dir is not None:  # None on ranks/nodes other than 0 of a distributed job
-            print(f"best val dice {r.best_val_dice:.4f} at epoch {r.best_epoch + 1}/{r.epochs_run}, {r.seconds_per_step:.2f} s/step → {r.model_dir}")
+            print(f"best {r.metric.replace('_', ' ')} {r.best_val_dice:.4f} at epoch {r.best_epoch + 1}/{r.epochs_run}, {r.seconds_per_step:.2f} s/step → {r.model_dir}")
         return 0
     r = run_train_folds(a.preprocessed, a.out, cfg, folds, _tracking(a), **launch)
     if r.model_dir is not None:
-        print("best val dice per fold: " + ", ".join(f"{f} {x.best_val_dice:.4f}" for f, x in r.results.items())
+        print(f"best {next(iter(r.results.values())).metric.replace('_', ' ')} per fold: " + ", ".join(f"{f} {x.best_val_dice:.4f}" for f, x in r.results.items())
               + " | out-of-fold dice: " + ", ".join(f"{k} {v:.4f}" for k, v in r.cv_dice.items()) + f" → ensemble {r.model_dir}")
     return 0
 

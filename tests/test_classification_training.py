@@ -48,26 +48,13 @@ def write_source(src: Path, n_subjects: int = 12) -> Path:
 
 
 def preprocess(dataset: Path, out: Path) -> None:
-    """``run_preprocessing`` of the classification dataset.
-
-    Stand-in while preprocessing needs a label map per case (the fingerprint reads labelsTr): preprocess a
-    copy of the dataset with all-zero label maps instead. Once preprocessing handles label-free datasets the
-    first call succeeds and the real path is tested.
-    """
+    """``run_preprocessing`` of the classification dataset: no label maps, the manifest travels along."""
     from medseg.preprocessing.preprocess import run_preprocessing
 
-    try:
-        run_preprocessing(dataset, out, budget="cpu", workers=1, progress=False)
-        return
-    except MedsegError as exc:
-        if schemas.LABELS_TR not in str(exc):
-            raise
-    labelled = out.parent / f"{dataset.name}-zero-labels"
-    shutil.copytree(dataset, labelled)
-    for image in sorted((labelled / schemas.IMAGES_TR).glob("*_0000.nii.gz")):
-        ref = nib.load(str(image))
-        nib.save(nib.Nifti1Image(np.zeros(ref.shape, np.uint8), ref.affine), str(labelled / schemas.LABELS_TR / image.name.replace("_0000", "")))
-    run_preprocessing(labelled, out, budget="cpu", workers=1, progress=False)
+    run_preprocessing(dataset, out, budget="cpu", workers=1, progress=False)
+    assert (out / schemas.MANIFEST_JSON).is_file()
+    config = schemas.Plans.load(out).default_configuration
+    assert list((out / config).glob("*.npy")) and not list((out / config).glob("*_seg.npy"))
 
 
 @pytest.fixture(scope="module")

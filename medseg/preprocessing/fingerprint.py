@@ -94,12 +94,13 @@ def _case_seed(seed: int, case_id: str) -> list[int]:
     return [int(seed), zlib.crc32(case_id.encode())]
 
 
-def case_fingerprint(images: np.ndarray, seg: np.ndarray, spacing: list[float], case_id: str, n_labels: int, samples_per_case: int = SAMPLES_PER_CASE, seed: int = SEED) -> dict:
-    """Fingerprint of one loaded case (see the module docstring). ``seg`` values must be < ``n_labels``."""
+def case_fingerprint(images: np.ndarray, seg: np.ndarray | None, spacing: list[float], case_id: str, n_labels: int, samples_per_case: int = SAMPLES_PER_CASE, seed: int = SEED) -> dict:
+    """Fingerprint of one loaded case (see the module docstring). ``seg`` values must be < ``n_labels``;
+    ``seg`` None (a classification dataset: no label map) samples the intensities inside the nonzero mask."""
     mask = nonzero_mask(images)
     box = bounding_box(mask)
-    seg_c = crop(seg, box)
     images_c = crop(images, box)
+    seg_c = crop(seg, box) if seg is not None else crop(mask, box)
     fg = np.flatnonzero(seg_c > 0)
     rng = np.random.default_rng(_case_seed(seed, case_id))
     if fg.size:
@@ -107,7 +108,7 @@ def case_fingerprint(images: np.ndarray, seg: np.ndarray, spacing: list[float], 
         samples = [np.ascontiguousarray(images_c[c]).reshape(-1)[picks] for c in range(images.shape[0])]
     else:
         samples = [np.zeros(0, np.float32) for _ in range(images.shape[0])]
-    counts = np.bincount(seg.reshape(-1), minlength=n_labels)
+    counts = np.bincount(seg.reshape(-1), minlength=n_labels) if seg is not None else np.zeros(n_labels, np.int64)
     shape_after_crop = [b - a for a, b in box]
     # per channel, the mean of its nonzero voxels: what the model server compares each request with (drift)
     nonzero_means = []
@@ -127,11 +128,11 @@ def case_fingerprint(images: np.ndarray, seg: np.ndarray, spacing: list[float], 
     }
 
 
-def _fingerprint_job(args: tuple[Path, str, int, list[str], int, int, int]) -> dict:
-    dataset_dir, case_id, n_channels, names, n_labels, samples, seed = args
-    images, seg, _, spacing = load_case(dataset_dir, case_id, n_channels)
+def _fingerprint_job(args: tuple[Path, str, int, list[str], int, int, int, bool]) -> dict:
+    dataset_dir, case_id, n_channels, names, n_labels, samples, seed, with_label = args
+    images, seg, _, spacing = load_case(dataset_dir, case_id, n_channels, with_label=with_label)
     check_channels(images, case_id, names, case_files(dataset_dir, case_id, n_channels))
-    if int(seg.max()) >= n_labels:
+    if seg is not None and int(seg.max()) >= n_labels:
         raise MedsegError(f"case {case_id}: label value {int(seg.max())} is not in dataset.json's labels", label_file(dataset_dir, case_id))
     return case_fingerprint(images, seg, spacing, case_id, n_labels, samples, seed)
 
@@ -155,7 +156,8 @@ def compute_fingerprint(dataset_dir: Path, case_ids: list[str], workers: int = 1
     dataset_dir = Path(dataset_dir)
     ds = schemas.DatasetJson.load(dataset_dir)
     n_labels = max(ds.label_values) + 1
-    jobs = [(dataset_dir, cid, len(ds.channel_names), ds.channels, n_labels, samples_per_case, seed) for cid in case_ids]
+    with_label = ds.task != "classification"  # a classification case has a class, not a label map
+    jobs = [(dataset_dir, cid, len(ds.channel_names), ds.channels, n_labels, samples_per_case, seed, with_label) for cid in case_ids]
     rows = run_cases(_fingerprint_job, jobs, workers, "fingerprint", progress)
     channels = {}
     for c, name in enumerate(ds.channels):

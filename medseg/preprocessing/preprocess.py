@@ -122,10 +122,11 @@ def _grid_key(config: schemas.Configuration, spacing: list[float]) -> tuple:
     return (tuple(round(s, 9) for s in case_target_spacing(config, spacing)), config.seg_resampling)
 
 
-def _preprocess_job(job: tuple[Path, Path, str, schemas.Plans, list[str], int]) -> str:
-    """One case for every configuration in the job; files written into ``out_root/<configuration>/``."""
-    dataset_dir, out_root, case_id, plans, configurations, seed = job
-    images, seg, affine, spacing = load_case(dataset_dir, case_id, len(plans.channel_names))
+def _preprocess_job(job: tuple[Path, Path, str, schemas.Plans, list[str], int, bool]) -> str:
+    """One case for every configuration in the job; files written into ``out_root/<configuration>/``
+    (no ``_seg.npy`` for a classification case, which has no label map)."""
+    dataset_dir, out_root, case_id, plans, configurations, seed, with_label = job
+    images, seg, affine, spacing = load_case(dataset_dir, case_id, len(plans.channel_names), with_label=with_label)
     check_channels(images, case_id, list(plans.channel_names), case_files(dataset_dir, case_id, len(plans.channel_names)))
     written: dict[tuple, Path] = {}
     for name in configurations:
@@ -137,7 +138,8 @@ def _preprocess_job(job: tuple[Path, Path, str, schemas.Plans, list[str], int]) 
             continue
         data, seg_p, props = preprocess_case(images, seg, spacing, affine, plans, name, case_id, seed)
         save_npy(folder / f"{case_id}.npy", data)
-        save_npy(folder / f"{case_id}_seg.npy", seg_p)
+        if seg_p is not None:
+            save_npy(folder / f"{case_id}_seg.npy", seg_p)
         save_case_properties(props, folder / f"{case_id}.json")
         written[key] = folder
     return case_id
@@ -238,7 +240,10 @@ def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", con
         shutil.copy2(dataset_dir / schemas.SPLITS_JSON, tmp / schemas.SPLITS_JSON)
         for name in plan.trained_configurations:
             (tmp / name).mkdir()
-        jobs = [(dataset_dir, tmp, cid, plan, list(plan.trained_configurations), 0) for cid in case_ids]
+        if (dataset_dir / schemas.MANIFEST_JSON).is_file():  # classes and covariates of classification cases
+            shutil.copy2(dataset_dir / schemas.MANIFEST_JSON, tmp / schemas.MANIFEST_JSON)
+        with_label = schemas.DatasetJson.load(dataset_dir).task != "classification"
+        jobs = [(dataset_dir, tmp, cid, plan, list(plan.trained_configurations), 0, with_label) for cid in case_ids]
         run_cases(_preprocess_job, jobs, workers, f"preprocess {'+'.join(plan.trained_configurations)}", progress)
     phase["preprocess_s"] = time.perf_counter() - t0
     phase["total_s"] = time.perf_counter() - t_start

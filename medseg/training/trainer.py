@@ -608,6 +608,8 @@ def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], pre
             torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, fh)
         shutil.copy2(preprocessed_dir / schemas.PLANS_JSON, tmp / schemas.PLANS_JSON)
         shutil.copy2(preprocessed_dir / schemas.DATASET_JSON, tmp / schemas.DATASET_JSON)
+        if (preprocessed_dir / schemas.FINGERPRINT_JSON).is_file():  # the model server's input-drift reference
+            shutil.copy2(preprocessed_dir / schemas.FINGERPRINT_JSON, tmp / schemas.FINGERPRINT_JSON)
         schemas.ModelPackage(
             configuration=configuration, network=dict(network or plans.configuration(configuration).network),
             medseg_version=medseg.__version__, training=training, lineage=dict(lineage or {}), postprocessing=dict(postprocessing or {}),

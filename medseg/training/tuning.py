@@ -73,9 +73,11 @@ def tune(preprocessed_dir: Path, base: TrainConfig, n_trials: int, storage: str,
         cfg = dataclasses.replace(base, **params, seed=base.seed + trial.number)
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
-            trial.report(metrics["val_dice_mean"], epoch)
+            # the validation score the trainer selects on: mean Dice, or balanced accuracy for a classifier
+            name = "val_dice_mean" if "val_dice_mean" in metrics else "val_balanced_accuracy"
+            trial.report(metrics[name], epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {epoch}: val dice {metrics['val_dice_mean']:.4f} below the median")
+                raise optuna.TrialPruned(f"epoch {epoch}: {name} {metrics[name]:.4f} below the median")
 
         with tempfile.TemporaryDirectory(prefix="medseg-trial-") as tmp:
             result = train(preprocessed_dir, Path(tmp), cfg, on_epoch=report, progress=False, write_package=False)
