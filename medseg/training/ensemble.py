@@ -192,6 +192,8 @@ def save_ensemble_package(model_dir: str | Path, members: list[str | Path], trai
             shutil.copy2(folder / package.weights_file, tmp / name)
         shutil.copy2(first_dir / schemas.PLANS_JSON, tmp / schemas.PLANS_JSON)
         shutil.copy2(first_dir / schemas.DATASET_JSON, tmp / schemas.DATASET_JSON)
+        if (first_dir / schemas.FINGERPRINT_JSON).is_file():  # the model server's input-drift reference
+            shutil.copy2(first_dir / schemas.FINGERPRINT_JSON, tmp / schemas.FINGERPRINT_JSON)
         schemas.ModelPackage(configuration=first.configuration, network=first.network, medseg_version=medseg.__version__, training=info,
                              lineage=dict(lineage or first.lineage), postprocessing=dict(postprocessing or {}), weights_file=names[0]).save(tmp)
     return Path(model_dir)
