@@ -78,7 +78,9 @@ def test_evaluate_folder_writes_all_files(folders, tmp_path):
     assert loaded.mean["WT"]["dice_median"] == loaded.per_case[1]["WT"]["dice"]
     # what was written equals evaluate_case on the arrays, with the spacing from the label header
     direct = evaluate_case(_label(2), _label(0), SPACING, BRATS_LABELS, BRATS_REGIONS)
-    assert loaded.per_case[2]["TC"] == pytest.approx(direct["TC"])
+    # the folder evaluation adds the lesion-wise numbers (BraTS labels); the voxel ones equal evaluate_case's
+    assert {k: loaded.per_case[2]["TC"][k] for k in direct["TC"]} == pytest.approx(direct["TC"])
+    assert "lesionwise_dice_2023" in loaded.per_case[2]["TC"]
     assert direct["TC"]["volume_ref_ml"] == pytest.approx(5 * 5 * 4 * 2 / 1000)
 
     with open(out / PER_CASE_CSV, newline="") as fh:
@@ -196,3 +198,22 @@ def test_cases_csv_metric_names_are_the_published_ones(tmp_path):
     report = (tmp_path / REPORT_MD).read_text()
     assert "## Lesion-wise and instance-wise" in report and "| WT |" in report.split("## Lesion-wise")[1]
     assert metrics.mean["WT"]["tp"] == 1.0
+
+
+def test_brats_style_file_names_matched_by_case_id_with_lesionwise_numbers(tmp_path):
+    # predictions as <CASE>.nii.gz, labels as the BraTS release names them: <CASE>-seg.nii.gz
+    pred_dir, label_dir = tmp_path / "pred", tmp_path / "labels"
+    for i, case in enumerate(CASES):
+        io.save_nifti(label_dir / f"{case}-seg.nii.gz", _label(0), AFFINE)
+        io.save_nifti(pred_dir / f"{case}.nii.gz", _label(i), AFFINE)
+    plain = tmp_path / "plain"
+    for case in CASES:  # the same labels under nnU-Net names give the same numbers
+        io.save_nifti(plain / f"{case}.nii.gz", _label(0), AFFINE)
+    brats = evaluate_folder(pred_dir, label_dir, _dataset_json(), tmp_path / "brats", progress=False)
+    nnunet = evaluate_folder(pred_dir, plain, _dataset_json(), tmp_path / "nnunet", progress=False, lesionwise=None)
+    assert brats.n_cases == nnunet.n_cases == 3
+    assert brats.mean["WT"]["dice"] == nnunet.mean["WT"]["dice"]
+    assert "lesionwise_dice_2023" in brats.mean["ET"] and "lesionwise_dice_2023" not in nnunet.mean["ET"]  # auto: BraTS labels
+    io.save_nifti(label_dir / f"{CASES[0]}.nii.gz", _label(0), AFFINE)  # the same case named both ways
+    with pytest.raises(MedsegError, match="two files"):
+        evaluate_folder(pred_dir, label_dir, _dataset_json(), tmp_path / "both", progress=False)

@@ -170,8 +170,12 @@ def evaluate_folder(
     progress: bool = True,
     *,
     penalty_mm: float = HD95_PENALTY_MM,
+    lesionwise: str | None = "auto",
 ) -> Metrics:
     """Evaluate ``pred_dir/<CASE>.nii.gz`` against ``label_dir/<CASE>.nii.gz`` and write the report.
+
+    Files are matched by case id: ``<CASE><ending>`` and BraTS-style ``<CASE>-seg<ending>`` both name
+    case ``<CASE>``, in either folder.
 
     Args:
         pred_dir: folder of predicted label maps, nnU-Net naming (``<CASE><file_ending>``, no channel suffix).
@@ -182,6 +186,9 @@ def evaluate_folder(
             a prediction (prediction files without a label are ignored with a note on stderr).
         progress: show a progress bar on stderr.
         penalty_mm: HD95 / ASSD when exactly one of the two masks is empty.
+        lesionwise: BraTS lesion-wise setting (``brats2023``, ``brats2023_mets``, ``brats2024``), None for
+            none, or ``"auto"``: the setting that fits ``dataset_json`` (BraTS labels → 2023, source
+            format ``brats2024`` → 2024, otherwise none).
 
     Spacing comes from the label's header. All prediction and label files are checked to exist
     before any is read, so a missing file fails at once.
@@ -195,26 +202,31 @@ def evaluate_folder(
     for folder, what in ((pred_dir, "prediction"), (label_dir, "label")):
         if not folder.is_dir():
             raise MedsegError(f"{what} folder not found", folder)
+    labels_of, preds_of = _case_files(label_dir, ending), _case_files(pred_dir, ending)
     if case_ids is None:
-        case_ids = _cases_in(label_dir, ending)
+        case_ids = sorted(labels_of)
         if not case_ids:
-            raise MedsegError(f"no label files *{ending}", label_dir)
-        extra = sorted(set(_cases_in(pred_dir, ending)) - set(case_ids))
+            raise MedsegError(f"no label files *{ending} (or *-seg{ending})", label_dir)
+        extra = sorted(set(preds_of) - set(case_ids))
         if extra:
             shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
             print(f"note: {len(extra)} prediction(s) without a label not evaluated: {shown}", file=sys.stderr)
     case_ids = [str(c) for c in case_ids]
     if not case_ids:
         raise MedsegError("no cases to evaluate")
-    for folder, what in ((label_dir, "label"), (pred_dir, "prediction")):
-        missing = [folder / f"{c}{ending}" for c in case_ids if not (folder / f"{c}{ending}").is_file()]
+    for folder, found, what in ((label_dir, labels_of, "label"), (pred_dir, preds_of, "prediction")):
+        missing = [folder / f"{c}{ending}" for c in case_ids if c not in found]
         if missing:
             more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
-            raise MedsegError(f"{what} file not found{more}", missing[0])
+            raise MedsegError(f"{what} file not found (nor a -seg{ending} one){more}", missing[0])
+    if lesionwise == "auto":
+        from medseg.evaluation.stage import lesionwise_setting  # stage imports this module
+
+        lesionwise = lesionwise_setting(dataset_json)
 
     def pairs() -> Iterator[CasePair]:
         for case_id in case_ids:
-            label_path, pred_path = label_dir / f"{case_id}{ending}", pred_dir / f"{case_id}{ending}"
+            label_path, pred_path = labels_of[case_id], preds_of[case_id]
             ref, ref_affine, header = io.load_nifti(label_path)
             pred, pred_affine, _ = io.load_nifti(pred_path)
             if pred.shape != ref.shape:
@@ -225,14 +237,29 @@ def evaluate_folder(
             yield case_id, _label_map(pred, pred_path), _label_map(ref, label_path), io.nifti_spacing(header)
 
     return evaluate_arrays(
-        pairs(), dataset_json, out_dir, penalty_mm=penalty_mm, progress=progress, total=len(case_ids)
+        pairs(), dataset_json, out_dir, penalty_mm=penalty_mm, progress=progress, total=len(case_ids), lesionwise=lesionwise
     )
 
 
 def _cases_in(folder: Path, ending: str) -> list[str]:
-    return sorted(
-        p.name[: -len(ending)] for p in folder.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")
-    )
+    return sorted(_case_files(folder, ending))
+
+
+def _case_files(folder: Path, ending: str) -> dict[str, Path]:
+    """``{case id: file}`` of the label maps in ``folder``: ``<CASE><ending>`` or ``<CASE>-seg<ending>``.
+
+    A case given both ways is ambiguous: MedsegError naming both files.
+    """
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.name.endswith(ending):
+            continue
+        stem = path.name[: -len(ending)]
+        case_id = stem[: -len("-seg")] if stem.endswith("-seg") else stem
+        if case_id in found:
+            raise MedsegError(f"case {case_id} has two files here: {found[case_id].name} and {path.name}", folder)
+        found[case_id] = path
+    return found
 
 
 def _label_map(array: np.ndarray, path: Path) -> np.ndarray:
@@ -422,8 +449,8 @@ def dice_boxplot_png(metrics: Metrics, names: Sequence[str]) -> bytes:
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``medseg evaluate``."""
-    parser.add_argument("--pred", type=Path, required=True, metavar="DIR", help="folder of predicted label maps <CASE>.nii.gz")
-    parser.add_argument("--labels", type=Path, required=True, metavar="DIR", help="folder of reference label maps <CASE>.nii.gz")
+    parser.add_argument("--pred", type=Path, required=True, metavar="DIR", help="folder of predicted label maps <CASE>.nii.gz or <CASE>-seg.nii.gz")
+    parser.add_argument("--labels", type=Path, required=True, metavar="DIR", help="folder of reference label maps <CASE>.nii.gz or <CASE>-seg.nii.gz, matched by case id")
     parser.add_argument("--dataset-json", type=Path, required=True, metavar="FILE", help="dataset.json (labels, regions)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder (metrics.json, per_case.csv, cases.csv, report.md, report.html, dice_boxplot.png)")
     parser.add_argument(
@@ -433,6 +460,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hd95-penalty-mm", type=float, default=HD95_PENALTY_MM, metavar="MM",
         help=f"HD95/ASSD when exactly one of prediction and label is empty (default {HD95_PENALTY_MM})",
+    )
+    parser.add_argument(
+        "--lesionwise", default="auto", choices=["auto", "none", "brats2023", "brats2023_mets", "brats2024"],
+        help="BraTS lesion-wise metrics: auto (from dataset.json: BraTS labels -> 2023, brats2024 -> 2024), none, or a setting",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -444,6 +475,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_folder(
         args.pred, args.labels, dataset_json, args.out, case_ids=case_ids,
         progress=not args.no_progress, penalty_mm=args.hd95_penalty_mm,
+        lesionwise=None if args.lesionwise == "none" else args.lesionwise,
     )
     names = [r for r in dataset_json.regions if r in metrics.mean] or list(metrics.mean)
     print(f"{metrics.n_cases} case(s); mean Dice per {'region' if dataset_json.regions else 'label'}:")
