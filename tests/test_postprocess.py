@@ -117,3 +117,24 @@ def test_predictor_applies_the_rule_from_the_package(tmp_path) -> None:
 
     pair = enhancing_labels(predictor.dataset.labels)
     assert pair is not None and not (seg == pair[0]).any()  # every ET voxel relabelled (threshold above any volume)
+
+
+def test_enhancing_rule_threshold_is_chosen_with_the_component_sizes_on_validation() -> None:
+    from medseg.training.trainer import postprocessing_from_pairs
+
+    plans = schemas.Plans(dataset_name="t", device_budget="cpu", channel_names=list(schemas.BRATS_CHANNELS),
+                          labels=dict(schemas.BRATS_LABELS), regions={k: list(v) for k, v in schemas.BRATS_REGIONS.items()},
+                          normalization=[], configurations={})
+    ref_no_et = np.zeros((16, 16, 16), np.uint8)
+    ref_no_et[3:13, 3:13, 3:13] = 2
+    ref_no_et[6:10, 6:10, 6:10] = 1
+    spurious = ref_no_et.copy()
+    # 36 spurious ET voxels (288 mm³: above every component-size candidate, so only the ET rule can fix it)
+    spurious[6:9, 6:9, 6:10] = 3
+    ref_et = ref_no_et.copy()
+    ref_et[5:11, 5:11, 5:11] = 3  # 216 true ET voxels, predicted exactly
+    ref_et[7:9, 7:9, 7:9] = 1
+    post = postprocessing_from_pairs([(spurious, ref_no_et), (ref_et.copy(), ref_et)], plans, [2.0, 2.0, 2.0])
+    rule = post["et_rule"]
+    assert 36 < rule["voxels_at_training_spacing"] <= 216 and rule["et_dice_after"] > rule["et_dice_before"]
+    assert post["et_to_netc_below_mm3"] == rule["voxels_at_training_spacing"] * 8.0  # stored in mm³ (2 mm voxels)

@@ -137,7 +137,9 @@ class Predictor:
         min_volumes = self.package.postprocessing.get("min_volume_mm3") or {}
         if min_volumes:
             seg = remove_small_components(seg, min_volumes, spacing)
-        et_threshold = int(self.package.postprocessing.get("et_to_netc_below_voxels") or 0)
+        post = self.package.postprocessing
+        # threshold chosen on validation, in mm³ (voxels only in packages written by hand)
+        et_threshold = int(round(float(post.get("et_to_netc_below_mm3") or 0.0) / float(np.prod(spacing)))) or int(post.get("et_to_netc_below_voxels") or 0)
         pair = enhancing_labels(self.dataset.labels)
         if et_threshold > 0 and pair is not None:
             seg = relabel_small_enhancing(seg, et_threshold, *pair)

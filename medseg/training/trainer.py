@@ -563,7 +563,7 @@ def postprocessing_from_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], plans:
     predictions. Scored by BraTS 2023 lesion-wise Dice for BraTS data, else by Dice."""
     from medseg.evaluation.lesionwise import lesionwise_case
     from medseg.evaluation.metrics import dice
-    from medseg.inference.postprocess import choose_min_volumes
+    from medseg.inference.postprocess import choose_enhancing_threshold, choose_min_volumes, enhancing_labels, remove_small_components
 
     if not pairs:
         return {}
@@ -583,7 +583,15 @@ def postprocessing_from_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], plans:
 
     labels = sorted(v for v in plans.labels.values() if v != 0)
     chosen, before, after = choose_min_volumes(pairs, spacing, labels, score)
-    return {"min_volume_mm3": chosen, "metric": metric, "validation_cases": len(pairs), "score_before": before, "score_after": after}
+    post: dict[str, Any] = {"min_volume_mm3": chosen, "metric": metric, "validation_cases": len(pairs), "score_before": before, "score_after": after}
+    pair = enhancing_labels(plans.labels)
+    if pair is not None:  # BraTS: the "small enhancing tumour is necrosis" rule, its threshold chosen here too
+        cleaned = [(remove_small_components(p, chosen, spacing) if chosen else p, r) for p, r in pairs]
+        voxels, et_before, et_after = choose_enhancing_threshold(cleaned, *pair)
+        # stored in mm³ so the Predictor applies it on any input grid
+        post["et_to_netc_below_mm3"] = float(voxels * np.prod(spacing))
+        post["et_rule"] = {"voxels_at_training_spacing": int(voxels), "et_dice_before": et_before, "et_dice_after": et_after}
+    return post
 
 
 def choose_postprocessing(network: torch.nn.Module, state: dict[str, torch.Tensor], cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], spacing: list[float], overlap: float, device: torch.device,
