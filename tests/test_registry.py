@@ -408,3 +408,25 @@ def test_concurrent_promotions_over_rest_lease(mlflow_server):
     shown = reg.show_model(name, uri)
     assert shown["aliases"]["champion"] == "2"
     check_serialised(shown["promotion_log"])
+
+
+def test_input_example_is_stored_with_the_logged_model(store, tmp_path):
+    from medseg.registry.pyfunc_model import input_example_from_dataset
+    from tests.factories import write_case
+
+    dataset = tmp_path / "dataset"
+    files, _ = write_case(dataset / "cases", shape=(20, 20, 20), seed=5)
+    (dataset / schemas.IMAGES_TR).mkdir(parents=True)
+    for i, f in enumerate(files):
+        (dataset / schemas.IMAGES_TR / f"case1_{i:04d}.nii.gz").write_bytes(f.read_bytes())
+    schemas.Splits(test=["case1"], folds=[]).save(dataset)
+    example = input_example_from_dataset(dataset, store["package"])
+    assert list(example.columns) == [*schemas.Plans.load(store["package"]).channel_names, "case_id"]
+    result = reg.register_model(store["package"], make_metrics({"c1": 0.9, "c2": 0.9, "c3": 0.9}), "brats-example", store["uri"], LINEAGE,
+                                {"WT": 0.5}, input_example=example)
+    import mlflow
+
+    with reg._tracking(store["uri"]):
+        local = Path(mlflow.artifacts.download_artifacts(result["model_uri"], dst_path=str(tmp_path / "dl")))
+    assert (local / "input_example.json").is_file() and "case1" in (local / "input_example.json").read_text()
+    assert input_example_from_dataset(tmp_path / "nothing-here", store["package"]) is None

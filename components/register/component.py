@@ -13,6 +13,7 @@ def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Da
     from pathlib import Path
 
     from medseg import schemas
+    from medseg.registry.pyfunc_model import input_example_from_dataset
     from medseg.registry.registry import register_model
     from medseg.tracking import git_commit, resolve_tracking_uri
 
@@ -20,5 +21,6 @@ def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Da
     # plan hash and training run id are read from the model package by register_model itself
     lineage = {"manifest_hash": manifest.content_hash, "git_commit": git_commit(), "pipeline_run_id": pipeline_run_id}
     metrics = schemas.Metrics.load(Path(evaluation.path))
-    out = register_model(Path(model.path), metrics, model_name, resolve_tracking_uri(mlflow_tracking_uri), lineage, thresholds, report_dir=Path(evaluation.path))
+    out = register_model(Path(model.path), metrics, model_name, resolve_tracking_uri(mlflow_tracking_uri), lineage, thresholds, report_dir=Path(evaluation.path),
+                         input_example=input_example_from_dataset(Path(dataset.path), Path(model.path)))
     return namedtuple("Registered", ["version", "challenger"])(str(out["version"]), bool(out["challenger"]))

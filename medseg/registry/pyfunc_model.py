@@ -97,6 +97,26 @@ def model_signature(model_dir: str | Path) -> Any:
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
+def input_example_from_dataset(dataset_dir: str | Path, model_dir: str | Path) -> Any:
+    """A one-row input example (DataFrame: one image path per channel, and ``case_id``) from a case of a
+    canonical dataset: the first held-out test case, else the first training case; None when it has none.
+
+    MLflow stores it beside the model and runs one prediction on it while logging (a smoke test of the
+    logged model); the paths document the input format, they need not exist where the model is used.
+    """
+    dataset_dir = Path(dataset_dir)
+    channels = list(schemas.Plans.load(model_dir).channel_names)
+    candidates: list[str] = []
+    if (dataset_dir / schemas.SPLITS_JSON).is_file():
+        splits = schemas.Splits.load(dataset_dir)
+        candidates += list(splits.test) + [c for f in splits.folds[:1] for c in f["val"]]
+    for case_id in candidates:
+        files = [dataset_dir / schemas.IMAGES_TR / f"{case_id}_{i:04d}.nii.gz" for i in range(len(channels))]
+        if all(f.is_file() for f in files):
+            return pd.DataFrame([{**{c: str(f) for c, f in zip(channels, files)}, CASE_ID_COLUMN: case_id}])
+    return None
+
+
 def log_model_package(model_dir: Path, artifact_path: str = "model", input_example: Any = None, pip_requirements: list[str] | None = None) -> Any:
     """Log the package folder as a pyfunc model in the active run; returns MLflow's ``ModelInfo``.
 

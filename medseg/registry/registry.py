@@ -159,8 +159,13 @@ def register_model(
     run_name: str | None = None,
     experiment: str = "medseg",
     report_dir: Path | None = None,
+    input_example: Any = None,
 ) -> dict[str, Any]:
     """Log ``model_dir`` as a pyfunc model in a new run, register it as a new version of ``name``.
+
+    ``input_example``: a one-row DataFrame of image paths (see
+    :func:`~medseg.registry.pyfunc_model.input_example_from_dataset`), stored with the model; MLflow
+    predicts it once while logging.
 
     The run gets the training config as params, ``test_<NAME>_<dice|hd95>`` metrics from
     ``metrics.mean``, ``evaluation/metrics.json`` + ``evaluation/per_case.json`` (and the report files
@@ -204,7 +209,7 @@ def register_model(
                 for fname in REPORT_FILES:
                     if (Path(report_dir) / fname).is_file():
                         mlflow.log_artifact(str(Path(report_dir) / fname), EVAL_DIR)
-            info = log_model_package(model_dir)
+            info = log_model_package(model_dir, input_example=input_example)
 
         # still inside _tracking: MLflow resolves the logged model (models:/m-...) via the fluent URI
         _ensure_registered_model(client, name)
