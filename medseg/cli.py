@@ -87,7 +87,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _add_train_common(p)
     p.add_argument("--out", required=True, type=Path, help="training folder (checkpoint; the model package in OUT/model; several folds: OUT/fold_N and their ensemble in OUT/model)")
     p.add_argument("--best-params", type=Path, default=None, help="best_params.json from tune (overrides params)")
-    p.add_argument("--config", dest="configuration", default=None, help="configuration (default 3d_fullres)")
+    p.add_argument("--config", dest="configuration", default=None, help="configuration (default 3d_fullres; 3d_cascade_fullres: 3d_fullres with --cascade-from)")
     p.add_argument("--fold", default=None, help="fold N (default: params), a list N,M,... or 'all': each fold into OUT/fold_N, one after the other, then their ensemble in OUT/model")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -96,6 +96,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_latest.pt (several folds: finished folds are skipped)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="DDP training processes on this machine, started with torchrun (one per GPU)")
     p.add_argument("--nnodes", type=int, default=1, help="machines of a multi-node DDP job (rendezvous from MASTER_ADDR, MASTER_PORT, RANK: a PyTorchJob sets them)")
+    p.add_argument("--cascade-from", type=Path, default=None, metavar="LOWRES_MODEL",
+                   help="train the 3d_fullres stage of a 3d_lowres→3d_fullres cascade on top of this 3d_lowres model package (or its training folder; "
+                        "a --fold all ensemble gives out-of-fold previous-stage maps); the package carries the low-res stage along")
 
 
 def _run_train(a: argparse.Namespace) -> int:
@@ -106,6 +109,12 @@ def _run_train(a: argparse.Namespace) -> int:
 
     cfg = merged_params(_train_params(a), a.best_params)
     overrides = {k: getattr(a, k) for k in ("configuration", "epochs", "seed", "precision", "deterministic") if getattr(a, k) is not None}
+    if overrides.get("configuration") == "3d_cascade_fullres":  # nnU-Net's name for it: 3d_fullres with the previous stage
+        if a.cascade_from is None:
+            raise MedsegError("--config 3d_cascade_fullres needs --cascade-from LOWRES_MODEL (a trained 3d_lowres model package)")
+        overrides["configuration"] = "3d_fullres"
+    if a.cascade_from is not None:
+        overrides["cascade_from"] = str(a.cascade_from.resolve())
     cfg = dataclasses.replace(cfg, **overrides)
     folds = parse_folds(a.fold, len(schemas.Splits.load(a.preprocessed).folds))
     launch = {"resume": a.resume, "nproc_per_node": a.nproc_per_node, "nnodes": a.nnodes}

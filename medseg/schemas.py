@@ -313,6 +313,9 @@ class ModelPackage(Artifact):
     postprocessing: dict[str, Any] = field(default_factory=dict)  # {"min_volume_mm3": {label: mm³}, how it was chosen}
     weights_file: str = WEIGHTS_FILE
     schema_version: int = SCHEMA_VERSION
+    # a cascade's full-resolution stage: {configuration, package (folder inside this one), labels, image_channels, ...}
+    # (medseg.inference.cascade); empty for a single-stage model
+    previous_stage: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- evaluate

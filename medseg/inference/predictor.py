@@ -11,6 +11,11 @@ What the network's outputs mean comes from the package (:func:`~medseg.training.
   input grid; postprocessing and volumes as for ``labels``;
 - ``classes`` (a classifier): :meth:`Predictor.predict_class` gives one probability per class for the
   whole volume (the subject's age too when the network takes it).
+
+A cascade package (``previous_stage`` in ``model_package.json``, :mod:`medseg.inference.cascade`) loads its
+low-resolution stage too: :meth:`Predictor.predict` runs that stage on the input first, brings its
+segmentation onto the full-resolution grid as at training time and gives it to the network as extra input
+channels; restoring, postprocessing and volumes are those of any package.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from medseg import schemas
 from medseg.errors import MedsegError
+from medseg.inference.cascade import previous_stage_on_grid, previous_stage_spec, with_previous_stage
 from medseg.inference.postprocess import enhancing_labels, relabel_small_enhancing, remove_small_components
 from medseg.inference.sliding_window import predict_logits, predict_probabilities, select_device
 from medseg.io import load_nifti, nifti_spacing, stack_channels
@@ -72,11 +78,17 @@ class Prediction:
 class Predictor:
     """Load once, predict many. ``Predictor.from_package(dir)``; ``predict(images, affine, spacing)``."""
 
-    def __init__(self, network: torch.nn.Module, plans: schemas.Plans, dataset: schemas.DatasetJson, package: schemas.ModelPackage, device: torch.device, overlap: float = 0.5, mirror: bool = False):
+    def __init__(self, network: torch.nn.Module, plans: schemas.Plans, dataset: schemas.DatasetJson, package: schemas.ModelPackage, device: torch.device, overlap: float = 0.5, mirror: bool = False,
+                 previous: Predictor | None = None):
         self.network, self.plans, self.dataset, self.package = network, plans, dataset, package
         self.device, self.overlap, self.mirror = device, overlap, mirror
         self.config = plans.configuration(package.configuration)
         self.output = network_output(package.network)
+        # a cascade's low-resolution stage (None for a single-stage model)
+        self.previous_stage = previous_stage_spec(package)
+        if self.previous_stage and previous is None:
+            raise MedsegError("this model package is a cascade's full-resolution stage: give its previous stage (Predictor.from_package loads it)")
+        self.previous = previous
 
     @classmethod
     def from_package(cls, model_dir: str | Path, device: str = "auto", overlap: float = 0.5, mirror: bool = False) -> Predictor:
@@ -89,7 +101,16 @@ class Predictor:
         dev = select_device(device)
         # one network, or an ensemble package's folds averaging their probabilities; weights_only loading (never pickled code)
         network = load_network(model_dir, package, dev)
-        return cls(network, plans, dataset, package, dev, overlap, mirror)
+        previous = None
+        spec = previous_stage_spec(package)
+        if spec:  # a cascade: the low-resolution stage travels inside the package
+            folder = model_dir / str(spec["package"])
+            if not (folder / schemas.MODEL_PACKAGE_JSON).is_file():
+                raise MedsegError(f"the cascade's previous stage ({spec['configuration']}) is missing from the package", folder)
+            previous = cls.from_package(folder, device, overlap, mirror)
+            if previous.previous is not None:
+                raise MedsegError("cascades of more than two stages are not supported", folder)
+        return cls(network, plans, dataset, package, dev, overlap, mirror, previous)
 
     @property
     def channels(self) -> list[str]:
@@ -123,17 +144,34 @@ class Predictor:
         data, _, props = preprocess_case(images, None, list(spacing), affine, self.plans, self.package.configuration)
         return data, props
 
-    def predict(self, images: np.ndarray, affine: np.ndarray, spacing: list[float]) -> Prediction:
-        """``images`` C×I×J×K raw intensities in ``self.channels`` order → segmentation on the same grid."""
-        if self.output == "classes":
-            raise MedsegError("this model package is a classifier (output: classes): use predict_class")
-        data, props = self._preprocess(images, affine, spacing)
+    def segment_preprocessed(self, data: np.ndarray, props: schemas.CaseProperties) -> np.ndarray:
+        """The network's segmentation (uint8, on the case's original grid, before postprocessing) of a case
+        preprocessed for this package (``data``: the network's whole input, previous-stage channels included)."""
         probs = grid_probabilities(self.network, data, self.config.patch_size, self.output, overlap=self.overlap, mirror=self.mirror, device=self.device)
         if self.output == "regions":
             labels = grid_labels(probs, self.regions, self.dataset.label_values)
-            seg = restore_labels_to_original(labels, props, method="linear")
-        else:
-            seg = restore_to_original(probs, props)
+            return restore_labels_to_original(labels, props, method="linear")
+        return restore_to_original(probs, props)
+
+    def network_input(self, images: np.ndarray, affine: np.ndarray, spacing: list[float]) -> tuple[np.ndarray, schemas.CaseProperties]:
+        """The preprocessed input of the network and the case properties: for a cascade, the images followed by
+        the previous stage's one-hot segmentation on the same grid (:mod:`medseg.inference.cascade`)."""
+        data, props = self._preprocess(images, affine, spacing)
+        if self.previous is not None:
+            prev = previous_stage_on_grid(self.previous.segment(images, affine, spacing), props, self.config)
+            data = with_previous_stage(data, prev, [int(v) for v in self.previous_stage["labels"]])
+        return data, props
+
+    def segment(self, images: np.ndarray, affine: np.ndarray, spacing: list[float]) -> np.ndarray:
+        """The segmentation (uint8) on the input grid before postprocessing: what a cascade's next stage receives."""
+        if self.output == "classes":
+            raise MedsegError("this model package is a classifier (output: classes): use predict_class")
+        data, props = self.network_input(images, affine, spacing)
+        return self.segment_preprocessed(data, props)
+
+    def predict(self, images: np.ndarray, affine: np.ndarray, spacing: list[float]) -> Prediction:
+        """``images`` C×I×J×K raw intensities in ``self.channels`` order → segmentation on the same grid."""
+        seg = self.segment(images, affine, spacing)
         min_volumes = self.package.postprocessing.get("min_volume_mm3") or {}
         if min_volumes:
             seg = remove_small_components(seg, min_volumes, spacing)

@@ -82,6 +82,8 @@ def _download_registered(uri: str, download_dir: str | Path | None) -> tuple[Pat
 
 def _find_package(root: Path, uri: str) -> Path:
     found = sorted(p.parent for p in root.rglob(schemas.MODEL_PACKAGE_JSON))
+    # a cascade package holds its low-resolution stage as a package of its own: only outermost ones count
+    found = [p for p in found if not any(q != p and q in p.parents for q in found)]
     if not found:
         raise MedsegError(f"the downloaded MLflow model holds no {schemas.MODEL_PACKAGE_JSON}", uri)
     preferred = [p for p in found if p.name == "model_package" and p.parent.name == "artifacts"]

@@ -12,6 +12,12 @@ numbers from the sampler's generator: one seed, one state to checkpoint.
 Classification (dataset.json ``task: "classification"``) trains on whole volumes, not patches:
 :class:`VolumeCase` is a preprocessed case with its class and age, :func:`fit_volume` turns a whole volume
 into the classifier's fixed input, and :class:`VolumeSampler` draws batches of them.
+
+Cascade (a 3d_lowres → 3d_fullres cascade's full-resolution stage, :mod:`medseg.training.cascade`): a
+:class:`CascadeCase` carries the low-resolution stage's segmentation on the same grid (``prev``). The sampler
+crops it with the patch, mirrors it with the patch and, with augmentation, moves it through the same spatial
+transform as the labels (nearest neighbour; intensity transforms never touch it), then appends its one-hot
+foreground masks to the image channels: the batch images have C + L channels.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from medseg.training.augmentation import Compose, default_augmentation
 class PreprocessedCase:
     """One preprocessed case, memory-mapped: ``data`` C×I×J×K float32, ``seg`` I×J×K int8."""
 
+    prev: np.ndarray | None = None  # a cascade's previous-stage segmentation (CascadeCase)
+    prev_labels: tuple[int, ...] | list[int] = ()
+
     def __init__(self, folder: Path, case_id: str):
         self.case_id = case_id
         for suffix in (".npy", "_seg.npy"):
@@ -37,6 +46,38 @@ class PreprocessedCase:
         self.seg = np.load(folder / f"{case_id}_seg.npy", mmap_mode="r")
         self.props = schemas.CaseProperties.load(folder / f"{case_id}.json")
         self.locations = {k: np.asarray(v, dtype=int) for k, v in self.props.class_locations.items() if v}
+
+
+class CascadeCase(PreprocessedCase):
+    """A preprocessed case of a cascade's full-resolution stage: ``images`` C×I×J×K (memory-mapped), ``seg``,
+    and ``prev`` I×J×K, the previous stage's segmentation on the same grid (``<case>_prev.npy`` in
+    ``prev_folder``). ``data`` is the network's whole input, images followed by the one-hot masks of
+    ``prev_labels`` (built on access: what validation and postprocessing predict on)."""
+
+    def __init__(self, folder: Path, case_id: str, prev_folder: Path, prev_labels: list[int]):
+        super().__init__(folder, case_id)
+        path = Path(prev_folder) / f"{case_id}_prev.npy"
+        if not path.is_file():
+            raise MedsegError(f"previous-stage segmentation of case {case_id} is missing (rerun the cascade preparation)", path)
+        self.prev = np.load(path, mmap_mode="r")
+        self.prev_labels = [int(v) for v in prev_labels]
+        if tuple(self.prev.shape) != tuple(self.images.shape[1:]):
+            raise MedsegError(f"previous-stage segmentation of case {case_id} has shape {tuple(self.prev.shape)}, the images {tuple(self.images.shape[1:])}", path)
+
+    @property
+    def data(self) -> np.ndarray:  # type: ignore[override]
+        from medseg.inference.cascade import with_previous_stage
+
+        return with_previous_stage(np.asarray(self.images), np.asarray(self.prev), self.prev_labels)
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self.images = value
+
+
+def _images_of(case: PreprocessedCase) -> np.ndarray:
+    """The image channels of a case (a cascade case's ``data`` also holds the previous stage)."""
+    return case.images if isinstance(case, CascadeCase) else case.data
 
 
 def _padded_crop(array: np.ndarray, start: np.ndarray, size: list[int], fill: float) -> np.ndarray:
@@ -74,7 +115,7 @@ class PatchSampler:
         self.crop_size = list(self.augmentation.input_size) if self.augmentation is not None else self.patch_size
 
     def _start(self, case: PreprocessedCase, force_fg: bool) -> np.ndarray:
-        shape = np.array(case.data.shape[1:])
+        shape = np.array(_images_of(case).shape[1:])
         patch = np.array(self.patch_size)
         if force_fg and case.locations:
             label = self.rng.choice(sorted(case.locations))
@@ -86,7 +127,7 @@ class PatchSampler:
         return np.array([self.rng.integers(a, b) for a, b in zip(lo, hi)])
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = [], []
+        images, labels, prevs = [], [], []
         for b in range(self.batch_size):
             case = self.cases[self.rng.integers(len(self.cases))]
             # each patch is centred on foreground with probability foreground_share (nnU-Net: 1/3)
@@ -94,21 +135,43 @@ class PatchSampler:
             start = self._start(case, force_fg)
             if self.augmentation is not None:  # the larger crop around the same centre; the pipeline mirrors
                 start = start - (np.array(self.crop_size) - np.array(self.patch_size)) // 2
-                images.append(_padded_crop(case.data, start, self.crop_size, 0.0))
+                images.append(_padded_crop(_images_of(case), start, self.crop_size, 0.0))
                 labels.append(_padded_crop(case.seg, start, self.crop_size, 0))
+                if case.prev is not None:
+                    prevs.append(_padded_crop(case.prev, start, self.crop_size, 0))
                 continue
-            img = _padded_crop(case.data, start, self.patch_size, 0.0)
+            img = _padded_crop(_images_of(case), start, self.patch_size, 0.0)
             seg = _padded_crop(case.seg, start, self.patch_size, 0)
+            prev = _padded_crop(case.prev, start, self.patch_size, 0) if case.prev is not None else None
             if self.mirror:
                 for axis in range(3):
                     if self.rng.random() < 0.5:
                         img = np.flip(img, axis=1 + axis)
                         seg = np.flip(seg, axis=axis)
+                        prev = np.flip(prev, axis=axis) if prev is not None else None
             images.append(np.ascontiguousarray(img))
             labels.append(np.ascontiguousarray(seg))
+            if prev is not None:
+                prevs.append(np.ascontiguousarray(prev))
+        if prevs and len(prevs) != len(images):
+            raise MedsegError("a batch mixes cascade cases (with a previous-stage segmentation) and plain ones")
         batch_img, batch_seg = np.stack(images).astype(np.float32), np.stack(labels)[:, None]
+        batch_prev = np.stack(prevs)[:, None] if prevs else None
         if self.augmentation is not None:
-            batch_img, batch_seg = self.augmentation(batch_img, batch_seg, self.rng)
+            if batch_prev is None:
+                batch_img, batch_seg = self.augmentation(batch_img, batch_seg, self.rng)
+            else:
+                # one integer map carries both label maps through the spatial transform (nearest neighbour: each
+                # output voxel takes both values from the same input voxel; the border fill 0 decodes to 0, 0)
+                base = int(max(int(batch_seg.max(initial=0)), int(batch_prev.max(initial=0)))) + 1
+                joint = batch_seg.astype(np.int64) + base * batch_prev.astype(np.int64)
+                batch_img, joint = self.augmentation(batch_img, joint, self.rng)
+                batch_seg, batch_prev = joint % base, joint // base
+        if batch_prev is not None:
+            from medseg.inference.cascade import one_hot
+
+            labels_of = self.cases[0].prev_labels
+            batch_img = np.concatenate([batch_img, np.stack([one_hot(p[0], labels_of) for p in batch_prev])], axis=1)
         return batch_img, batch_seg.astype(np.int64)
 
 

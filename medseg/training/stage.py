@@ -77,6 +77,11 @@ def run_train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, tracking_
     if nproc_per_node * nnodes > 1 and not ddp.in_torchrun_worker():
         if dataset_dir is not None:
             raise MedsegError("dataset_dir is not passed to DDP workers: put the dataset's manifest.json in the preprocessed folder")
+        if cfg.cascade_from:  # the previous-stage maps once, here: the workers find them ready
+            from medseg.inference.sliding_window import select_device
+            from medseg.training.cascade import prepare_previous_stage
+
+            prepare_previous_stage(preprocessed_dir, cfg.cascade_from, cfg.configuration, device=select_device(cfg.device), progress=progress)
         spec = {"preprocessed_dir": str(Path(preprocessed_dir).resolve()), "cfg": dataclasses.asdict(cfg), "tracking_uri": tracking_uri,
                 "tags": dict(tags or {}), "resume": resume, "progress": progress}
         data = ddp.launch(spec, Path(out_dir).resolve(), nproc_per_node, nnodes)
@@ -200,10 +205,20 @@ def run_train_folds(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, fol
     if classifier:
         post, cv_dice = {}, ens.cross_validation_classification(preprocessed_dir, members, device, dataset_dir)
         training = {"cv_classification": cv_dice}
+    elif cfg.cascade_from:  # a cascade's folds: validation inputs carry the previous stage
+        from medseg.training import cascade
+
+        cascade.members_previous_stage(members)
+        post, cv_dice = cascade.cross_validation_postprocessing(preprocessed_dir, members, cfg.max_val_cases, cfg.val_overlap, device)
+        training = {"cv_dice": cv_dice}
     else:
         post, cv_dice = ens.cross_validation_postprocessing(preprocessed_dir, members, cfg.max_val_cases, cfg.val_overlap, device)
         training = {"cv_dice": cv_dice}
     model_dir = ens.save_ensemble_package(out_dir / "model", members, training=training, postprocessing=post)
+    if cfg.cascade_from:  # the ensemble carries the folds' shared low-resolution stage
+        from medseg.training import cascade
+
+        cascade.attach_previous_stage(model_dir, members[0])
     if progress:
         log.info("ensemble of folds %s → %s (out-of-fold %s %s)", sorted(results), model_dir, "scores" if classifier else "Dice", " ".join(f"{k} {v:.3f}" for k, v in cv_dice.items()))
     with mlflow_run(tracking_uri, "train-ensemble", tags) as run:

@@ -21,6 +21,10 @@
   checkpoints and writes the model package.
 - The best epoch's weights are written as a model package (``weights.pt`` state_dict + plans +
   dataset.json + model_package.json).
+- Cascade (``cascade_from``: a 3d_lowres model package): the run trains nnU-Net's 3d_cascade_fullres, the
+  low-resolution stage's segmentation of each case (out-of-fold where the low-resolution folds allow) as
+  extra one-hot input channels; the package carries the low-resolution package in ``previous_stage/``
+  (:mod:`medseg.training.cascade`, :mod:`medseg.inference.cascade`).
 
 What is trained follows the dataset and the loss (the package's ``network.output`` records it):
 
@@ -109,6 +113,7 @@ class TrainConfig:
     channels_last: bool = True  # channels_last_3d memory layout, CUDA only
     compile: bool = False  # torch.compile the network (slow first steps; pays off on long GPU runs)
     num_threads: int = 0  # CPU threads per process; 0: the cores this process may use / processes per node
+    cascade_from: str = ""  # a 3d_lowres model package (or its training folder): train this stage as a cascade's full-resolution stage (medseg.training.cascade)
 
     def __post_init__(self) -> None:
         for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS)):
@@ -126,6 +131,8 @@ class TrainConfig:
         unknown = set(data) - names
         if unknown:
             raise MedsegError(f"unknown training parameter(s) {sorted(unknown)} (known: {sorted(names)})")
+        if "cascade_from" in data and data["cascade_from"] is None:  # `cascade_from: null` in params.yaml: no cascade
+            data = {**data, "cascade_from": ""}
         # KFP passes dict parameters as protobuf Structs, where every number is a float: coerce by field type
         kinds = {f.name: f.type for f in dataclasses.fields(cls)}
         casts = {"int": _as_int, "float": float, "bool": _as_bool, "str": str}
@@ -605,9 +612,11 @@ def choose_postprocessing(network: torch.nn.Module, state: dict[str, torch.Tenso
 
 
 def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], preprocessed_dir: Path, configuration: str, training: dict[str, Any], lineage: dict[str, str] | None = None,
-                       postprocessing: dict[str, Any] | None = None, network: dict[str, Any] | None = None) -> Path:
+                       postprocessing: dict[str, Any] | None = None, network: dict[str, Any] | None = None, previous_stage: dict[str, Any] | None = None,
+                       previous_stage_dir: Path | None = None) -> Path:
     """Write the model package folder (the contract the registry and the server load). ``network``: the
-    resolved topology the weights belong to (default: the plan's)."""
+    resolved topology the weights belong to (default: the plan's). ``previous_stage`` (a cascade's entry,
+    :mod:`medseg.inference.cascade`) with ``previous_stage_dir``: the low-resolution package, copied in."""
     from medseg.io import atomic_dir
 
     plans = schemas.Plans.load(preprocessed_dir)
@@ -621,7 +630,12 @@ def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], pre
         schemas.ModelPackage(
             configuration=configuration, network=dict(network or plans.configuration(configuration).network),
             medseg_version=medseg.__version__, training=training, lineage=dict(lineage or {}), postprocessing=dict(postprocessing or {}),
+            previous_stage=dict(previous_stage or {}),
         ).save(tmp)
+        if previous_stage and previous_stage_dir is not None:
+            from medseg.training.cascade import copy_previous_stage
+
+            copy_previous_stage(previous_stage_dir, tmp)
     return model_dir
 
 
@@ -723,16 +737,51 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
         val_cases = [PreprocessedCase(folder, c) for c in fold["val"][: cfg.max_val_cases]]
     if not train_cases:
         raise MedsegError(f"fold {cfg.fold} has no training cases", preprocessed_dir / schemas.SPLITS_JSON)
+    if cfg.cascade_from:
+        if dataset.task == "classification":
+            raise MedsegError("cascade_from trains a segmentation cascade; this is a classification dataset")
+        from medseg.inference.cascade import foreground_labels
+        from medseg.training.cascade import resolve_lowres_package
+
+        resolve_lowres_package(cfg.cascade_from)  # fail early
+        topology = {**topology, "in_channels": int(topology["in_channels"]) + len(foreground_labels(plans.labels))}
     loss_fn = resolve_loss(cfg)
 
     with ddp.distributed(cfg.device) as ctx, determinism(cfg.deterministic, ctx.device):
         torch.set_num_threads(cfg.num_threads or max(1, available_cores() // ddp.local_world_size()))
-        return _train(preprocessed_dir, out_dir, cfg, plans, config, topology, loss_fn, train_cases, val_cases, ctx, resume, on_epoch, progress and ctx.is_main, write_package, task)
+        previous = None
+        if cfg.cascade_from:
+            train_cases, val_cases, previous = _cascade_inputs(preprocessed_dir, cfg, fold, len(plans.channel_names), ctx, progress and ctx.is_main)
+        return _train(preprocessed_dir, out_dir, cfg, plans, config, topology, loss_fn, train_cases, val_cases, ctx, resume, on_epoch, progress and ctx.is_main, write_package, task,
+                      previous)
+
+
+def _cascade_inputs(preprocessed_dir: Path, cfg: TrainConfig, fold: dict[str, list[str]], image_channels: int, ctx: ddp.DistContext,
+                    progress: bool) -> tuple[list[Any], list[Any], tuple[dict[str, Any], Path]]:
+    """A cascade's cases: rank 0 prepares the previous-stage maps (or reuses them), the other ranks wait for it;
+    returns the training and validation cases and the package's ``previous_stage`` entry with the low-resolution package."""
+    from medseg.training.cascade import cascade_cases, prepare_previous_stage, resolve_lowres_package
+
+    failure = None
+    if ctx.is_main:
+        try:
+            stage = prepare_previous_stage(preprocessed_dir, cfg.cascade_from, cfg.configuration, device=ctx.device, progress=progress)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            failure = exc
+    if ddp.broadcast_object(failure is not None, ctx):  # also the barrier: the maps exist once rank 0 answers
+        if failure is not None:
+            raise failure
+        raise MedsegError("rank 0 could not prepare the cascade's previous-stage maps")
+    if not ctx.is_main:  # reuses rank 0's maps (the folder must be shared); predicts nothing when they are there
+        stage = prepare_previous_stage(preprocessed_dir, resolve_lowres_package(cfg.cascade_from), cfg.configuration, device=ctx.device, progress=False)
+    train_cases = cascade_cases(preprocessed_dir, cfg.configuration, fold["train"], stage)
+    val_cases = cascade_cases(preprocessed_dir, cfg.configuration, fold["val"][: cfg.max_val_cases], stage)
+    return train_cases, val_cases, (stage.package_entry(image_channels), stage.package_dir)
 
 
 def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schemas.Plans, config: schemas.Configuration, topology: dict[str, Any],
            loss_fn: torch.nn.Module, train_cases: list[Any], val_cases: list[Any], ctx: ddp.DistContext, resume: bool, on_epoch: Callable[[int, dict[str, float]], None] | None, progress: bool,
-           write_package: bool, task: _Task | None = None) -> TrainResult:
+           write_package: bool, task: _Task | None = None, previous: tuple[dict[str, Any], Path] | None = None) -> TrainResult:
     task = task or _Task()
     metric = task.metric
     device = ctx.device
@@ -806,7 +855,8 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
         if post and progress:
             log.info("postprocessing chosen on %d validation case(s): minimum volumes %s mm³ (%s %.4f → %.4f)", post["validation_cases"],
                      post["min_volume_mm3"] or "none", post["metric"], post["score_before"], post["score_after"])
-        result.model_dir = save_model_package(out_dir / "model", best_state, preprocessed_dir, cfg.configuration, training, postprocessing=post, network=topology)
+        result.model_dir = save_model_package(out_dir / "model", best_state, preprocessed_dir, cfg.configuration, training, postprocessing=post, network=topology,
+                                              previous_stage=previous[0] if previous else None, previous_stage_dir=previous[1] if previous else None)
     return result
 
 
