@@ -375,3 +375,40 @@ def test_ensemble_package_rejects_members_that_do_not_fit(mini: Path, tmp_path: 
     (a / schemas.WEIGHTS_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(MedsegError, match="cannot load the weights"):
         ensemble.load_network(a, schemas.ModelPackage.load(a))
+
+
+def test_prefetch_sampler_yields_the_plain_sampler_batches_in_order() -> None:
+    import numpy as np
+
+    from medseg.training.sampler import PrefetchSampler
+
+    class Counting:
+        def __init__(self) -> None:
+            self.rng, self.drawn = np.random.default_rng(3), 0
+
+        def sample(self):
+            self.drawn += 1
+            return self.rng.normal(size=(2, 3)), np.full(2, self.drawn)
+
+    plain, prefetched = Counting(), PrefetchSampler(Counting(), n_batches=5, depth=2)
+    for _ in range(5):
+        a, b = plain.sample(), prefetched.sample()
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    prefetched.close()
+    assert prefetched._sampler.drawn == 5  # exactly the batches asked for, none drawn ahead past the end
+    with pytest.raises(RuntimeError, match="all prefetched"):
+        prefetched.sample()
+
+
+def test_prefetch_sampler_passes_loader_errors_on_and_stops_early() -> None:
+    from medseg.training.sampler import PrefetchSampler
+
+    class Failing:
+        def sample(self):
+            raise ValueError("case 7: unreadable")
+
+    loader = PrefetchSampler(Failing(), n_batches=3)
+    with pytest.raises(ValueError, match="case 7"):
+        loader.sample()
+    loader.close()
+    assert not loader._thread.is_alive()

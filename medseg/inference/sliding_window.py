@@ -141,7 +141,10 @@ def predict_logits(
 
     memory_format = torch.channels_last_3d if channels_last and len(patch) == 3 else None
     if memory_format is not None:
-        network = copy.deepcopy(network).to(memory_format=memory_format)
+        try:
+            network = copy.deepcopy(network).to(memory_format=memory_format)
+        except RuntimeError:  # a network mid-training may hold non-leaf tensors (e.g. deep-supervision heads)
+            memory_format = None
 
     flips = _flip_sets(len(patch)) if mirror else [()]
     for first in range(0, len(windows), sw_batch_size):

@@ -254,3 +254,66 @@ class VolumeSampler:
             targets.append(case.target)
             ages.append(case.age if case.age is not None else np.nan)
         return np.stack(images), np.asarray(targets, dtype=np.int64)[:, None], (np.asarray(ages, dtype=np.float32) if self.ages else None)
+
+
+class PrefetchSampler:
+    """Draw the batches of ``sampler`` in a background thread, up to ``depth`` ahead of the training step.
+
+    Patch cropping and augmentation run in numpy/scipy/torch code that releases the GIL, so one loader
+    thread overlaps them with the network's forward and backward pass; the step then rarely waits (the
+    trainer logs the share of time it still does). One thread draws the batches in order from the
+    sampler's single generator, so the batches, and therefore training, are exactly those of the plain
+    sampler (resume and DDP stay bit-exact). Exactly ``n_batches`` are drawn.
+
+    An error in the loader thread is raised by the next :meth:`sample`. Call :meth:`close` when done.
+    """
+
+    def __init__(self, sampler, n_batches: int, depth: int = 2):
+        import queue
+        import threading
+
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be at least 1, got {depth}")
+        self._sampler, self._remaining = sampler, int(n_batches)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._load, name="medseg-loader", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        import queue
+
+        for _ in range(self._remaining):
+            try:
+                item = ("batch", self._sampler.sample())
+            except BaseException as exc:  # handed to the training thread
+                item = ("error", exc)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or item[0] == "error":
+                return
+
+    def sample(self):
+        if self._remaining <= 0:
+            raise RuntimeError("all prefetched batches were used")
+        kind, value = self._queue.get()
+        self._remaining -= 1
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop the loader thread (drop batches not taken) and wait for it."""
+        import queue
+
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=30)

@@ -69,7 +69,7 @@ from medseg.inference.predictor import class_probabilities, grid_labels, grid_pr
 from medseg.io import atomic_path
 from medseg.training import ddp
 from medseg.training.network import build_network
-from medseg.training.sampler import PatchSampler, PreprocessedCase, VolumeCase, VolumeSampler, fit_volume
+from medseg.training.sampler import PatchSampler, PrefetchSampler, PreprocessedCase, VolumeCase, VolumeSampler, fit_volume
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class TrainConfig:
     network_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"deep_supervision": true}
     augmentation: bool = False  # nnU-Net's default augmentation pipeline; False: random mirroring only
     foreground_share: float = 1 / 3
+    loader_prefetch: int = 2  # batches drawn ahead by a loader thread (0: draw in the training thread)
     batch_size: int = 0  # per process; 0: the plan's
     configuration: str = "3d_fullres"
     fold: int = 0
@@ -889,6 +890,8 @@ def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[
         sampler: Any = _make_volume_sampler(shard, task, batch_size, cfg, seed)
     else:
         sampler = _make_sampler(shard, config.patch_size, batch_size, cfg, seed)
+    if cfg.loader_prefetch > 0:  # batches prepared by a loader thread while the network trains
+        sampler = PrefetchSampler(sampler, cfg.iterations_per_epoch, cfg.loader_prefetch)
     engine.train_model.train()
     # summed on the device (no synchronisation per step); non-finite losses are counted apart: with fp16 the
     # scaler skips those steps, in fp32/bf16 they would poison the weights
