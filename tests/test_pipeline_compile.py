@@ -197,7 +197,13 @@ def test_parallel_for_fan_out_runs_under_kfp_local(tmp_path):
              pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"), raise_on_error=True)
-    fan_out(n_workers=3, n_trials=7, optuna_storage=sqlite_url(tmp_path / "optuna.db"))
+    import builtins
+
+    original_print = builtins.print  # kfp.local's per-task print swaps interleave across loop threads
+    try:
+        fan_out(n_workers=3, n_trials=7, optuna_storage=sqlite_url(tmp_path / "optuna.db"))
+    finally:
+        builtins.print = original_print
     run_dir = next((tmp_path / "root").glob("tune-fan-out-*"))
     from medseg.pipeline.runner import task_outputs
 

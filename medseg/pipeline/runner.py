@@ -6,6 +6,8 @@ come from ``params.yaml``.
 
 from __future__ import annotations
 
+import builtins
+
 import json
 import os
 import re
@@ -111,10 +113,15 @@ def run_local(arguments: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
     before = set(pipeline_root.glob(f"{name}-*"))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     t0 = time.perf_counter()
+    # kfp.local indents task logs by swapping builtins.print per task; with ParallelFor tasks on threads the
+    # swaps interleave and an indenting print can outlive the run, so the caller's print is put back
+    original_print = builtins.print
     try:
         pipeline(**arguments)
     except RuntimeError as exc:
         raise MedsegError(f"pipeline run failed: {exc}") from None
+    finally:
+        builtins.print = original_print
     seconds = time.perf_counter() - t0
     new_runs = sorted(set(pipeline_root.glob(f"{name}-*")) - before, key=lambda p: p.stat().st_mtime)
     if not new_runs:

@@ -133,16 +133,17 @@ class PatchSampler:
             # each patch is centred on foreground with probability foreground_share (nnU-Net: 1/3)
             force_fg = self.rng.random() < self.foreground_share
             start = self._start(case, force_fg)
+            previous = getattr(case, "prev", None)  # cascade: the previous stage's map (CascadeCase only)
             if self.augmentation is not None:  # the larger crop around the same centre; the pipeline mirrors
                 start = start - (np.array(self.crop_size) - np.array(self.patch_size)) // 2
                 images.append(_padded_crop(_images_of(case), start, self.crop_size, 0.0))
                 labels.append(_padded_crop(case.seg, start, self.crop_size, 0))
-                if case.prev is not None:
-                    prevs.append(_padded_crop(case.prev, start, self.crop_size, 0))
+                if previous is not None:
+                    prevs.append(_padded_crop(previous, start, self.crop_size, 0))
                 continue
             img = _padded_crop(_images_of(case), start, self.patch_size, 0.0)
             seg = _padded_crop(case.seg, start, self.patch_size, 0)
-            prev = _padded_crop(case.prev, start, self.patch_size, 0) if case.prev is not None else None
+            prev = _padded_crop(previous, start, self.patch_size, 0) if previous is not None else None
             if self.mirror:
                 for axis in range(3):
                     if self.rng.random() < 0.5:
