@@ -155,8 +155,11 @@ def predict_logits(
             batch = batch.contiguous(memory_format=memory_format)
         out: torch.Tensor | None = None
         for axes in flips:
+            window_batch = torch.flip(batch, axes) if axes else batch
+            if axes and memory_format is not None:  # a flipped view is no longer channels-last: slow convolutions
+                window_batch = window_batch.contiguous(memory_format=memory_format)
             with autocast(device):
-                pred = _first_output(network(torch.flip(batch, axes) if axes else batch), batch.ndim).float()
+                pred = _first_output(network(window_batch), batch.ndim).float()
             pred = torch.flip(pred, axes) if axes else pred
             out = pred if out is None else out.add_(pred)
         assert out is not None
