@@ -287,6 +287,7 @@ COMMANDS: dict[str, tuple[str, object]] = {
     "predict": ("predict a folder of cases with a model here, or send one case to a model server (--url)", (_add_predict, _run_predict)),
     "pipeline": ("run the Kubeflow pipeline locally (kfp.local) or compile it", (_add_pipeline, _run_pipeline)),
     "deploy": ("deploy a registered version: a KServe InferenceService (server-side apply, optional canary) or the model server on 127.0.0.1", "medseg.deploy"),
+    "viewer": ("a small web viewer on 127.0.0.1: upload the four modalities, see the overlay slice by slice, download the segmentation", "medseg.viewer.cli"),
     "data": ("data versioning with DVC on S3: remote, push, pull, version", (_add_data, _run_data)),
     "demo": ("synthetic data → pipeline → registry → served prediction, end to end", (_add_demo, _run_demo)),
 }
