@@ -82,8 +82,9 @@ def render_page(model_url: str, model_name: str, channels: list[str], result: Pa
     <div class="files">
 {files}
     </div>
-    <p class="hint">Or choose all {len(channels)} files at once: <input type="file" id="pick-all" multiple accept=".nii,.gz,application/gzip">
-    (each is matched by the channel name in its file name, e.g. <code>…-t1c.nii.gz</code>). NIfTI <code>.nii</code> or <code>.nii.gz</code>, one 3D volume per file, all on the same grid.{_e(limit)}</p>
+    <p class="pick-all"><label>Or choose all {len(channels)} files at once <input type="file" id="pick-all" multiple accept=".nii,.gz,application/gzip"></label>
+    <span class="hint">each goes to the channel named in its file name, e.g. <code>…-t1c.nii.gz</code></span></p>
+    <p class="hint">NIfTI <code>.nii</code> or <code>.nii.gz</code>, one 3D volume per file, all on the same grid.{_e(limit)}</p>
     <div class="actions"><button type="submit" id="submit">Segment</button><span id="progress" role="status"></span></div>
   </form>
   {error_html}
@@ -162,6 +163,8 @@ h2 { margin: 0 0 10px; font-size: 17px; } h3 { margin: 16px 0 6px; font-size: 14
 .file { display: flex; flex-direction: column; gap: 2px; border: 1px dashed #b9c3cd; border-radius: 6px; padding: 8px 10px; background: #fafbfc; }
 .file .ch { font-weight: 600; } .file .desc { color: var(--muted); font-size: 13px; }
 .hint { color: var(--muted); font-size: 13px; margin: 8px 0; }
+.pick-all { display: flex; flex-wrap: wrap; align-items: center; gap: 4px 14px; margin: 12px 0 0; font-size: 14px; }
+.pick-all .hint { margin: 0; }
 .actions { display: flex; align-items: center; gap: 12px; }
 button, .button { display: inline-block; background: var(--accent); color: #fff; border: 0; border-radius: 6px; padding: 8px 16px;
   font: inherit; font-weight: 600; cursor: pointer; text-decoration: none; }
