@@ -25,7 +25,7 @@ postprocess = encoding) and KServe's ``request_predict_seconds``, and
   ``--profile`` (default) the benchmark times one prediction of the same case in its own process and splits it
   into the sliding-window network forward and the rest; this share = 1 − Σ predict × forward fraction / Σ latency.
 
-Targets (``targets`` in the JSON): outside-predictor share ≤ 0.15 at 1 client, p99/p50 ≤ 1.5 at 4 clients,
+Targets (``targets`` in the JSON): outside-forward share ≤ 0.15 at 1 client (outside-predictor with ``--no-profile``), p99/p50 ≤ 1.5 at 4 clients,
 zero errors, RSS growth < 5 % over the soak. The JSON is printed on stdout (last line) and with ``--out``
 written to a file. Only 127.0.0.1 is contacted; every loop is bounded in time and count.
 """
@@ -81,16 +81,19 @@ def write_case(folder: Path, shape: tuple[int, int, int] = (128, 128, 128), spac
     return paths
 
 
-def build_package(out: Path, case_shape: tuple[int, int, int] = (128, 128, 128), case_spacing: float = 1.0, tiny: bool = False) -> Path:
-    """An untrained model package for the case at 2 mm: the network the planner picks on CPU (``tiny``: a 16³ patch one)."""
+def build_package(out: Path, case_shape: tuple[int, int, int] = (128, 128, 128), case_spacing: float = 1.0, tiny: bool = False,
+                  plan_spacing: float | None = None) -> Path:
+    """An untrained model package: the network the planner picks on CPU for the case planned at ``plan_spacing`` mm
+    (default: the case's own spacing, as nnU-Net's 3d_fullres keeps BraTS at its 1 mm; ``tiny``: a 16³ patch one)."""
     import torch
 
     from medseg.preprocessing.planner import plan_patch
     from medseg.training.network import build_network
     from medseg.training.trainer import save_model_package
 
-    spacing = [2.0, 2.0, 2.0]
-    median = [16, 16, 16] if tiny else [max(int(round(n * case_spacing / 2.0)), 16) for n in case_shape]
+    target = float(plan_spacing or case_spacing)
+    spacing = [target] * 3
+    median = [16, 16, 16] if tiny else [max(int(round(n * case_spacing / target)), 16) for n in case_shape]
     work = out.parent / f".{out.name}-pre"
     work.mkdir(parents=True, exist_ok=True)
     dataset = schemas.DatasetJson(name="Dataset900_Bench", channel_names={str(i): c for i, c in enumerate(schemas.BRATS_CHANNELS)},
@@ -316,7 +319,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if args.model:
             package, package_kind = args.model, "given"
         else:
-            package, package_kind = build_package(tmp / "model", shape, tiny=args.tiny), ("untrained-tiny" if args.tiny else "untrained-planned")  # type: ignore[arg-type]
+            package, package_kind = build_package(tmp / "model", shape, tiny=args.tiny, plan_spacing=args.plan_spacing), ("untrained-tiny" if args.tiny else "untrained-planned")  # type: ignore[arg-type]
         body = request_body(paths)
         profile = None
         if args.profile and not str(package).startswith("models:/"):
@@ -347,7 +350,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 soak_result = soak(url, args.name, body, proc.pid, args.soak_clients, args.soak, timeout_s=args.request_timeout)
             result = {
                 "benchmark": "serve_load",
-                "model": {"package": str(package) if package_kind == "given" else package_kind, "name": args.name},
+                "model": {"package": str(package) if package_kind == "given" else package_kind, "name": args.name,
+                          "plan_spacing_mm": None if package_kind == "given" else (args.plan_spacing or 1.0)},
                 "case": {"shape": list(shape), "spacing_mm": 1.0, "channels": len(paths), "request_mib": round(len(body) / 2**20, 2),
                          "files_mib": round(sum(p.stat().st_size for p in paths) / 2**20, 2)},
                 "server": {"max_concurrent": args.max_concurrent, "max_queue": args.max_queue, "rss_mib_loaded": round(rss_loaded, 1),
@@ -370,11 +374,14 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     one, four = by_clients.get(1), by_clients.get(4)
     soak_result = result.get("soak")
     errors = sum(p["errors"] for p in result.get("phases", [])) + (soak_result["errors"] if soak_result else 0)
-    overhead = one["outside_predictor_share"] if one else None
+    # the brief's overhead is the share outside the network forward; without --profile only the share outside the predictor is known
+    forward_share = one.get("outside_forward_share_est") if one else None
+    overhead = forward_share if forward_share is not None else (one["outside_predictor_share"] if one else None)
     ratio = four["p99_over_p50"] if four else None
     growth = soak_result["rss_growth_pct"] if soak_result else None
     return {
-        "outside_predictor_share_1_client_le_0.15": (overhead <= 0.15) if overhead is not None else None,
+        ("outside_forward_share_1_client_le_0.15" if forward_share is not None else "outside_predictor_share_1_client_le_0.15"):
+            (overhead <= 0.15) if overhead is not None else None,
         "p99_over_p50_4_clients_le_1.5": (ratio <= 1.5) if ratio is not None else None,
         "zero_errors": errors == 0,
         "soak_rss_growth_lt_5pct": (growth < 5.0) if growth is not None else None,
@@ -393,6 +400,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soak", type=float, default=0.0, help="then a soak of this many seconds, sampling the server's RSS (default: none)")
     p.add_argument("--soak-clients", type=int, default=2, help="clients during the soak (default: 2)")
     p.add_argument("--case-shape", type=int, nargs=3, default=[128, 128, 128], help="voxels of the case at 1 mm (default: 128 128 128)")
+    p.add_argument("--plan-spacing", type=float, default=None,
+                   help="without --model: plan the untrained network at this spacing in mm (default: the case's 1 mm; 2 = a low-resolution CPU plan where resampling the case dominates)")
     p.add_argument("--max-concurrent", type=int, default=1, help="server --max-concurrent (default: 1)")
     p.add_argument("--max-queue", type=int, default=4, help="server --max-queue (default: 4; clients beyond concurrent+queue get 503)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request, client and server (default: 300)")

@@ -41,8 +41,10 @@ def test_benchmark_end_to_end_json(bench, capsys):
     assert soak["errors"] == 0 and soak["requests"] >= 1 and soak["rss_mib_first"] > 50 and soak["rss_growth_pct"] is not None
     assert out["targets"]["zero_errors"] is True
     assert out["targets"]["p99_over_p50_4_clients_le_1.5"] is None  # no 4-client phase in this run
-    assert set(out["targets"]) == {"outside_predictor_share_1_client_le_0.15", "p99_over_p50_4_clients_le_1.5", "zero_errors",
+    # with the profile (default) the overhead target is judged on the share outside the network forward
+    assert set(out["targets"]) == {"outside_forward_share_1_client_le_0.15", "p99_over_p50_4_clients_le_1.5", "zero_errors",
                                    "soak_rss_growth_lt_5pct"}
+    assert out["targets"]["outside_forward_share_1_client_le_0.15"] == (out["phases"][0]["outside_forward_share_est"] <= 0.15)
 
 
 def test_histogram_deltas_and_summary(bench):
@@ -64,5 +66,8 @@ def test_histogram_deltas_and_summary(bench):
     assert phase["outside_forward_share_est"] == pytest.approx(0.6)
     assert phase["throughput_rps"] == 0.4 and phase["kserve_request_predict_mean_s"] == 2.2
     targets = bench.targets({"phases": [phase], "soak": None})
-    assert targets == {"outside_predictor_share_1_client_le_0.15": False, "p99_over_p50_4_clients_le_1.5": None,
+    assert targets == {"outside_forward_share_1_client_le_0.15": False, "p99_over_p50_4_clients_le_1.5": None,
                        "zero_errors": True, "soak_rss_growth_lt_5pct": None}
+    # without the in-process profile the overhead is judged on the share outside the predictor
+    unprofiled = bench.summarize_phase(1, run, deltas, 100.0, 101.0, forward_fraction=None)
+    assert bench.targets({"phases": [unprofiled], "soak": None})["outside_predictor_share_1_client_le_0.15"] is False
