@@ -278,8 +278,9 @@ def profile_predictor(package: Path, paths: list[Path], repeats: int = 1) -> dic
 
 
 def soak(url: str, name: str, body: bytes, pid: int, clients: int, seconds: float, sample_every_s: float = 5.0,
-         timeout_s: float = 300.0) -> dict[str, Any]:
-    """Keep ``clients`` busy for ``seconds`` while sampling the server's RSS; growth from the first to the last sample."""
+         timeout_s: float = 300.0, settle_s: float = 3.0) -> dict[str, Any]:
+    """Keep ``clients`` busy for ``seconds`` while sampling the server's RSS; growth from the first sample (before the
+    clients start) to the last (after they have finished), both with no request in the server."""
     samples: list[tuple[float, float]] = []
     stop = threading.Event()
     start = time.monotonic()
@@ -294,6 +295,7 @@ def soak(url: str, name: str, body: bytes, pid: int, clients: int, seconds: floa
     run = run_clients(url, name, body, clients, seconds, timeout_s=timeout_s)
     stop.set()
     thread.join(timeout=10)
+    time.sleep(settle_s)  # the server gives freed heap back after a request has left (medseg.serving.memory), not at once
     samples.append((round(time.monotonic() - start, 1), round(server_rss_mib(pid), 1)))
     first, last = samples[0][1], samples[-1][1]
     t = np.asarray([s[0] for s in samples])
@@ -304,6 +306,9 @@ def soak(url: str, name: str, body: bytes, pid: int, clients: int, seconds: floa
         "latency_s": latency_stats(run["latencies"]),
         "rss_mib_first": first, "rss_mib_last": last, "rss_mib_max": float(r.max()),
         "rss_growth_pct": round(100.0 * (last - first) / first, 2) if first else None,
+        # under load RSS swings with the requests in flight; the means of the first and last quarter of the samples show the trend
+        "rss_mib_mean_first_quarter": round(float(r[: max(len(r) // 4, 1)].mean()), 1),
+        "rss_mib_mean_last_quarter": round(float(r[-max(len(r) // 4, 1):].mean()), 1),
         "rss_slope_mib_per_min": round(slope, 2) if slope is not None else None,
         "rss_samples": samples if len(samples) <= 80 else samples[:: max(len(samples) // 80, 1)],
     }

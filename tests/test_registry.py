@@ -430,3 +430,15 @@ def test_input_example_is_stored_with_the_logged_model(store, tmp_path):
         local = Path(mlflow.artifacts.download_artifacts(result["model_uri"], dst_path=str(tmp_path / "dl")))
     assert (local / "input_example.json").is_file() and "case1" in (local / "input_example.json").read_text()
     assert input_example_from_dataset(tmp_path / "nothing-here", store["package"]) is None
+
+
+def test_cli_gate_settings_follow_params(tmp_path):
+    """`medseg registry promote` gates as the pipeline does: params.yaml's registry section, options over it."""
+    params = tmp_path / "params.yaml"
+    params.write_text("registry:\n  promotion_margin: 0.02\n  primary_region: TC\n")
+    assert reg.gate_settings(params) == (0.02, "TC")
+    assert reg.gate_settings(params, margin=0.05, primary_region="ET") == (0.05, "ET")
+    assert reg.gate_settings(tmp_path / "absent.yaml") == (0.0, "WT")
+    (tmp_path / "bad.yaml").write_text("registry: [unclosed\n")
+    with pytest.raises(MedsegError, match="bad.yaml"):
+        reg.gate_settings(tmp_path / "bad.yaml")

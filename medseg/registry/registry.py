@@ -574,9 +574,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("promote", parents=[common], help="gate a version to champion against the current champion")
     p.add_argument("name")
     p.add_argument("version")
-    p.add_argument("--margin", type=float, default=0.0,
-                   help="non-inferiority margin: every region's CI lower bound of the Dice difference must be above -margin (default 0)")
-    p.add_argument("--primary-region", default="WT", help="region on which the challenger must be strictly better (mean Dice over the common cases; default WT)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"),
+                   help="parameter file whose registry section gives the gate's margin and primary region, as the pipeline uses them (default: params.yaml, if present)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="non-inferiority margin: every region's CI lower bound of the Dice difference must be above -margin (default: registry.promotion_margin of --params, else 0)")
+    p.add_argument("--primary-region", default=None,
+                   help="region on which the challenger must be strictly better (mean Dice over the common cases; default: registry.primary_region of --params, else WT)")
     p.add_argument("--metrics", type=Path, default=None, metavar="FILE",
                    help="metrics.json whose per_case to use for the version (default: the one stored with its run)")
     p.add_argument("--alpha", type=float, default=0.05, help="the gate uses the lower bound of the (1-alpha) bootstrap CI (default 0.05)")
@@ -584,6 +587,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed: same inputs and seed, same decision (default 0)")
     p = sub.add_parser("rollback", parents=[common], help="swap champion and previous-champion")
     p.add_argument("name")
+
+
+def gate_settings(params_path: Path | None, margin: float | None = None, primary_region: str | None = None) -> tuple[float, str]:
+    """The gate's margin and primary region for ``medseg registry promote``: the options when given, else the
+    ``registry`` section of the parameter file (what the pipeline's promote step uses), else 0 and WT."""
+    registry_params: dict[str, Any] = {}
+    if params_path is not None and Path(params_path).is_file():
+        from medseg.pipeline.runner import load_params
+
+        registry_params = load_params(params_path).get("registry") or {}
+    if margin is None:
+        margin = float(registry_params.get("promotion_margin", 0.0))
+    if primary_region is None:
+        primary_region = str(registry_params.get("primary_region", "WT"))
+    return float(margin), primary_region
 
 
 def run(args: argparse.Namespace) -> int:
@@ -598,7 +616,8 @@ def run(args: argparse.Namespace) -> int:
         result = show_model(args.name, uri)
     elif cmd == "promote":
         per_case = schemas.Metrics.load(args.metrics).per_case if args.metrics else None
-        result = promote(args.name, args.version, uri, per_case, margin=args.margin, primary_region=args.primary_region,
+        margin, primary_region = gate_settings(args.params, args.margin, args.primary_region)
+        result = promote(args.name, args.version, uri, per_case, margin=margin, primary_region=primary_region,
                          alpha=args.alpha, n_bootstrap=args.n_bootstrap, seed=args.seed)
     elif cmd == "rollback":
         result = rollback(args.name, uri)

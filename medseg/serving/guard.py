@@ -37,6 +37,7 @@ import numpy as np
 from medseg.errors import MedsegError
 from medseg.serving.decode import printable
 from medseg.serving.limits import CURRENT_TICKET, Gate, ServeLimits, Ticket
+from medseg.serving.memory import HeapTrimmer
 from medseg.serving.metrics import ADMITTED, REJECTED, REQUESTS
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class ServingGuard:
         self.app = app
         self.limits = limits
         self.known_models = known_models
-        self.gate = Gate(limits.capacity, on_change=ADMITTED.set)
+        self.heap_trimmer = HeapTrimmer()
+        self.gate = Gate(limits.capacity, on_change=ADMITTED.set, on_release=self.heap_trimmer.request)
         self._handlers_installed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

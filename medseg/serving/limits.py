@@ -156,12 +156,15 @@ class Ticket:
 class Gate:
     """Admission control: at most ``capacity`` tickets out at once."""
 
-    def __init__(self, capacity: int, on_change: Callable[[int], None] | None = None):
+    def __init__(self, capacity: int, on_change: Callable[[int], None] | None = None, on_release: Callable[[], None] | None = None):
+        """``on_change(admitted)`` after every admission and release; ``on_release()`` after a release (a request,
+        its threads included, has left the server: the guard gives freed heap memory back then)."""
         self.capacity = capacity
         self._admitted = 0
         self._lock = threading.Lock()
         self._mean_seconds: float | None = None  # moving average of how long an admitted request holds its slot
         self._on_change = on_change
+        self._on_release = on_release
 
     @property
     def admitted(self) -> int:
@@ -185,6 +188,8 @@ class Gate:
             self._mean_seconds = seconds if self._mean_seconds is None else 0.8 * self._mean_seconds + 0.2 * seconds
         if self._on_change:
             self._on_change(count)
+        if self._on_release:
+            self._on_release()
 
     def retry_after_s(self) -> int:
         """Seconds a refused client should wait: about one request's time in the server (5 s before any was measured)."""

@@ -79,7 +79,10 @@ def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAU
     from medseg.serving.limits import ServeLimits
     from medseg.serving.model import SegmentationModel
 
+    from medseg.serving.memory import configure_allocator
+
     limits = limits or ServeLimits.resolve()
+    configure_allocator()  # before the model's arrays are allocated: large arrays go back to the OS when freed
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("model server listening on %s: reachable from other machines (no authentication)", host)
     server = make_model_server(host, port, limits)  # configures KServe logging first, so load() logs show
