@@ -13,7 +13,12 @@ round to round; with a fixed 4 MiB mmap threshold 0.66–0.68 GiB / 0.57 GiB, le
 level, but ~15 % slower from page faults). The trim itself takes 14–25 ms. The server under a 150 s soak
 (``benchmarks/serve_load.py --plan-spacing 2 --soak 150``, 2 clients, idle RSS before → after): neither
 +16 %; trim only +6.5 % (p50 3.64 s); trim and the 4 MiB threshold +2.2 % (p50 3.85 s; 16 MiB: +2.3 %,
-3.86 s), the mean RSS under load level from the first quarter of the soak to the last.
+3.86 s), the mean RSS under load level from the first quarter of the soak to the last. The price: mapping
+fresh pages for large arrays (activations included) costs time; one client, 2 mm plan, server predict stage
+1.65–1.68 s with glibc's threshold against 1.85 s with 4 MiB (+11 %); on the 1 mm plan, where the network
+forward dominates, in-process runs did not separate it from run-to-run noise (6.3–8.0 s against 7.0–8.6 s).
+Bounded memory is the default for a pod with a memory limit; ``MEDSEG_SERVE_MMAP_THRESHOLD_MB=0`` trades it
+back for throughput (the trim still runs).
 
 So :func:`configure_allocator` (at server start) fixes the mmap threshold, which also stops glibc's
 dynamic raising of it: arrays of 4 MiB and more are mapped and unmapped on their own and go back to the OS
