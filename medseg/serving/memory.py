@@ -39,20 +39,22 @@ import time
 log = logging.getLogger(__name__)
 
 
-def _load_malloc_trim():
+def _load_glibc_functions():
+    """glibc's ``malloc_trim`` and ``mallopt`` (None, None with another C library)."""
     name = ctypes.util.find_library("c")
     if not name:
-        return None
+        return None, None
     try:
         libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim  # glibc only
+        trim, mallopt = libc.malloc_trim, libc.mallopt  # glibc only
     except (OSError, AttributeError):
-        return None
+        return None, None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return trim, mallopt
 
 
-_MALLOC_TRIM = _load_malloc_trim()
+_MALLOC_TRIM, _MALLOPT = _load_glibc_functions()
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number, glibc's malloc.h
 DEFAULT_MMAP_THRESHOLD_MIB = 4.0
 
@@ -63,14 +65,9 @@ def configure_allocator(mmap_threshold_mib: float | None = None) -> bool:
     True if the threshold was set."""
     if mmap_threshold_mib is None:
         mmap_threshold_mib = float(os.environ.get("MEDSEG_SERVE_MMAP_THRESHOLD_MB", DEFAULT_MMAP_THRESHOLD_MIB))
-    if _MALLOC_TRIM is None or mmap_threshold_mib <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if _MALLOPT is None or mmap_threshold_mib <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold_mib * 1024 * 1024)) == 1
+    ok = _MALLOPT(_M_MMAP_THRESHOLD, int(mmap_threshold_mib * 1024 * 1024)) == 1
     if ok:
         log.info("heap: arrays of %.3g MiB and more are mapped on their own (mmap threshold fixed)", mmap_threshold_mib)
     return ok
