@@ -77,9 +77,8 @@ def make_model_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, limits
 def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto", limits: Any = None) -> None:
     """Load the model (package folder or ``models:/NAME@ALIAS``) and serve it until SIGTERM/SIGINT."""
     from medseg.serving.limits import ServeLimits
-    from medseg.serving.model import SegmentationModel
-
     from medseg.serving.memory import configure_allocator
+    from medseg.serving.model import SegmentationModel
 
     limits = limits or ServeLimits.resolve()
     configure_allocator()  # before the model's arrays are allocated: large arrays go back to the OS when freed
