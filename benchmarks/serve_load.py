@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from medseg.task import BRATS2023
 from medseg import schemas  # noqa: E402
 from medseg.io import save_nifti  # noqa: E402
 from medseg.serving import client, server  # noqa: E402
@@ -71,7 +72,7 @@ def write_case(folder: Path, shape: tuple[int, int, int] = (128, 128, 128), spac
     affine[:3, 3] = [-(n - 1) * spacing / 2 for n in shape]
     contrast = {"t1n": (400, -80, -120, 0), "t1c": (420, -60, -150, 500), "t2w": (300, 250, 350, 200), "t2f": (350, 300, 100, 150)}
     paths = []
-    for channel in schemas.BRATS_CHANNELS:
+    for channel in BRATS2023.channels:
         base, oed, cor, enh = contrast[channel]
         image = brain * (base + 30 * np.sin(6 * x) * np.cos(5 * y)) + oedema * oed + core * cor + enhancing * enh
         image = (image + rng.normal(0, 12, shape) * brain).clip(0, 32000).astype(np.int16)
@@ -88,7 +89,7 @@ def build_package(out: Path, case_shape: tuple[int, int, int] = (128, 128, 128),
     import torch
 
     from medseg.preprocessing.planner import plan_patch
-    from medseg.training.network import build_network
+    from medseg.networks.unet import build_network
     from medseg.training.trainer import save_model_package
 
     target = float(plan_spacing or case_spacing)
@@ -96,13 +97,13 @@ def build_package(out: Path, case_shape: tuple[int, int, int] = (128, 128, 128),
     median = [16, 16, 16] if tiny else [max(int(round(n * case_spacing / target)), 16) for n in case_shape]
     work = out.parent / f".{out.name}-pre"
     work.mkdir(parents=True, exist_ok=True)
-    dataset = schemas.DatasetJson(name="Dataset900_Bench", channel_names={str(i): c for i, c in enumerate(schemas.BRATS_CHANNELS)},
-                                  labels=dict(schemas.BRATS_LABELS), numTraining=1, regions=dict(schemas.BRATS_REGIONS))
-    config = plan_patch(median, spacing, len(schemas.BRATS_CHANNELS), len(schemas.BRATS_LABELS), "cpu")
-    plans = schemas.Plans(dataset_name=dataset.name, device_budget="cpu", channel_names=list(schemas.BRATS_CHANNELS),
-                          labels=dict(schemas.BRATS_LABELS), regions=dict(schemas.BRATS_REGIONS),
+    dataset = schemas.DatasetJson(name="Dataset900_Bench", channel_names={str(i): c for i, c in enumerate(BRATS2023.channels)},
+                                  labels=dict(BRATS2023.labels_dict()), numTraining=1, regions=dict(BRATS2023.regions_dict()))
+    config = plan_patch(median, spacing, len(BRATS2023.channels), len(BRATS2023.labels_dict()), "cpu")
+    plans = schemas.Plans(dataset_name=dataset.name, device_budget="cpu", channel_names=list(BRATS2023.channels),
+                          labels=dict(BRATS2023.labels_dict()), regions=dict(BRATS2023.regions_dict()),
                           normalization=[{"channel": c, "scheme": "zscore_nonzero", "mean": 0, "std": 1, "lower": 0, "upper": 1}
-                                         for c in schemas.BRATS_CHANNELS],
+                                         for c in BRATS2023.channels],
                           configurations={"3d_fullres": config})
     dataset.save(work)
     plans.save(work)
@@ -113,7 +114,7 @@ def build_package(out: Path, case_shape: tuple[int, int, int] = (128, 128, 128),
 
 def request_body(paths: list[Path]) -> bytes:
     """The V2 JSON body (one BYTES input per channel), built once and sent by every request."""
-    return json.dumps(client.build_request(paths, list(schemas.BRATS_CHANNELS), request_id="bench")).encode()
+    return json.dumps(client.build_request(paths, list(BRATS2023.channels), request_id="bench")).encode()
 
 
 # --------------------------------------------------------------------------- measuring

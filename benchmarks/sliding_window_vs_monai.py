@@ -51,7 +51,9 @@ def time_evaluate(n_cases: int, shape: tuple[int, int, int]) -> dict:
     """Seconds per case of ``medseg evaluate`` (metrics only: predictions and labels already on disk)."""
     from medseg.evaluation.report import evaluate_folder
     from medseg.io import save_nifti
-    from medseg.schemas import BRATS_CHANNELS, BRATS_LABELS, BRATS_REGIONS, DatasetJson
+    from medseg.schemas import DatasetJson
+    from medseg.task import BRATS2023
+    BRATS_CHANNELS, BRATS_LABELS, BRATS_REGIONS = BRATS2023.channels, BRATS2023.labels_dict(), BRATS2023.regions_dict()
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +91,7 @@ def main() -> None:
 
     from medseg.inference.sliding_window import predict_probabilities
     from medseg.preprocessing.planner import plan_patch
-    from medseg.training.network import build_network
+    from medseg.networks.unet import build_network
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     config = plan_patch([int(s * 0.6) for s in args.shape], [1.0, 1.0, 1.0], 4, 4, args.budget)

@@ -19,7 +19,7 @@ import torch
 
 from medseg.preprocessing.planner import plan_patch
 from medseg.training.losses import build_loss
-from medseg.training.network import build_network
+from medseg.networks.unet import build_network
 
 
 def measure(budget: str, steps: int, median_shape: list[int], spacing: list[float]) -> dict:

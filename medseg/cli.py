@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from medseg.task import BRATS2023
 from medseg.errors import MedsegError
 
 
@@ -211,7 +212,7 @@ def _run_predict(a: argparse.Namespace) -> int:
         from medseg import schemas
         from medseg.serving import client
 
-        a.channels = a.channels or list(schemas.BRATS_CHANNELS)
+        a.channels = a.channels or list(BRATS2023.channels)
         return client.run(a)
     if a.input is None:
         raise MedsegError("give --url (ask a model server) or --input DIR (predict a folder here)")

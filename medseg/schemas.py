@@ -6,7 +6,7 @@ here with ``to_dict`` / ``from_dict`` and a ``load`` / ``save`` pair; ``save`` w
 
 Files and their producers::
 
-    dataset.json      ingest      nnU-Net v2 raw dataset description + BraTS regions
+    dataset.json      ingest      nnU-Net v2 raw dataset description + the task (regions, classes, slices, covariates)
     manifest.json     ingest      per file: sha256, shape, spacing, affine; patient ids; quarantine
     splits.json       ingest      patient-level k folds + a held-out test set
     fingerprint.json  preprocess  per-case geometry and per-channel foreground intensity statistics
@@ -43,12 +43,21 @@ MODEL_PACKAGE_JSON = "model_package.json"
 WEIGHTS_FILE = "weights.pt"
 METRICS_JSON = "metrics.json"
 PER_CASE_CSV = "per_case.csv"
+PER_CASE_JSON = "per_case.json"  # the per-case metrics as logged with a registered version
+CASES_CSV = "cases.csv"  # metrics in long form: case, region, metric, value
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+DICE_BOXPLOT_PNG = "dice_boxplot.png"
+EXAMPLE_OVERLAY_PNG = "example_overlay.png"
+CONFUSION_CSV = "confusion_matrix.csv"
+PREDICTIONS_DIR = "predictions"
+DRIFT_REFERENCE_JSON = "drift_reference.json"
+CHECKPOINT_FILE = "checkpoint_latest.pt"
+MODEL_DIR = "model"  # the model package inside a training folder
+SMOKE_JSON = "smoke.json"
+DECISION_JSON = "decision.json"
+CASE_PROPERTIES_SUFFIX = ".json"  # <configuration>/<CASE>.json beside <CASE>.npy
 IMAGES_TR, LABELS_TR, IMAGES_TS, LABELS_TS = "imagesTr", "labelsTr", "imagesTs", "labelsTs"
-
-# BraTS 2023 (GLI/MET/MEN/PED) label values and evaluation regions.
-BRATS_CHANNELS = ("t1n", "t1c", "t2w", "t2f")
-BRATS_LABELS = {"background": 0, "NETC": 1, "SNFH": 2, "ET": 3}
-BRATS_REGIONS = {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
 
 T = TypeVar("T", bound="Artifact")
 
@@ -100,11 +109,17 @@ class Artifact:
 # --------------------------------------------------------------------------- ingest
 @dataclass
 class DatasetJson(Artifact):
-    """nnU-Net v2 ``dataset.json`` plus our fields (``regions``, ``task``, ``source_format``).
+    """nnU-Net v2 ``dataset.json`` plus the task fields ingest writes (:class:`medseg.task.Task` reads them).
 
     ``channel_names`` maps channel index (as a string, nnU-Net style) to its name; image file
-    ``imagesTr/CASE_0000.nii.gz`` holds channel "0". ``labels`` maps name → integer value.
-    ``regions`` maps an evaluation region (WT, TC, ET) to the label values it unites.
+    ``imagesTr/CASE_0000.nii.gz`` holds channel "0". ``labels`` maps name → integer value (for a
+    classification dataset: class name → index 0..K-1). ``regions`` maps an evaluation region to the label
+    values it unites (overlapping regions are trained region-based). ``slice_axis``: the dataset is a stack of
+    2D slices annotated slice by slice along that voxel axis (trained and served in 2D). ``covariates``: per-case
+    values a classifier may take besides the image (``age``). ``primary_metric``: the per-case metric the task
+    is judged by (default Dice, or log-loss for classification). ``lesionwise``: the official BraTS
+    lesion-wise setting to score with (empty: chosen from the labels; ``none``: off). A ``dataset.json``
+    without ``name`` (nnU-Net does not require one) takes its folder's name.
     """
 
     FILENAME: ClassVar[str] = DATASET_JSON
@@ -117,6 +132,30 @@ class DatasetJson(Artifact):
     task: str = "segmentation"
     source_format: str = ""
     description: str = ""
+    slice_axis: int | None = None
+    covariates: list[str] = field(default_factory=list)
+    primary_metric: str = ""
+    lesionwise: str = ""
+
+    @classmethod
+    def load(cls, folder_or_file: str | Path) -> DatasetJson:
+        path = Path(folder_or_file)
+        if path.suffix != ".json":
+            path = path / cls.FILENAME
+        try:
+            data = read_json(path)
+        except MedsegError as exc:
+            if exc.path:
+                raise
+            raise MedsegError(str(exc), path) from None
+        if isinstance(data, dict) and not data.get("name"):
+            data = {**data, "name": path.parent.name}
+        try:
+            return cls.from_dict(data)
+        except MedsegError as exc:
+            raise MedsegError(str(exc), path) from None
+        except TypeError as exc:
+            raise MedsegError(f"malformed {cls.__name__}: {exc}", path) from None
 
     @property
     def channels(self) -> list[str]:
@@ -154,6 +193,9 @@ class CaseRecord:
     has_label: bool = True
     class_label: str | None = None  # classification datasets: the case's class name
     covariates: dict[str, Any] = field(default_factory=dict)  # classification: age, sex, ...
+    # the case's identity by content: sha256 over its files' roles, channels and sha256 (and its class and covariates);
+    # the same data ingested again gets the same key whatever its (pseudonymous) case id (medseg.ingest.ingest.case_key)
+    case_key: str = ""
 
 
 @dataclass
@@ -236,6 +278,9 @@ class Configuration:
     estimated_memory_gib: float = 0.0
     seg_resampling: str = "linear"  # "linear": argmax of the linearly resampled one-hot maps (nnU-Net); "nearest"
     slice_axis: int | None = None  # 2d only: slices are taken along this axis, whose spacing is left as it is
+    # network name → the patch it trains on where it differs from patch_size (networks with size constraints of
+    # their own: unetr, swinunetr; medseg.networks.registry.accepted_patch)
+    network_patch_sizes: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -263,12 +308,6 @@ class Plans(Artifact):
 
     def content_hash(self) -> str:
         return sha256_json(self.to_dict())
-
-    @property
-    def reported_groups(self) -> dict[str, list[int]]:
-        """What volumes and validation Dice are reported for: the regions (WT, TC, ET), or, for a dataset
-        without regions, each foreground label on its own."""
-        return {k: list(v) for k, v in self.regions.items()} if self.regions else {k: [v] for k, v in self.labels.items() if v != 0}
 
 
 @dataclass

@@ -8,6 +8,10 @@
 with the BraTS 2023 labels 0 background, 1 NETC (necrotic / non-enhancing core), 2 SNFH (surrounding
 FLAIR hyperintensity, i.e. edema), 3 ET (enhancing tumour).
 
+``--layout`` (default ``brats2023``, this module's output) selects another source layout that ingest
+reads: ``brats2024``, ``mets``, ``lgg``, ``classification``, ``dicom``, ``msd``; those writers live in
+:mod:`medseg.synth_layouts`, imported only when used.
+
 Anatomy (``anatomy=``):
 
 * ``"mni"``: the MNI ICBM152 2009a symmetric template (1 mm, 197×233×189, skull-stripped) that the
@@ -53,7 +57,9 @@ from scipy import ndimage as ndi
 
 from medseg.errors import MedsegError
 from medseg.io import atomic_dir, make_nifti, write_bytes
-from medseg.schemas import BRATS_CHANNELS, BRATS_LABELS
+from medseg.task import BRATS2023
+
+BRATS_CHANNELS, BRATS_LABELS = BRATS2023.channels, BRATS2023.labels
 
 Anatomy = Literal["auto", "mni", "procedural"]
 ANATOMIES: tuple[str, ...] = ("auto", "mni", "procedural")
@@ -589,17 +595,42 @@ def generate_dataset(
 
 
 # --------------------------------------------------------------------------- CLI hooks
+# Layouts of ``--layout`` (writers in :mod:`medseg.synth_layouts`, imported only when one is used).
+LAYOUT_CHOICES: tuple[str, ...] = ("brats2023", "brats2024", "mets", "lgg", "classification", "dicom", "msd")
+
+
+class _DefaultShape(list):
+    """The ``--shape`` default, [96, 96, 96]: its own type so ``run`` can tell "not given" (other layouts
+    then use their own default size) from an explicit ``--shape 96 96 96``."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``medseg synth``."""
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the BraTS-style cases into")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the cases into (the layout's folders are made inside it)")
     parser.add_argument("--cases", type=int, default=20, help="number of cases (default 20)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"), help="grid size in voxels (default 96 96 96); the FOV stays 197×233×189 mm")
+    parser.add_argument(
+        "--shape", type=int, nargs=3, default=_DefaultShape([96, 96, 96]), metavar=("A", "B", "C"),
+        help="size in voxels; what it means depends on --layout: brats2023, brats2024, mets: X Y Z over the "
+             "197×233×189 mm FOV (default 96 96 96); lgg: ROWS COLS SLICES of the TIFF stack (default 64 64 16); "
+             "classification: X Y Z of the T1 volume over 176×208×176 mm (default 64 64 64); dicom: ROWS COLS "
+             "SLICES of each series (default 64 64 24); msd: X Y Z of the 1 mm hippocampus crop (default 32 48 32)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files (default 0)")
-    parser.add_argument("--anatomy", choices=ANATOMIES, default="auto", help="mni: the MNI152 template shipped with nilearn; procedural: a synthetic ellipsoid brain; auto (default): mni when available")
+    parser.add_argument("--anatomy", choices=ANATOMIES, default="auto", help="brats2023, brats2024, mets: mni: the MNI152 template shipped with nilearn; procedural: a synthetic ellipsoid brain; auto (default): mni when available")
+    parser.add_argument(
+        "--layout", choices=LAYOUT_CHOICES, default="brats2023",
+        help="on-disk layout, one per ingest source format: brats2023 (default: BraTS 2023 glioma, as always), "
+             "brats2024 (post-treatment glioma with resection cavity), mets (BraTS 2023 metastases), lgg "
+             "(Kaggle LGG TIFF slices), classification (CN/MCI/AD + labels.csv), dicom (DICOM series + seg.nii.gz), "
+             "msd (Decathlon Task04_Hippocampus)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``medseg synth`` from parsed arguments; prints a one-line summary and returns 0."""
+    layout = getattr(args, "layout", "brats2023")
+    if layout != "brats2023":
+        return _run_layout(args, layout)
     shape = _check_shape(args.shape)
     kind = resolve_anatomy(getattr(args, "anatomy", "auto"))
     start = time.perf_counter()
@@ -608,6 +639,23 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"synth: wrote {len(ids)} cases ({'×'.join(map(str, shape))} voxels, "
         f"{'×'.join(f'{s:.2f}' for s in spacing)} mm, {kind} anatomy, seed {args.seed}) "
+        f"to {args.out} in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+def _run_layout(args: argparse.Namespace, layout: str) -> int:
+    """``medseg synth --layout L`` for the layouts other than brats2023 (see :mod:`medseg.synth_layouts`)."""
+    from medseg import synth_layouts
+
+    given = getattr(args, "shape", None)
+    shape = None if given is None or isinstance(given, _DefaultShape) else tuple(int(s) for s in given)
+    options = {"anatomy": resolve_anatomy(getattr(args, "anatomy", "auto"))} if layout in ("brats2024", "mets") else {}
+    start = time.perf_counter()
+    ids = synth_layouts.generate_layout(layout, args.out, args.cases, args.seed, shape=shape, progress=getattr(args, "progress", True), **options)
+    dims = shape or synth_layouts.default_shape(layout)
+    print(
+        f"synth: wrote {len(ids)} {layout} cases ({synth_layouts.SHAPE_MEANING[layout]} {' '.join(map(str, dims))}, seed {args.seed}) "
         f"to {args.out} in {time.perf_counter() - start:.1f} s"
     )
     return 0

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from medseg import schemas
+from medseg.task import BRATS2023
 from medseg.io import save_nifti
 from medseg.preprocessing.planner import plan_patch
-from medseg.training.network import build_network
+from medseg.networks.unet import build_network
 from medseg.training.trainer import save_model_package
 
 
@@ -28,7 +29,7 @@ def write_case(folder: Path, shape=(24, 24, 24), seed: int = 0) -> tuple[list[Pa
     seg[np.sqrt(((grid - 0.25) ** 2).sum(0)) < 0.08] = 1
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     paths = []
-    for i, name in enumerate(schemas.BRATS_CHANNELS):
+    for i, name in enumerate(BRATS2023.channels):
         img = (brain * (100 + 10 * i) + tumour * 50 + rng.normal(0, 5, shape) * brain).astype(np.float32)
         p = folder / f"case-{name}.nii.gz"
         save_nifti(p, img, affine)
@@ -42,12 +43,12 @@ def make_model_package(out: Path, patch=(16, 16, 16)) -> Path:
     """An untrained (random-weight) but complete model package for BraTS-like inputs at 2 mm."""
     work = out.parent / f".{out.name}-pre"
     work.mkdir(parents=True, exist_ok=True)
-    dataset = schemas.DatasetJson(name="Dataset001_Tiny", channel_names={str(i): c for i, c in enumerate(schemas.BRATS_CHANNELS)},
-                                  labels=dict(schemas.BRATS_LABELS), numTraining=1, regions=dict(schemas.BRATS_REGIONS))
+    dataset = schemas.DatasetJson(name="Dataset001_Tiny", channel_names={str(i): c for i, c in enumerate(BRATS2023.channels)},
+                                  labels=dict(BRATS2023.labels_dict()), numTraining=1, regions=dict(BRATS2023.regions_dict()))
     config = plan_patch(list(patch), [2.0, 2.0, 2.0], 4, 4, "cpu")
-    plans = schemas.Plans(dataset_name=dataset.name, device_budget="cpu", channel_names=list(schemas.BRATS_CHANNELS),
-                          labels=dict(schemas.BRATS_LABELS), regions=dict(schemas.BRATS_REGIONS),
-                          normalization=[{"channel": c, "scheme": "zscore_nonzero", "mean": 0, "std": 1, "lower": 0, "upper": 1} for c in schemas.BRATS_CHANNELS],
+    plans = schemas.Plans(dataset_name=dataset.name, device_budget="cpu", channel_names=list(BRATS2023.channels),
+                          labels=dict(BRATS2023.labels_dict()), regions=dict(BRATS2023.regions_dict()),
+                          normalization=[{"channel": c, "scheme": "zscore_nonzero", "mean": 0, "std": 1, "lower": 0, "upper": 1} for c in BRATS2023.channels],
                           configurations={"3d_fullres": config})
     dataset.save(work)
     plans.save(work)

@@ -11,7 +11,9 @@ import pytest
 from medseg.errors import ValidationError
 from medseg.ingest import ADAPTERS, detect_format, ingest
 from medseg.ingest.adapters.brats import brats2023_patient_id
-from medseg.schemas import BRATS_CHANNELS, BRATS_LABELS, BRATS_REGIONS, DatasetJson, Manifest
+from medseg.schemas import DatasetJson, Manifest
+from medseg.task import BRATS2023
+BRATS_CHANNELS, BRATS_LABELS, BRATS_REGIONS = BRATS2023.channels, BRATS2023.labels_dict(), BRATS2023.regions_dict()
 
 SHAPE = (16, 16, 16)
 AFFINE = np.diag([1.0, 1.0, 1.5, 1.0])  # RAS+ already: voxel comparisons survive a reorientation at write time

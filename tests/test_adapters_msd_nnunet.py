@@ -12,7 +12,9 @@ import pytest
 from medseg.errors import MedsegError, ValidationError
 from medseg.ingest import ADAPTERS, detect_format, ingest
 from medseg.io import load_nifti_4d
-from medseg.schemas import BRATS_LABELS, BRATS_REGIONS, DatasetJson
+from medseg.schemas import DatasetJson
+from medseg.task import BRATS2023
+BRATS_LABELS, BRATS_REGIONS = BRATS2023.labels_dict(), BRATS2023.regions_dict()
 
 SHAPE = (16, 16, 16)
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])  # RAS+ already: voxel comparisons survive a reorientation at write time

@@ -37,7 +37,7 @@ from medseg.training.stage import run_train_folds
 from medseg.training.trainer import TrainConfig
 from tests.test_preprocessing import build_tiny_dataset
 
-TINY = dict(epochs=1, iterations_per_epoch=2, max_val_cases=1, device="cpu", seed=0, num_threads=1)
+TINY = dict(epochs=1, iterations_per_epoch=2, max_val_cases=1, device="cpu", seed=0, num_threads=1, loss="dice_ce")  # label outputs: the test predicts them by hand
 FULL, LOW = "3d_fullres", "3d_lowres"
 
 
@@ -68,7 +68,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     run_preprocessing(tiny["dataset"], pre, configurations=(FULL, LOW), workers=1, progress=False, plans=edited)
     low = run_train_folds(pre, root / "low", TrainConfig(**TINY, configuration=LOW), [0, 1], progress=False)
     assert low.model_dir is not None
-    (root / "params.yaml").write_text("train:\n  iterations_per_epoch: 2\n  max_val_cases: 1\n  device: cpu\n  num_threads: 1\n")
+    (root / "params.yaml").write_text("train:\n  iterations_per_epoch: 2\n  max_val_cases: 1\n  device: cpu\n  num_threads: 1\n  loss: dice_ce\n")
     from medseg.cli import main
 
     code = main(["train", "--preprocessed", str(pre), "--config", FULL, "--cascade-from", str(root / "low"), "--fold", "0", "--epochs", "1",

@@ -19,7 +19,8 @@ import torch
 
 from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.training.sampler import VolumeCase, VolumeSampler, fit_volume
+from medseg.preprocessing.classifier_input import fit_volume
+from medseg.training.sampler import VolumeCase, VolumeSampler
 from medseg.training.trainer import CHECKPOINT, TrainConfig, train
 
 SHAPE = (16, 16, 16)

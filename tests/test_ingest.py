@@ -14,7 +14,9 @@ import pytest
 from medseg.errors import MedsegError, ValidationError
 from medseg.ingest import ADAPTERS, add_arguments, detect_format, ingest, make_splits, run
 from medseg.io import sha256_file
-from medseg.schemas import BRATS_LABELS, BRATS_REGIONS, DatasetJson, Manifest, Splits
+from medseg.schemas import DatasetJson, Manifest, Splits
+from medseg.task import BRATS2023
+BRATS_LABELS, BRATS_REGIONS = BRATS2023.labels_dict(), BRATS2023.regions_dict()
 
 CHANNELS = ("t1n", "t1c", "t2w", "t2f")
 SHAPE = (12, 12, 12)

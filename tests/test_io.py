@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from medseg import schemas
+from medseg.task import BRATS2023
 from medseg.errors import MedsegError
 from medseg.io import (
     atomic_dir,
@@ -247,15 +248,15 @@ def test_write_json_handles_numpy_and_paths(tmp_path: Path) -> None:
 
 def test_dataset_json_round_trip(tmp_path: Path) -> None:
     ds = schemas.DatasetJson(
-        name="Dataset001_BraTS", channel_names={str(i): c for i, c in enumerate(schemas.BRATS_CHANNELS)},
-        labels=dict(schemas.BRATS_LABELS), numTraining=7, regions={k: list(v) for k, v in schemas.BRATS_REGIONS.items()},
+        name="Dataset001_BraTS", channel_names={str(i): c for i, c in enumerate(BRATS2023.channels)},
+        labels=dict(BRATS2023.labels_dict()), numTraining=7, regions={k: list(v) for k, v in BRATS2023.regions_dict().items()},
         source_format="brats2023",
     )
     path = ds.save(tmp_path)
     assert path == tmp_path / schemas.DATASET_JSON
     loaded = schemas.DatasetJson.load(tmp_path)
     assert loaded == ds
-    assert loaded.channels == list(schemas.BRATS_CHANNELS)
+    assert loaded.channels == list(BRATS2023.channels)
     assert loaded.label_values == [0, 1, 2, 3] and loaded.n_classes == 4
     # nnU-Net's fields are spelled as nnU-Net spells them
     raw = json.loads(path.read_text())

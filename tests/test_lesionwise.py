@@ -25,7 +25,9 @@ from medseg.evaluation.lesionwise import (
 )
 from medseg.evaluation.metrics import aggregate, evaluate_case
 from medseg.evaluation.report import CASES_CSV, cases_long_csv, evaluate_arrays
-from medseg.schemas import BRATS_LABELS, BRATS_REGIONS, PER_CASE_CSV, DatasetJson, Metrics
+from medseg.schemas import PER_CASE_CSV, DatasetJson, Metrics
+from medseg.task import BRATS2023
+BRATS_LABELS, BRATS_REGIONS = BRATS2023.labels_dict(), BRATS2023.regions_dict()
 
 GLI = dict(dilation_iterations=3, volume_threshold=50, hd95_penalty=374.0)
 METS = dict(dilation_iterations=1, volume_threshold=2, hd95_penalty=374.0)
@@ -385,25 +387,30 @@ def test_2024_predicted_fragments_merge_like_reference_lesions():
 
 
 def test_stage_chooses_the_setting_from_the_dataset():
-    from medseg.evaluation.stage import BRATS2024_REGIONS, lesionwise_setting
+    from medseg.evaluation.stage import lesionwise_setting
+    from medseg.task import BRATS2024
 
     post = DatasetJson(name="p", channel_names={"0": "t1c"}, labels=LABELS_2024, numTraining=1,
-                       regions=BRATS2024_REGIONS, source_format="brats2024")
+                       regions=BRATS2024.regions_dict(), source_format="brats2024")
     assert lesionwise_setting(post) == "brats2024"
     pre = DatasetJson(name="g", channel_names={"0": "t1c"}, labels=BRATS_LABELS, numTraining=1,
                       regions=BRATS_REGIONS, source_format="brats2023")
     assert lesionwise_setting(pre) == "brats2023"
+    assert lesionwise_setting(dataclasses.replace(pre, lesionwise="brats2023_mets")) == "brats2023_mets"  # metastases: ingest says so
+    assert lesionwise_setting(dataclasses.replace(pre, lesionwise="none")) is None
     assert lesionwise_setting(dataclasses.replace(pre, regions={"WT": [1, 2, 3]})) is None
-    with pytest.raises(MedsegError, match="brats2024"):  # 2024 format without the RC label
-        lesionwise_setting(dataclasses.replace(post, labels=BRATS_LABELS, regions=REGIONS_2024))
+    # the labels and regions decide, not the source format's name: 2023 labels under a 2024 name are scored as 2023
+    assert lesionwise_setting(dataclasses.replace(post, labels=BRATS_LABELS, regions=REGIONS_2024)) == "brats2023"
+    with pytest.raises(MedsegError, match="lesionwise"):
+        lesionwise_setting(dataclasses.replace(pre, lesionwise="brats2099"))
 
 
 def test_evaluate_arrays_writes_the_2024_names(tmp_path):
-    from medseg.evaluation.stage import BRATS2024_REGIONS
+    from medseg.task import BRATS2024
 
     pred, ref = _random_case(10)
     ds = DatasetJson(name="p", channel_names={"0": "t1c"}, labels=LABELS_2024, numTraining=1,
-                     regions=BRATS2024_REGIONS, source_format="brats2024")
+                     regions=BRATS2024.regions_dict(), source_format="brats2024")
     evaluate_arrays([("c0", pred, ref, (1.0, 1.0, 1.0))], ds, tmp_path, lesionwise="brats2024")
     rows = list(csv.reader(_stdio.StringIO((tmp_path / CASES_CSV).read_text())))
     names = {(r[1], r[2]) for r in rows[1:]}

@@ -25,7 +25,8 @@ from medseg.evaluation.metrics import (
     volume_ml,
 )
 from medseg.evaluation.panoptic import PANOPTIC_NAMES
-from medseg.schemas import BRATS_LABELS, BRATS_REGIONS
+from medseg.task import BRATS2023
+BRATS_LABELS, BRATS_REGIONS = BRATS2023.labels_dict(), BRATS2023.regions_dict()
 
 
 def _blobs(shape, seed, threshold=1.0, sigma=2.0):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from medseg.preprocessing.planner import topology_for_patch
-from medseg.training.network import build_network as legacy_build_network
-from medseg.training.network import build_unet, count_parameters
-from medseg.training.networks import (
+from medseg.networks.unet import build_network as legacy_build_network
+from medseg.networks.unet import build_unet, count_parameters
+from medseg.networks.registry import (
     NETWORKS,
     Classifier3D,
     SliceWise2D,

@@ -24,7 +24,8 @@ from medseg.evaluation.panoptic import (
     panoptic_scores,
     pooled_hd95,
 )
-from medseg.schemas import BRATS_LABELS, BRATS_REGIONS
+from medseg.task import BRATS2023
+BRATS_LABELS, BRATS_REGIONS = BRATS2023.labels_dict(), BRATS2023.regions_dict()
 
 DATA = Path(__file__).parent / "data"
 _spec = importlib.util.spec_from_file_location("panoptic_cases", DATA / "panoptic_cases.py")

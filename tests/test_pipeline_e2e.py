@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from medseg import schemas
+from medseg.task import BRATS2023
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +102,7 @@ def test_champion_served_over_http(demo_run):
     proc = start_server_process(f"models:/{name}@champion", name, port, env=env, log_file=root / "server.log")
     try:
         wait_until_ready(f"http://127.0.0.1:{port}", name, 120)
-        answer = infer(f"http://127.0.0.1:{port}", name, images, list(schemas.BRATS_CHANNELS))
+        answer = infer(f"http://127.0.0.1:{port}", name, images, list(BRATS2023.channels))
     finally:
         stop_server(proc)
     assert answer["model_version"] == "1"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from medseg import schemas
+from medseg.task import BRATS2023
 from medseg.inference.postprocess import choose_min_volumes, remove_small_components
 
 
@@ -67,11 +68,14 @@ def test_predictor_applies_the_package_postprocessing(tmp_path):
 
 # --------------------------------------------------------------------------- BraTS ET → NETC rule
 def test_enhancing_labels_of_brats_label_sets() -> None:
-    from medseg.inference.postprocess import enhancing_labels
+    from medseg.task import Task
 
-    assert enhancing_labels({"background": 0, "NETC": 1, "SNFH": 2, "ET": 3}) == (3, 1)
-    assert enhancing_labels({"background": 0, "NCR": 1, "ED": 2, "ET": 3}) == (3, 1)
-    assert enhancing_labels({"background": 0, "tumour": 1}) is None
+    def pair(labels: dict[str, int]):
+        return Task(schemas.DatasetJson(name="d", channel_names={"0": "c"}, labels=labels, numTraining=1)).enhancing_pair
+
+    assert pair({"background": 0, "NETC": 1, "SNFH": 2, "ET": 3}) == (3, 1)
+    assert pair({"background": 0, "NCR": 1, "ED": 2, "ET": 3}) == (3, 1)
+    assert pair({"background": 0, "tumour": 1}) is None
 
 
 def test_small_enhancing_becomes_necrosis_and_large_stays() -> None:
@@ -113,17 +117,15 @@ def test_predictor_applies_the_rule_from_the_package(tmp_path) -> None:
     rng = np.random.default_rng(0)
     images = rng.normal(size=(len(predictor.channels), 20, 20, 20)).astype(np.float32)
     seg = predictor.predict(images, np.eye(4), [1.0, 1.0, 1.0]).segmentation
-    from medseg.inference.postprocess import enhancing_labels
-
-    pair = enhancing_labels(predictor.dataset.labels)
+    pair = predictor.task.enhancing_pair
     assert pair is not None and not (seg == pair[0]).any()  # every ET voxel relabelled (threshold above any volume)
 
 
 def test_enhancing_rule_threshold_is_chosen_with_the_component_sizes_on_validation() -> None:
     from medseg.training.trainer import postprocessing_from_pairs
 
-    plans = schemas.Plans(dataset_name="t", device_budget="cpu", channel_names=list(schemas.BRATS_CHANNELS),
-                          labels=dict(schemas.BRATS_LABELS), regions={k: list(v) for k, v in schemas.BRATS_REGIONS.items()},
+    plans = schemas.Plans(dataset_name="t", device_budget="cpu", channel_names=list(BRATS2023.channels),
+                          labels=dict(BRATS2023.labels_dict()), regions={k: list(v) for k, v in BRATS2023.regions_dict().items()},
                           normalization=[], configurations={})
     ref_no_et = np.zeros((16, 16, 16), np.uint8)
     ref_no_et[3:13, 3:13, 3:13] = 2

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from medseg import schemas
+from medseg.task import BRATS2023
 from medseg.errors import MedsegError
 from medseg.preprocessing.cropping import bounding_box, crop, nonzero_mask, uncrop
 from medseg.preprocessing.normalization import normalize, scheme_for_channel
 from medseg.preprocessing.planner import make_plans, parse_budget, plan_patch, target_spacing, topology_for_patch
 from medseg.preprocessing.preprocess import preprocess_case, restore_labels_to_original, restore_to_original, run_preprocessing
 from medseg.preprocessing.resampling import anisotropic_axis, needs_resampling, resample, resample_segmentation, shape_for_spacing
-from medseg.training.network import count_activations, count_parameters, estimate_training_memory_gib
+from medseg.networks.unet import count_activations, count_parameters, estimate_training_memory_gib
 
 # --------------------------------------------------------------------------- the tiny real dataset
 TINY_CASES, TINY_SHAPE = 6, (32, 32, 32)
@@ -58,8 +59,8 @@ def _dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
 def _plans(spacing: list[float], channels=("t1n", "t2f"), scheme: str = "zscore_nonzero") -> schemas.Plans:
     config = plan_patch([32, 32, 32], spacing, len(channels), 4, "cpu")
     return schemas.Plans(
-        dataset_name="t", device_budget="cpu", channel_names=list(channels), labels=dict(schemas.BRATS_LABELS),
-        regions=dict(schemas.BRATS_REGIONS),
+        dataset_name="t", device_budget="cpu", channel_names=list(channels), labels=dict(BRATS2023.labels_dict()),
+        regions=dict(BRATS2023.regions_dict()),
         normalization=[{"channel": c, "scheme": scheme, "mean": 0.0, "std": 1.0, "lower": 0.0, "upper": 1.0} for c in channels],
         configurations={"3d_fullres": config},
     )
@@ -256,7 +257,7 @@ TOPOLOGIES = {
 
 @pytest.mark.parametrize("name", list(TOPOLOGIES))
 def test_count_parameters_matches_dynunet(name: str) -> None:
-    from medseg.training.network import build_network
+    from medseg.networks.unet import build_network
 
     topo = TOPOLOGIES[name]
     network = build_network(topo)
@@ -267,7 +268,7 @@ def _hooked_activation_elements(topo: dict, patch: list[int]) -> tuple[int, int,
     """(outputs of every leaf module, outputs of torch.cat, network output) for one forward pass."""
     import torch
 
-    from medseg.training.network import build_network
+    from medseg.networks.unet import build_network
 
     network = build_network(topo).train()
     leaf, cat = [0], [0]
@@ -390,7 +391,7 @@ def test_run_preprocessing_writes_plans_and_fold_cases_only(tiny: dict[str, Path
     fingerprint = schemas.Fingerprint.load(pre)
     assert sorted(fingerprint.case_ids) == sorted(fold_cases)
     config = plans.configuration()
-    assert plans.channel_names == list(schemas.BRATS_CHANNELS) and plans.labels == schemas.BRATS_LABELS
+    assert plans.channel_names == list(BRATS2023.channels) and plans.labels == BRATS2023.labels_dict()
     assert math.prod(config.patch_size) <= 64**3
     for case_id in fold_cases:
         data = np.load(folder / f"{case_id}.npy", mmap_mode="r")

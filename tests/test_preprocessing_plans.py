@@ -29,7 +29,7 @@ from medseg.preprocessing.parallel import run_cases
 from medseg.preprocessing.planner import CPU_MAX_PATCH_VOXELS, make_plans, plan_patch, target_spacing
 from medseg.preprocessing.preprocess import preprocess_case, run_preprocessing
 from medseg.preprocessing.resampling import _zoom_exact, cubic_spline_resize, resample, resample_segmentation, separate_z_axis
-from medseg.training.network import count_activations, estimate_training_memory_gib
+from medseg.networks.unet import count_activations, estimate_training_memory_gib
 
 MRI = ("t1", "flair")
 LABELS = {"background": 0, "edema": 1, "core": 2}
@@ -228,7 +228,7 @@ def test_planned_gpu_configuration_fits_real_memory() -> None:
     and under the planner's estimate (which the planner relies on being an upper bound)."""
     import torch
 
-    from medseg.training.network import build_network
+    from medseg.networks.unet import build_network
 
     config = plan_patch([160, 192, 160], [1.0, 1.0, 1.0], 4, 4, "gpu:4")
     net = build_network(config["network"]).cuda()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from medseg import schemas
+from medseg.task import BRATS2023
 from medseg.errors import MedsegError
 from medseg.training.losses import labels_to_regions, regions_to_labels
 from medseg.training.trainer import TrainConfig, train
@@ -46,7 +47,7 @@ def test_labels_regions_labels_round_trip_on_a_real_label_map(tiny: dict[str, Pa
     case = schemas.Splits.load(tiny["dataset"]).folds[0]["train"][0]
     _, seg, _, _ = load_case(tiny["dataset"], case, 4)
     assert set(np.unique(seg)) == {0, 1, 2, 3}  # every BraTS label occurs: the round trip is not trivial
-    regions = schemas.BRATS_REGIONS
+    regions = BRATS2023.regions_dict()
     targets = labels_to_regions(seg[None, None].astype(np.int64), regions)  # (1, 3, I, J, K)
     assert targets.shape == (1, 3, *seg.shape)
     np.testing.assert_array_equal(targets[0, 0], seg > 0)  # WT = {1, 2, 3}
@@ -97,13 +98,13 @@ def test_region_training_writes_a_region_package_the_predictor_reads(tiny: dict[
     package = schemas.ModelPackage.load(result.model_dir)
     assert package.network["output"] == "regions" and package.network["out_channels"] == 3
     assert list(package.network["regions"]) == ["WT", "TC", "ET"]  # the channel order
-    assert package.network["regions"] == schemas.BRATS_REGIONS
+    assert package.network["regions"] == BRATS2023.regions_dict()
     assert package.training["config"]["loss"] == "region_bce_dice"
     state = torch.load(result.model_dir / schemas.WEIGHTS_FILE, weights_only=True)
     assert [v.shape[0] for k, v in state.items() if k.startswith("output_block") and v.ndim == 5] == [3]  # 3 output channels
 
     predictor = Predictor.from_package(result.model_dir, device="cpu")
-    assert predictor.output == "regions" and predictor.regions == schemas.BRATS_REGIONS
+    assert predictor.output == "regions" and predictor.regions == BRATS2023.regions_dict()
     test_case = schemas.Splits.load(tiny["dataset"]).test[0]
     images, _, affine, spacing = load_case(tiny["dataset"], test_case, 4, with_label=False)
     prediction = predictor.predict(images, affine, spacing)
@@ -117,18 +118,19 @@ def test_region_training_writes_a_region_package_the_predictor_reads(tiny: dict[
 
 
 def test_sigmoid_loss_without_regions_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from medseg.training.trainer import _segmentation_task
+    import dataclasses
+
+    from medseg.task import Task
+    from medseg.training.setup import resolve_loss, segmentation_target
 
     plans = schemas.Plans.load(tiny["pre"])
-    plans.regions = {}
+    dataset = schemas.DatasetJson.load(tiny["pre"])
     with pytest.raises(MedsegError, match="softmax"):
-        from medseg.training.trainer import resolve_loss
-
-        cfg, _, _ = _segmentation_task(TrainConfig(**REGION), plans, plans.configuration())
+        cfg, _, _ = segmentation_target(TrainConfig(**REGION), Task(dataclasses.replace(dataset, regions={})), plans.configuration())
         resolve_loss(cfg)
-    plans.regions = {"A": [1, 2], "B": [1, 2]}  # labels 1 and 2 in the same regions: not invertible
+    not_invertible = dataclasses.replace(dataset, regions={"A": [1, 2], "B": [1, 2]})  # labels 1 and 2 in the same regions
     with pytest.raises(MedsegError, match="cannot be turned back into labels"):
-        _segmentation_task(TrainConfig(**REGION), plans, plans.configuration())
+        segmentation_target(TrainConfig(**REGION), Task(not_invertible), plans.configuration())
 
 
 def test_fold_ensemble_of_region_packages_averages_sigmoids(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -23,7 +23,9 @@ from medseg.evaluation.report import (
     markdown_table,
     run,
 )
-from medseg.schemas import BRATS_LABELS, BRATS_REGIONS, METRICS_JSON, PER_CASE_CSV, DatasetJson, Metrics
+from medseg.schemas import METRICS_JSON, PER_CASE_CSV, DatasetJson, Metrics
+from medseg.task import BRATS2023
+BRATS_LABELS, BRATS_REGIONS = BRATS2023.labels_dict(), BRATS2023.regions_dict()
 
 SPACING = (1.0, 1.0, 2.0)
 AFFINE = np.diag([*SPACING, 1.0])

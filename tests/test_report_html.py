@@ -13,7 +13,9 @@ import pytest
 
 from medseg.evaluation.report import REPORT_HTML, evaluate_arrays, write_report
 from medseg.evaluation.report_html import metric_stats, rank_cases
-from medseg.schemas import BRATS_LABELS, BRATS_REGIONS, DatasetJson, Metrics
+from medseg.schemas import DatasetJson, Metrics
+from medseg.task import BRATS2023
+BRATS_LABELS, BRATS_REGIONS = BRATS2023.labels_dict(), BRATS2023.regions_dict()
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SHAPE = (40, 44, 36)

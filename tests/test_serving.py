@@ -24,7 +24,8 @@ import pytest
 
 from medseg.errors import MedsegError
 from medseg.io import load_nifti, load_nifti_bytes, save_nifti
-from medseg.schemas import BRATS_CHANNELS
+from medseg.task import BRATS2023
+BRATS_CHANNELS = BRATS2023.channels
 from medseg.serving import client, server
 from tests.factories import make_model_package, write_case
 

@@ -28,13 +28,14 @@ import numpy as np
 import pytest
 
 from medseg import schemas
+from medseg.task import BRATS2023
 from medseg.errors import MedsegError
 from medseg.io import load_nifti, load_nifti_bytes, nifti_to_bytes
 from medseg.serving import client, server
 from tests.factories import make_model_package, write_case
 
 NAME = "brats"
-CHANNELS = list(schemas.BRATS_CHANNELS)
+CHANNELS = list(BRATS2023.channels)
 LIMIT_MB = 2
 MAX_VOXELS = 40_000
 TIMEOUT_S = 4

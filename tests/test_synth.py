@@ -11,7 +11,8 @@ import pytest
 
 from medseg import synth
 from medseg.errors import MedsegError
-from medseg.schemas import BRATS_CHANNELS, BRATS_LABELS
+from medseg.task import BRATS2023
+BRATS_CHANNELS, BRATS_LABELS = BRATS2023.channels, BRATS2023.labels_dict()
 
 SHAPE = (40, 48, 36)  # deliberately not cubic: catches axis mix-ups
 SUFFIXES = (*BRATS_CHANNELS, "seg")

@@ -176,7 +176,7 @@ def test_compile_flag_builds_the_compiled_model(mini: Path) -> None:
     from medseg.training.trainer import _build_engine
 
     plans = schemas.Plans.load(mini)
-    engine = _build_engine(TrainConfig(**MINI, compile=True), plans.configuration().network, ddp.DistContext())
+    engine = _build_engine(TrainConfig(**MINI, compile=True, loss="dice_ce"), plans.configuration().network, ddp.DistContext())
     assert engine.train_model is not engine.network and hasattr(engine.train_model, "_orig_mod")
     assert not any(k.startswith("_orig_mod") for k in engine.network.state_dict())  # checkpoints hold the plain keys
 
@@ -241,7 +241,7 @@ from pathlib import Path
 from medseg.training import trainer
 
 pre, out, cfg_json, resume, hang_marker = sys.argv[1:6]
-real, calls = trainer._make_sampler, []  # one sampler per epoch trained in this process
+real, calls = trainer.make_sampler, []  # one sampler per epoch trained in this process
 
 
 def make_sampler(*args, **kwargs):
@@ -262,7 +262,7 @@ def make_sampler(*args, **kwargs):
     return sampler
 
 
-trainer._make_sampler = make_sampler
+trainer.make_sampler = make_sampler
 result = trainer.train(Path(pre), Path(out), trainer.TrainConfig.from_dict(json.loads(cfg_json)), resume=resume == "1", progress=False)
 print(len(calls), result.weights_sha256)
 """
@@ -363,7 +363,7 @@ def test_train_all_folds_then_ensemble_averages_softmax(mini: Path, tmp_path: Pa
 def test_ensemble_package_rejects_members_that_do_not_fit(mini: Path, tmp_path: Path) -> None:
     from medseg.training import ensemble
     from medseg.training.trainer import save_model_package
-    from medseg.training.network import build_network
+    from medseg.networks.unet import build_network
 
     state = build_network(TOPOLOGY).state_dict()
     a = save_model_package(tmp_path / "a", state, mini, "3d_fullres", {"config": {"fold": 0}})

@@ -24,7 +24,8 @@ from PIL import Image
 
 from medseg.errors import MedsegError
 from medseg.io import load_nifti, load_nifti_bytes, save_nifti
-from medseg.schemas import BRATS_CHANNELS
+from medseg.task import BRATS2023
+BRATS_CHANNELS = BRATS2023.channels
 from medseg.serving import client, server
 from medseg.viewer import page, render
 from medseg.viewer.app import (ResultStore, StoredResult, ViewerConfig, case_name_from, create_app, error_from_client,

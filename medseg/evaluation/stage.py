@@ -15,15 +15,11 @@ from tqdm import tqdm
 
 from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.evaluation.metrics import _lesionwise_setting, evaluation_keys
 from medseg.evaluation.report import evaluate_arrays
 from medseg.io import load_nifti, nifti_spacing, save_nifti
 from medseg.preprocessing.fingerprint import case_files, label_file
+from medseg.task import Task
 from medseg.visualize import overlay_png
-
-#: BraTS 2024 post-treatment glioma (the ``brats2024`` ingest format): labels and evaluation regions.
-BRATS2024_LABELS = {**schemas.BRATS_LABELS, "RC": 4}
-BRATS2024_REGIONS = {"WT": [1, 2, 3], "TC": [1, 3], "NETC": [1], "SNFH": [2], "ET": [3], "RC": [4]}
 
 
 def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_dir: Path | None = None, case_ids: list[str] | None = None, overlap: float = 0.5, mirror: bool = False, progress: bool = True) -> schemas.Metrics:
@@ -35,15 +31,16 @@ def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_
     model_dir, dataset_dir, out_dir = Path(model_dir), Path(dataset_dir), Path(out_dir)
     predictor = Predictor.from_package(model_dir, overlap=overlap, mirror=mirror)
     dataset = schemas.DatasetJson.load(dataset_dir)
-    if dataset.task not in ("segmentation", "classification"):
-        raise MedsegError(f"the evaluate stage scores segmentation and classification datasets; this dataset's task is {dataset.task!r}", dataset_dir / schemas.DATASET_JSON)
-    if (dataset.task == "classification") != (predictor.output == "classes"):
+    task = Task.from_dataset(dataset)
+    if task.is_classification != (predictor.output == "classes"):
         what = "a classifier" if predictor.output == "classes" else "a segmentation model"
-        raise MedsegError(f"the model is {what}, the dataset's task is {dataset.task!r}", dataset_dir / schemas.DATASET_JSON)
+        raise MedsegError(f"the model is {what}, the dataset's task is {task.kind!r}", dataset_dir / schemas.DATASET_JSON)
+    if task.signature != predictor.task.signature:
+        raise MedsegError(f"the model was trained for another task ({predictor.task!r}) than this dataset's ({task!r})", dataset_dir / schemas.DATASET_JSON)
     case_ids = case_ids if case_ids is not None else schemas.Splits.load(dataset_dir).test
     if not case_ids:
         raise MedsegError("no test cases to evaluate (splits.json has an empty test list)", dataset_dir / schemas.SPLITS_JSON)
-    if dataset.task == "classification":
+    if task.is_classification:
         return _evaluate_classification(predictor, dataset, dataset_dir, out_dir, case_ids, progress)
     predictions_dir = Path(predictions_dir) if predictions_dir else out_dir / "predictions"
     n_channels = len(dataset.channel_names)
@@ -62,7 +59,7 @@ def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_
             yield case_id, prediction.segmentation, ref, nifti_spacing(hdr), first_channel
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    return evaluate_arrays(pairs(), dataset, out_dir, total=len(case_ids), lesionwise=lesionwise_setting(dataset))
+    return evaluate_arrays(pairs(), dataset, out_dir, total=len(case_ids), lesionwise=task.lesionwise)
 
 
 def _evaluate_classification(predictor, dataset: schemas.DatasetJson, dataset_dir: Path, out_dir: Path, case_ids: list[str], progress: bool) -> schemas.Metrics:
@@ -90,33 +87,6 @@ def _evaluate_classification(predictor, dataset: schemas.DatasetJson, dataset_di
     return evaluate_classification(cases(), dataset, out_dir)
 
 
-def _same_labels(dataset: schemas.DatasetJson, labels: dict[str, int], regions: dict[str, list[int]]) -> bool:
-    have_labels = {k: int(v) for k, v in dataset.labels.items()}
-    have_regions = {k: sorted(int(x) for x in v) for k, v in dataset.regions.items()}
-    return have_labels == labels and have_regions == {k: sorted(v) for k, v in regions.items()}
-
-
 def lesionwise_setting(dataset: schemas.DatasetJson) -> str | None:
-    """The BraTS lesion-wise setting (:mod:`medseg.evaluation.lesionwise`) matching the dataset, or None.
-
-    * ``source_format`` ``brats2024`` (post-treatment glioma: labels 1 NETC, 2 SNFH, 3 ET, 4 RC;
-      regions WT = {1, 2, 3}, TC = {1, 3}, ET, RC, NETC, SNFH) → ``"brats2024"`` (written with the
-      ``_2024`` suffix);
-    * the BraTS 2023 labels and regions (WT, TC, ET), whatever the source format → ``"brats2023"``;
-    * anything else → None.
-
-    Raises:
-        MedsegError: ``source_format`` says ``brats2024`` but the labels or regions do not fit the
-            2024 ones (the lesion-wise rules would score the wrong tissues).
-    """
-    if dataset.source_format == "brats2024":
-        try:  # every 2024 region must be a label or region here, uniting the same label values
-            _lesionwise_setting("brats2024", evaluation_keys(dataset.labels, dataset.regions))
-        except MedsegError as exc:
-            raise MedsegError(
-                f"source_format brats2024 expects labels {BRATS2024_LABELS} and regions {BRATS2024_REGIONS}: {exc}"
-            ) from None
-        return "brats2024"
-    if _same_labels(dataset, schemas.BRATS_LABELS, schemas.BRATS_REGIONS):
-        return "brats2023"
-    return None
+    """The official lesion-wise setting of the dataset's task (:attr:`medseg.task.Task.lesionwise`), or None."""
+    return Task.from_dataset(dataset).lesionwise

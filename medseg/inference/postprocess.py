@@ -65,18 +65,6 @@ ET_CANDIDATE_VOXELS = (0, 50, 100, 200, 300, 500, 750, 1000)
 """Thresholds tried for the BraTS enhancing-tumour rule (voxels on the input grid)."""
 
 
-def enhancing_labels(labels: dict[str, int]) -> tuple[int, int] | None:
-    """(enhancing, necrosis) label values of a BraTS-style label set, or None when it has no such pair.
-
-    Enhancing is ``ET``; necrosis is ``NETC`` (2023/2024 names) or ``NCR`` (2021 name).
-    """
-    upper = {name.upper(): int(value) for name, value in labels.items()}
-    necrosis = upper.get("NETC", upper.get("NCR"))
-    if "ET" not in upper or necrosis is None:
-        return None
-    return upper["ET"], necrosis
-
-
 def relabel_small_enhancing(seg: np.ndarray, min_voxels: int, enhancing: int = 3, necrosis: int = 1) -> np.ndarray:
     """When the whole predicted enhancing tumour has fewer than ``min_voxels`` voxels, call it necrosis.
 

@@ -3,12 +3,13 @@
 Used by evaluation, the MLflow pyfunc model and the KServe predictor alike, so all three run exactly the
 preprocessing the model was trained with (:func:`~medseg.preprocessing.preprocess.preprocess_case`).
 
-What the network's outputs mean comes from the package (:func:`~medseg.training.ensemble.network_output`):
+What the task is comes from the package's ``dataset.json`` (:class:`~medseg.task.Task`); what the network's
+outputs mean comes from the package (:func:`~medseg.inference.package.network_output`):
 
 - ``labels``: softmax over the label values, arg-maxed (probabilities resampled back to the input grid);
-- ``regions`` (BraTS region-based training): a sigmoid per region (WT, TC, ET), turned into a label map
-  on the preprocessed grid with :func:`~medseg.training.losses.regions_to_labels`, then put back on the
-  input grid; postprocessing and volumes as for ``labels``;
+- ``regions`` (region-based training of overlapping regions): a sigmoid per region, turned into a label map
+  on the preprocessed grid with :func:`~medseg.task.regions_to_labels`, then put back on the input grid;
+  postprocessing and volumes as for ``labels``;
 - ``classes`` (a classifier): :meth:`Predictor.predict_class` gives one probability per class for the
   whole volume (the subject's age too when the network takes it).
 
@@ -30,13 +31,13 @@ import torch
 from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.inference.cascade import previous_stage_on_grid, previous_stage_spec, with_previous_stage
-from medseg.inference.postprocess import enhancing_labels, relabel_small_enhancing, remove_small_components
+from medseg.inference.package import load_network, network_output, network_patch_size
+from medseg.inference.postprocess import relabel_small_enhancing, remove_small_components
 from medseg.inference.sliding_window import predict_logits, predict_probabilities, select_device
 from medseg.io import load_nifti, nifti_spacing, stack_channels
+from medseg.preprocessing.classifier_input import fit_volume
 from medseg.preprocessing.preprocess import preprocess_case, restore_labels_to_original, restore_to_original
-from medseg.training.ensemble import load_network, network_output
-from medseg.training.losses import regions_to_labels
-from medseg.training.sampler import fit_volume
+from medseg.task import Task, regions_to_labels
 
 
 def grid_probabilities(network: torch.nn.Module, data: np.ndarray, patch_size: list[int], output: str = "labels", overlap: float = 0.5, mirror: bool = False,
@@ -50,7 +51,7 @@ def grid_probabilities(network: torch.nn.Module, data: np.ndarray, patch_size: l
 
 def grid_labels(probs: np.ndarray, regions: dict[str, list[int]] | None = None, labels: list[int] | None = None) -> np.ndarray:
     """uint8 label map from :func:`grid_probabilities`: the arg-max over labels, or with ``regions`` (name →
-    labels, in channel order) :func:`~medseg.training.losses.regions_to_labels` (``labels``: every label value)."""
+    labels, in channel order) :func:`~medseg.task.regions_to_labels` (``labels``: every label value)."""
     if regions:
         return np.asarray(regions_to_labels(probs, regions, labels, channel_axis=0)).astype(np.uint8)
     return np.argmax(probs, axis=0).astype(np.uint8)
@@ -58,7 +59,7 @@ def grid_labels(probs: np.ndarray, regions: dict[str, list[int]] | None = None, 
 
 @torch.inference_mode()
 def class_probabilities(network: torch.nn.Module, images: np.ndarray, ages: np.ndarray | None = None, device: torch.device | None = None) -> np.ndarray:
-    """Softmax class probabilities N×K of a classifier for inputs N×C×X×Y×Z (:func:`~medseg.training.sampler.fit_volume`),
+    """Softmax class probabilities N×K of a classifier for inputs N×C×X×Y×Z (:func:`~medseg.preprocessing.classifier_input.fit_volume`),
     with the subjects' ages N (years) when the network takes them."""
     device = device or next(network.parameters()).device
     network.eval()
@@ -81,8 +82,10 @@ class Predictor:
     def __init__(self, network: torch.nn.Module, plans: schemas.Plans, dataset: schemas.DatasetJson, package: schemas.ModelPackage, device: torch.device, overlap: float = 0.5, mirror: bool = False,
                  previous: Predictor | None = None):
         self.network, self.plans, self.dataset, self.package = network, plans, dataset, package
+        self.task = Task.from_dataset(dataset)
         self.device, self.overlap, self.mirror = device, overlap, mirror
         self.config = plans.configuration(package.configuration)
+        self.patch_size = network_patch_size(package, plans)  # the network's own (transformers: not always the plan's)
         self.output = network_output(package.network)
         # a cascade's low-resolution stage (None for a single-stage model)
         self.previous_stage = previous_stage_spec(package)
@@ -118,7 +121,8 @@ class Predictor:
 
     @property
     def region_names(self) -> list[str]:
-        return list(self.plans.reported_groups)
+        """The groups volumes are reported for (the task's reported groups; none for a classifier)."""
+        return list(self.task.reported_groups)
 
     @property
     def regions(self) -> dict[str, list[int]]:
@@ -147,7 +151,7 @@ class Predictor:
     def segment_preprocessed(self, data: np.ndarray, props: schemas.CaseProperties) -> np.ndarray:
         """The network's segmentation (uint8, on the case's original grid, before postprocessing) of a case
         preprocessed for this package (``data``: the network's whole input, previous-stage channels included)."""
-        probs = grid_probabilities(self.network, data, self.config.patch_size, self.output, overlap=self.overlap, mirror=self.mirror, device=self.device)
+        probs = grid_probabilities(self.network, data, self.patch_size, self.output, overlap=self.overlap, mirror=self.mirror, device=self.device)
         if self.output == "regions":
             labels = grid_labels(probs, self.regions, self.dataset.label_values)
             return restore_labels_to_original(labels, props, method="linear")
@@ -178,7 +182,7 @@ class Predictor:
         post = self.package.postprocessing
         # threshold chosen on validation, in mm³ (voxels only in packages written by hand)
         et_threshold = int(round(float(post.get("et_to_netc_below_mm3") or 0.0) / float(np.prod(spacing)))) or int(post.get("et_to_netc_below_voxels") or 0)
-        pair = enhancing_labels(self.dataset.labels)
+        pair = self.task.enhancing_pair
         if et_threshold > 0 and pair is not None:
             seg = relabel_small_enhancing(seg, et_threshold, *pair)
         return Prediction(segmentation=seg, affine=np.asarray(affine), volumes_ml=self.volumes_ml(seg, spacing))
@@ -206,7 +210,7 @@ class Predictor:
 
     def volumes_ml(self, seg: np.ndarray, spacing: list[float]) -> dict[str, float]:
         voxel_ml = float(np.prod(spacing)) / 1000.0
-        groups = self.plans.reported_groups
+        groups = self.task.reported_groups
         return {name: float(np.isin(seg, values).sum() * voxel_ml) for name, values in groups.items()}
 
     def predict_files(self, paths: list[str | Path]) -> Prediction:

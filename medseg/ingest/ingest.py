@@ -147,6 +147,10 @@ def _ingest_folder(
             task=adapter.task,
             source_format=adapter.name,
             description=f"ingested by medseg from a {adapter.name} folder",
+            slice_axis=adapter.slice_axis,
+            covariates=list(adapter.covariates),
+            primary_metric=adapter.primary_metric,
+            **adapter.dataset_fields(cases),
         )
         manifest = Manifest(
             dataset_name=out.name,

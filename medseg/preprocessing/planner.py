@@ -19,13 +19,16 @@ biomedical image segmentation", and its v2 ``ExperimentPlanner``):
   to a cap.
 - patch size: start from a box isotropic in mm with 256³ (3D) or 2048² (2D) voxels, clipped to the
   median shape; shrink the axis largest relative to the median shape until the budget holds at batch 2.
+- network patch sizes: the transformer networks take only some sizes (UNETR multiples of 16, Swin UNETR of
+  32); each configuration records the patch each of them trains on (``network_patch_sizes``), the smallest
+  that fits at least the U-Net's patch (:func:`medseg.networks.registry.accepted_patch`).
 - batch size: as large as the budget allows (GPU) or nnU-Net's reference batch (CPU: 2 in 3D, 12 in 2D),
   capped so that one batch covers at most 5 % of the dataset's voxels, never below 2.
 - normalisation (per channel, from ``dataset.json`` channel names, see
   :mod:`~medseg.preprocessing.normalization`): z-score inside the nonzero mask when cropping to nonzero
   reduced the median image to < 75 % of its voxels (nnU-Net's ``use_mask_for_norm``), else over the image.
 
-Budgets: ``gpu:<GiB>`` estimates training memory (:func:`~medseg.training.network.estimate_training_memory_gib`,
+Budgets: ``gpu:<GiB>`` estimates training memory (:func:`~medseg.networks.unet.estimate_training_memory_gib`,
 fp16 activations) and keeps it under the budget (nnU-Net's reference: 8 GiB → ~112³ patches with
 32…320 features); ``cpu`` bounds compute instead: 16…128 features and at most 64³ voxels per 3D patch
 (128² per 2D patch), a network that trains to useful Dice in minutes on 2 cores (nnU-Net's default plan
@@ -43,7 +46,7 @@ from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.preprocessing.normalization import scheme_for_channel
 from medseg.preprocessing.resampling import ANISOTROPY_THRESHOLD, shape_for_spacing
-from medseg.training.network import count_parameters, estimate_training_memory_gib
+from medseg.networks.unet import count_parameters, estimate_training_memory_gib
 
 MIN_FEATURE_MAP = 4
 MAX_STAGES = {"3d": 6, "2d": 7}
@@ -250,6 +253,10 @@ def make_plans(fingerprint: schemas.Fingerprint, dataset: schemas.DatasetJson, b
             planned["3d_lowres"] = low
     slice_axis = flat_axes[0] if flat_axes else int(np.argmax(spacing))
     planned["2d"] = plan_patch(median_shape, spacing, n_channels, n_classes, budget, slice_axis=slice_axis, n_cases=n_cases)
+    from medseg.networks.registry import network_patch_sizes
+
+    for config in planned.values():  # the patch each network with size constraints of its own trains on
+        config["network_patch_sizes"] = network_patch_sizes(config)
     default = "3d_fullres" if "3d_fullres" in planned else "2d"
     trained = [c for c in configurations if c in planned] or [default]
     # nnU-Net masks normalisation when cropping removed a lot (the rest is background, not anatomy)

@@ -80,7 +80,9 @@ def _given(value: Any) -> bool:
 def region_names(model_dir: str | Path) -> list[str]:
     """The names volumes are reported for: the plan's regions, else its non-background labels."""
     plans = schemas.Plans.load(model_dir)
-    return list(plans.reported_groups)
+    from medseg.task import Task
+
+    return list(Task.from_folder(model_dir).reported_groups)
 
 
 def model_signature(model_dir: str | Path) -> Any:

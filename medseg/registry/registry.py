@@ -306,7 +306,7 @@ def compare_per_case(challenger: Sequence[Mapping[str, Any]], champion: Sequence
 # --------------------------------------------------------------------------- promote / rollback
 #: Regions the gate compares by default (those present in both models' per-case metrics; labels such as
 #: NETC/SNFH, also in per_case, are not gated). ``regions=None`` gates every name with a Dice in both.
-GATE_REGIONS = tuple(schemas.BRATS_REGIONS)
+GATE_REGIONS: tuple[str, ...] | None = None  # every group with the metric in both (the task decides which: see medseg.task)
 #: Registered-model tags: the audit log (one tag per decision, zero-padded sequence) and the last entry.
 LOG_TAG_PREFIX, LAST_TAG = "promotion_log/", "promotion_last"
 #: Folder of the promotion records in the version's run.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg import schemas
+from medseg.task import BRATS2023
 from medseg.errors import MedsegError
 from medseg.io import write_bytes
 
@@ -75,7 +76,7 @@ def infer(url: str, model_name: str, image_paths: list[Path], channels: list[str
     """
     import json
 
-    channels = list(channels or schemas.BRATS_CHANNELS)
+    channels = list(channels or BRATS2023.channels)
     body = build_request(list(image_paths), channels)
     headers = {"x-request-id": body["id"], "content-type": "application/json"}  # KServe's latency log line shows the id
     return _post(f"{url.rstrip('/')}/v2/models/{model_name}/infer", json.dumps(body).encode(), headers, timeout)
@@ -135,8 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True, help="model server base URL, e.g. http://127.0.0.1:8080")
     parser.add_argument("--model", required=True, help="model name on the server")
     parser.add_argument("--images", required=True, nargs="+", type=Path, help="one NIfTI file per channel, in --channels order")
-    parser.add_argument("--channels", nargs="+", default=list(schemas.BRATS_CHANNELS),
-                        help=f"channel names of --images (default: {' '.join(schemas.BRATS_CHANNELS)})")
+    parser.add_argument("--channels", nargs="+", default=list(BRATS2023.channels),
+                        help=f"channel names of --images (default: {' '.join(BRATS2023.channels)})")
     parser.add_argument("--out", required=True, type=Path, help="segmentation to write (.nii.gz, or .nii uncompressed)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the answer (default: 300)")
 

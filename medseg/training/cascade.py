@@ -127,7 +127,7 @@ def _predictors(lowres_dir: Path, package: schemas.ModelPackage, device: torch.d
     """fold → a Predictor of that member alone; None → the whole model (every member)."""
     from medseg.inference.predictor import Predictor
     from medseg.training.ensemble import is_ensemble, load_member_states, load_network
-    from medseg.training.network import build_network
+    from medseg.networks.unet import build_network
 
     plans, dataset = schemas.Plans.load(lowres_dir), schemas.DatasetJson.load(lowres_dir)
     predictors: dict[int | None, Any] = {None: Predictor(load_network(lowres_dir, package, device), plans, dataset, package, device, overlap, mirror)}
@@ -268,8 +268,9 @@ def cross_validation_postprocessing(preprocessed_dir: str | Path, members: list[
     """:func:`medseg.training.ensemble.cross_validation_postprocessing` for cascade members: their validation
     cases get the previous-stage channels from the maps in the preprocessed folder."""
     from medseg.evaluation.metrics import dice
-    from medseg.training.ensemble import load_network, network_output
-    from medseg.training.trainer import postprocessing_from_pairs, validation_pairs
+    from medseg.inference.package import load_network, network_output, network_patch_size
+    from medseg.task import Task
+    from medseg.training.validation import postprocessing_from_pairs, validation_pairs
 
     preprocessed_dir, device = Path(preprocessed_dir), torch.device(device)
     plans, splits = schemas.Plans.load(preprocessed_dir), schemas.Splits.load(preprocessed_dir)
@@ -287,12 +288,13 @@ def cross_validation_postprocessing(preprocessed_dir: str | Path, members: list[
         stage = PreviousStage(maps, Path(spec.get("source", "")), [int(v) for v in spec["labels"]], manifest)
         cases = cascade_cases(preprocessed_dir, package.configuration, splits.folds[fold]["val"][:max_val_cases], stage)
         regions = package.network.get("regions") if network_output(package.network) == "regions" else None
-        pairs += validation_pairs(load_network(folder, package, device), cases, plans.configuration(package.configuration).patch_size, overlap, device, regions,
+        pairs += validation_pairs(load_network(folder, package, device), cases, network_patch_size(package, plans), overlap, device, regions,
                                   sorted(int(v) for v in plans.labels.values()))
     if not pairs or configuration is None:
         return {}, {}
-    cv_dice = {name: float(np.mean([dice(np.isin(p, v), np.isin(r, v)) for p, r in pairs])) for name, v in plans.reported_groups.items()}
-    post = postprocessing_from_pairs(pairs, plans, list(plans.configuration(configuration).spacing))
+    task = Task.from_folder(preprocessed_dir)
+    cv_dice = {name: float(np.mean([dice(np.isin(p, v), np.isin(r, v)) for p, r in pairs])) for name, v in task.reported_groups.items()}
+    post = postprocessing_from_pairs(pairs, plans, list(plans.configuration(configuration).spacing), task)
     if post:
         post["chosen_on"] = "out-of-fold predictions of the cross-validation"
     return post, cv_dice

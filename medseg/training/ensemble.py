@@ -27,124 +27,19 @@ validation case predicted by the fold that did not train on it (:func:`cross_val
 
 from __future__ import annotations
 
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 import medseg
 from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.training.network import build_network
+from medseg.inference.package import network_patch_size
+from medseg.inference.package import COMBINE, OUTPUTS, EnsembleNetwork, combine_rule, is_ensemble, load_member_states, load_network, member_weights, network_output
 
-COMBINE = "mean_softmax"
-OUTPUTS = ("labels", "regions", "classes")
-
-
-def network_output(network: dict[str, Any]) -> str:
-    """What a stored topology's outputs are: ``labels`` (default), ``regions`` or ``classes`` (see the module docstring)."""
-    kind = str(network.get("output") or "labels")
-    if kind not in OUTPUTS:
-        raise MedsegError(f"unknown network output {kind!r} in the model package (known: {', '.join(OUTPUTS)})")
-    if kind == "regions" and not network.get("regions"):
-        raise MedsegError("a region-output model package must list its regions (network.regions, name → labels)")
-    return kind
-
-
-def combine_rule(network: dict[str, Any]) -> str:
-    """How an ensemble of this network combines its members: ``mean_sigmoid`` for region outputs, else ``mean_softmax``."""
-    return "mean_sigmoid" if network_output(network) == "regions" else COMBINE
-
-
-def member_weights(package: schemas.ModelPackage) -> list[str]:
-    """The weights files of a package's members (one for a single model), relative to its folder."""
-    ensemble = package.training.get("ensemble") or {}
-    return list(ensemble.get("weights_files") or []) or [package.weights_file]
-
-
-def is_ensemble(package: schemas.ModelPackage) -> bool:
-    return len(member_weights(package)) > 1
-
-
-class EnsembleNetwork(nn.Module):
-    """Several networks of one topology as one.
-
-    ``activation="softmax"``: ``forward`` returns log(mean of the members' softmax); a softmax over the class
-    axis of the output gives the members' mean probabilities back (softmax(log p) = p / Σp = p).
-    ``activation="sigmoid"`` (region outputs): it returns logit(mean of the members' sigmoid), so a sigmoid
-    of each channel gives the mean probability back. Deep-supervision outputs (N×S×K×… or a list) are
-    reduced to the full resolution head first, as at inference. Extra arguments (a classifier's age) are
-    passed to every member.
-    """
-
-    def __init__(self, members: list[nn.Module], activation: str = "softmax"):
-        super().__init__()
-        if not members:
-            raise ValueError("an ensemble needs at least one member")
-        if activation not in ("softmax", "sigmoid"):
-            raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
-        self.members = nn.ModuleList(members)
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        for member in self.members:
-            out = member(x, *args)
-            if isinstance(out, (list, tuple)):
-                out = out[0]
-            elif out.ndim == x.ndim + 1:
-                out = out[:, 0]
-            probs = torch.sigmoid(out.float()) if self.activation == "sigmoid" else torch.softmax(out.float(), dim=1)
-            total = probs if total is None else total + probs
-        assert total is not None
-        mean = total / len(self.members)
-        if self.activation == "sigmoid":
-            eps = 1e-7  # sigmoid(±16.1): probabilities of exactly 0 or 1 stay finite
-            mean = mean.clamp(eps, 1 - eps)
-            return torch.log(mean) - torch.log1p(-mean)
-        return torch.log(mean.clamp_min(torch.finfo(torch.float32).tiny))
-
-
-def _load_state(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    try:
-        # weights_only: a state_dict of tensors, never arbitrary pickled code
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise MedsegError("weights file not found", path) from None
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:  # corrupt file, or not a state_dict
-        raise MedsegError(f"cannot load the weights ({str(exc).splitlines()[0][:200]})", path) from None
-
-
-def load_network(model_dir: str | Path, package: schemas.ModelPackage, device: torch.device | str = "cpu") -> nn.Module:
-    """The package's network with its weights, in eval mode on ``device``: a single network, or an
-    :class:`EnsembleNetwork` of every member.
-
-    Raises:
-        MedsegError: a weights file is missing, corrupt or belongs to another network.
-    """
-    model_dir, device = Path(model_dir), torch.device(device)
-    networks = []
-    for name in member_weights(package):
-        path = model_dir / name
-        network = build_network(package.network)
-        state = _load_state(path, device)
-        try:
-            network.load_state_dict(state)
-        except RuntimeError as exc:  # weights of another network
-            raise MedsegError(f"cannot load the weights ({str(exc).splitlines()[0][:200]})", path) from None
-        networks.append(network)
-    activation = "sigmoid" if network_output(package.network) == "regions" else "softmax"
-    network = networks[0] if len(networks) == 1 else EnsembleNetwork(networks, activation)
-    return network.to(device).eval()
-
-
-def load_member_states(model_dir: str | Path, package: schemas.ModelPackage, device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
-    """The members' state_dicts, in the package's order (one for a single model)."""
-    return [_load_state(Path(model_dir) / name, torch.device(device)) for name in member_weights(package)]
 
 
 def _fold_of(package: schemas.ModelPackage, default: int) -> int:
@@ -208,10 +103,12 @@ def cross_validation_postprocessing(preprocessed_dir: str | Path, members: list[
     """
     from medseg.evaluation.metrics import dice
     from medseg.training.sampler import PreprocessedCase
-    from medseg.training.trainer import postprocessing_from_pairs, validation_pairs
+    from medseg.task import Task
+    from medseg.training.validation import postprocessing_from_pairs, validation_pairs
 
     preprocessed_dir, device = Path(preprocessed_dir), torch.device(device)
     plans, splits = schemas.Plans.load(preprocessed_dir), schemas.Splits.load(preprocessed_dir)
+    task = Task.from_folder(preprocessed_dir)
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     configuration = None
     for i, folder in enumerate(members):
@@ -223,13 +120,13 @@ def cross_validation_postprocessing(preprocessed_dir: str | Path, members: list[
         cases = [PreprocessedCase(preprocessed_dir / package.configuration, c) for c in splits.folds[fold]["val"][:max_val_cases]]
         network = load_network(folder, package, device)
         regions = package.network.get("regions") if network_output(package.network) == "regions" else None
-        pairs += validation_pairs(network, cases, plans.configuration(package.configuration).patch_size, overlap, device, regions,
+        pairs += validation_pairs(network, cases, network_patch_size(package, plans), overlap, device, regions,
                                   sorted(int(v) for v in plans.labels.values()))
     if not pairs or configuration is None:
         return {}, {}
-    groups = plans.reported_groups
+    groups = task.reported_groups
     cv_dice = {name: float(np.mean([dice(np.isin(p, v), np.isin(r, v)) for p, r in pairs])) for name, v in groups.items()}
-    post = postprocessing_from_pairs(pairs, plans, list(plans.configuration(configuration).spacing))
+    post = postprocessing_from_pairs(pairs, plans, list(plans.configuration(configuration).spacing), task)
     if post:
         post["chosen_on"] = "out-of-fold predictions of the cross-validation"
     return post, cv_dice
@@ -239,7 +136,8 @@ def cross_validation_classification(preprocessed_dir: str | Path, members: list[
                                     dataset_dir: str | Path | None = None) -> dict[str, float]:
     """Out-of-fold accuracy, balanced accuracy and cross-entropy of classifier packages ``members`` (single
     folds): every validation case predicted by the fold that did not train on it."""
-    from medseg.training.trainer import _Task, _volume_cases, classification_scores, classification_sums, classification_targets
+    from medseg.training.setup import TrainingTarget, classification_targets, volume_cases
+    from medseg.training.validation import classification_scores, classification_sums
 
     preprocessed_dir, device = Path(preprocessed_dir), torch.device(device)
     splits = schemas.Splits.load(preprocessed_dir)
@@ -249,10 +147,10 @@ def cross_validation_classification(preprocessed_dir: str | Path, members: list[
     for i, folder in enumerate(members):
         package = schemas.ModelPackage.load(folder)
         opts = package.network.get("options") or {}
-        task = _Task("classes", classes=list(package.network.get("classes") or []), input_size=list(opts["input_size"]),
+        task = TrainingTarget("classes", classes=list(package.network.get("classes") or []), input_size=list(opts["input_size"]),
                      input_scale=float(opts.get("input_scale") or 1.0), use_age=bool(opts.get("use_age")))
         n_classes = len(task.classes)
-        cases = _volume_cases(preprocessed_dir / package.configuration, splits.folds[_fold_of(package, i)]["val"], task, targets)
+        cases = volume_cases(preprocessed_dir / package.configuration, splits.folds[_fold_of(package, i)]["val"], task, targets)
         for k, v in classification_sums(load_network(folder, package, device), cases, task, device).items():
             totals[k] = totals.get(k, 0.0) + v
         n_cases += len(cases)

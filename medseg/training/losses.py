@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medseg.task import labels_to_regions, region_signatures, regions_to_labels  # noqa: F401  (re-exported: the losses build region targets)
+
 SMOOTH = 1e-5  # added to numerator and denominator of the overlap ratios (nnU-Net and MONAI default)
 
 
@@ -302,78 +304,6 @@ def dice_ce_hausdorff_loss(hausdorff_weight: float = 0.1, alpha: float = 2.0, sp
 
 
 # --------------------------------------------------------------------------- region-based training (BraTS)
-def labels_to_regions(labels: torch.Tensor | np.ndarray, regions: Mapping[str, Sequence[int]]) -> torch.Tensor | np.ndarray:
-    """Region targets from a label map: channel r is 1 where the label is one of ``regions[r]``'s labels.
-
-    Args:
-        labels: integer label map (B, 1, *S) (a torch tensor or a numpy array).
-        regions: dataset.json ``regions``, name → labels, in output-channel order, e.g. BraTS
-            ``{"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}`` (whole tumour, tumour core, enhancing tumour).
-
-    Returns:
-        float32 (B, R, *S) of the same kind (torch or numpy) as ``labels``.
-    """
-    if not regions:
-        raise ValueError("no regions: region-based training needs dataset.json `regions` (e.g. WT, TC, ET)")
-    if labels.ndim < 3 or labels.shape[1] != 1:
-        raise ValueError(f"expected a label map (B, 1, *S), got shape {tuple(labels.shape)}")
-    if isinstance(labels, np.ndarray):
-        return np.concatenate([np.isin(labels, list(v)) for v in regions.values()], axis=1).astype(np.float32)
-    return torch.cat([torch.isin(labels, torch.as_tensor(list(v), device=labels.device)) for v in regions.values()], dim=1).float()
-
-
-def region_signatures(regions: Mapping[str, Sequence[int]], labels: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
-    """Labels (background 0 first) and their membership matrix (L, R): S[l, r] = 1 when label l ∈ region r.
-
-    Raises ``ValueError`` when two labels (or a label and the background) are in exactly the same regions:
-    region outputs cannot tell them apart.
-    """
-    values = sorted({0, *(int(v) for vs in regions.values() for v in vs), *(int(v) for v in (labels or []))})
-    sig = np.array([[v in set(map(int, members)) for members in regions.values()] for v in values], dtype=np.float32)
-    seen: dict[tuple, int] = {}
-    for v, row in zip(values, sig):
-        key = tuple(row)
-        if key in seen:
-            raise ValueError(f"labels {seen[key]} and {v} belong to the same regions {[n for n, b in zip(regions, row) if b] or '(none)'}: "
-                             f"regions {dict(regions)} cannot be turned back into labels")
-        seen[key] = v
-    return values, sig
-
-
-def regions_to_labels(probs: torch.Tensor | np.ndarray, regions: Mapping[str, Sequence[int]], labels: Sequence[int] | None = None,
-                      channel_axis: int | None = None) -> torch.Tensor | np.ndarray:
-    """A label map from region probabilities (sigmoid outputs): the inverse of :func:`labels_to_regions`.
-
-    Each voxel gets the label whose region membership is most likely under independent regions:
-    argmax_l Σ_r [S_lr log p_r + (1 − S_lr) log(1 − p_r)] (S from :func:`region_signatures`). When the
-    thresholded regions (p_r > 0.5) are consistent with some label, that label is the answer, which for
-    nested regions equals nnU-Net's rule of painting the regions from largest to smallest (BraTS: WT → 2,
-    TC → 1, ET → 3); inconsistent voxels (e.g. ET without TC) get the nearest consistent label.
-
-    Args:
-        probs: (B, R, X, Y, Z) or (R, X, Y, Z) probabilities in [0, 1] (one case from sliding-window
-            inference), torch or numpy.
-        regions: name → labels, in the channel order of ``probs``.
-        labels: every label value of the dataset (so a label outside all regions is checked, it cannot be
-            predicted; default: the labels the regions mention, and 0).
-        channel_axis: the region axis; default 1 for 5-D input, else 0 (pass 1 for batched 2D (B, R, X, Y)).
-
-    Returns:
-        Integer labels, ``probs``' shape without the region axis, int64, the same kind as ``probs``.
-    """
-    values, sig = region_signatures(regions, labels)
-    is_numpy = isinstance(probs, np.ndarray)
-    p = torch.from_numpy(np.asarray(probs, dtype=np.float32)) if is_numpy else probs.float()
-    channel = (1 if p.ndim == 5 else 0) if channel_axis is None else int(channel_axis)
-    if p.shape[channel] != len(regions):
-        raise ValueError(f"expected {len(regions)} region channels ({', '.join(regions)}), got shape {tuple(p.shape)}")
-    p = p.clamp(1e-6, 1 - 1e-6)
-    s = torch.from_numpy(sig).to(p.device)
-    loglik = torch.einsum("lr,...r->...l", s, p.movedim(channel, -1).log()) + torch.einsum("lr,...r->...l", 1 - s, (1 - p).movedim(channel, -1).log())
-    out = torch.as_tensor(values, device=p.device)[loglik.argmax(-1)]
-    return out.cpu().numpy() if is_numpy else out
-
-
 class RegionBCEDiceLoss(nn.Module):
     """Region-based loss for overlapping regions (BraTS WT ⊃ TC ⊃ ET), as nnU-Net trains BraTS
     (Isensee et al. 2021, "nnU-Net for brain tumor segmentation", BrainLes 2020): one sigmoid output per

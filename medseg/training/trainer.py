@@ -1,5 +1,10 @@
 """The training loop: patch-based, checkpointed every epoch, exactly resumable, CPU or CUDA, one process or DDP.
 
+The run is split by concern: :mod:`medseg.training.config` (the hyperparameters), :mod:`medseg.training.setup`
+(what is trained, from the dataset's task: network, loss, outputs, cases), :mod:`medseg.training.validation`
+(validation and postprocessing), :mod:`medseg.training.checkpointing` (checkpoints and the model package) and
+this module, the loop itself.
+
 - Optimisers (``TrainConfig.optimizer``): ``sgd`` (Nesterov, momentum 0.99: nnU-Net's default) or ``adamw``;
   learning-rate schedule (``lr_schedule``) per epoch: ``poly`` lr·(1 − epoch/epochs)^0.9 (nnU-Net),
   ``cosine`` or ``constant``; weight decay; gradient-norm clipping (12, as nnU-Net).
@@ -11,35 +16,18 @@
 - Seeding: python, numpy and torch are seeded from ``seed`` once; the patch sampler is rebuilt every epoch
   with a seed derived from (seed, epoch, rank) (like ``DistributedSampler.set_epoch``), so the data a
   rank sees in an epoch does not depend on what happened before.
-- Every epoch ends with validation Dice (sliding window on the fold's validation cases, on the
-  preprocessed grid, mean over regions) and an atomic checkpoint ``checkpoint_latest.pt``: model,
-  optimiser, scheduler, scaler, every rank's python/numpy/torch(/CUDA) RNG state, epoch, best metric and
-  weights, history. ``resume=True`` continues after the last complete epoch of a killed run and ends with
-  the same weights as an uninterrupted run (deterministic mode, same thread count).
+- Every epoch ends with validation (Dice per reported group, or a classifier's balanced accuracy) and an
+  atomic checkpoint; ``resume=True`` continues after the last complete epoch of a killed run and ends with the
+  same weights as an uninterrupted run (deterministic mode, same thread count).
 - Distributed (``torchrun``, see :mod:`medseg.training.ddp`): each rank samples from its shard of the
   training cases, validates its share of the validation cases; metrics are all-reduced; rank 0 alone logs,
   checkpoints and writes the model package.
-- The best epoch's weights are written as a model package (``weights.pt`` state_dict + plans +
-  dataset.json + model_package.json).
+- Loss weights that change over training (a ramped Hausdorff term) follow the epoch: the loss's ``set_epoch``
+  is called at the start of every epoch.
 - Cascade (``cascade_from``: a 3d_lowres model package): the run trains nnU-Net's 3d_cascade_fullres, the
   low-resolution stage's segmentation of each case (out-of-fold where the low-resolution folds allow) as
   extra one-hot input channels; the package carries the low-resolution package in ``previous_stage/``
   (:mod:`medseg.training.cascade`, :mod:`medseg.inference.cascade`).
-
-What is trained follows the dataset and the loss (the package's ``network.output`` records it):
-
-- ``labels`` (default): one softmax output per label value (``dice_ce`` and the other softmax losses).
-- ``regions``: BraTS region-based training as nnU-Net does it (Isensee et al. 2021, "nnU-Net for brain tumor
-  segmentation"): with a sigmoid loss (``loss: region_bce_dice``) the network has one sigmoid output per
-  region of dataset.json ``regions`` (WT, TC, ET: overlapping, nested), trained on targets from
-  :func:`~medseg.training.losses.labels_to_regions`; validation Dice per region from sigmoid > 0.5; the
-  predictor turns the region probabilities back into labels (:func:`~medseg.training.losses.regions_to_labels`).
-- ``classes``: a classification dataset (dataset.json ``task: "classification"``, e.g. CN / MCI / AD from T1
-  MRI) trains ``classifier3d`` (the default network ``unet`` and loss ``dice_ce`` become ``classifier3d`` and
-  ``ce``) on whole preprocessed volumes (:func:`~medseg.training.sampler.fit_volume`), with each case's class
-  and, when ``network_options.use_age``, age from the ingested dataset's ``manifest.json`` (in the
-  preprocessed folder, or ``dataset_dir``). Validation: accuracy, balanced accuracy and cross-entropy on
-  every validation case of the fold; the best epoch is the one with the best balanced accuracy.
 """
 
 from __future__ import annotations
@@ -50,11 +38,10 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,129 +52,18 @@ from tqdm import tqdm
 import medseg
 from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.inference.predictor import class_probabilities, grid_labels, grid_probabilities
-from medseg.io import atomic_path
+from medseg.networks import build_network
+from medseg.task import Task
 from medseg.training import ddp
-from medseg.training.network import build_network
-from medseg.training.sampler import PatchSampler, PrefetchSampler, PreprocessedCase, VolumeCase, VolumeSampler, fit_volume
+from medseg.training.checkpointing import CHECKPOINT, CHECKPOINT_FORMAT, load_checkpoint, restore, rng_state, save_checkpoint, save_model_package
+from medseg.training.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, TrainConfig, TrainResult
+from medseg.training.sampler import PreprocessedCase, PrefetchSampler
+from medseg.training.setup import (TrainingTarget, classification_target, classification_targets, make_sampler, make_volume_sampler, resolve_loss,
+                                   segmentation_target, volume_cases)
+from medseg.training.validation import (choose_postprocessing, classification_scores, classification_sums, postprocessing_from_pairs, validation_dice,
+                                        validation_pairs, validation_sums)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint_latest.pt"
-CHECKPOINT_FORMAT = 2
-OPTIMIZERS = ("sgd", "adamw")
-LR_SCHEDULES = ("poly", "cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one training run (``params.yaml`` → ``train``; tuned ones come from Optuna).
-
-    Invalid names (optimizer, schedule, precision) raise :class:`~medseg.errors.MedsegError` at construction.
-    """
-
-    epochs: int = 10
-    iterations_per_epoch: int = 50
-    learning_rate: float = 3e-3
-    weight_decay: float = 1e-5
-    optimizer: str = "adamw"  # adamw | sgd (Nesterov)
-    momentum: float = 0.99  # sgd only (nnU-Net: 0.99)
-    lr_schedule: str = "poly"  # poly | cosine | constant, stepped per epoch
-    loss: str = "dice_ce"  # medseg.training.losses.LOSSES: softmax, or region_bce_dice (sigmoid per dataset.json region); classification: ce | focal
-    loss_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"class_weights": [...]}
-    network: str = "unet"  # medseg.training.networks.NETWORKS, built on the plan's topology; classification datasets: classifier3d
-    network_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"deep_supervision": true}
-    augmentation: bool = False  # nnU-Net's default augmentation pipeline; False: random mirroring only
-    foreground_share: float = 1 / 3
-    loader_prefetch: int = 2  # batches drawn ahead by a loader thread (0: draw in the training thread)
-    batch_size: int = 0  # per process; 0: the plan's
-    configuration: str = "3d_fullres"
-    fold: int = 0
-    seed: int = 0
-    grad_clip: float = 12.0  # max gradient norm; 0 disables clipping
-    val_overlap: float = 0.25
-    max_val_cases: int = 8  # segmentation (sliding-window validation); a classifier validates on every case of the fold
-    deterministic: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (CUDA: bf16, or fp16 without bf16 support; CPU: fp32) | fp32 | bf16 | fp16
-    channels_last: bool = True  # channels_last_3d memory layout, CUDA only
-    compile: bool = False  # torch.compile the network (slow first steps; pays off on long GPU runs)
-    num_threads: int = 0  # CPU threads per process; 0: the cores this process may use / processes per node
-    cascade_from: str = ""  # a 3d_lowres model package (or its training folder): train this stage as a cascade's full-resolution stage (medseg.training.cascade)
-
-    def __post_init__(self) -> None:
-        for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                raise MedsegError(f"unknown {name} {getattr(self, name)!r} (known: {', '.join(allowed)})")
-        for name in ("loss_options", "network_options"):
-            if not isinstance(getattr(self, name), dict):
-                raise MedsegError(f"{name} must be a mapping of option names to values, got {getattr(self, name)!r}")
-        if self.epochs < 1 or self.iterations_per_epoch < 1:
-            raise MedsegError(f"epochs and iterations_per_epoch must be >= 1, got {self.epochs} and {self.iterations_per_epoch}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise MedsegError(f"unknown training parameter(s) {sorted(unknown)} (known: {sorted(names)})")
-        if "cascade_from" in data and data["cascade_from"] is None:  # `cascade_from: null` in params.yaml: no cascade
-            data = {**data, "cascade_from": ""}
-        # KFP passes dict parameters as protobuf Structs, where every number is a float: coerce by field type
-        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
-        casts = {"int": _as_int, "float": float, "bool": _as_bool, "str": str}
-        try:
-            return cls(**{k: casts[kinds[k]](v) if kinds[k] in casts else v for k, v in data.items()})
-        except (TypeError, ValueError) as exc:
-            raise MedsegError(f"invalid training parameter: {exc}") from None
-
-
-def _as_int(value: Any) -> int:
-    if float(value) != int(float(value)):
-        raise ValueError(f"{value!r} is not a whole number")
-    return int(float(value))
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        if value.lower() in ("true", "1", "yes"):
-            return True
-        if value.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(f"{value!r} is not true/false")
-    return bool(value)
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns (on every rank; ``model_dir`` is set on rank 0 only).
-
-    ``best_val_dice`` is the best epoch's validation score, named by ``metric``: mean Dice for segmentation,
-    balanced accuracy for classification."""
-
-    best_val_dice: float
-    best_epoch: int
-    epochs_run: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    model_dir: Path | None = None
-    seconds_per_step: float = 0.0
-    weights_sha256: str = ""  # sha256 of the final weights (:func:`~medseg.training.ddp.state_digest`)
-    world_size: int = 1
-    rank_weights_sha256: list[str] = field(default_factory=list)  # every rank's digest, checked equal (DDP)
-    metric: str = "val_dice_mean"  # what best_val_dice measures: val_dice_mean | val_balanced_accuracy
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["model_dir"] = str(self.model_dir) if self.model_dir is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in data.items() if k in names}
-        d["model_dir"] = Path(d["model_dir"]) if d.get("model_dir") else None
-        return cls(**d)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -284,362 +160,6 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def resolve_topology(cfg: TrainConfig, config: schemas.Configuration, out_channels: int | None = None) -> dict[str, Any]:
-    """The segmentation network ``cfg.network`` (with ``cfg.network_options``) on the plan's topology and patch
-    size, as the self-contained dict the model package stores (:func:`medseg.training.networks.network_topology`).
-    ``out_channels``: instead of the plan's (one per label), e.g. one per region.
-
-    Raises:
-        MedsegError: an unknown network or option, a classification network, a patch size it cannot take.
-    """
-    from medseg.training import networks
-
-    if cfg.network in networks.NETWORKS and networks.NETWORKS[cfg.network].task != "segmentation":
-        raise MedsegError(f"network {cfg.network!r} is a {networks.NETWORKS[cfg.network].task} network: the trainer trains it on classification datasets "
-                          "(dataset.json task: classification), this one is a segmentation dataset")
-    try:
-        return networks.network_topology(cfg.network, config.network, out_channels=out_channels, patch_size=config.patch_size, **cfg.network_options)
-    except ValueError as exc:
-        raise MedsegError(f"network: {exc}") from None
-
-
-def _is_sigmoid_loss(cfg: TrainConfig) -> bool:
-    from medseg.training import losses
-
-    try:
-        spec = losses.loss_spec(cfg.loss)
-    except ValueError as exc:
-        raise MedsegError(f"loss: {exc}") from None
-    return spec.activation == "sigmoid" or bool(cfg.loss_options.get("sigmoid"))
-
-
-def resolve_loss(cfg: TrainConfig) -> torch.nn.Module:
-    """The loss ``cfg.loss`` with ``cfg.loss_options``: a softmax loss, or a sigmoid (region) loss whose
-    ``loss_options`` hold the ``regions`` (:func:`train` fills them in from dataset.json).
-
-    Raises:
-        MedsegError: an unknown loss or option, or a sigmoid loss without regions.
-    """
-    from medseg.training import losses
-
-    try:
-        spec = losses.loss_spec(cfg.loss)
-        if _is_sigmoid_loss(cfg) and not cfg.loss_options.get("regions"):
-            softmax = ", ".join(n for n, s in losses.LOSSES.items() if s.activation == "softmax" and "segmentation" in s.tasks)
-            raise MedsegError(f"loss {cfg.loss!r} trains one sigmoid output per region of dataset.json `regions` (BraTS: WT, TC, ET), and this "
-                              f"dataset has no regions: use a softmax loss ({softmax})")
-        if "segmentation" not in spec.tasks and "classification" not in spec.tasks:
-            raise MedsegError(f"loss {cfg.loss!r} trains neither segmentation nor classification")
-        return losses.build_loss(cfg.loss, **cfg.loss_options)
-    except ValueError as exc:
-        raise MedsegError(f"loss: {exc}") from None
-
-
-# --------------------------------------------------------------------------- what is trained
-@dataclass
-class _Task:
-    """What the network's outputs are (``labels`` | ``regions`` | ``classes``) and what the run needs to feed
-    and score them."""
-
-    output: str = "labels"
-    regions: dict[str, list[int]] = field(default_factory=dict)  # regions: name → labels, in output-channel order
-    labels: list[int] = field(default_factory=list)  # every label value of the dataset (regions → labels)
-    classes: list[str] = field(default_factory=list)  # classes: names in output order
-    input_size: list[int] = field(default_factory=list)  # classes: the network's input (fit_volume)
-    input_scale: float = 1.0
-    use_age: bool = False
-
-    @property
-    def metric(self) -> str:
-        """The validation metric that picks the best epoch."""
-        return "val_balanced_accuracy" if self.output == "classes" else "val_dice_mean"
-
-    def package_fields(self) -> dict[str, Any]:
-        """What the model package's ``network`` entry records about the outputs (:func:`~medseg.training.ensemble.network_output`)."""
-        if self.output == "regions":
-            return {"output": "regions", "regions": {k: list(v) for k, v in self.regions.items()}}
-        if self.output == "classes":
-            return {"output": "classes", "classes": list(self.classes)}
-        return {"output": "labels"}
-
-
-def dataset_classes(dataset: schemas.DatasetJson) -> list[str]:
-    """A classification dataset's class names in index order (dataset.json ``labels``: class → 0..n-1)."""
-    items = sorted((int(v), str(k)) for k, v in dataset.labels.items())
-    if [i for i, _ in items] != list(range(len(items))) or len(items) < 2:
-        raise MedsegError(f"classification labels must map at least two classes to 0..n-1, got {dataset.labels}")
-    return [name for _, name in items]
-
-
-def classification_targets(preprocessed_dir: Path, dataset_dir: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Case id → ``{"class": name | None, "age": years | None}`` from the ingested dataset's ``manifest.json``
-    (``cases[].class_label`` and ``cases[].covariates.age``): the one in ``preprocessed_dir``, else ``dataset_dir``'s.
-
-    Raises:
-        MedsegError: no manifest in either place.
-    """
-    for folder in (preprocessed_dir, dataset_dir):
-        if folder is not None and (Path(folder) / schemas.MANIFEST_JSON).is_file():
-            manifest = schemas.Manifest.load(folder)
-            out = {}
-            for case in manifest.cases:
-                age = (case.get("covariates") or {}).get("age")
-                out[str(case["case_id"])] = {"class": case.get("class_label"), "age": float(age) if isinstance(age, (int, float)) else None}
-            return out
-    raise MedsegError("classification training needs each case's class (and age): the ingested dataset's manifest.json, in the preprocessed "
-                      "folder or in the dataset folder given as dataset_dir", Path(preprocessed_dir) / schemas.MANIFEST_JSON)
-
-
-def _segmentation_task(cfg: TrainConfig, plans: schemas.Plans, config: schemas.Configuration) -> tuple[TrainConfig, _Task, dict[str, Any]]:
-    labels = sorted(int(v) for v in plans.labels.values())
-    if _is_sigmoid_loss(cfg) and (cfg.loss_options.get("regions") or plans.regions):
-        from medseg.training import losses
-
-        regions = {str(k): [int(v) for v in vs] for k, vs in (cfg.loss_options.get("regions") or plans.regions).items()}
-        try:
-            losses.region_signatures(regions, labels)  # the label map can be rebuilt from the region outputs
-        except ValueError as exc:
-            raise MedsegError(f"region-based training: {exc}") from None
-        if "regions" in losses.loss_spec(cfg.loss).options:
-            cfg = dataclasses.replace(cfg, loss_options={**cfg.loss_options, "regions": regions})
-        task = _Task("regions", regions=regions, labels=labels)
-        topology = resolve_topology(cfg, config, out_channels=len(regions))
-    else:
-        task = _Task("labels", labels=labels)
-        topology = resolve_topology(cfg, config)
-    return cfg, task, {**topology, **task.package_fields()}
-
-
-def _classification_task(cfg: TrainConfig, plans: schemas.Plans, config: schemas.Configuration, dataset: schemas.DatasetJson) -> tuple[TrainConfig, _Task, dict[str, Any]]:
-    from medseg.training import losses, networks
-
-    network = "classifier3d" if cfg.network == "unet" else cfg.network  # the default network: the classifier
-    if network not in networks.NETWORKS:
-        raise MedsegError(f"network: unknown network {network!r} (known: {', '.join(networks.NETWORKS)})")
-    if networks.NETWORKS[network].task != "classification":
-        raise MedsegError(f"network {network!r} is a segmentation network; a classification dataset trains "
-                          f"{', '.join(n for n, s in networks.NETWORKS.items() if s.task == 'classification')}")
-    loss = "ce" if cfg.loss == "dice_ce" else cfg.loss  # the default loss: cross-entropy
-    try:
-        spec = losses.loss_spec(loss)
-    except ValueError as exc:
-        raise MedsegError(f"loss: {exc}") from None
-    if "classification" not in spec.tasks:
-        raise MedsegError(f"loss {loss!r} is not a classification loss (use one of {', '.join(n for n, s in losses.LOSSES.items() if 'classification' in s.tasks)})")
-    cfg = dataclasses.replace(cfg, network=network, loss=loss)
-    classes = dataset_classes(dataset)
-    options = dict(cfg.network_options)
-    size = [int(v) for v in (options.get("input_size") or config.patch_size)]
-    if options.get("input_scale") is None:  # one zoom for every case: the median case fits the input (never enlarged)
-        options["input_scale"] = min(1.0, *(s / max(int(m), 1) for s, m in zip(size, config.median_shape)))
-    try:
-        topology = networks.network_topology(network, None, in_channels=len(plans.channel_names), out_channels=len(classes), patch_size=size, **options)
-    except ValueError as exc:
-        raise MedsegError(f"network: {exc}") from None
-    opts = topology["options"]
-    task = _Task("classes", classes=classes, input_size=list(opts["input_size"]), input_scale=float(opts["input_scale"]), use_age=bool(opts.get("use_age")))
-    return cfg, task, {**topology, **task.package_fields()}
-
-
-def _volume_cases(folder: Path, ids: list[str], task: _Task, targets: dict[str, dict[str, Any]]) -> list[VolumeCase]:
-    index = {name: i for i, name in enumerate(task.classes)}
-    cases, problems = [], []
-    for case_id in ids:
-        target = targets.get(case_id)
-        if target is None or target["class"] is None:
-            problems.append(f"{case_id}: no class in manifest.json")
-        elif target["class"] not in index:
-            problems.append(f"{case_id}: class {target['class']!r} is not one of {task.classes}")
-        elif task.use_age and target["age"] is None:
-            problems.append(f"{case_id}: no age (covariates.age), which the network takes")
-        else:
-            cases.append(VolumeCase(folder, case_id, index[target["class"]], target["age"]))
-    if problems:
-        raise MedsegError(f"classification targets: {'; '.join(problems[:10])}" + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
-    return cases
-
-
-def _make_sampler(cases: list[PreprocessedCase], patch_size: list[int], batch_size: int, cfg: TrainConfig, seed: int) -> PatchSampler:
-    """The patch sampler of one rank for one epoch (the one place that knows the sampler's constructor).
-    Patch positions, mirroring and augmentation all draw from its one generator, seeded with ``seed``."""
-    return PatchSampler(cases, patch_size, batch_size, cfg.foreground_share, seed=seed, augmentation=True if cfg.augmentation else None)
-
-
-def _make_volume_sampler(cases: list[VolumeCase], task: _Task, batch_size: int, cfg: TrainConfig, seed: int) -> VolumeSampler:
-    """The whole-volume sampler of one rank for one epoch (classification); ``augmentation``: left-right mirroring."""
-    return VolumeSampler(cases, task.input_size, task.input_scale, batch_size, seed=seed, mirror_axes=(0,) if cfg.augmentation else (), ages=task.use_age)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: a temporary file beside ``path``, flushed to disk, renamed over it (a kill leaves the old one)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Our own checkpoint file (it holds numpy RNG states, which ``weights_only`` loading refuses)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise MedsegError(f"cannot read the checkpoint ({str(exc).splitlines()[0][:200]})", path) from None
-
-
-# --------------------------------------------------------------------------- validation and postprocessing
-def validation_sums(network: torch.nn.Module, cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], overlap: float, device: torch.device,
-                    regions: dict[str, list[int]] | None = None) -> dict[str, float]:
-    """Per region (or label) the sum of the cases' Dice on the preprocessed grid (empty vs empty: 1).
-
-    ``regions`` (name → labels, in output-channel order): the network has one sigmoid output per region and
-    region r is predicted where its probability is > 0.5 (nnU-Net's region-based validation); otherwise the
-    outputs are a softmax over the labels and each region (``plans.reported_groups``) is read from the arg-max.
-    """
-    groups = dict(regions) if regions else plans.reported_groups
-    sums = {name: 0.0 for name in groups}
-    for case in cases:
-        probs = grid_probabilities(network, np.asarray(case.data), patch_size, "regions" if regions else "labels", overlap=overlap, device=device)
-        ref = np.asarray(case.seg)
-        pred = None if regions else np.argmax(probs, axis=0)
-        for i, (name, values) in enumerate(groups.items()):
-            p = probs[i] > 0.5 if regions else np.isin(pred, values)
-            r = np.isin(ref, values)
-            denom = p.sum() + r.sum()
-            sums[name] += 1.0 if denom == 0 else 2.0 * np.logical_and(p, r).sum() / denom
-    return sums
-
-
-def validation_dice(network: torch.nn.Module, cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], overlap: float, device: torch.device,
-                    regions: dict[str, list[int]] | None = None) -> dict[str, float]:
-    """Mean Dice per region (or per label when the dataset has no regions) on the preprocessed grid."""
-    sums = validation_sums(network, cases, plans, patch_size, overlap, device, regions)
-    return {name: s / max(len(cases), 1) for name, s in sums.items()}
-
-
-def validation_pairs(network: torch.nn.Module, cases: list[PreprocessedCase], patch_size: list[int], overlap: float, device: torch.device,
-                     regions: dict[str, list[int]] | None = None, labels: list[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(prediction, reference) uint8 label maps of ``cases`` on the preprocessed grid; with ``regions`` the
-    network's region outputs are turned into labels (:func:`~medseg.training.losses.regions_to_labels`)."""
-    output = "regions" if regions else "labels"
-    return [(grid_labels(grid_probabilities(network, np.asarray(c.data), patch_size, output, overlap=overlap, device=device), regions, labels),
-             np.asarray(c.seg).astype(np.uint8)) for c in cases]
-
-
-def classification_sums(network: torch.nn.Module, cases: list[VolumeCase], task: _Task, device: torch.device) -> dict[str, float]:
-    """Sums over ``cases`` (so ranks can add theirs): the confusion matrix (``cm_<true>_<pred>``, class
-    indices) and the cross-entropy (``loss``, natural log) of the classifier's whole-volume predictions."""
-    n = len(task.classes)
-    sums = {f"cm_{i}_{j}": 0.0 for i in range(n) for j in range(n)}
-    sums["loss"] = 0.0
-    for case in cases:
-        x = fit_volume(case.data, task.input_size, task.input_scale)[None]
-        probs = class_probabilities(network, x, np.array([case.age], np.float32) if task.use_age else None, device)[0]
-        sums[f"cm_{case.target}_{int(np.argmax(probs))}"] += 1.0
-        sums["loss"] -= float(np.log(max(float(probs[case.target]), 1e-12)))
-    return sums
-
-
-def classification_scores(sums: dict[str, float], n_classes: int, n_cases: float) -> dict[str, float]:
-    """Accuracy, balanced accuracy (mean recall over the classes present) and mean cross-entropy from
-    :func:`classification_sums` (added over ranks)."""
-    cm = np.array([[sums[f"cm_{i}_{j}"] for j in range(n_classes)] for i in range(n_classes)])
-    support = cm.sum(axis=1)
-    present = support > 0
-    return {"val_accuracy": float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan"),
-            "val_balanced_accuracy": float(np.mean(np.diag(cm)[present] / support[present])) if present.any() else float("nan"),
-            "val_loss": float(sums["loss"] / n_cases) if n_cases else float("nan")}
-
-
-def postprocessing_from_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], plans: schemas.Plans, spacing: list[float]) -> dict[str, Any]:
-    """Minimum component volume per label (mm³, so it carries over to any grid) chosen on validation
-    predictions. Scored by BraTS 2023 lesion-wise Dice for BraTS data, else by Dice."""
-    from medseg.evaluation.lesionwise import lesionwise_case
-    from medseg.evaluation.metrics import dice
-    from medseg.inference.postprocess import choose_enhancing_threshold, choose_min_volumes, enhancing_labels, remove_small_components
-
-    if not pairs:
-        return {}
-    groups = plans.reported_groups
-    brats = {k: int(v) for k, v in plans.labels.items()} == schemas.BRATS_LABELS and {k: sorted(v) for k, v in plans.regions.items()} == schemas.BRATS_REGIONS
-    if brats:
-        metric = "lesionwise_dice_2023"
-
-        def score(pred: np.ndarray, ref: np.ndarray) -> float:
-            per_region = lesionwise_case(pred, ref, spacing, "brats2023")
-            return float(np.mean([v["lesionwise_dice_2023"] for v in per_region.values()]))
-    else:
-        metric = "dice"
-
-        def score(pred: np.ndarray, ref: np.ndarray) -> float:
-            return float(np.mean([dice(np.isin(pred, vals), np.isin(ref, vals)) for vals in groups.values()]))
-
-    labels = sorted(v for v in plans.labels.values() if v != 0)
-    chosen, before, after = choose_min_volumes(pairs, spacing, labels, score)
-    post: dict[str, Any] = {"min_volume_mm3": chosen, "metric": metric, "validation_cases": len(pairs), "score_before": before, "score_after": after}
-    pair = enhancing_labels(plans.labels)
-    if pair is not None:  # BraTS: the "small enhancing tumour is necrosis" rule, its threshold chosen here too
-        cleaned = [(remove_small_components(p, chosen, spacing) if chosen else p, r) for p, r in pairs]
-        voxels, et_before, et_after = choose_enhancing_threshold(cleaned, *pair)
-        # stored in mm³ so the Predictor applies it on any input grid
-        post["et_to_netc_below_mm3"] = float(voxels * np.prod(spacing))
-        post["et_rule"] = {"voxels_at_training_spacing": int(voxels), "et_dice_before": et_before, "et_dice_after": et_after}
-    return post
-
-
-def choose_postprocessing(network: torch.nn.Module, state: dict[str, torch.Tensor], cases: list[PreprocessedCase], plans: schemas.Plans, patch_size: list[int], spacing: list[float], overlap: float, device: torch.device,
-                          regions: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    """:func:`postprocessing_from_pairs` on the validation cases predicted with ``state`` (loaded into ``network``)."""
-    if not cases:
-        return {}
-    network.load_state_dict(state)
-    labels = sorted(int(v) for v in plans.labels.values())
-    return postprocessing_from_pairs(validation_pairs(network, cases, patch_size, overlap, device, regions, labels), plans, spacing)
-
-
-def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], preprocessed_dir: Path, configuration: str, training: dict[str, Any], lineage: dict[str, str] | None = None,
-                       postprocessing: dict[str, Any] | None = None, network: dict[str, Any] | None = None, previous_stage: dict[str, Any] | None = None,
-                       previous_stage_dir: Path | None = None) -> Path:
-    """Write the model package folder (the contract the registry and the server load). ``network``: the
-    resolved topology the weights belong to (default: the plan's). ``previous_stage`` (a cascade's entry,
-    :mod:`medseg.inference.cascade`) with ``previous_stage_dir``: the low-resolution package, copied in."""
-    from medseg.io import atomic_dir
-
-    plans = schemas.Plans.load(preprocessed_dir)
-    with atomic_dir(model_dir) as tmp:
-        with open(tmp / schemas.WEIGHTS_FILE, "wb") as fh:
-            torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, fh)
-        shutil.copy2(preprocessed_dir / schemas.PLANS_JSON, tmp / schemas.PLANS_JSON)
-        shutil.copy2(preprocessed_dir / schemas.DATASET_JSON, tmp / schemas.DATASET_JSON)
-        if (preprocessed_dir / schemas.FINGERPRINT_JSON).is_file():  # the model server's input-drift reference
-            shutil.copy2(preprocessed_dir / schemas.FINGERPRINT_JSON, tmp / schemas.FINGERPRINT_JSON)
-        schemas.ModelPackage(
-            configuration=configuration, network=dict(network or plans.configuration(configuration).network),
-            medseg_version=medseg.__version__, training=training, lineage=dict(lineage or {}), postprocessing=dict(postprocessing or {}),
-            previous_stage=dict(previous_stage or {}),
-        ).save(tmp)
-        if previous_stage and previous_stage_dir is not None:
-            from medseg.training.cascade import copy_previous_stage
-
-            copy_previous_stage(previous_stage_dir, tmp)
-    return model_dir
-
-
 # --------------------------------------------------------------------------- the loop
 @dataclass
 class _Engine:
@@ -653,6 +173,7 @@ class _Engine:
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
     loss_fn: torch.nn.Module
+    patch_size: tuple[int, ...] = ()  # what the network trains on and validates with (the topology's, else the plan's)
 
 
 def _build_engine(cfg: TrainConfig, topology: dict[str, Any], ctx: ddp.DistContext, loss_fn: torch.nn.Module | None = None) -> _Engine:
@@ -672,7 +193,8 @@ def _build_engine(cfg: TrainConfig, topology: dict[str, Any], ctx: ddp.DistConte
     train_model = ddp.wrap(network, ctx)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    return _Engine(network, train_model, optimizer, scheduler, scaler, amp_dtype, memory_format, loss_fn if loss_fn is not None else resolve_loss(cfg))
+    return _Engine(network, train_model, optimizer, scheduler, scaler, amp_dtype, memory_format, loss_fn if loss_fn is not None else resolve_loss(cfg),
+                   tuple(int(p) for p in topology.get("patch_size") or ()))
 
 
 def _train_step(engine: _Engine, images: np.ndarray, labels: np.ndarray, device: torch.device, grad_clip: float, ages: np.ndarray | None = None) -> torch.Tensor:
@@ -719,7 +241,7 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
     preprocessed_dir, out_dir = Path(preprocessed_dir), Path(out_dir)
     plans = schemas.Plans.load(preprocessed_dir)
     splits = schemas.Splits.load(preprocessed_dir)
-    dataset = schemas.DatasetJson.load(preprocessed_dir)
+    task = Task.from_folder(preprocessed_dir)
     config = plans.configuration(cfg.configuration)
     if not 0 <= cfg.fold < len(splits.folds):
         raise MedsegError(f"fold {cfg.fold} does not exist (splits have {len(splits.folds)} folds)")
@@ -728,18 +250,18 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
     # configuration errors before any process group; ``cfg`` becomes what is trained (e.g. the classifier, the regions)
     train_cases: list[Any]
     val_cases: list[Any]
-    if dataset.task == "classification":
-        cfg, task, topology = _classification_task(cfg, plans, config, dataset)
+    if task.is_classification:
+        cfg, target, topology = classification_target(cfg, task, plans, config)
         targets = classification_targets(preprocessed_dir, dataset_dir)
-        train_cases, val_cases = _volume_cases(folder, fold["train"], task, targets), _volume_cases(folder, fold["val"], task, targets)
+        train_cases, val_cases = volume_cases(folder, fold["train"], target, targets), volume_cases(folder, fold["val"], target, targets)
     else:
-        cfg, task, topology = _segmentation_task(cfg, plans, config)
+        cfg, target, topology = segmentation_target(cfg, task, config)
         train_cases = [PreprocessedCase(folder, c) for c in fold["train"]]
         val_cases = [PreprocessedCase(folder, c) for c in fold["val"][: cfg.max_val_cases]]
     if not train_cases:
         raise MedsegError(f"fold {cfg.fold} has no training cases", preprocessed_dir / schemas.SPLITS_JSON)
     if cfg.cascade_from:
-        if dataset.task == "classification":
+        if task.is_classification:
             raise MedsegError("cascade_from trains a segmentation cascade; this is a classification dataset")
         from medseg.inference.cascade import foreground_labels
         from medseg.training.cascade import resolve_lowres_package
@@ -753,7 +275,7 @@ def train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool 
         previous = None
         if cfg.cascade_from:
             train_cases, val_cases, previous = _cascade_inputs(preprocessed_dir, cfg, fold, len(plans.channel_names), ctx, progress and ctx.is_main)
-        return _train(preprocessed_dir, out_dir, cfg, plans, config, topology, loss_fn, train_cases, val_cases, ctx, resume, on_epoch, progress and ctx.is_main, write_package, task,
+        return _train(preprocessed_dir, out_dir, cfg, plans, config, topology, loss_fn, train_cases, val_cases, ctx, resume, on_epoch, progress and ctx.is_main, write_package, target,
                       previous)
 
 
@@ -782,12 +304,15 @@ def _cascade_inputs(preprocessed_dir: Path, cfg: TrainConfig, fold: dict[str, li
 
 def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schemas.Plans, config: schemas.Configuration, topology: dict[str, Any],
            loss_fn: torch.nn.Module, train_cases: list[Any], val_cases: list[Any], ctx: ddp.DistContext, resume: bool, on_epoch: Callable[[int, dict[str, float]], None] | None, progress: bool,
-           write_package: bool, task: _Task | None = None, previous: tuple[dict[str, Any], Path] | None = None) -> TrainResult:
-    task = task or _Task()
+           write_package: bool, task: TrainingTarget | None = None, previous: tuple[dict[str, Any], Path] | None = None) -> TrainResult:
+    task = task or TrainingTarget()
     metric = task.metric
     device = ctx.device
     seed_everything(cfg.seed)
     engine = _build_engine(cfg, topology, ctx, loss_fn.to(device))
+    if not engine.patch_size:
+        engine.patch_size = tuple(int(p) for p in config.patch_size)
+    patch = list(engine.patch_size)
     batch_size = cfg.batch_size or config.batch_size
 
     start_epoch, best, best_epoch, history = 0, -1.0, -1, []
@@ -799,7 +324,7 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
         # rank 0 owns the checkpoint: it reads it and hands it to the other ranks (no shared volume needed)
         ckpt = ddp.broadcast_object(load_checkpoint(ckpt_path) if ctx.is_main and ckpt_path.exists() else None, ctx)
         if ckpt is not None:
-            start_epoch, best, best_epoch, history, best_state = _restore(ckpt, engine, cfg, ctx)
+            start_epoch, best, best_epoch, history, best_state = restore(ckpt, engine, cfg, ctx)
             if progress:
                 log.info("resumed from %s after epoch %d/%d", ckpt_path, start_epoch, cfg.epochs)
         elif progress:
@@ -821,9 +346,9 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
             val_text = " ".join(f"{k[len('val_dice_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith("val_dice_") and k != "val_dice_mean")
             log.info("epoch %d/%d: loss %.4f  val dice %.4f (%s)  best %.4f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)", epoch + 1, cfg.epochs,
                      metrics["train_loss"], metrics["val_dice_mean"], val_text, best, best_epoch + 1, metrics["lr"], metrics["epoch_seconds"], 100 * metrics["data_wait_share"])
-        rng_states = ddp.all_gather_object(_rng_state(device), ctx)
+        rng_states = ddp.all_gather_object(rng_state(device), ctx)
         if ctx.is_main:
-            _save_checkpoint(out_dir / CHECKPOINT, {
+            save_checkpoint(out_dir / CHECKPOINT, {
                 "format": CHECKPOINT_FORMAT, "model": engine.network.state_dict(), "optimizer": engine.optimizer.state_dict(),
                 "scheduler": engine.scheduler.state_dict(), "scaler": engine.scaler.state_dict(), "epoch": epoch, "best": best,
                 "best_epoch": best_epoch, "history": history, "best_state": best_state, "rng": rng_states, "world_size": ctx.world_size,
@@ -851,8 +376,8 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
         training = {"config": dataclasses.asdict(cfg), **score, "val_metric": metric, "best_epoch": best_epoch, "epochs_run": result.epochs_run,
                     "seconds_per_step": result.seconds_per_step, "device": str(device), "world_size": ctx.world_size,
                     "precision": str(engine.amp_dtype or torch.float32).replace("torch.", "")}
-        post = {} if task.output == "classes" else choose_postprocessing(engine.network, best_state, val_cases, plans, config.patch_size, list(config.spacing),
-                                                                         cfg.val_overlap, device, task.regions or None)
+        post = {} if task.output == "classes" else choose_postprocessing(engine.network, best_state, val_cases, plans, patch, list(config.spacing),
+                                                                         cfg.val_overlap, device, task.regions or None, task.task)
         if post and progress:
             log.info("postprocessing chosen on %d validation case(s): minimum volumes %s mm³ (%s %.4f → %.4f)", post["validation_cases"],
                      post["min_volume_mm3"] or "none", post["metric"], post["score_before"], post["score_after"])
@@ -861,35 +386,20 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
     return result
 
 
-def _restore(ckpt: dict[str, Any], engine: _Engine, cfg: TrainConfig, ctx: ddp.DistContext) -> tuple[int, float, int, list[dict[str, float]], dict[str, torch.Tensor] | None]:
-    """Load a checkpoint into the engine and this rank's RNGs; returns (next epoch, best, best epoch, history, best state)."""
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise MedsegError(f"checkpoint format {ckpt.get('format', 1)} is not this version's ({CHECKPOINT_FORMAT}): start without --resume")
-    changed = {k: (v, getattr(cfg, k)) for k, v in ckpt.get("config", {}).items() if hasattr(cfg, k) and getattr(cfg, k) != v and k not in ("device", "num_threads")}
-    if changed and ctx.is_main:
-        log.warning("resuming with changed settings %s: the run will not match an uninterrupted one", {k: f"{a!r} → {b!r}" for k, (a, b) in changed.items()})
-    engine.network.load_state_dict(ckpt["model"])
-    engine.optimizer.load_state_dict(ckpt["optimizer"])
-    engine.scheduler.load_state_dict(ckpt["scheduler"])
-    engine.scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt["rng"]
-    if ckpt.get("world_size", 1) != ctx.world_size and ctx.is_main:
-        log.warning("checkpoint of %d process(es) resumed with %d: random states are not per rank any more", ckpt.get("world_size", 1), ctx.world_size)
-    _set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0], ctx.device)
-    return int(ckpt["epoch"]) + 1, float(ckpt["best"]), int(ckpt["best_epoch"]), list(ckpt["history"]), ckpt.get("best_state") or None
-
-
 def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[Any], val_cases: list[Any], plans: schemas.Plans,
-               config: schemas.Configuration, batch_size: int, ctx: ddp.DistContext, progress: bool, step_times: list[float], task: _Task | None = None) -> dict[str, float]:
+               config: schemas.Configuration, batch_size: int, ctx: ddp.DistContext, progress: bool, step_times: list[float], task: TrainingTarget | None = None) -> dict[str, float]:
     """One epoch on this rank: training steps, validation, metrics reduced over the ranks."""
-    task = task or _Task()
+    task = task or TrainingTarget()
     device = ctx.device
     lr = float(engine.optimizer.param_groups[0]["lr"])
+    set_epoch = getattr(engine.loss_fn, "set_epoch", None)
+    if callable(set_epoch):  # a loss whose weights follow training progress (the ramped Hausdorff term)
+        set_epoch(epoch, cfg.epochs)
     shard, seed = ddp.shard(train_cases, ctx, epoch, cfg.seed), ddp.epoch_seed(cfg.seed, epoch, ctx.rank)
     if task.output == "classes":
-        sampler: Any = _make_volume_sampler(shard, task, batch_size, cfg, seed)
+        sampler: Any = make_volume_sampler(shard, task, batch_size, cfg, seed)
     else:
-        sampler = _make_sampler(shard, config.patch_size, batch_size, cfg, seed)
+        sampler = make_sampler(shard, list(engine.patch_size), batch_size, cfg, seed)
     if cfg.loader_prefetch > 0:  # batches prepared by a loader thread while the network trains
         sampler = PrefetchSampler(sampler, cfg.iterations_per_epoch, cfg.loader_prefetch)
     engine.train_model.train()
@@ -922,7 +432,8 @@ def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[
     if task.output == "classes":
         sums = classification_sums(engine.network, mine, task, device)
     else:
-        sums = validation_sums(engine.network, mine, plans, config.patch_size, cfg.val_overlap, device, task.regions or None)
+        sums = validation_sums(engine.network, mine, plans, list(engine.patch_size), cfg.val_overlap, device, task.regions or None,
+                               task.task.reported_groups if task.task is not None else None)
     names = sorted(sums)
     totals = ddp.all_reduce_sum([sums[n] for n in names] + [len(mine)], ctx)
     n_val = totals[-1]
@@ -951,3 +462,9 @@ def _deep_supervision_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch
         norm = sum(weights)
         return sum(w / norm * loss_fn(out[:, i], y) for i, w in enumerate(weights))
     return loss_fn(out, y)
+
+
+__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "TrainConfig", "TrainResult", "available_cores", "build_optimizer",
+           "build_scheduler", "choose_postprocessing", "classification_scores", "classification_sums", "classification_targets", "determinism", "load_checkpoint",
+           "lr_factor", "postprocessing_from_pairs", "resolve_loss", "resolve_precision", "save_model_package", "seed_everything", "train", "validation_dice",
+           "validation_pairs", "validation_sums"]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from medseg import schemas
+from medseg.task import BRATS2023
 from medseg.errors import MedsegError
 from medseg.serving import client
 from medseg.viewer import page
@@ -67,7 +68,7 @@ class ViewerError(Exception):
 class ViewerConfig:
     model_url: str
     model_name: str
-    channels: tuple[str, ...] = tuple(schemas.BRATS_CHANNELS)
+    channels: tuple[str, ...] = tuple(BRATS2023.channels)
     timeout_s: float = 300.0
     max_upload_bytes: int = 150 * 2**20
     max_results: int = 8

@@ -8,6 +8,7 @@ import sys
 from urllib.parse import urlparse
 
 from medseg import schemas
+from medseg.task import BRATS2023
 from medseg.errors import MedsegError
 
 DEFAULT_PORT = 8090
@@ -19,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model name on the model server")
     parser.add_argument("--host", default="127.0.0.1", help="address the viewer listens on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port of the viewer (default: {DEFAULT_PORT})")
-    parser.add_argument("--channels", nargs="+", default=list(schemas.BRATS_CHANNELS),
-                        help=f"channel names, one upload field each, in the model's order (default: {' '.join(schemas.BRATS_CHANNELS)})")
+    parser.add_argument("--channels", nargs="+", default=list(BRATS2023.channels),
+                        help=f"channel names, one upload field each, in the model's order (default: {' '.join(BRATS2023.channels)})")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the model server per case (default: 300)")
     parser.add_argument("--max-upload-mb", type=float, default=150.0, help="largest upload, all files together, in MiB (default: 150)")
     parser.add_argument("--max-results", type=int, default=8, help="results kept in memory, the oldest dropped first (default: 8)")

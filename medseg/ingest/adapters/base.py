@@ -86,6 +86,11 @@ class Adapter:
     labels: dict[str, int] = {}
     regions: dict[str, list[int]] = {}
     label_remap: dict[int, int] = {}
+    # dataset.json task fields (medseg.task.Task reads them): a stack of 2D slices along this voxel axis; the
+    # covariates a classifier may take; the metric the task is judged by ("" = the task's default)
+    slice_axis: ClassVar[int | None] = None
+    covariates: tuple[str, ...] = ()
+    primary_metric: ClassVar[str] = ""
     # True when the case ids of the source may identify a person (DICOM PatientID, subject codes):
     # ingest then writes pseudonymous ids (``--id-map`` keeps the mapping outside the dataset).
     pseudonymize_by_default: ClassVar[bool] = False
@@ -101,6 +106,11 @@ class Adapter:
     def configure(self, src: Path) -> Adapter:
         """This adapter with definitions read from ``src`` (default: the class's own, unchanged)."""
         return self
+
+    def dataset_fields(self, cases: list[SourceCase]) -> dict[str, Any]:
+        """``dataset.json`` task fields that depend on the cases found (default: none), e.g. which official
+        lesion-wise setting scores them."""
+        return {}
 
     def with_definitions(self, **definitions: Any) -> Adapter:
         """A copy of this adapter whose channel/label/region definitions are replaced."""

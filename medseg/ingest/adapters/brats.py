@@ -17,9 +17,10 @@ import numpy as np
 from medseg.errors import MedsegError
 from medseg.ingest.adapters.base import Adapter, Reporter, SourceCase, Volume, find_nifti, subfolders
 from medseg.io import load_nifti
-from medseg.schemas import BRATS_CHANNELS, BRATS_LABELS, BRATS_REGIONS
+from medseg.task import BRATS2023, BRATS2023_METS, BRATS2024
 
 _TIMEPOINT = re.compile(r"^(?P<patient>.+)-(?P<timepoint>\d{3})$")
+_METS_CASE_ID = re.compile(r"^BraTS-MET-\d{5}-\d{3}$")
 
 
 class BraTS2023Adapter(Adapter):
@@ -33,12 +34,12 @@ class BraTS2023Adapter(Adapter):
 
     name: ClassVar[str] = "brats2023"
     description: ClassVar[str] = "BraTS 2023 GLI/MEN/MET/PED/SSA: <CASE>/<CASE>-{t1n,t1c,t2w,t2f,seg}.nii.gz"
-    channel_names = BRATS_CHANNELS
-    labels = dict(BRATS_LABELS)
-    regions = {k: list(v) for k, v in BRATS_REGIONS.items()}
+    channel_names = BRATS2023.channels
+    labels = BRATS2023.labels_dict()
+    regions = BRATS2023.regions_dict()
     label_remap: dict[int, int] = {}
     # file-name suffix of each channel in the source, in ``channel_names`` order
-    source_suffixes: ClassVar[tuple[str, ...]] = BRATS_CHANNELS
+    source_suffixes: ClassVar[tuple[str, ...]] = BRATS2023.channels
     label_suffix: ClassVar[str] = "seg"
     separator: ClassVar[str] = "-"
 
@@ -48,6 +49,12 @@ class BraTS2023Adapter(Adapter):
     def discover(self, src: Path) -> list[SourceCase]:
         cases = [self._case_from_folder(folder) for folder in self._case_folders(src)]
         return sorted(cases, key=lambda c: (c.case_id, str(c.folder)))
+
+    def dataset_fields(self, cases: list[SourceCase]) -> dict[str, object]:
+        """Metastasis cases (``BraTS-MET-…``, every case) are scored with the official metastasis lesion-wise setting."""
+        if cases and all(_METS_CASE_ID.match(c.case_id) for c in cases):
+            return {"lesionwise": BRATS2023_METS.lesionwise}
+        return {}
 
     def patient_of(self, case_id: str) -> str:
         """The patient id of a case id: BraTS 2023 drops the ``-NNN`` timepoint."""
@@ -142,9 +149,9 @@ class BraTS2021Adapter(BraTS2023Adapter):
 
     name: ClassVar[str] = "brats2021"
     description: ClassVar[str] = "BraTS 2021 (also 2018-2020): <CASE>/<CASE>_{t1,t1ce,t2,flair,seg}.nii.gz, ET 4 → 3"
-    channel_names = BRATS_CHANNELS
-    labels = dict(BRATS_LABELS)
-    regions = {k: list(v) for k, v in BRATS_REGIONS.items()}
+    channel_names = BRATS2023.channels
+    labels = BRATS2023.labels_dict()
+    regions = BRATS2023.regions_dict()
     label_remap: dict[int, int] = {4: 3}
     # label values a BraTS 2021 source map may hold (before remapping): background, NCR, ED, ET
     source_label_values: ClassVar[tuple[int, ...]] = (0, 1, 2, 4)
@@ -190,9 +197,9 @@ class BraTS2024Adapter(BraTS2023Adapter):
 
     name: ClassVar[str] = "brats2024"
     description: ClassVar[str] = "BraTS 2024 post-treatment glioma: 2023 layout, labels NETC/SNFH/ET/RC (1-4)"
-    channel_names = BRATS_CHANNELS
-    labels = {**BRATS_LABELS, "RC": 4}
-    regions = {"WT": [1, 2, 3], "TC": [1, 3], "NETC": [1], "SNFH": [2], "ET": [3], "RC": [4]}
+    channel_names = BRATS2024.channels
+    labels = BRATS2024.labels_dict()
+    regions = BRATS2024.regions_dict()
     label_remap: dict[int, int] = {}
     n_label_maps_probed: ClassVar[int] = 3
 
@@ -200,6 +207,9 @@ class BraTS2024Adapter(BraTS2023Adapter):
         if not super().detect(src):  # not the 2023 layout at all
             return False
         return self._named_2024(src) or self._labels_hold_rc(src)
+
+    def dataset_fields(self, cases: list[SourceCase]) -> dict[str, object]:
+        return {}  # the 2024 labels and regions select the 2024 lesion-wise setting
 
     def _named_2024(self, src: Path) -> bool:
         names = [Path(src).resolve().name]

@@ -66,6 +66,7 @@ class ClassificationAdapter(Adapter):
     description: ClassVar[str] = "classification: <subject>.nii.gz (or images/, or <subject>/) + labels.csv (subject,label,age[,sex])"
     task: str = "classification"
     channel_names = ("image",)
+    covariates: tuple[str, ...] = ("age",)  # required by the CSV; a classifier may take it (sex is recorded, not used)
     labels: dict[str, int] = {}
     regions: dict[str, list[int]] = {}
     label_remap: dict[int, int] = {}

@@ -71,6 +71,9 @@ class KaggleLGGAdapter(Adapter):
     labels = {"background": 0, "abnormality": 1}
     regions = {"abnormality": [1]}
     label_remap: dict[int, int] = {}
+    # slices stacked along K, annotated one by one: a 2D task; seed report 002 judges it by IoU
+    slice_axis: ClassVar[int | None] = 2
+    primary_metric: ClassVar[str] = "iou"
     # No geometry in the TIFFs: an assumed isotropic 1 mm grid (I, J, K).
     voxel_spacing_mm: ClassVar[tuple[float, float, float]] = (1.0, 1.0, 1.0)
 

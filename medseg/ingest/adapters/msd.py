@@ -27,19 +27,20 @@ from medseg.ingest.adapters.base import (
 )
 from medseg.ingest.adapters.nnunet_raw import dataset_folder, dataset_folders, parse_channel_names, visible_files
 from medseg.io import load_nifti_4d, read_json
-from medseg.schemas import BRATS_CHANNELS, BRATS_LABELS, BRATS_REGIONS, DATASET_JSON, IMAGES_TR, IMAGES_TS, LABELS_TR
+from medseg.schemas import DATASET_JSON, IMAGES_TR, IMAGES_TS, LABELS_TR
+from medseg.task import BRATS2023
 
 logger = logging.getLogger(__name__)
 
-# Task01_BrainTumour: MSD modality name (lower case) of each BraTS 2023 channel, in BRATS_CHANNELS order.
+# Task01_BrainTumour: MSD modality name (lower case) of each BraTS 2023 channel, in BRATS2023.channels order.
 _BRAIN_TUMOUR_MODALITIES = {"t1n": "t1w", "t1c": "t1gd", "t2w": "t2w", "t2f": "flair"}
 # Task01_BrainTumour: MSD label name (lower case, British or American spelling) → BraTS 2023 label value.
 _BRAIN_TUMOUR_LABELS = {
-    "edema": BRATS_LABELS["SNFH"],
-    "non-enhancing tumor": BRATS_LABELS["NETC"],
-    "non-enhancing tumour": BRATS_LABELS["NETC"],
-    "enhancing tumor": BRATS_LABELS["ET"],
-    "enhancing tumour": BRATS_LABELS["ET"],
+    "edema": BRATS2023.labels["SNFH"],
+    "non-enhancing tumor": BRATS2023.labels["NETC"],
+    "non-enhancing tumour": BRATS2023.labels["NETC"],
+    "enhancing tumor": BRATS2023.labels["ET"],
+    "enhancing tumour": BRATS2023.labels["ET"],
 }
 
 
@@ -82,10 +83,10 @@ class MSDAdapter(Adapter):
             channel_index, label_remap = brats
             logger.info("%s: Task01_BrainTumour, mapped onto the BraTS 2023 channels and labels", path)
             clone = self.with_definitions(
-                channel_names=BRATS_CHANNELS,
+                channel_names=BRATS2023.channels,
                 source_channel_index=channel_index,
-                labels=dict(BRATS_LABELS),
-                regions={k: list(v) for k, v in BRATS_REGIONS.items()},
+                labels=BRATS2023.labels_dict(),
+                regions=BRATS2023.regions_dict(),
                 label_remap=label_remap,
             )
         else:
@@ -223,5 +224,5 @@ def _brain_tumour_mapping(
     remap = {value: _BRAIN_TUMOUR_LABELS[name] for value, name in foreground.items()}
     if sorted(remap.values()) != [1, 2, 3]:
         return None
-    channel_index = tuple(lowered.index(_BRAIN_TUMOUR_MODALITIES[channel]) for channel in BRATS_CHANNELS)
+    channel_index = tuple(lowered.index(_BRAIN_TUMOUR_MODALITIES[channel]) for channel in BRATS2023.channels)
     return channel_index, remap

@@ -10,7 +10,7 @@ block (He et al. 2016; the "residual 3D U-Net" of seed report 004), with a 1×1(
 path where the channels or the resolution change; the decoder keeps plain blocks (MONAI's DynUNet).
 
 A topology is a :class:`~medseg.schemas.NetworkTopology` as a dict. :func:`build_network` builds any
-network of :data:`medseg.training.networks.NETWORKS` from it (by its ``name``, default ``"unet"``); the
+network of :data:`medseg.networks.registry.NETWORKS` from it (by its ``name``, default ``"unet"``); the
 counting functions here model the U-Net family (``unet``, ``resunet``, ``unet2d``) so the planner can size
 patches without allocating anything.
 """
@@ -80,8 +80,8 @@ def build_unet(topology: Mapping[str, Any], residual: bool | None = None) -> nn.
 
 def build_network(topology: Mapping[str, Any], **options: Any) -> nn.Module:
     """The network a topology names (``topology["name"]``, default ``"unet"``), see
-    :func:`medseg.training.networks.build_network`. Kept here for the planner, the trainer and the predictor."""
-    from medseg.training.networks import build_network as _build
+    :func:`medseg.networks.registry.build_network`. Kept here for the planner, the trainer and the predictor."""
+    from medseg.networks.registry import build_network as _build
 
     return _build(topology, **options)
 
@@ -96,8 +96,8 @@ def count_parameters(topology: Mapping[str, Any]) -> int:
     projection c_in·c_out wherever the channels or the resolution change (DynUNet keeps plain blocks in
     the decoder). Instance norm without affine parameters adds none.
     """
-    from medseg.training.networks import build_network as _build
-    from medseg.training.networks import network_topology, to_2d_topology
+    from medseg.networks.registry import build_network as _build
+    from medseg.networks.registry import network_topology, to_2d_topology
 
     name = topology.get("name") or ("resunet" if topology.get("residual") else "unet")
     if name not in UNET_FAMILY:

@@ -13,12 +13,15 @@
 - ``swinunetr``: Swin UNETR (Hatamizadeh et al. 2022, BrainLes; MONAI ``SwinUNETR``), a shifted-window
   transformer encoder with a convolutional decoder. Input: each axis divisible by 32, one axis ≥ 64 in
   training (the instance norm of the 1/32 bottleneck needs more than one voxel).
+- ``transunet``: a TransUNet-style hybrid (Chen et al. 2021/2023; seed report 003): the plan's U-Net encoder,
+  a ViT over the tokens of the lowest feature map, the U-Net decoder with skips (:mod:`medseg.networks.transunet`).
+  Input: as ``unet`` (each axis divisible by the product of the strides), at least two bottleneck tokens.
 - ``classifier3d``: a 3D classification CNN after Liu et al. 2020 ("On the design of convolutional neural
   networks for automatic detection of Alzheimer's disease", ML4H workshop; seed report 000): instance norm,
   no early downsampling, a widening factor, optional age input concatenated before the head; logits over
   ``n_classes`` (CN, MCI, AD). Input: each axis ≥ 2**blocks. Its ``input_size`` (default: the patch size)
   and ``input_scale`` options say how a whole preprocessed volume becomes the network's input (one zoom
-  factor for every case, then centre crop/pad: :func:`medseg.training.sampler.fit_volume`); the trainer
+  factor for every case, then centre crop/pad: :func:`medseg.preprocessing.classifier_input.fit_volume`); the trainer
   fills them in, the predictor reads them back from the package.
 
 The MONAI transformer networks need the ``einops`` package.
@@ -46,7 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medseg.training.network import UNET_FAMILY, build_unet, topology_dims
+from medseg.networks.transunet import TRANSUNET_OPTIONS, check_transunet_input, transunet_from_topology
+from medseg.networks.unet import UNET_FAMILY, build_unet, topology_dims
 
 ADNI_CLASSES = ("CN", "MCI", "AD")  # cognitively normal, mild cognitive impairment, Alzheimer's disease
 UNETR_TOKEN = 16  # MONAI UNETR's fixed ViT patch (token) edge, voxels
@@ -221,6 +225,10 @@ def _build_swinunetr(topo: dict[str, Any]) -> nn.Module:
                      use_checkpoint=o["use_checkpoint"], spatial_dims=o["spatial_dims"], use_v2=o["use_v2"])
 
 
+def _build_transunet(topo: dict[str, Any]) -> nn.Module:
+    return transunet_from_topology(topo)
+
+
 def _build_classifier3d(topo: dict[str, Any]) -> nn.Module:
     o = topo["options"]
     return Classifier3D(in_channels=topo["in_channels"], n_classes=topo["out_channels"], widening=o["widening"], channels=tuple(o["channels"]),
@@ -244,6 +252,9 @@ NETWORKS: dict[str, NetworkSpec] = {
                     {"feature_size": 24, "depths": [2, 2, 2, 2], "num_heads": [3, 6, 12, 24], "window_size": 7, "norm": "instance", "drop_rate": 0.0,
                      "attn_drop_rate": 0.0, "dropout_path_rate": 0.0, "use_checkpoint": False, "spatial_dims": 3, "use_v2": False},
                     _build_swinunetr, f"each spatial axis divisible by {SWIN_DIVISOR} and one axis ≥ {2 * SWIN_DIVISOR} (the instance norm of the 1/{SWIN_DIVISOR} bottleneck needs more than one voxel in training); feature_size divisible by 12"),
+        NetworkSpec("transunet", "TransUNet: the plan's U-Net encoder + ViT on the bottleneck tokens + U-Net decoder", "segmentation", True,
+                    {k: v for k, v in TRANSUNET_OPTIONS.items()}, _build_transunet,
+                    "each spatial axis divisible by the product of the strides along it, at least 2 bottleneck tokens; hidden_size divisible by num_heads"),
         NetworkSpec("classifier3d", "3D classification CNN (instance norm, no early downsampling, widening, optional age)", "classification", False,
                     {"widening": 8, "channels": [4, 32, 64, 64], "feature_dim": 1024, "hidden": 512, "use_age": False, "age_dim": 16, "dropout": 0.5,
                      "input_size": None, "input_scale": None},
@@ -300,6 +311,21 @@ def network_topology(name: str, topology: Mapping[str, Any] | None = None, *, in
     if cin is None or cout is None:
         raise ValueError(f"network {name!r} needs in_channels and out_channels (from the topology or as arguments)")
     out: dict[str, Any] = {"name": name, "in_channels": int(cin), "out_channels": int(cout)}
+
+    if name == "transunet":
+        missing = [k for k in ("kernel_sizes", "strides", "features") if k not in base]
+        if missing:
+            raise ValueError(f"network {name!r} is built from the plan's topology, which lacks {missing}")
+        out.update({k: [list(map(int, v)) for v in base[k]] for k in ("kernel_sizes", "strides")})
+        out["features"] = [int(f) for f in base["features"]]
+        out["norm"] = base.get("norm", "instance") if opts["norm"] is None else opts["norm"]
+        out["deep_supervision"] = False
+        out["options"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items() if k != "norm"}
+        if int(out["options"]["hidden_size"]) % int(out["options"]["num_heads"]):
+            raise ValueError(f"transunet: hidden_size {out['options']['hidden_size']} is not divisible by num_heads {out['options']['num_heads']}")
+        if patch_size is not None:
+            check_transunet_input(list(patch_size), out["strides"])
+        return out
 
     if spec.needs_topology:
         missing = [k for k in ("kernel_sizes", "strides", "features") if k not in base]
@@ -363,6 +389,55 @@ def network_topology(name: str, topology: Mapping[str, Any] | None = None, *, in
     return out
 
 
+def accepted_patch(name: str, patch: Sequence[int], median_shape: Sequence[int] | None = None, strides: Sequence[Sequence[int]] | None = None) -> list[int] | None:
+    """The patch (voxels per axis) network ``name`` trains on for a plan's ``patch``: the plan's own where the network
+    takes it, else the smallest patch at least as large whose every axis fits the network's constraint; None when the
+    network cannot run on this configuration (a 2D configuration for the 3D transformers).
+
+    ``unetr``: each axis a multiple of 16 (its token edge). ``swinunetr``: each axis a multiple of 32, and more than one
+    bottleneck voxel (the axis with the largest ``median_shape`` grows to 64 when every axis is 32). The U-Net family
+    and ``transunet`` take the plan's patch (the planner made it divisible by the strides); ``transunet`` also needs two
+    bottleneck tokens, which a patch of exactly the stride product lacks (its largest axis is doubled then).
+    A patch larger than a case is padded by the sampler and the sliding window, as nnU-Net pads small images.
+    """
+    patch = [int(p) for p in patch]
+    spec = _spec(name)
+    if spec.task != "segmentation":
+        return None
+    if name in ("unetr", "swinunetr") and (len(patch) != 3 or min(patch) == 1):
+        return None  # a 2D configuration (slices of thickness 1): the 3D transformers need volumes
+    if name == "unetr":
+        return [max(UNETR_TOKEN, -(-p // UNETR_TOKEN) * UNETR_TOKEN) for p in patch]
+    if name == "swinunetr":
+        out = [max(SWIN_DIVISOR, -(-p // SWIN_DIVISOR) * SWIN_DIVISOR) for p in patch]
+        if math.prod(p // SWIN_DIVISOR for p in out) < 2:
+            order = list(median_shape) if median_shape is not None else out
+            axis = max(range(len(out)), key=lambda a: order[a])
+            out[axis] = 2 * SWIN_DIVISOR
+        return out
+    if name == "transunet" and strides is not None:
+        divisor = [math.prod(s[a] for s in strides) for a in range(len(patch))]
+        if math.prod(p // d for p, d in zip(patch, divisor)) < 2:
+            axis = max(range(len(patch)), key=lambda a: patch[a] // divisor[a] if divisor[a] else 0)
+            patch[axis] *= 2
+    return patch
+
+
+def network_patch_sizes(configuration: Mapping[str, Any]) -> dict[str, list[int]]:
+    """For a planned configuration (``plans.json``), the patch every segmentation network would train on, where it
+    differs from the plan's (:func:`accepted_patch`); the planner records it as ``network_patch_sizes``."""
+    patch = [int(p) for p in configuration["patch_size"]]
+    strides = (configuration.get("network") or {}).get("strides")
+    out = {}
+    for name, spec in NETWORKS.items():
+        if spec.task != "segmentation":
+            continue
+        fitted = accepted_patch(name, patch, configuration.get("median_shape"), strides)
+        if fitted is not None and fitted != patch:
+            out[name] = fitted
+    return out
+
+
 def build_network(topology: Mapping[str, Any], **options: Any) -> nn.Module:
     """The network ``topology["name"]`` (default ``"unet"``) names, built from a (plan or resolved) topology.
 
@@ -387,5 +462,5 @@ def n_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return int(sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only))
 
 
-__all__ = ["ADNI_CLASSES", "NETWORKS", "UNET_FAMILY", "Classifier3D", "NetworkSpec", "SliceWise2D", "age_encoding", "build_network",
+__all__ = ["ADNI_CLASSES", "accepted_patch", "network_patch_sizes", "NETWORKS", "UNET_FAMILY", "Classifier3D", "NetworkSpec", "SliceWise2D", "age_encoding", "build_network",
            "build_network_by_name", "n_parameters", "network_topology", "to_2d_topology"]
