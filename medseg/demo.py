@@ -18,6 +18,7 @@ from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.io import read_json, write_json
 from medseg.pipeline import runner
+from medseg.task import Task
 
 TASK_ORDER = ("ingest", "preprocess", "tune", "train", "evaluate", "register", "promote", "serve")
 
@@ -86,7 +87,7 @@ def run_demo(params_file: Path, out_dir: Path) -> int:
 
     tracking = f"sqlite:///{paths['mlflow_db']}"
     args = runner.pipeline_arguments(params, paths["raw"], tracking, sqlite_url(paths["optuna_db"]))
-    log_file = paths["work"] / "logs" / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_file = paths["work"] / "logs" / schemas.PIPELINE_LOG_PATTERN.format(stamp=time.strftime('%Y%m%d-%H%M%S'))
     print(f"[2/4] training pipeline with kfp.local (pipeline root {paths['kfp']}; full log {log_file})", flush=True)
     started = time.time()
     result = _run_pipeline_logged(params_file, paths, log_file)
@@ -94,7 +95,9 @@ def run_demo(params_file: Path, out_dir: Path) -> int:
     tasks = result["tasks"]
 
     metrics = schemas.Metrics.load(Path(tasks["evaluate"]["evaluation"]))
-    smoke = read_json(Path(tasks["serve"]["result"]) / "smoke.json")
+    task = Task.from_folder(Path(tasks["ingest"]["dataset"]))
+    model_name = str(runner.task_parameters(run_dir, "register").get("model_name") or args["model_name"])
+    smoke = read_json(Path(tasks["serve"]["result"]) / schemas.SMOKE_JSON)
     if not smoke.get("model_version"):  # no champion at all: a first model under the thresholds
         smoke = None
     decision = read_json(tasks["promote"]["decision"])
@@ -102,37 +105,45 @@ def run_demo(params_file: Path, out_dir: Path) -> int:
     print("[3/4] served one held-out case through the KServe V2 endpoint", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     for key in ("segmentation", "overlay"):
-        if smoke:
+        if smoke and smoke.get(key):
             shutil.copy2(smoke[key], out_dir / Path(smoke[key]).name)
-    for name in ("report.md", "report.html", "dice_boxplot.png", "metrics.json", "per_case.csv", "cases.csv", "example_overlay.png"):
+    for name in (schemas.REPORT_MD, schemas.REPORT_HTML, schemas.DICE_BOXPLOT_PNG, schemas.METRICS_JSON, schemas.PER_CASE_CSV, schemas.CASES_CSV,
+                 schemas.EXAMPLE_OVERLAY_PNG):
         src = Path(tasks["evaluate"]["evaluation"]) / name
         if src.exists():
             shutil.copy2(src, out_dir / name)
 
     stage_s = {"synth": round(synth_s, 1), **_stage_seconds(run_dir, started)}
-    dice = {r: metrics.mean.get(r, {}).get("dice", float("nan")) for r in ("WT", "TC", "ET")}
-    hd95 = {r: metrics.mean.get(r, {}).get("hd95", float("nan")) for r in ("WT", "TC", "ET")}
-    print(f"[4/4] held-out test cases: {metrics.n_cases}")
-    for r in ("WT", "TC", "ET"):
-        lesionwise = metrics.mean.get(r, {}).get("lesionwise_dice_2023")
-        extra = f"   lesion-wise Dice (BraTS 2023) {lesionwise:.4f}" if lesionwise is not None else ""
+    groups = list(task.reported_groups) or list(task.gate_groups)
+    dice = {r: metrics.mean.get(r, {}).get("dice", float("nan")) for r in groups}
+    hd95 = {r: metrics.mean.get(r, {}).get("hd95", float("nan")) for r in groups}
+    lesionwise_key = f"lesionwise_dice_{task.lesionwise_suffix}" if task.lesionwise_suffix else None
+    print(f"[4/4] held-out test cases: {metrics.n_cases} ({task!r})")
+    if task.is_classification:
+        print(f"      {task.headline(metrics.mean)}")
+    for r in groups if task.is_segmentation else ():
+        lesionwise = metrics.mean.get(r, {}).get(lesionwise_key) if lesionwise_key else None
+        extra = f"   lesion-wise Dice ({task.lesionwise}) {lesionwise:.4f}" if lesionwise is not None else ""
         print(f"      {r}: Dice {dice[r]:.4f}   HD95 {hd95[r]:.2f} mm{extra}")
     print(f"      promotion: {'promoted' if decision.get('promoted') else 'refused'} ({decision.get('reason')})")
     if smoke:
-        print(f"      served case {smoke['case_id']} (champion v{smoke['model_version']}): volumes (ml) {json.dumps({k: round(v, 1) for k, v in smoke['volumes_ml'].items()})}, request {smoke['request_seconds']} s")
+        answer = (f"volumes (ml) {json.dumps({k: round(v, 1) for k, v in smoke['volumes_ml'].items()})}" if smoke.get("volumes_ml") is not None
+                  else f"label {smoke.get('label')} {json.dumps({k: round(v, 3) for k, v in (smoke.get('probabilities') or {}).items()})}")
+        print(f"      served case {smoke['case_id']} (champion v{smoke['model_version']}): {answer}, request {smoke['request_seconds']} s")
     else:
         print("      nothing served: no model has passed the promotion gate yet (see the registry tags for why)")
-    print(f"      segmentation and overlay: {out_dir.resolve()}/")
+    print(f"      answer and report: {out_dir.resolve()}/")
     print("      wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in stage_s.items()))
-    print(f"\nOpen the MLflow UI on these results:\n  .venv/bin/mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000\n  then browse http://127.0.0.1:5000 (experiment 'medseg', model '{args['model_name']}')")
-    print(f"Serve the champion yourself:\n  .venv/bin/medseg serve --model models:/{args['model_name']}@champion --name {args['model_name']} --port 8080   (with MLFLOW_TRACKING_URI={tracking})\n")
+    print(f"\nOpen the MLflow UI on these results:\n  .venv/bin/mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000\n  then browse http://127.0.0.1:5000 (experiment 'medseg', model '{model_name}')")
+    print(f"Serve the champion yourself:\n  .venv/bin/medseg serve --model models:/{model_name}@champion --name {model_name} --port 8080   (with MLFLOW_TRACKING_URI={tracking})\n")
     summary = {
-        "wt_dice": round(dice["WT"], 4), "tc_dice": round(dice["TC"], 4), "et_dice": round(dice["ET"], 4),
-        "model_name": args["model_name"], "model_version": smoke["model_version"] if smoke else None, "alias": "champion",
+        **({f"{r.lower()}_dice": round(dice[r], 4) for r in groups} if task.is_segmentation else
+           {k: round(float(v), 4) for k, v in task.reported_metrics({"all": metrics.mean.get("all", {})}).items()}),
+        "model_name": model_name, "model_version": smoke["model_version"] if smoke else None, "alias": "champion",
         "endpoint_ok": bool(smoke and smoke["endpoint_ok"]), "wall_s": round(time.perf_counter() - t_start, 1),
     }
     # the Dice values are the newly trained version's; model_version is the champion that answered
-    write_json(out_dir / "summary.json", {**summary, "registered_version": decision.get("version"), "promoted": bool(decision.get("promoted")),
+    write_json(out_dir / schemas.DEMO_SUMMARY_JSON, {**summary, "registered_version": decision.get("version"), "promoted": bool(decision.get("promoted")),
                                           "promotion_reason": decision.get("reason"), "stage_seconds": stage_s, "run_dir": str(run_dir)})
     print(json.dumps(summary))
     return 0

@@ -57,6 +57,25 @@ MODEL_DIR = "model"  # the model package inside a training folder
 SMOKE_JSON = "smoke.json"
 DECISION_JSON = "decision.json"
 CASE_PROPERTIES_SUFFIX = ".json"  # <configuration>/<CASE>.json beside <CASE>.npy
+CASE_IMAGE_SUFFIX = ".npy"  # <configuration>/<CASE>.npy: the preprocessed image
+CASE_SEG_SUFFIX = "_seg.npy"  # <configuration>/<CASE>_seg.npy: the preprocessed segmentation
+CASE_PREVIOUS_STAGE_SUFFIX = "_prev.npy"  # <configuration>_cascade/<CASE>_prev.npy: a cascade's previous-stage map
+CASCADE_JSON = "cascade.json"  # which low-resolution package made the previous-stage maps
+VOLUMES_CSV = "volumes.csv"  # batch prediction: volumes per case and group (a classifier: probabilities)
+PREDICTIONS_CSV = "predictions.csv"  # batch prediction of a classifier: label and probabilities per case
+DEMO_SUMMARY_JSON = "summary.json"
+SERVER_LOG = "server.log"
+SEGMENTATION_SUFFIX = "_seg.nii.gz"  # a served answer written beside its case: <CASE>_seg.nii.gz
+OVERLAY_SUFFIX = "_overlay.png"
+DDP_SPEC_JSON = "ddp_spec.json"  # what a torchrun job's workers train
+DDP_RESULT_JSON = "train_result.json"  # what rank 0 of a torchrun job hands back
+KFP_EXECUTOR_OUTPUT_JSON = "executor_output.json"  # kfp.local's record of a task's output parameters and metrics
+FOLD_WEIGHTS_PATTERN = "weights_fold{fold}.pt"  # an ensemble package's members
+ROC_PNG_PATTERN = "roc_{name}.png"  # a classifier's one-vs-rest ROC curve per class
+PIPELINE_LOG_PATTERN = "pipeline-{stamp}.log"  # make demo's full pipeline log
+PROMOTION_RECORD_PATTERN = "{seq:06d}-v{version}-{decision}.json"  # one gate decision in the version's run
+PARAMS_YAML = "params.yaml"  # the parameter file (not an artefact: the project's defaults)
+MLFLOW_DB, OPTUNA_DB = "mlflow.db", "optuna.db"  # the local SQLite stores under the work folder
 IMAGES_TR, LABELS_TR, IMAGES_TS, LABELS_TS = "imagesTr", "labelsTr", "imagesTs", "labelsTs"
 
 T = TypeVar("T", bound="Artifact")
@@ -299,6 +318,10 @@ class Plans(Artifact):
     use_nonzero_mask: bool = True
     schema_version: int = SCHEMA_VERSION
     trained_configurations: list[str] = field(default_factory=list)  # the configurations preprocessed for training
+    # what the run trains, when the preprocessing was asked for one (``configuration: auto`` picks from the task and the
+    # plan, medseg.task.Task.choose_configuration): the configuration name and why
+    chosen_configuration: str = ""
+    configuration_reason: str = ""
 
     def configuration(self, name: str | None = None) -> Configuration:
         name = name or self.default_configuration

@@ -74,7 +74,7 @@ def _training_resources(task: dsl.PipelineTask) -> None:
         kubernetes.add_toleration(task, **tol)
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Self-configuring 3D segmentation: ingest, plan, tune in parallel, train, evaluate, register, promote, smoke-serve and deploy a model.")
+@dsl.pipeline(name=PIPELINE_NAME, description="Self-configuring segmentation and classification: ingest, plan, tune in parallel, train, evaluate, register, promote, smoke-serve and deploy a model for the dataset's task.")
 def training_pipeline(
     source: str,
     mlflow_tracking_uri: str = "",
@@ -85,6 +85,7 @@ def training_pipeline(
     test_fraction: float = DEFAULTS["test_fraction"],
     seed: int = DEFAULTS["seed"],
     device_budget: str = DEFAULTS["device_budget"],
+    configuration: str = DEFAULTS["configuration"],
     train_params: dict = DEFAULTS["train_params"],
     tune_params: dict = DEFAULTS["tune_params"],
     n_trials: int = DEFAULTS["n_trials"],
@@ -92,30 +93,31 @@ def training_pipeline(
     overlap: float = DEFAULTS["overlap"],
     thresholds: dict = DEFAULTS["thresholds"],
     promotion_margin: float = DEFAULTS["promotion_margin"],
-    primary_region: str = DEFAULTS["primary_region"],
+    gate_metric: str = DEFAULTS["gate_metric"],
     deploy_target: str = DEFAULTS["deploy_target"],
     deploy_config: dict = DEFAULTS["deploy_config"],
 ):
-    """Train, evaluate, register and promote a segmentation model, smoke-test it behind KServe, deploy the champion.
+    """Train, evaluate, register and promote a model for the dataset's task, smoke-test it behind KServe, deploy the champion.
 
     Args:
-        source: Folder (or mounted volume path) holding the raw dataset, e.g. a BraTS 2023 layout.
+        source: Folder (or mounted volume path) holding the raw dataset in any supported layout (BraTS, MSD, nnU-Net raw, Kaggle LGG slices, DICOM series, classification CSV).
         mlflow_tracking_uri: MLflow tracking server URL; empty = the MLFLOW_TRACKING_URI from the medseg-mlflow Secret.
         optuna_storage: SQLAlchemy URL of the Optuna study database; empty = OPTUNA_STORAGE from the medseg-optuna Secret.
-        model_name: Registered model name in MLflow (aliases challenger / champion / previous-champion).
+        model_name: Registered model name in MLflow (aliases challenger / champion / previous-champion); auto: <source format>-<task kind>.
         source_format: Layout of the raw data: auto, or an adapter name such as brats2023.
         n_folds: Cross-validation folds, split by patient.
         test_fraction: Share of patients held out for the test set that gates promotion.
         seed: Seed of the patient-level splits.
         device_budget: Planning budget: cpu, or gpu:<GiB> to size the patch for a GPU's memory.
-        train_params: Training parameters (epochs, iterations_per_epoch, learning_rate, optimizer, loss, ...).
+        configuration: What to train: auto (2d for slice sets and strongly anisotropic data, else 3d_fullres, as nnU-Net), 2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres.
+        train_params: Training parameters (epochs, iterations_per_epoch, learning_rate, optimizer, network and loss: auto follows the task, ...).
         tune_params: Overrides of train_params for each short Optuna trial.
         n_trials: Number of Optuna trials, shared by the tune workers.
         tune_workers: Optuna workers running in parallel pods on the shared study (at most n_trials are used).
         overlap: Sliding-window overlap at evaluation (0 to <1).
-        thresholds: Minimum mean held-out Dice per region for the challenger alias, e.g. {"WT": 0.8}.
-        promotion_margin: How much worse than the champion a challenger may be and still count as non-inferior.
-        primary_region: Region whose Dice decides promotion.
+        thresholds: Absolute thresholds for the challenger alias: {"auto": true} the task's own, {} none, or {"GROUP[/METRIC]": value} e.g. {"WT": 0.8} or {"all/log_loss": 0.9}.
+        promotion_margin: How much worse than the champion a challenger may be and still count as non-inferior (in the gate metric's units).
+        gate_metric: Per-case metric the gate compares: auto (the task's primary metric: Dice, IoU for slice sets that name it, log-loss for classifiers) or auc_macro (classifiers).
         deploy_target: Where the champion is deployed: kserve (InferenceService in deploy_config's namespace) or local (127.0.0.1, kfp.local runs).
         deploy_config: medseg.deploy.DeployConfig fields (namespace, replicas, resources, gpu, canary, Prometheus URL, Secrets by name).
     """
@@ -123,7 +125,7 @@ def training_pipeline(
     ingested.set_display_name("Ingest and validate")
     ingested.set_caching_options(False)  # the same source path may hold new data: always re-read it
     _mount_source_data(ingested)
-    pre = preprocess(dataset=ingested.outputs["dataset"], device_budget=device_budget)
+    pre = preprocess(dataset=ingested.outputs["dataset"], device_budget=device_budget, configuration=configuration)
     pre.set_display_name("Fingerprint, plan, preprocess")
     pre.set_caching_options(True)  # deterministic given the dataset and the budget
     shards = tune_shards(n_workers=tune_workers, n_trials=n_trials, optuna_storage=optuna_storage, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
@@ -131,7 +133,8 @@ def training_pipeline(
     shards.set_caching_options(False)  # creates the run's study in the database
     with dsl.ParallelFor(shards.output, name="tune-workers") as worker_index:
         worker = tune_worker(preprocessed=pre.outputs["preprocessed"], worker_index=worker_index, n_workers=tune_workers, train_params=train_params,
-                             tune_params=tune_params, n_trials=n_trials, optuna_storage=optuna_storage, mlflow_tracking_uri=mlflow_tracking_uri,
+                             tune_params=tune_params, n_trials=n_trials, configuration=pre.outputs["configuration"], optuna_storage=optuna_storage,
+                             mlflow_tracking_uri=mlflow_tracking_uri,
                              pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         worker.set_display_name("Tune worker (Optuna)")
         _training_resources(worker)
@@ -140,7 +143,7 @@ def training_pipeline(
                  pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     tuned.set_display_name("Tune: best parameters of the study")
     trained = train(preprocessed=pre.outputs["preprocessed"], best_params=tuned.outputs["best_params"], train_params=train_params,
-                    mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+                    configuration=pre.outputs["configuration"], mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     trained.set_display_name("Train")
     evaluated = evaluate(model=trained.outputs["model"], dataset=ingested.outputs["dataset"], overlap=overlap)
     evaluated.set_display_name("Evaluate on held-out cases")
@@ -150,20 +153,21 @@ def training_pipeline(
                           mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     registered.set_display_name("Register (MLflow)")
     registered.set_caching_options(False)
-    promoted = promote(model_name=model_name, version=registered.outputs["version"], evaluation=evaluated.outputs["evaluation"],
-                       margin=promotion_margin, primary_region=primary_region, mlflow_tracking_uri=mlflow_tracking_uri)
+    registered_name = registered.outputs["model_name"]  # model_name, or the task's own name for auto
+    promoted = promote(model_name=registered_name, version=registered.outputs["version"], evaluation=evaluated.outputs["evaluation"],
+                       margin=promotion_margin, gate_metric=gate_metric, mlflow_tracking_uri=mlflow_tracking_uri)
     promoted.set_display_name("Promote (gate)")
     promoted.set_caching_options(False)
     # serve whatever is champion after the gate (the new version, or the old one when it was refused); with no
     # champion at all (a first model under the thresholds) the step records that and serves nothing. (A dsl.If on
     # the promote step's output would say this too, but kfp.local cannot resolve named task outputs in conditions.)
-    served = serve(model_name=model_name, alias="champion", dataset=ingested.outputs["dataset"], mlflow_tracking_uri=mlflow_tracking_uri)
+    served = serve(model_name=registered_name, alias="champion", dataset=ingested.outputs["dataset"], mlflow_tracking_uri=mlflow_tracking_uri)
     served.after(promoted)
     served.set_display_name("Serve (KServe smoke test)")
     served.set_caching_options(False)
     # deploy the champion pinned to its version (promote's champion_version: the new version if it passed the
     # gate, else the one already serving; empty when there is none and the step records that)
-    deployed = deploy(model_name=model_name, champion_version=promoted.outputs["champion_version"], target=deploy_target, config=deploy_config,
+    deployed = deploy(model_name=registered_name, champion_version=promoted.outputs["champion_version"], target=deploy_target, config=deploy_config,
                       serve_image=SERVE_IMAGE, mlflow_tracking_uri=mlflow_tracking_uri)
     deployed.set_display_name("Deploy (KServe InferenceService)")
     deployed.set_caching_options(False)  # acts on the cluster and the registry: never replay an old answer

@@ -277,3 +277,29 @@ def test_hausdorff_on_regions() -> None:
     loss = build_loss("hausdorff_dt", sigmoid=True, regions=BRATS)
     assert float(loss(30 * (2 * t - 1), y)) < 1e-6
     assert float(loss(-30 * (2 * t - 1), y)) > 0.9
+
+
+def test_hausdorff_weight_ramps_up_over_training() -> None:
+    """dice_ce_hausdorff: the Hausdorff term starts at weight 0 and reaches hausdorff_weight after `ramp` of the epochs
+    (the trainer calls set_epoch at the start of every epoch); ramp 0 gives the full weight at once."""
+    from medseg.training.losses import build_loss
+
+    loss = build_loss("dice_ce_hausdorff", hausdorff_weight=0.2, ramp=0.5)
+    assert loss.weights == [1.0, 0.2]  # outside a trainer: the full weights
+    seen = []
+    for epoch in range(10):
+        loss.set_epoch(epoch, 10)
+        seen.append(loss.weights[1])
+    assert seen[0] == 0.0 and seen[5:] == [0.2] * 5 and all(a < b for a, b in zip(seen[:5], seen[1:6]))
+    assert seen[1] == pytest.approx(0.2 * 1 / 5)
+    logits = torch.randn(1, 3, 8, 8, 8)
+    target = torch.randint(0, 3, (1, 1, 8, 8, 8))
+    loss.set_epoch(0, 10)
+    at_start = float(loss(logits, target))
+    loss.set_epoch(9, 10)
+    assert float(loss(logits, target)) > at_start  # the Hausdorff term (> 0) has been added
+    flat = build_loss("dice_ce_hausdorff", hausdorff_weight=0.2, ramp=0.0)
+    flat.set_epoch(0, 10)
+    assert flat.weights == [1.0, 0.2]
+    with pytest.raises(ValueError, match="ramps"):
+        build_loss("dice_ce_hausdorff", ramp=1.5)

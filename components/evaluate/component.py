@@ -6,21 +6,22 @@ from components.image import COMPONENT_OPTIONS, image
 
 @dsl.component(base_image=image("evaluate"), **COMPONENT_OPTIONS)
 def evaluate(model: Input[Model], dataset: Input[Dataset], overlap: float, evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML]):
-    """Sliding-window inference on the held-out test split: the evaluation folder (metrics.json, per-case
-    and long-form CSVs, report.md, report.html), headline numbers as KFP Metrics, and the report as
-    Markdown and as a self-contained HTML page (both shown in the KFP UI). A classification dataset with a
-    classifier package gets the classification report (accuracy, balanced accuracy, ROC-AUC per class)."""
+    """The held-out test split scored as the dataset's task says: segmentation (sliding-window inference, Dice/IoU/HD95
+    per reported group, the official lesion-wise numbers where they apply) or classification (accuracy, balanced
+    accuracy, ROC-AUC, log-loss). Writes the evaluation folder (metrics.json, per-case CSVs, report.md, report.html);
+    every number the task reports goes to the KFP Metrics artefact (the same keys MLflow gets at registration)."""
     import shutil
     from pathlib import Path
 
+    from medseg import schemas
     from medseg.evaluation.stage import run_evaluate
+    from medseg.task import Task
 
     result = run_evaluate(Path(model.path), Path(dataset.path), Path(evaluation.path), overlap=overlap, progress=False)
-    headline = ("dice", "hd95", "pq_dsc", "lesionwise_dice_2023", "lesionwise_hd95_2023", "lesionwise_dice_2024", "lesionwise_hd95_2024",
-                "accuracy", "balanced_accuracy", "auc_macro", "auc")  # the last four: classification datasets (all_accuracy, CN_auc, ...)
-    for name, values in result.mean.items():
-        for key in headline:
-            if key in values:
-                metrics.log_metric(f"{name}_{key}", round(float(values[key]), 4))
-    shutil.copy(Path(evaluation.path) / "report.md", report.path)
-    shutil.copy(Path(evaluation.path) / "report.html", report_html.path)
+    task = Task.from_folder(Path(dataset.path))
+    for key, value in task.reported_metrics(result.mean).items():
+        metrics.log_metric(key, round(float(value), 4))
+    metrics.log_metric("n_cases", float(result.n_cases))
+    shutil.copy(Path(evaluation.path) / schemas.REPORT_MD, report.path)
+    shutil.copy(Path(evaluation.path) / schemas.REPORT_HTML, report_html.path)
+    evaluation.metadata.update({"task": task.kind, "primary_metric": task.primary_metric, "headline": task.headline(result.mean)})

@@ -1,3 +1,5 @@
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
@@ -5,12 +7,18 @@ from components.image import COMPONENT_OPTIONS, image
 
 
 @dsl.component(base_image=image("preprocess"), **COMPONENT_OPTIONS)
-def preprocess(dataset: Input[Dataset], device_budget: str, preprocessed: Output[Dataset]):
-    """Fingerprint the dataset, plan under the device budget, preprocess the training cases."""
+def preprocess(dataset: Input[Dataset], device_budget: str, configuration: str, preprocessed: Output[Dataset]) -> NamedTuple("Preprocessed", [("configuration", str)]):
+    """Fingerprint the dataset, plan under the device budget, choose the configuration to train (``auto``: as nnU-Net
+    does, from the dataset's task and the plan) and preprocess the training cases for it."""
+    from collections import namedtuple
     from pathlib import Path
 
     from medseg.preprocessing.preprocess import run_preprocessing
 
-    plans = run_preprocessing(Path(dataset.path), Path(preprocessed.path), budget=device_budget, progress=False)
-    config = plans.configuration()
-    preprocessed.metadata.update({"plan_hash": plans.content_hash(), "patch_size": config.patch_size, "spacing": config.spacing, "n_parameters": config.n_parameters})
+    plans = run_preprocessing(Path(dataset.path), Path(preprocessed.path), budget=device_budget, progress=False, configuration=configuration)
+    chosen = plans.chosen_configuration
+    config = plans.configuration("3d_fullres" if chosen == "3d_cascade_fullres" else chosen)
+    preprocessed.metadata.update({"plan_hash": plans.content_hash(), "configuration": chosen, "requested_configuration": configuration,
+                                  "configuration_reason": plans.configuration_reason, "patch_size": config.patch_size, "spacing": config.spacing,
+                                  "n_parameters": config.n_parameters})
+    return namedtuple("Preprocessed", ["configuration"])(chosen)

@@ -7,20 +7,22 @@ from components.image import COMPONENT_OPTIONS, image
 
 
 @dsl.component(base_image=image("register"), **COMPONENT_OPTIONS)
-def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Dataset], model_name: str, thresholds: dict, mlflow_tracking_uri: str, pipeline_run_id: str) -> NamedTuple("Registered", [("version", str), ("challenger", bool)]):
-    """Log and register the model with lineage tags; alias ``challenger`` when it clears the thresholds."""
+def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Dataset], model_name: str, thresholds: dict, mlflow_tracking_uri: str,
+             pipeline_run_id: str) -> NamedTuple("Registered", [("version", str), ("challenger", bool), ("model_name", str)]):
+    """Log and register the model with its lineage and every metric its task reports; alias ``challenger`` (under the
+    promotion lock) when it clears the thresholds (``{"auto": true}``: the task's own). ``model_name`` ``auto``: one
+    registered model per task (``<source format>-<kind>``)."""
     from collections import namedtuple
     from pathlib import Path
 
     from medseg import schemas
+    from medseg.registry.lineage import build_lineage
     from medseg.registry.pyfunc_model import input_example_from_dataset
     from medseg.registry.registry import register_model
-    from medseg.tracking import git_commit, resolve_tracking_uri
+    from medseg.tracking import resolve_tracking_uri
 
-    manifest = schemas.Manifest.load(Path(dataset.path))
-    # plan hash and training run id are read from the model package by register_model itself
-    lineage = {"manifest_hash": manifest.content_hash, "git_commit": git_commit(), "pipeline_run_id": pipeline_run_id}
+    lineage = build_lineage(Path(model.path), Path(dataset.path), pipeline_run_id=pipeline_run_id)
     metrics = schemas.Metrics.load(Path(evaluation.path))
     out = register_model(Path(model.path), metrics, model_name, resolve_tracking_uri(mlflow_tracking_uri), lineage, thresholds, report_dir=Path(evaluation.path),
                          input_example=input_example_from_dataset(Path(dataset.path), Path(model.path)))
-    return namedtuple("Registered", ["version", "challenger"])(str(out["version"]), bool(out["challenger"]))
+    return namedtuple("Registered", ["version", "challenger", "model_name"])(str(out["version"]), bool(out["challenger"]), str(out["name"]))

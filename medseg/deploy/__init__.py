@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from medseg import schemas
 from medseg.errors import MedsegError
 
 __all__ = ["add_arguments", "run"]
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="registered model name (default: registry.model_name of --params)")
     parser.add_argument("--version", default="champion", help="version number, or an alias resolved now and pinned (default: champion)")
     parser.add_argument("--target", choices=["kserve", "local"], default=None, help="kserve (the cluster of the kubeconfig / service account) or local (127.0.0.1); default: deploy.target of --params")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file with the deploy: and cluster: sections (default: params.yaml)")
+    parser.add_argument("--params", type=Path, default=Path(schemas.PARAMS_YAML), help="parameter file with the deploy: and cluster: sections (default: params.yaml)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///WORK/mlflow.db)")
     parser.add_argument("--namespace", default=None, help="Kubernetes namespace (default: deploy.namespace)")
     parser.add_argument("--image", default=None, help="predictor image (default: <MEDSEG_IMAGE_REGISTRY>/medseg-serve:<MEDSEG_IMAGE_TAG>, as the pipeline compiles it)")

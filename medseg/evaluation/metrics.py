@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage
 
-from medseg.task import BRATS2023
 from medseg.errors import MedsegError
 
 if TYPE_CHECKING:  # the panoptic module imports this one
@@ -394,7 +393,7 @@ def evaluate_case(
     regions: Mapping[str, Sequence[int]],
     penalty_mm: float = HD95_PENALTY_MM,
     lesionwise: str | None = None,
-    panoptic: PanopticSetting | str | None = "brats2025",
+    panoptic: PanopticSetting | str | None = "default",
 ) -> dict[str, dict[str, float]]:
     """All metrics of one case, for every region and every foreground label.
 
@@ -402,9 +401,9 @@ def evaluate_case(
         pred: predicted label map, shape (I, J, K), integer values from ``labels``.
         ref: reference label map, same shape.
         spacing: voxel size in mm per axis, (I, J, K) order (e.g. from the reference NIfTI header).
-        labels: label name → value, as in ``dataset.json`` (e.g. ``BRATS2023.labels_dict()``); value 0
+        labels: label name → value, as in ``dataset.json`` (e.g. :data:`medseg.task.BRATS2023` ``.labels``); value 0
             is background and is not reported.
-        regions: region name → the label values it unites (e.g. ``BRATS2023.regions_dict()``: WT = {1, 2, 3},
+        regions: region name → the label values it unites (e.g. :data:`medseg.task.BRATS2023` ``.regions``: WT = {1, 2, 3},
             TC = {1, 3}, ET = {3}).
         penalty_mm: HD95 / ASSD when exactly one of the two masks is empty.
         lesionwise: also compute the BraTS lesion-wise metrics with this official setting of

@@ -119,6 +119,10 @@ PANOPTICA_DEFAULT = PanopticSetting(name="panoptica", matcher="naive", matching_
 BRATS2025 = PanopticSetting(name="brats2025", matcher="bipartite", matching_metric="dsc", matching_threshold=1e-6)
 #: ``evaluate_case(panoptic=name)`` → setting.
 PANOPTIC_SETTINGS: dict[str, PanopticSetting] = {s.name: s for s in (PANOPTICA_DEFAULT, BRATS2025)}
+#: The instance matcher evaluation uses unless told otherwise (``"default"``): the challenge's current one (Dice-based
+#: bipartite matching).
+DEFAULT_MATCHER = "default"
+PANOPTIC_SETTINGS[DEFAULT_MATCHER] = BRATS2025
 
 
 def panoptic_setting(setting: PanopticSetting | str) -> PanopticSetting:

@@ -43,6 +43,7 @@ from medseg.evaluation.metrics import (
     evaluate_case,
     evaluation_keys,
 )
+from medseg.evaluation.lesionwise import SETTINGS as LESIONWISE_SETTINGS
 from medseg.evaluation.report_html import report_html
 from medseg.schemas import METRICS_JSON, PER_CASE_CSV, DatasetJson, Metrics
 from medseg.visualize import CaseSlices, case_slices
@@ -65,10 +66,7 @@ __all__ = [
     "run",
 ]
 
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
-CASES_CSV = "cases.csv"
-DICE_BOXPLOT_PNG = "dice_boxplot.png"
+from medseg.schemas import CASES_CSV, DICE_BOXPLOT_PNG, REPORT_HTML, REPORT_MD  # noqa: E402  (file names live in schemas)
 #: Largest difference (mm) tolerated between the prediction's and the label's affine entries: NIfTI
 #: stores the affine as float32, so a prediction written by another tool may differ in the last bits.
 AFFINE_ATOL_MM = 1e-3
@@ -88,7 +86,7 @@ def evaluate_arrays(
     progress: bool = False,
     total: int | None = None,
     lesionwise: str | None = None,
-    panoptic: PanopticSetting | str | None = "brats2025",
+    panoptic: PanopticSetting | str | None = "default",
     keep_slices: bool = True,
 ) -> Metrics:
     """Evaluate in-memory cases and write the report files to ``out_dir``.
@@ -151,7 +149,7 @@ def evaluate_arrays(
     )
     notes = []
     if lesionwise:
-        notes.append(f"Lesion-wise numbers: the official BraTS scorer's rules, setting {lesionwise!r} (medseg.evaluation.lesionwise).")
+        notes.append(f"Lesion-wise numbers: the official challenge scorer's rules, setting {lesionwise!r} (medseg.evaluation.lesionwise).")
     if panoptic is not None:
         notes.append(f"Instance matching: {getattr(panoptic, 'name', panoptic)!s} (medseg.evaluation.panoptic).")
     write_report(
@@ -220,9 +218,9 @@ def evaluate_folder(
             more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
             raise MedsegError(f"{what} file not found (nor a -seg{ending} one){more}", missing[0])
     if lesionwise == "auto":
-        from medseg.evaluation.stage import lesionwise_setting  # stage imports this module
+        from medseg.task import Task
 
-        lesionwise = lesionwise_setting(dataset_json)
+        lesionwise = Task.from_dataset(dataset_json).lesionwise
 
     def pairs() -> Iterator[CasePair]:
         for case_id in case_ids:
@@ -462,8 +460,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"HD95/ASSD when exactly one of prediction and label is empty (default {HD95_PENALTY_MM})",
     )
     parser.add_argument(
-        "--lesionwise", default="auto", choices=["auto", "none", "brats2023", "brats2023_mets", "brats2024"],
-        help="BraTS lesion-wise metrics: auto (from dataset.json: BraTS labels -> 2023, brats2024 -> 2024), none, or a setting",
+        "--lesionwise", default="auto", choices=["auto", "none", *sorted(LESIONWISE_SETTINGS)],
+        help="official lesion-wise metrics: auto (the dataset's task decides: medseg.task.Task.lesionwise), none, or a setting",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

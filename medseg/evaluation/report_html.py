@@ -49,8 +49,8 @@ METRIC_LABELS: dict[str, tuple[str, int]] = {
 }
 for _year in ("2023", "2024"):
     METRIC_LABELS.update({
-        f"lesionwise_dice_{_year}": (f"Lesion-wise Dice (BraTS {_year})", 3),
-        f"lesionwise_hd95_{_year}": (f"Lesion-wise HD95 (mm, BraTS {_year})", 2),
+        f"lesionwise_dice_{_year}": (f"Lesion-wise Dice ({_year} rules)", 3),
+        f"lesionwise_hd95_{_year}": (f"Lesion-wise HD95 (mm, {_year} rules)", 2),
         f"lesion_tp_{_year}": (f"Lesions detected (TP, {_year})", 2),
         f"lesion_fp_{_year}": (f"Lesion false positives (FP, {_year})", 2),
         f"lesion_fn_{_year}": (f"Lesions missed (FN, {_year})", 2),

@@ -60,9 +60,9 @@ def choose_min_volumes(cases: list[tuple[np.ndarray, np.ndarray]], spacing: Sequ
     return chosen, baseline, best_score
 
 
-# --------------------------------------------------------------------------- BraTS ET → NETC rule
-ET_CANDIDATE_VOXELS = (0, 50, 100, 200, 300, 500, 750, 1000)
-"""Thresholds tried for the BraTS enhancing-tumour rule (voxels on the input grid)."""
+# --------------------------------------------------------------------------- the small-enhancing-tumour rule
+#: Thresholds tried for the enhancing → necrosis rule (voxels on the input grid); the task says which labels it applies to.
+ENHANCING_CANDIDATE_VOXELS = (0, 50, 100, 200, 300, 500, 750, 1000)
 
 
 def relabel_small_enhancing(seg: np.ndarray, min_voxels: int, enhancing: int = 3, necrosis: int = 1) -> np.ndarray:
@@ -89,7 +89,7 @@ def region_dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 def choose_enhancing_threshold(
-    cases: list[tuple[np.ndarray, np.ndarray]], enhancing: int = 3, necrosis: int = 1, candidates: Sequence[int] = ET_CANDIDATE_VOXELS
+    cases: list[tuple[np.ndarray, np.ndarray]], enhancing: int = 3, necrosis: int = 1, candidates: Sequence[int] = ENHANCING_CANDIDATE_VOXELS
 ) -> tuple[int, float, float]:
     """The threshold N maximising mean ET Dice over validation ``cases`` [(pred, ref)].
 

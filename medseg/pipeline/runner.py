@@ -20,12 +20,13 @@ from typing import Any
 import yaml
 
 import medseg
+from medseg import schemas
 from medseg.errors import MedsegError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+def load_params(path: str | Path = schemas.PARAMS_YAML) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MedsegError("parameter file not found", path)
@@ -37,7 +38,7 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 def work_paths(params: dict[str, Any]) -> dict[str, Path]:
     work = Path(params.get("work_dir", "work")).resolve()
-    return {"work": work, "raw": work / "raw", "kfp": work / "kfp", "mlflow_db": work / "mlflow.db", "optuna_db": work / "optuna.db"}
+    return {"work": work, "raw": work / "raw", "kfp": work / "kfp", "mlflow_db": work / schemas.MLFLOW_DB, "optuna_db": work / schemas.OPTUNA_DB}
 
 
 #: ``pipeline_arguments(target=...)``: ``local`` for ``kfp.local`` runs, ``cluster`` for the compiled defaults.
@@ -64,23 +65,36 @@ def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri:
         "source": str(source),
         "mlflow_tracking_uri": tracking_uri,
         "optuna_storage": optuna_storage,
-        "model_name": reg.get("model_name", "brats-segmentation"),
+        "model_name": str(reg.get("model_name") or "auto"),
         "source_format": ing.get("source_format", "auto"),
         "n_folds": int(ing.get("n_folds", 5)),
         "test_fraction": float(ing.get("test_fraction", 0.2)),
         "seed": int(ing.get("seed", 0)),
         "device_budget": params.get("preprocess", {}).get("device_budget", "cpu"),
+        "configuration": str(params.get("preprocess", {}).get("configuration", "auto")),
         "train_params": dict(params.get("train", {})),
         "tune_params": dict(tune.get("trial_params", {})),
         "n_trials": int(tune.get("n_trials", 3)),
         "overlap": float(params.get("evaluate", {}).get("overlap", 0.5)),
-        "thresholds": dict(reg.get("thresholds", {"WT": 0.8})),
+        "thresholds": _thresholds(reg.get("thresholds", "auto")),
         "promotion_margin": float(reg.get("promotion_margin", 0.0)),
-        "primary_region": reg.get("primary_region", "WT"),
+        "gate_metric": str(reg.get("gate_metric") or "auto"),
         "tune_workers": 1 if target == "local" else max(1, int((params.get("cluster") or {}).get("tune_workers", 1))),
         "deploy_target": "local" if target == "local" else str(deploy_default),
         "deploy_config": deploy_config,
     }
+
+
+def _thresholds(value: Any) -> dict[str, Any]:
+    """``registry.thresholds`` as the pipeline's dict: ``auto`` (the task's own, ``{"auto": true}``), ``none``/empty (none),
+    or a mapping ``GROUP[/METRIC]: value``."""
+    if value is None or value == "none":
+        return {}
+    if value == "auto":
+        return {"auto": True}
+    if not isinstance(value, dict):
+        raise MedsegError(f"registry.thresholds must be auto, none or a mapping GROUP[/METRIC]: value, got {value!r}")
+    return dict(value)
 
 
 PIPELINES = {
@@ -145,6 +159,17 @@ def task_outputs(run_dir: Path) -> dict[str, dict[str, str]]:
         else:
             tasks[folder.name] = {o.name: str(o) for o in folder.iterdir()}
     return tasks
+
+
+def task_parameters(run_dir: Path, task: str) -> dict[str, Any]:
+    """The output parameters (a NamedTuple's fields) of one task of a kfp.local run folder, from its
+    ``executor_output.json``; empty when the task has none."""
+    from medseg.io import read_json
+
+    path = Path(run_dir) / task / schemas.KFP_EXECUTOR_OUTPUT_JSON
+    if not path.is_file():
+        return {}
+    return dict(read_json(path).get("parameterValues") or {})
 
 
 def compiled_version() -> str:

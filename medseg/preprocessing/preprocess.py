@@ -137,10 +137,10 @@ def _preprocess_job(job: tuple[Path, Path, str, schemas.Plans, list[str], int, b
             _link_case(written[key], folder, case_id)
             continue
         data, seg_p, props = preprocess_case(images, seg, spacing, affine, plans, name, case_id, seed)
-        save_npy(folder / f"{case_id}.npy", data)
+        save_npy(folder / f"{case_id}{schemas.CASE_IMAGE_SUFFIX}", data)
         if seg_p is not None:
-            save_npy(folder / f"{case_id}_seg.npy", seg_p)
-        save_case_properties(props, folder / f"{case_id}.json")
+            save_npy(folder / f"{case_id}{schemas.CASE_SEG_SUFFIX}", seg_p)
+        save_case_properties(props, folder / f"{case_id}{schemas.CASE_PROPERTIES_SUFFIX}")
         written[key] = folder
     return case_id
 
@@ -153,7 +153,7 @@ def save_case_properties(props: schemas.CaseProperties, path: Path) -> Path:
 
 
 def _link_case(src: Path, dst: Path, case_id: str) -> None:
-    for suffix in (".npy", "_seg.npy", ".json"):
+    for suffix in (schemas.CASE_IMAGE_SUFFIX, schemas.CASE_SEG_SUFFIX, schemas.CASE_PROPERTIES_SUFFIX):
         try:
             os.link(src / f"{case_id}{suffix}", dst / f"{case_id}{suffix}")
         except OSError:
@@ -181,7 +181,8 @@ def _load_plans(plans: schemas.Plans | str | Path, dataset: schemas.DatasetJson)
     return plans, source
 
 
-def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", configurations: tuple[str, ...] = ("3d_fullres",), workers: int | None = None, progress: bool = True, plans: schemas.Plans | str | Path | None = None, timings: dict[str, Any] | None = None) -> schemas.Plans:
+def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", configurations: tuple[str, ...] = ("3d_fullres",), workers: int | None = None, progress: bool = True, plans: schemas.Plans | str | Path | None = None, timings: dict[str, Any] | None = None,
+                      configuration: str | None = None) -> schemas.Plans:
     """Fingerprint, plan and preprocess the training cases of a canonical dataset into ``out_dir``.
 
     Args:
@@ -191,6 +192,11 @@ def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", con
         workers: parallel cases (default: the cores this process may use).
         plans: an existing (possibly hand-edited) ``plans.json`` or Plans to use instead of planning;
             its budget is kept and no fingerprint is computed (the one beside the file is copied).
+        configuration: the configuration to train (``auto``, ``2d``, ``3d_fullres``, ``3d_lowres``,
+            ``3d_cascade_fullres``) instead of ``configurations``: planned first, then the dataset's task picks
+            (:meth:`medseg.task.Task.choose_configuration`: ``auto`` is 2d for slice sets and strongly anisotropic
+            data, else 3d_fullres) and only what the choice trains is preprocessed; the plan records the choice
+            and why (``chosen_configuration``, ``configuration_reason``).
         timings: when given, filled with wall seconds per phase (``fingerprint_s``, ``plan_s``,
             ``preprocess_s``, ``total_s``) and the case and worker counts.
 
@@ -218,7 +224,7 @@ def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", con
         fingerprint = compute_fingerprint(dataset_dir, case_ids, workers=workers, progress=progress)
         phase["fingerprint_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        plan = make_plans(fingerprint, dataset, budget, tuple(configurations))
+        plan = make_plans(fingerprint, dataset, budget, tuple(configurations) if configuration is None else ("2d", "3d_fullres", "3d_lowres"))
         phase["plan_s"] = time.perf_counter() - t0
     else:
         plan, source = _load_plans(plans, dataset)
@@ -228,6 +234,16 @@ def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", con
         if source is not None and (source.parent / schemas.FINGERPRINT_JSON).is_file():
             fingerprint_source = source.parent / schemas.FINGERPRINT_JSON
             fingerprint = schemas.Fingerprint.load(fingerprint_source)
+    if configuration is not None:
+        from medseg.task import Task
+
+        task = Task.from_dataset(dataset)
+        full = plan.configurations.get("3d_fullres")
+        chosen, reason = task.choose_configuration(configuration, list(plan.configurations), full["spacing"] if full else None)
+        plan.chosen_configuration, plan.configuration_reason = chosen, reason
+        plan.trained_configurations = ["3d_lowres", "3d_fullres"] if chosen == "3d_cascade_fullres" else [chosen]
+        configurations = tuple(plan.trained_configurations)
+        logger.info("configuration %s: %s (requested %s)", chosen, reason, configuration)
     skipped = [c for c in configurations if c not in plan.trained_configurations]
     if skipped:
         logger.warning("configuration(s) %s not planned for this dataset: preprocessing %s", skipped, plan.trained_configurations)

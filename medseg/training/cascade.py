@@ -43,8 +43,8 @@ from medseg.preprocessing.preprocess import training_case_ids
 
 log = logging.getLogger(__name__)
 
-CASCADE_MANIFEST = "cascade.json"
-PREV_SUFFIX = "_prev.npy"
+CASCADE_MANIFEST = schemas.CASCADE_JSON
+PREV_SUFFIX = schemas.CASE_PREVIOUS_STAGE_SUFFIX
 MANIFEST_FORMAT = 1
 
 
@@ -148,7 +148,7 @@ def _cases_digest(preprocessed_dir: Path, configurations: list[str], case_ids: l
     h = hashlib.sha256()
     for name in configurations:
         for case in case_ids:
-            path = preprocessed_dir / name / f"{case}.json"
+            path = preprocessed_dir / name / f"{case}{schemas.CASE_PROPERTIES_SUFFIX}"
             h.update(f"{name}/{case}:{sha256_file(path) if path.is_file() else 'missing'};".encode())
     return h.hexdigest()
 
@@ -215,14 +215,15 @@ def prepare_previous_stage(preprocessed_dir: str | Path, lowres: str | Path, con
     cases: dict[str, dict[str, Any]] = {}
     with atomic_dir(folder) as tmp:
         for i, case in enumerate(case_ids):
-            for f in (low_folder / f"{case}.npy", low_folder / f"{case}.json", full_folder / f"{case}.json"):
+            for f in (low_folder / f"{case}{schemas.CASE_IMAGE_SUFFIX}", low_folder / f"{case}{schemas.CASE_PROPERTIES_SUFFIX}",
+                      full_folder / f"{case}{schemas.CASE_PROPERTIES_SUFFIX}"):
                 if not f.is_file():
                     raise MedsegError(f"preprocessed case {case} is missing (rerun preprocess?)", f)
             fold = assignment[case]
-            low_props = schemas.CaseProperties.load(low_folder / f"{case}.json")
-            data = np.load(low_folder / f"{case}.npy")
+            low_props = schemas.CaseProperties.load(low_folder / f"{case}{schemas.CASE_PROPERTIES_SUFFIX}")
+            data = np.load(low_folder / f"{case}{schemas.CASE_IMAGE_SUFFIX}")
             segmentation = predictors[fold].segment_preprocessed(data, low_props)
-            prev = previous_stage_on_grid(segmentation, schemas.CaseProperties.load(full_folder / f"{case}.json"), config)
+            prev = previous_stage_on_grid(segmentation, schemas.CaseProperties.load(full_folder / f"{case}{schemas.CASE_PROPERTIES_SUFFIX}"), config)
             save_npy(tmp / f"{case}{PREV_SUFFIX}", prev)
             cases[case] = {"predicted_by": "all members" if fold is None else f"fold {fold}", "out_of_fold": fold is not None,
                            "foreground_voxels": int((prev > 0).sum())}

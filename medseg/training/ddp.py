@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from medseg import schemas
 from medseg.errors import MedsegError
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ T = TypeVar("T")
 
 #: environment of a worker started by torchrun / a PyTorchJob
 ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-RESULT_FILE = "train_result.json"
+RESULT_FILE = schemas.DDP_RESULT_JSON
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,7 @@ def launch(spec: dict[str, Any], out_dir: Path, nproc_per_node: int, nnodes: int
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec_file = write_json(out_dir / "ddp_spec.json", {**spec, "out_dir": str(out_dir)})
+    spec_file = write_json(out_dir / schemas.DDP_SPEC_JSON, {**spec, "out_dir": str(out_dir)})
     (out_dir / RESULT_FILE).unlink(missing_ok=True)
     cmd = torchrun_command(nproc_per_node, nnodes, env) + ["--spec", str(spec_file)]
     run_env = dict(os.environ if env is None else env)

@@ -75,7 +75,7 @@ def save_ensemble_package(model_dir: str | Path, members: list[str | Path], trai
     if len(set(folds)) != len(folds):
         raise MedsegError(f"ensemble members must come from different folds, got folds {folds}")
 
-    names = [f"weights_fold{f}.pt" for f in folds]
+    names = [schemas.FOLD_WEIGHTS_PATTERN.format(fold=f) for f in folds]
     score = "best_val_balanced_accuracy" if network_output(first.network) == "classes" else "best_val_dice"
     described = [{"fold": f, "weights_file": n, "source": str(m), score: p.training.get(score), "best_epoch": p.training.get("best_epoch"),
                   "mlflow_run_id": p.training.get("mlflow_run_id")} for f, n, m, p in zip(folds, names, members, packages)]

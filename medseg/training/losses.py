@@ -17,15 +17,16 @@ trainer's business (a loss sees one output at a time).
 ``hausdorff_dt``       distance-transform Hausdorff loss (Karimi & Salcudean 2019, IEEE TMI, "Reducing the
                        Hausdorff distance in medical image segmentation with CNNs"), one binary loss per
                        foreground label, averaged
-``dice_ce_hausdorff``  ``dice_ce`` + ``hausdorff_weight`` × ``hausdorff_dt``
-``region_bce_dice``    BraTS region-based training: sigmoid per region (WT, TC, ET from dataset.json
-                       ``regions``), binary cross-entropy + soft Dice per region, as nnU-Net does for BraTS
+``dice_ce_hausdorff``  ``dice_ce`` + λ × ``hausdorff_dt``, λ ramped from 0 to ``hausdorff_weight`` over the first
+                       ``ramp`` share of the epochs (seed report 003)
+``region_bce_dice``    region-based training of overlapping regions (dataset.json ``regions``): sigmoid per
+                       region, binary cross-entropy + soft Dice per region, as nnU-Net trains BraTS
 =====================  =====================================================================================
 
 ``class_weights`` (optional, one per output channel K, background first; for ``region_bce_dice`` one per
 region) weight the classes in the cross-entropy / focal terms (α_t) and in the mean over classes of the
-overlap terms. :func:`labels_to_regions` and :func:`regions_to_labels` convert between label maps and
-region targets / region probabilities.
+overlap terms. :func:`medseg.task.labels_to_regions` and :func:`medseg.task.regions_to_labels` convert
+between label maps and region targets / region probabilities.
 """
 
 from __future__ import annotations
@@ -280,27 +281,44 @@ class HausdorffDTLoss(nn.Module):
 
 
 class WeightedSum(nn.Module):
-    """Σ_i w_i · loss_i(logits, target) (e.g. ``dice_ce`` + λ·``hausdorff_dt``)."""
+    """Σ_i w_i · loss_i(logits, target) (e.g. ``dice_ce`` + λ·``hausdorff_dt``).
 
-    def __init__(self, losses: Sequence[nn.Module], weights: Sequence[float]):
+    ``ramps`` (optional, one per loss): the share of training over which that loss's weight grows linearly from 0
+    to ``w_i`` (0 or None: the full weight from the start). The trainer calls :meth:`set_epoch` at the start of every
+    epoch; until then (and outside a trainer) the weights are the full ones.
+    """
+
+    def __init__(self, losses: Sequence[nn.Module], weights: Sequence[float], ramps: Sequence[float | None] | None = None):
         super().__init__()
-        if len(losses) != len(weights):
-            raise ValueError("one weight per loss")
+        if len(losses) != len(weights) or (ramps is not None and len(ramps) != len(weights)):
+            raise ValueError("one weight (and one ramp) per loss")
         self.losses = nn.ModuleList(losses)
-        self.weights = [float(w) for w in weights]
+        self.full_weights = [float(w) for w in weights]
+        self.ramps = [float(r or 0.0) for r in (ramps or [None] * len(weights))]
+        if any(not 0.0 <= r <= 1.0 for r in self.ramps):
+            raise ValueError(f"ramps are shares of the training, in [0, 1]: got {self.ramps}")
+        self.weights = list(self.full_weights)
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Weights of ``epoch`` (0-based) of ``epochs``: w_i · min(1, epoch / (ramp_i · epochs)) for a ramped loss."""
+        self.weights = [w if r <= 0 else w * min(1.0, epoch / max(r * epochs, 1e-9)) for w, r in zip(self.full_weights, self.ramps)]
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sum(w * loss(logits, target) for w, loss in zip(self.weights, self.losses) if w)  # type: ignore[return-value]
 
 
-def dice_ce_hausdorff_loss(hausdorff_weight: float = 0.1, alpha: float = 2.0, spacing: Sequence[float] | None = None, class_weights: Sequence[float] | None = None) -> nn.Module:
-    """``dice_ce`` + ``hausdorff_weight`` × ``hausdorff_dt`` (Karimi & Salcudean 2019 train the HD loss
-    together with a Dice term, balancing the two). The HD term is in squared voxels, so its raw value
-    dwarfs the Dice/CE terms early in training; 0.1 keeps it from dominating on 64³ patches."""
+def dice_ce_hausdorff_loss(hausdorff_weight: float = 0.1, alpha: float = 2.0, spacing: Sequence[float] | None = None, class_weights: Sequence[float] | None = None,
+                           ramp: float = 0.5) -> nn.Module:
+    """``dice_ce`` + λ(epoch) × ``hausdorff_dt``, the combination seed report 003 adapts from Karimi & Salcudean 2019
+    (who train the HD loss together with a Dice term). The HD term is in squared voxels, so its raw value dwarfs
+    the Dice/CE terms early in training, when the predicted boundaries are far off; its weight λ therefore starts at
+    0 and grows linearly to ``hausdorff_weight`` over the first ``ramp`` share of the epochs (the schedule of the
+    boundary loss, Kervadec et al. 2019, MIDL: overlap first, boundary distances once the masks are roughly right;
+    ``ramp: 0`` gives the full weight from the first epoch). 0.1 keeps the HD term from dominating on 64³ patches."""
     if hausdorff_weight < 0:
         raise ValueError(f"hausdorff_weight must be ≥ 0, got {hausdorff_weight}")
     return WeightedSum([_FloatInput(dice_ce_loss(class_weights=class_weights)), HausdorffDTLoss(alpha=alpha, spacing=spacing, class_weights=class_weights)],
-                       [1.0, hausdorff_weight])
+                       [1.0, hausdorff_weight], [None, ramp])
 
 
 # --------------------------------------------------------------------------- region-based training (BraTS)
@@ -323,7 +341,7 @@ class RegionBCEDiceLoss(nn.Module):
                  smooth: float = SMOOTH, class_weights: Sequence[float] | None = None):
         super().__init__()
         if not regions:
-            raise ValueError("region_bce_dice needs regions=dataset.json `regions`, e.g. {'WT': [1, 2, 3], 'TC': [1, 3], 'ET': [3]}")
+            raise ValueError("region_bce_dice needs regions=dataset.json `regions` (name → the label values each region unites)")
         self.regions = {str(k): [int(v) for v in vs] for k, vs in regions.items()}
         self.batch, self.lambda_bce, self.lambda_dice, self.smooth, self.class_weights = batch, float(lambda_bce), float(lambda_dice), float(smooth), class_weights
 
@@ -375,10 +393,10 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec("focal", FocalLoss, {"gamma": 2.0, "class_weights": None}, tasks=("segmentation", "classification"), summary="focal loss (Lin et al. 2017)"),
         LossSpec("hausdorff_dt", HausdorffDTLoss, {"alpha": 2.0, "include_background": False, "spacing": None, "class_weights": None, "sigmoid": False, "regions": None},
                  summary="distance-transform Hausdorff loss (Karimi & Salcudean 2019)"),
-        LossSpec("dice_ce_hausdorff", dice_ce_hausdorff_loss, {"hausdorff_weight": 0.1, "alpha": 2.0, "spacing": None, "class_weights": None},
-                 summary="dice_ce + weight × hausdorff_dt"),
+        LossSpec("dice_ce_hausdorff", dice_ce_hausdorff_loss, {"hausdorff_weight": 0.1, "alpha": 2.0, "spacing": None, "class_weights": None, "ramp": 0.5},
+                 summary="dice_ce + weight × hausdorff_dt, the weight ramped up from 0 over the first `ramp` share of the epochs"),
         LossSpec("region_bce_dice", RegionBCEDiceLoss, {"regions": None, "batch": True, "lambda_bce": 1.0, "lambda_dice": 1.0, "smooth": SMOOTH, "class_weights": None},
-                 activation="sigmoid", summary="BCE + soft Dice per region (nnU-Net BraTS)"),
+                 activation="sigmoid", summary="BCE + soft Dice per region (nnU-Net's region-based training)"),
     )
 }
 

@@ -40,12 +40,12 @@ class PreprocessedCase:
 
     def __init__(self, folder: Path, case_id: str):
         self.case_id = case_id
-        for suffix in (".npy", "_seg.npy"):
+        for suffix in (schemas.CASE_IMAGE_SUFFIX, schemas.CASE_SEG_SUFFIX):
             if not (folder / f"{case_id}{suffix}").is_file():
                 raise MedsegError(f"preprocessed case {case_id} is missing (rerun preprocess?)", folder / f"{case_id}{suffix}")
-        self.data = np.load(folder / f"{case_id}.npy", mmap_mode="r")
-        self.seg = np.load(folder / f"{case_id}_seg.npy", mmap_mode="r")
-        self.props = schemas.CaseProperties.load(folder / f"{case_id}.json")
+        self.data = np.load(folder / f"{case_id}{schemas.CASE_IMAGE_SUFFIX}", mmap_mode="r")
+        self.seg = np.load(folder / f"{case_id}{schemas.CASE_SEG_SUFFIX}", mmap_mode="r")
+        self.props = schemas.CaseProperties.load(folder / f"{case_id}{schemas.CASE_PROPERTIES_SUFFIX}")
         self.locations = {k: np.asarray(v, dtype=int) for k, v in self.props.class_locations.items() if v}
 
 
@@ -57,7 +57,7 @@ class CascadeCase(PreprocessedCase):
 
     def __init__(self, folder: Path, case_id: str, prev_folder: Path, prev_labels: list[int]):
         super().__init__(folder, case_id)
-        path = Path(prev_folder) / f"{case_id}_prev.npy"
+        path = Path(prev_folder) / f"{case_id}{schemas.CASE_PREVIOUS_STAGE_SUFFIX}"
         if not path.is_file():
             raise MedsegError(f"previous-stage segmentation of case {case_id} is missing (rerun the cascade preparation)", path)
         self.prev = np.load(path, mmap_mode="r")
@@ -184,7 +184,7 @@ class VolumeCase:
 
     def __init__(self, folder: Path, case_id: str, target: int, age: float | None = None):
         self.case_id, self.target, self.age = case_id, int(target), (None if age is None else float(age))
-        path = folder / f"{case_id}.npy"
+        path = folder / f"{case_id}{schemas.CASE_IMAGE_SUFFIX}"
         if not path.is_file():
             raise MedsegError(f"preprocessed case {case_id} is missing (rerun preprocess?)", path)
         self.data = np.load(path, mmap_mode="r")

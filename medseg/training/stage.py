@@ -33,6 +33,9 @@ def _plain(metrics: dict[str, Any]) -> dict[str, float]:
 def run_tune(preprocessed_dir: Path, out_file: Path, train_params: dict[str, Any], n_trials: int, storage: str, study_name: str, tracking_uri: str | None = None, tags: dict[str, str] | None = None, progress: bool = True) -> schemas.BestParams:
     """Optuna study over :data:`~medseg.training.tuning.SEARCH_SPACE`; writes ``best_params.json``."""
     base = TrainConfig.from_dict(train_params)
+    from medseg.task import Task
+
+    metric = Task.from_folder(preprocessed_dir).validation_metric  # what each trial is scored by
     with mlflow_run(tracking_uri, f"tune-{study_name}", tags) as run:
         def on_trial(number: int, params: dict[str, Any], value: float, state: str) -> None:
             if run is None:
@@ -43,14 +46,15 @@ def run_tune(preprocessed_dir: Path, out_file: Path, train_params: dict[str, Any
             with mlflow.start_run(experiment_id=run.info.experiment_id, run_name=f"trial-{number}", nested=True, tags={"trial_state": state, **(tags or {})}):
                 mlflow.log_params(params)
                 if value == value:  # not NaN
-                    mlflow.log_metric("val_dice_mean", value)
+                    mlflow.log_metric(metric, value)
 
         best = tune(preprocessed_dir, base, n_trials, storage, study_name, SEARCH_SPACE, seed=base.seed, on_trial=on_trial, progress=progress)
         if run is not None:
             import mlflow
 
             mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
-            mlflow.log_metrics({"best_val_dice_mean": best.best_value if best.best_value == best.best_value else 0.0, "n_pruned": best.n_pruned})
+            mlflow.log_metrics({f"best_{metric}": best.best_value if best.best_value == best.best_value else 0.0, "n_pruned": best.n_pruned})
+    best.metric = metric
     best.save(out_file)
     return best
 
@@ -93,7 +97,7 @@ def run_train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, tracking_
 
             mlflow.log_params({**dataclasses.asdict(cfg), "world_size": ddp.env_world_size()})
             plans = schemas.Plans.load(preprocessed_dir)
-            mlflow.log_dict(plans.to_dict(), "plans.json")
+            mlflow.log_dict(plans.to_dict(), schemas.PLANS_JSON)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             if run is not None:
@@ -111,7 +115,32 @@ def run_train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, tracking_
                 package = schemas.ModelPackage.load(result.model_dir)
                 package.training["mlflow_run_id"] = run.info.run_id
                 package.save(result.model_dir)
+                trained = package.training.get("config") or {}  # what "auto" became for this task
+                mlflow.log_params({"trained_network": trained.get("network"), "trained_loss": trained.get("loss"), "network_output": package.network.get("output", "labels")})
     return result
+
+
+def run_train_configuration(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, configuration: str, tracking_uri: str | None = None,
+                            tags: dict[str, str] | None = None, resume: bool = False, progress: bool = True, nproc_per_node: int = 1,
+                            nnodes: int = 1) -> TrainResult:
+    """Train ``configuration`` (a planned one, or ``3d_cascade_fullres``): the model package lands in ``out_dir/model``.
+
+    ``3d_cascade_fullres`` is nnU-Net's two stages: ``3d_lowres`` trained first (into ``out_dir/lowres``), then
+    ``3d_fullres`` with the low-resolution segmentation as extra input channels (``cascade_from``); the cascade's
+    package carries its low-resolution stage.
+    """
+    out_dir = Path(out_dir)
+    launch = {"tracking_uri": tracking_uri, "resume": resume, "progress": progress, "nproc_per_node": nproc_per_node, "nnodes": nnodes}
+    if configuration != "3d_cascade_fullres":
+        return run_train(preprocessed_dir, out_dir, dataclasses.replace(cfg, configuration=configuration), tags={**(tags or {}), "configuration": configuration}, **launch)
+    low = run_train(preprocessed_dir, out_dir / "lowres", dataclasses.replace(cfg, configuration="3d_lowres", cascade_from=""),
+                    tags={**(tags or {}), "configuration": "3d_lowres", "cascade_stage": "1 of 2"}, **launch)
+    if low.model_dir is None:  # a DDP node other than rank 0's
+        return low
+    if progress:
+        log.info("cascade: 3d_lowres trained (%s %.4f); training the 3d_fullres stage on top of it", low.metric, low.best_val_dice)
+    return run_train(preprocessed_dir, out_dir, dataclasses.replace(cfg, configuration="3d_fullres", cascade_from=str(Path(low.model_dir).resolve())),
+                     tags={**(tags or {}), "configuration": "3d_cascade_fullres", "cascade_stage": "2 of 2"}, **launch)
 
 
 # --------------------------------------------------------------------------- k-fold cross-validation
@@ -234,4 +263,4 @@ def run_train_folds(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, fol
     return FoldsResult(results, model_dir, cv_dice)
 
 
-__all__ = ["SEARCH_SPACE", "FoldsResult", "merged_params", "parse_folds", "run_train", "run_train_folds", "run_tune"]
+__all__ = ["SEARCH_SPACE", "FoldsResult", "merged_params", "parse_folds", "run_train", "run_train_configuration", "run_train_folds", "run_tune"]
