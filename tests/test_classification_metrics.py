@@ -19,6 +19,7 @@ from medseg.evaluation.classification import (
     classification_metrics,
     confusion_matrix,
     evaluate_classification,
+    log_losses,
     roc_auc,
     roc_curve,
 )
@@ -37,7 +38,7 @@ def test_perfect_classifier():
     true = [0, 1, 2, 0, 1, 2]
     scores = np.eye(3)[true] * 0.8 + 0.1
     m = classification_metrics(true, scores, CLASSES)
-    assert m["all"] == {"accuracy": 1.0, "balanced_accuracy": 1.0, "auc_macro": 1.0}
+    assert m["all"] == {"accuracy": 1.0, "balanced_accuracy": 1.0, "auc_macro": 1.0, "log_loss": pytest.approx(-np.log(0.9))}
     for k, c in enumerate(CLASSES):
         assert m[c]["auc"] == 1.0 and m[c]["sensitivity"] == m[c]["specificity"] == m[c]["precision"] == 1.0
         assert m[c]["support"] == 2.0 and m[c][f"confusion_{c}"] == 2.0
@@ -94,6 +95,7 @@ def test_agrees_with_scikit_learn():
     assert m["all"]["accuracy"] == pytest.approx(metrics.accuracy_score(true, pred))
     assert m["all"]["balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy_score(true, pred))
     assert m["all"]["auc_macro"] == pytest.approx(metrics.roc_auc_score(true, probs, multi_class="ovr", average="macro"))
+    assert m["all"]["log_loss"] == pytest.approx(metrics.log_loss(true, probs, labels=[0, 1, 2]))
     for k, c in enumerate(CLASSES):
         assert m[c]["auc"] == pytest.approx(metrics.roc_auc_score(true == k, probs[:, k]))
         fpr, tpr, _ = metrics.roc_curve(true == k, probs[:, k], drop_intermediate=False)
@@ -114,20 +116,31 @@ def test_evaluate_classification_writes_the_report(tmp_path):
     assert m.n_cases == 12 and m.mean["all"]["accuracy"] == 1.0
     loaded = Metrics.load(tmp_path)
     assert loaded.per_case[1]["all"]["true"] == 1 and set(loaded.mean) == {"all", *CLASSES}
+    # per-case log-loss: -ln p(true class); its mean is mean["all"]["log_loss"]
+    first = loaded.per_case[0]["all"]
+    assert first["log_loss"] == pytest.approx(-np.log(first["prob_CN"]))
+    assert loaded.mean["all"]["log_loss"] == pytest.approx(np.mean([c["all"]["log_loss"] for c in loaded.per_case]))
 
     rows = list(csv.reader(_stdio.StringIO((tmp_path / "cases.csv").read_text())))
     assert rows[0] == ["case", "region", "metric", "value"]
-    assert [r[2] for r in rows[1:6]] == ["prob_CN", "prob_MCI", "prob_AD", "pred", "true"]
-    assert {r[1] for r in rows[1:]} == {"all"} and len(rows) == 1 + 12 * 5
+    assert [r[2] for r in rows[1:7]] == ["prob_CN", "prob_MCI", "prob_AD", "pred", "true", "log_loss"]
+    assert {r[1] for r in rows[1:]} == {"all"} and len(rows) == 1 + 12 * 6
     assert (tmp_path / CONFUSION_CSV).read_text().splitlines()[1] == "CN,4,0,0"
     for c in CLASSES:
         assert (tmp_path / f"roc_{c}.png").read_bytes()[:8] == PNG
     md = (tmp_path / "report.md").read_text()
-    assert "| CN | 1.000 |" in md and "![ROC AD](roc_AD.png)" in md
+    assert "| CN | 1.000 |" in md and "![ROC AD](roc_AD.png)" in md and "log-loss" in md
     page = (tmp_path / "report.html").read_text()
     uris = re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', page)
     assert len(uris) == 3 and all(base64.b64decode(u)[:8] == PNG for u in uris)
     assert "<script" not in page and "http" not in page
+
+
+def test_log_loss_clips_and_uses_the_natural_log():
+    scores = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    assert log_losses([1, 2, 0], scores) == pytest.approx([-np.log(1e-12), np.log(2), -np.log(0.2)])
+    assert log_losses([0], np.array([[1.0, 0.0, 0.0]])) == pytest.approx([0.0])
+    assert classification_metrics([0, 1, 2], np.full((3, 3), 1 / 3), CLASSES)["all"]["log_loss"] == pytest.approx(np.log(3))  # a uniform guess: ln K
 
 
 def test_bad_input_is_named():

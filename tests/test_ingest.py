@@ -13,6 +13,7 @@ import pytest
 
 from medseg.errors import MedsegError, ValidationError
 from medseg.ingest import ADAPTERS, add_arguments, detect_format, ingest, make_splits, run
+from medseg.ingest.ingest import case_key
 from medseg.io import sha256_file
 from medseg.schemas import DatasetJson, Manifest, Splits
 from medseg.task import BRATS2023
@@ -118,6 +119,58 @@ def test_reingest_gives_same_hash_and_replaces_out(tmp_path: Path) -> None:
     second = ingest(src, out, progress=False)
     assert first.content_hash == second.content_hash
     assert not (out / "stale.txt").exists()
+
+
+# --------------------------------------------------------------------------- case identity
+def test_case_keys_survive_reingest_with_renumbered_pseudonyms(tmp_path: Path) -> None:
+    """The same cases ingested again, once with an extra case that renumbers every pseudonym: equal keys for
+    equal cases (the written NIfTI bytes are deterministic), different pseudonymous ids."""
+    first_src, second_src = tmp_path / "a", tmp_path / "b"
+    for p in range(1, 5):
+        for src in (first_src, second_src):
+            write_case(src, f"BraTS-GLI-{p:05d}-000", seed=p)
+    write_case(second_src, "BraTS-GLI-00000-000", seed=99)  # sorts first: every pseudonym moves up by one
+    first = ingest(first_src, tmp_path / "out1", progress=False, pseudonymize=True, id_map=tmp_path / "map1.json")
+    second = ingest(second_src, tmp_path / "out2", progress=False, pseudonymize=True, id_map=tmp_path / "map2.json")
+
+    def by_original(manifest: Manifest, id_map: Path) -> dict[str, dict]:
+        rows = {r["case_id"]: r["original_case_id"] for r in json.loads(id_map.read_text())["cases"]}
+        return {rows[c["case_id"]]: c for c in manifest.cases}
+
+    a, b = by_original(first, tmp_path / "map1.json"), by_original(second, tmp_path / "map2.json")
+    assert set(b) - set(a) == {"BraTS-GLI-00000-000"}
+    for original in a:
+        assert a[original]["case_key"] and a[original]["case_key"] == b[original]["case_key"]
+        assert a[original]["case_id"] != b[original]["case_id"]  # renumbered
+        assert a[original]["case_key"] == case_key(a[original])
+    assert len({c["case_key"] for c in second.cases}) == len(second.cases)  # different cases, different keys
+    assert Manifest.load(tmp_path / "out2").cases == second.cases  # the key is in manifest.json
+
+
+def test_case_key_covers_files_class_and_covariates() -> None:
+    files = [{"path": "imagesTr/x_0000.nii.gz", "role": "image", "channel": "t1", "sha256": "a" * 64},
+             {"path": "labelsTr/x.nii.gz", "role": "label", "channel": "label", "sha256": "b" * 64}]
+    base = {"case_id": "x", "patient_id": "p", "files": files}
+    key = case_key(base)
+    assert len(key) == 64 and key == case_key({**base, "case_id": "y", "patient_id": "q", "files": files[::-1]})  # ids and order do not count
+    assert key == case_key({**base, "files": [{**f, "path": "elsewhere/" + f["path"]} for f in files]})  # nor paths
+    assert key != case_key({**base, "files": [files[0], {**files[1], "sha256": "c" * 64}]})  # contents do
+    assert key != case_key({**base, "files": [files[0], {**files[1], "channel": "t2"}]})
+    from medseg.schemas import CaseRecord
+
+    subject = CaseRecord(case_id="s", patient_id="s", files=files[:1], class_label="AD", covariates={"age": 71.0})
+    assert case_key(subject) == case_key(dataclasses_asdict(subject))
+    assert case_key(subject) != case_key(CaseRecord(case_id="s", patient_id="s", files=files[:1], class_label="CN", covariates={"age": 71.0}))
+    assert case_key(subject) != case_key(CaseRecord(case_id="s", patient_id="s", files=files[:1], class_label="AD", covariates={"age": 72.0}))
+    assert case_key(subject) != case_key(CaseRecord(case_id="s", patient_id="s", files=files[:1]))
+    with pytest.raises(MedsegError, match="no files"):
+        case_key({"case_id": "z", "files": []})
+
+
+def dataclasses_asdict(obj):
+    import dataclasses
+
+    return dataclasses.asdict(obj)
 
 
 # --------------------------------------------------------------------------- splits

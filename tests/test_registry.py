@@ -76,10 +76,12 @@ def test_register_promote_refuse_rollback(store):
     r2 = register(store, name, make_metrics({"c1": 0.70, "c2": 0.75, "c4": 0.99}))
     assert r2["version"] == "2" and r2["challenger"]
     p2 = reg.promote(name, "2", uri, None)
-    assert not p2["promoted"] and p2["champion_version"] == "1" and p2["n_common_cases"] == 2
-    assert p2["challenger_dice"] == pytest.approx(0.725) and p2["champion_dice"] == pytest.approx(0.80)
+    assert not p2["promoted"] and p2["champion_version"] == "1" and p2["n_common_cases"] == 2 and p2["pairing"] == "case_id"
+    assert p2["challenger_value"] == pytest.approx(0.725) and p2["champion_value"] == pytest.approx(0.80)
+    assert (p2["metric"], p2["primary_group"], p2["task_kind"], p2["higher_is_better"]) == ("dice", "WT", "segmentation", True)
     tags = client.get_model_version(name, "2").tags
-    assert tags["promotion_decision"] == "refused" and "< champion v1" in tags["promotion_reason"]
+    assert tags["promotion_decision"] == "refused" and "WT dice 0.7250 < champion v1 0.8000" in tags["promotion_reason"]
+    assert tags["promotion_metric"] == "dice" and tags["promotion_direction"] == "higher is better"
     assert tags["promotion_n_common_cases"] == "2"
     aliases = show(store, name)["aliases"]
     assert aliases["champion"] == "1" and aliases["challenger"] == "2"
@@ -87,8 +89,8 @@ def test_register_promote_refuse_rollback(store):
     # the bootstrap gate: a margin makes a small drop non-inferior, but the challenger must still be
     # strictly better on the primary region (before the gate, margin=0.1 promoted v2 here)
     p2m = reg.promote(name, "2", uri, None, margin=0.1)
-    assert not p2m["promoted"] and "not strictly better on WT" in p2m["reason"]
-    assert p2m["gate"]["regions"]["WT"]["ci_lower"] == pytest.approx(-0.1) and p2m["gate"]["regions"]["WT"]["ci_upper"] == pytest.approx(-0.05)
+    assert not p2m["promoted"] and "not strictly better on WT dice" in p2m["reason"]
+    assert p2m["gate"]["groups"]["WT"]["ci_lower"] == pytest.approx(-0.1) and p2m["gate"]["groups"]["WT"]["ci_upper"] == pytest.approx(-0.05)
     assert show(store, name)["aliases"]["champion"] == "1"
 
     # v3 better: promoted, the old champion becomes previous-champion
@@ -124,7 +126,7 @@ def show(store, name):
 def test_thresholds_failing_blocks_challenger_and_promotion(store):
     uri, name = store["uri"], "brats-thresholds"
     r = register(store, name, make_metrics({"c1": 0.6, "c2": 0.7}), thresholds={"WT": 0.8, "ET": 0.1})
-    assert not r["challenger"] and "WT Dice 0.6500 < 0.8000" in r["reason"]
+    assert not r["challenger"] and "WT dice 0.6500 < 0.8000" in r["reason"]
     assert show(store, name)["aliases"] == {}
     tags = reg._client(uri).get_model_version(name, r["version"]).tags
     assert tags["threshold_passed"] == "false" and "below threshold" in tags["threshold_reason"]
@@ -214,30 +216,32 @@ def test_gate_margin_per_region_and_audit_trail(store, capsys):
     # v2: WT clearly better, TC 0.01 worse on every case, ET equal-ish
     r2 = register(store, name, make_metrics_regions({f"c{i}": (0.86 + 0.01 * (i % 2), 0.69, 0.60 + 0.01 * (i % 3)) for i in range(6)}))
     p = reg.promote(name, r2["version"], uri, margin=0.0, alpha=0.1, n_bootstrap=500, seed=3)
-    assert not p["promoted"] and "TC diff -0.0100" in p["reason"] and p["compared_with"] == "1"
-    assert p["gate"]["regions"]["TC"]["non_inferior"] is False and p["gate"]["regions"]["WT"]["non_inferior"] is True
+    assert not p["promoted"] and "TC dice diff -0.0100" in p["reason"] and p["compared_with"] == "1"
+    assert p["gate"]["groups"]["TC"]["non_inferior"] is False and p["gate"]["groups"]["WT"]["non_inferior"] is True
     assert (p["alpha"], p["n_bootstrap"], p["seed"]) == (0.1, 500, 3)
     tags = client.get_model_version(name, "2").tags
     assert tags["promotion_decision"] == "refused" and tags["promotion_alpha"] == "0.1" and tags["promotion_n_bootstrap"] == "500"
-    regions = json.loads(tags["promotion_regions"])
-    assert set(regions) == {"WT", "TC", "ET"} and regions["TC"]["diff"] == pytest.approx(-0.01) and regions["TC"]["n"] == 6
-    # the record artifact in v2's run
-    assert p["record"] == tags["promotion_record"] == f"runs:/{r2['run_id']}/promotion/000002-v2-refused.json"
-    record_file = client.download_artifacts(r2["run_id"], "promotion/000002-v2-refused.json", str(store["tmp"]))
+    groups = json.loads(tags["promotion_groups"])
+    assert set(groups) == {"WT", "TC", "ET"} and groups["TC"]["diff"] == pytest.approx(-0.01) and groups["TC"]["n"] == 6
+    # the record artifact in v2's run (log: 1 register v1, 2 promote v1, 3 register v2, 4 promote v2)
+    assert p["record"] == tags["promotion_record"] == f"runs:/{r2['run_id']}/promotion/000004-v2-refused.json"
+    record_file = client.download_artifacts(r2["run_id"], "promotion/000004-v2-refused.json", str(store["tmp"]))
     record = json.loads(Path(record_file).read_text())
-    assert record["decision"] == "refused" and record["gate"]["regions"]["TC"]["non_inferior"] is False and record["lock"]["kind"] == "file"
+    assert record["decision"] == "refused" and record["gate"]["groups"]["TC"]["non_inferior"] is False and record["lock"]["kind"] == "file"
 
     # with a 0.03 margin TC is non-inferior: promoted; the CLI takes --alpha/--n-bootstrap/--seed
     parser = argparse.ArgumentParser()
     reg.add_arguments(parser)
     assert reg.run(parser.parse_args(["promote", name, "2", "--tracking-uri", uri, "--margin", "0.03", "--alpha", "0.1", "--n-bootstrap", "300", "--seed", "1"])) == 0
     out = capsys.readouterr().out
-    assert out.startswith("promoted: version 2: WT Dice") and "TC: 0.6900 vs 0.7000  diff -0.0100  90% CI" in out and "champion: v2" in out
+    assert out.startswith("promoted: version 2: WT dice") and "TC dice: 0.6900 vs 0.7000  diff -0.0100  90% CI" in out and "champion: v2" in out
     assert client.get_model_version(name, "2").tags["promotion_n_bootstrap"] == "300"
 
     shown = reg.show_model(name, uri)
     log = shown["promotion_log"]
-    assert [(e["seq"], e["version"], e["decision"]) for e in log] == [(1, "1", "promoted"), (2, "2", "refused"), (3, "2", "promoted")]
+    assert [(e["seq"], e["action"], e["version"], e["decision"]) for e in log] == [
+        (1, "register", "1", "challenger"), (2, "promote", "1", "promoted"), (3, "register", "2", "challenger"),
+        (4, "promote", "2", "refused"), (5, "promote", "2", "promoted")]
     assert shown["last_decision"] == log[-1] and log[-1]["champion_after"] == "2" and log[-1]["previous_champion_after"] == "1"
     check_serialised(log)
     reg.rollback(name, uri)
@@ -246,7 +250,8 @@ def test_gate_margin_per_region_and_audit_trail(store, capsys):
     check_serialised(log)
     assert reg.run(parser.parse_args(["show", name, "--tracking-uri", uri])) == 0
     out = capsys.readouterr().out
-    assert "last decision (#4 of 4" in out and "rollback v1: rolled back" in out
+    assert "last decision (#6 of 6" in out and "rollback v1: rolled back" in out
+    assert "task segmentation  dice: " in out and '"WT": 0.86' in out  # per version: the task and its primary metric
 
 
 def test_file_lock_and_lease(store):
@@ -317,10 +322,10 @@ def test_concurrent_promotions_are_serialised(store):
     shown = reg.show_model(name, uri)
     assert shown["aliases"]["champion"] == "2"  # whichever order: v2 wins (promoted over v1, or v1 refused against v2)
     assert second["promoted"] == (first["version"] == "1")
-    log = shown["promotion_log"]
-    assert [e["seq"] for e in log] == [1, 2] and [e["version"] for e in log] == [first["version"], second["version"]]
+    log = [e for e in shown["promotion_log"] if e["action"] == "promote"]
+    assert [e["seq"] for e in log] == [3, 4] and [e["version"] for e in log] == [first["version"], second["version"]]
     assert log[1]["compared_with"] == log[0]["version"] == log[0]["champion_after"]
-    check_serialised(log)
+    check_serialised(shown["promotion_log"])
     for r in results.values():  # both decisions recorded on their versions
         assert reg._client(uri).get_model_version(name, r["version"]).tags["promotion_decision"] == ("promoted" if r["promoted"] else "refused")
 
@@ -385,14 +390,14 @@ def test_register_promote_rollback_over_rest(mlflow_server):
     assert lk.LEASE_TAG not in shown["tags"]  # released
     client = reg._client(uri)
     assert client.get_model_version(name, "2").tags["promotion_decision"] == "promoted"
-    rec = client.download_artifacts(r2["run_id"], "promotion/000002-v2-promoted.json", str(mlflow_server["tmp"]))
+    rec = client.download_artifacts(r2["run_id"], "promotion/000004-v2-promoted.json", str(mlflow_server["tmp"]))
     assert json.loads(Path(rec).read_text())["compared_with"] == "1"
     assert reg.rollback(name, uri) == {"name": name, "champion_version": "1", "previous_champion_version": "2"}
     assert reg.show_model(name, uri)["aliases"]["champion"] == "1"
     p3 = reg.promote(name, "1", uri)
     assert not p3["promoted"] and "already the champion" in p3["reason"]
     log = reg.show_model(name, uri)["promotion_log"]
-    assert [e["action"] for e in log] == ["promote", "promote", "rollback"]
+    assert [e["action"] for e in log] == ["register", "register", "promote", "promote", "rollback"]
     check_serialised(log)
 
 
@@ -435,10 +440,218 @@ def test_input_example_is_stored_with_the_logged_model(store, tmp_path):
 def test_cli_gate_settings_follow_params(tmp_path):
     """`medseg registry promote` gates as the pipeline does: params.yaml's registry section, options over it."""
     params = tmp_path / "params.yaml"
-    params.write_text("registry:\n  promotion_margin: 0.02\n  primary_region: TC\n")
-    assert reg.gate_settings(params) == (0.02, "TC")
-    assert reg.gate_settings(params, margin=0.05, primary_region="ET") == (0.05, "ET")
-    assert reg.gate_settings(tmp_path / "absent.yaml") == (0.0, "WT")
+    params.write_text("registry:\n  promotion_margin: 0.02\n  gate_metric: iou\n")
+    assert reg.gate_settings(params) == (0.02, "iou")
+    assert reg.gate_settings(params, margin=0.05, gate_metric="auto") == (0.05, "auto")
+    assert reg.gate_settings(tmp_path / "absent.yaml") == (0.0, "auto")
     (tmp_path / "bad.yaml").write_text("registry: [unclosed\n")
     with pytest.raises(MedsegError, match="bad.yaml"):
         reg.gate_settings(tmp_path / "bad.yaml")
+
+
+# --------------------------------------------------------------------------- a gate per task
+CLASSES = ["CN", "MCI", "AD"]
+
+
+def task_package(store, folder: str, dataset: schemas.DatasetJson) -> Path:
+    """The test package with another task's dataset.json (untrained weights: the gate only reads metrics)."""
+    import shutil
+
+    out = store["tmp"] / folder
+    if not out.exists():
+        shutil.copytree(store["package"], out)
+        dataset.save(out)
+    return out
+
+
+def classifier_package(store) -> Path:
+    return task_package(store, "classifier", schemas.DatasetJson(name="Dataset100_ADNI", channel_names={"0": "t1"}, labels={c: i for i, c in enumerate(CLASSES)},
+                                                                 numTraining=30, task="classification", source_format="classification", covariates=["age"]))
+
+
+def lgg_package(store) -> Path:
+    return task_package(store, "lgg", schemas.DatasetJson(name="Dataset002_LGG", channel_names={"0": "pre", "1": "flair", "2": "post"},
+                                                          labels={"background": 0, "abnormality": 1}, numTraining=30, slice_axis=2,
+                                                          source_format="lgg", primary_metric="iou"))
+
+
+def classifier_metrics(confidence: float, n: int = 30, keys: list[str] | None = None, seed: int = 0) -> schemas.Metrics:
+    """A classifier's metrics.json: per subject its class probabilities (``confidence`` on the true class on
+    average), log-loss and case key; ``mean`` as the evaluation computes it."""
+    import numpy as np
+
+    from medseg.evaluation.classification import classification_metrics, log_losses
+
+    true = np.arange(n) % 3
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet([1, 1, 1], n) * (1 - confidence)
+    probs[np.arange(n), true] += confidence
+    keys = keys or [f"key-{i:03d}" for i in range(n)]
+    losses = log_losses(true, probs)
+    per_case = [{"case_id": f"case_{i:04d}", "case_key": keys[i],
+                 "all": {**{f"prob_{c}": float(p) for c, p in zip(CLASSES, probs[i])}, "pred": int(probs[i].argmax()), "true": int(true[i]),
+                         "log_loss": float(losses[i])}} for i in range(n)]
+    return schemas.Metrics(n_cases=n, mean=classification_metrics(true, probs, CLASSES), per_case=per_case)
+
+
+def test_classifier_registered_promoted_then_gated_on_log_loss(store):
+    from medseg.io import sha256_json
+
+    uri, name = store["uri"], "adni-classifier"
+    package = classifier_package(store)
+    client = reg._client(uri)
+    m1 = classifier_metrics(0.5)
+    r1 = reg.register_model(package, m1, name, uri, LINEAGE, {"auto": True})
+    assert r1["challenger"] and r1["reason"].startswith("thresholds met: all log_loss") and "<= 1.0986 (lower is better)" in r1["reason"]
+    tags = client.get_model_version(name, "1").tags
+    assert (tags["task_kind"], tags["primary_metric"], tags["primary_group"], json.loads(tags["gate_groups"])) == ("classification", "log_loss", "all", ["all"])
+    assert tags["test_set_hash"] == r1["test_set_hash"] == sha256_json(sorted(c["case_key"] for c in m1.per_case))
+    assert json.loads(tags["thresholds"]) == {"all/log_loss": pytest.approx(1.0986)}
+    assert json.loads(client.get_registered_model(name).tags["task_signature"])["classes"] == CLASSES
+    metrics = client.get_run(r1["run_id"]).data.metrics
+    for key in ("test_all_accuracy", "test_all_balanced_accuracy", "test_all_auc_macro", "test_all_log_loss", "test_CN_auc", "test_AD_auc", "test_n_cases"):
+        assert key in metrics, key
+    assert metrics["test_all_log_loss"] == pytest.approx(m1.mean["all"]["log_loss"])
+
+    p1 = reg.promote(name, "1", uri)
+    assert p1["promoted"] and p1["reason"] == "no champion yet" and p1["metric"] == "log_loss" and p1["primary_group"] == "all"
+    # v2: more probability on the truth for every subject → lower log-loss → promoted
+    r2 = reg.register_model(package, classifier_metrics(0.7), name, uri, LINEAGE, {"auto": True})
+    p2 = reg.promote(name, r2["version"], uri, n_bootstrap=500)
+    assert p2["promoted"] and p2["pairing"] == "case_key" and p2["n_common_cases"] == 30 and not p2["higher_is_better"]
+    assert p2["challenger_value"] < p2["champion_value"] and p2["reason"].startswith("log_loss ")
+    # v3: worse than v2 → refused, in the task's words
+    r3 = reg.register_model(package, classifier_metrics(0.6), name, uri, LINEAGE, {"auto": True})
+    p3 = reg.promote(name, r3["version"], uri, n_bootstrap=500)
+    assert not p3["promoted"] and p3["champion_version"] == "2"
+    assert f"log_loss {p3['challenger_value']:.4f} > champion v2 {p3['champion_value']:.4f} (lower is better)" in p3["reason"]
+    v3 = client.get_model_version(name, "3").tags
+    assert v3["promotion_metric"] == "log_loss" and v3["promotion_direction"] == "lower is better" and v3["promotion_pairing"] == "case_key"
+    # the macro AUC gate on request; a segmentation metric is not one of a classifier's
+    pa = reg.promote(name, "3", uri, gate_metric="auc_macro", n_bootstrap=300)
+    assert pa["metric"] == "auc_macro" and pa["gate"]["method"] == "paired_bootstrap_auc_macro" and pa["higher_is_better"]
+    assert pa["reason"].startswith("not non-inferior") or "auc_macro" in pa["reason"]
+    with pytest.raises(MedsegError, match="log_loss or auc_macro"):
+        reg.promote(name, "3", uri, gate_metric="dice")
+    # a challenger evaluated on other subjects: refused, saying so
+    r4 = reg.register_model(package, classifier_metrics(0.9, keys=[f"key-{i:03d}" for i in range(29)] + ["another"]), name, uri, LINEAGE, {"auto": True})
+    p4 = reg.promote(name, r4["version"], uri, n_bootstrap=200)
+    assert not p4["promoted"] and "test sets differ in content" in p4["reason"] and "1 case(s) only in the challenger's test set" in p4["reason"]
+    assert p4["gate"]["n_differ"] == 1  # case_0029 is another subject on the two sides
+    # the task's default threshold: no worse than a uniform guess
+    r5 = reg.register_model(package, classifier_metrics(0.0), name, uri, LINEAGE, {"auto": True})  # log-loss 1.26: worse than guessing
+    assert not r5["challenger"] and r5["reason"] == "below threshold: all log_loss 1.2632 > 1.0986 (lower is better)"
+    assert reg.show_model(name, uri)["aliases"]["champion"] == "2"
+
+
+def test_segmentation_task_judged_by_iou(store, capsys):
+    import argparse
+
+    uri = store["uri"]
+    package = lgg_package(store)
+    client = reg._client(uri)
+
+    def metrics(iou: float, dice: float) -> schemas.Metrics:
+        per_case = [{"case_id": f"case_{i:04d}", "case_key": f"slice-key-{i}", "abnormality": {"dice": dice + 0.01 * (i % 3), "iou": iou + 0.01 * (i % 3), "hd95": 4.0}}
+                    for i in range(9)]
+        mean = {"abnormality": {k: sum(c["abnormality"][k] for c in per_case) / 9 for k in ("dice", "iou", "hd95")}}
+        return schemas.Metrics(n_cases=9, mean=mean, per_case=per_case)
+
+    r1 = reg.register_model(package, metrics(0.63, 0.75), "auto", uri, LINEAGE, {"auto": True})
+    name = r1["name"]
+    assert name == "lgg-segmentation" and r1["challenger"] and r1["reason"] == "thresholds met: abnormality iou 0.6400 >= 0.5000"
+    tags = client.get_model_version(name, "1").tags
+    assert (tags["primary_metric"], tags["primary_group"], json.loads(tags["test_primary"])) == ("iou", "abnormality", {"abnormality": pytest.approx(0.64)})
+    run_metrics = client.get_run(r1["run_id"]).data.metrics
+    assert run_metrics["test_abnormality_iou"] == pytest.approx(0.64) and run_metrics["test_abnormality_dice"] == pytest.approx(0.76)
+    assert reg.promote(name, "1", uri)["promoted"]
+    # v2: better Dice, worse IoU: the task's metric decides
+    r2 = reg.register_model(package, metrics(0.60, 0.85), name, uri, LINEAGE, {"auto": True, "abnormality/dice": 0.7})
+    assert r2["challenger"] and "abnormality dice 0.8600 >= 0.7000" in r2["reason"] and "abnormality iou" in r2["reason"]
+    # a version registered before the task tags existed: promote reads the task from its package instead
+    for key in reg.TASK_TAGS:
+        client.delete_model_version_tag(name, "2", key)
+    p2 = reg.promote(name, "2", uri, n_bootstrap=300)
+    assert not p2["promoted"] and p2["metric"] == "iou" and "abnormality iou 0.6100 < champion v1 0.6400" in p2["reason"]
+    on_dice = reg.promote(name, "2", uri, gate_metric="dice", n_bootstrap=300)
+    assert on_dice["promoted"] and on_dice["metric"] == "dice"
+    parser = argparse.ArgumentParser()
+    reg.add_arguments(parser)
+    assert reg.run(parser.parse_args(["show", name, "--tracking-uri", uri])) == 0
+    out = capsys.readouterr().out
+    assert 'v1 [previous-champion]' in out and 'task segmentation  iou: {"abnormality": 0.64}' in out and "test_set_hash: " in out
+    with pytest.raises(SystemExit):  # the task decides the primary group: no --primary-region any more
+        parser.parse_args(["promote", name, "2", "--primary-region", "WT"])
+
+
+def test_thresholds_auto_per_task(store):
+    from medseg.task import Task
+
+    brats, lgg, cls = Task.from_folder(store["package"]), Task.from_folder(lgg_package(store)), Task.from_folder(classifier_package(store))
+    assert reg.resolve_thresholds(brats, {"auto": True}) == {"WT/dice": 0.5}
+    assert reg.resolve_thresholds(brats, {"auto": True, "WT": 0.9, "ET/hd95": 20}) == {"WT/dice": 0.9, "ET/hd95": 20.0}
+    assert reg.resolve_thresholds(brats, {"auto": False, "TC": 0.3}) == {"TC/dice": 0.3}
+    assert reg.resolve_thresholds(lgg, {"auto": True}) == {"abnormality/iou": 0.5}
+    assert reg.resolve_thresholds(cls, {"auto": True}) == {"all/log_loss": pytest.approx(1.0986)}
+    assert reg.resolve_thresholds(cls, {}) == {}
+    passed, reason = reg.check_thresholds(make_metrics({"c1": 0.9}), {"ET/hd95": 4.0, "WT": 0.8}, brats)
+    assert not passed and "ET hd95 6.0000 > 4.0000 (lower is better)" in reason and "WT dice" not in reason.split("below threshold: ")[1]
+    assert reg.check_thresholds(make_metrics({"c1": 0.9}), {"abnormality": 0.5}, lgg) == (False, "below threshold: abnormality: no mean iou in the metrics")
+    with pytest.raises(MedsegError, match="unknown metric"):
+        reg.check_thresholds(make_metrics({"c1": 0.9}), {"WT/dise": 0.5}, brats)
+
+
+def test_another_task_under_the_same_name_is_refused(store):
+    uri, name = store["uri"], "brats-one-task"
+    register(store, name, make_metrics({"c1": 0.9}))
+    client = reg._client(uri)
+    assert json.loads(client.get_registered_model(name).tags["task_signature"])["regions"] == {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+    with pytest.raises(MedsegError, match="holds models of task .*\"kind\": \"segmentation\".*this package's task is .*\"kind\": \"classification\""):
+        reg.register_model(classifier_package(store), classifier_metrics(0.8), name, uri, LINEAGE, {})
+    assert [v["version"] for v in reg.show_model(name, uri)["versions"]] == ["1"]
+    # a model registered before signatures were tagged adopts the first signature registered under the lock
+    client.delete_registered_model_tag(name, "task_signature")
+    register(store, name, make_metrics({"c1": 0.9}))
+    assert json.loads(client.get_registered_model(name).tags["task_signature"])["kind"] == "segmentation"
+
+
+def test_concurrent_registrations_and_promotions_leave_one_champion(store):
+    """Two pipelines register and promote at once: the challenger alias and the champion move under one lock,
+    every decision is taken against the state the previous one left."""
+    import multiprocessing as mp
+
+    from tests.registry_workers import register_and_promote_after_barrier
+
+    uri, name = store["uri"], "brats-register-race"
+    good = make_metrics({f"c{i}": 0.90 for i in range(4)}).to_dict()
+    weak = make_metrics({f"c{i}": 0.80 for i in range(4)}).to_dict()
+    for m in (good, weak):
+        for i, entry in enumerate(m["per_case"]):
+            entry["case_key"] = f"brats-key-{i}"
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=register_and_promote_after_barrier, args=(barrier, queue, tag, str(store["package"]), m, name, uri, {"n_bootstrap": 300}))
+             for tag, m in (("good", good), ("weak", weak))]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=300) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for tag, r in results.items():
+        assert isinstance(r, dict), f"{tag}: {r}"
+    good_version = results["good"]["register"]["version"]
+    assert {r["register"]["version"] for r in results.values()} == {"1", "2"}
+    shown = reg.show_model(name, uri)
+    assert shown["aliases"]["champion"] == good_version  # either order: the better model ends as champion
+    log = shown["promotion_log"]
+    assert sorted(e["action"] for e in log) == ["promote", "promote", "register", "register"] and [e["seq"] for e in log] == [1, 2, 3, 4]
+    check_serialised(log)
+    promotions = [e for e in log if e["action"] == "promote"]
+    assert promotions[0]["reason"] == "no champion yet" and promotions[1]["compared_with"] == promotions[0]["version"]
+    assert promotions[1]["pairing"] == "case_key"
+    assert sum(1 for r in results.values() if r["promote"]["promoted"]) in (1, 2)
+    assert "challenger" not in shown["aliases"] or shown["aliases"]["challenger"] != shown["aliases"]["champion"]

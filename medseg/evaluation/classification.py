@@ -18,6 +18,9 @@ ROC-AUC (one-vs-rest)  per class k: the probability that a random case of class 
                        out, never NaN) for a class with no positive or no negative case.
 macro ROC-AUC          mean of the defined per-class AUCs (scikit-learn's
                        ``roc_auc_score(multi_class="ovr", average="macro")`` when all are defined)
+log-loss               per case ``-ln p_true`` (natural log; the true class's score, clipped to
+                       [1e-12, 1]), and its mean over the cases (scikit-learn's ``log_loss`` for
+                       probabilities that sum to 1); lower is better, ``ln K`` for a uniform guess
 confusion matrix       counts, rows = true class, columns = predicted class
 sensitivity, precision per class: recall TP / (TP + FN) and TP / (TP + FP) of the one-vs-rest
 specificity            split; TN / (TN + FP). A zero denominator gives 0.0 (scikit-learn's
@@ -27,11 +30,12 @@ specificity            split; TN / (TN + FP). A zero denominator gives 0.0 (scik
 Outputs (:func:`evaluate_classification`), in the shape of the segmentation report where it fits:
 
 * ``metrics.json``: :class:`~medseg.schemas.Metrics` with ``mean["all"]`` = ``accuracy``,
-  ``balanced_accuracy``, ``auc_macro``; ``mean[<class>]`` = ``auc`` (when defined), ``sensitivity``,
+  ``balanced_accuracy``, ``auc_macro``, ``log_loss``; ``mean[<class>]`` = ``auc`` (when defined), ``sensitivity``,
   ``specificity``, ``precision``, ``support`` (true cases) and ``confusion_<predicted class>`` (its
-  row of the confusion matrix); ``per_case`` = ``{"case_id", "all": {prob_<class>..., pred, true}}``.
+  row of the confusion matrix); ``per_case`` = ``{"case_id", "all": {prob_<class>..., pred, true,
+  log_loss}}``.
 * ``cases.csv``: ``case,region,metric,value`` with region ``all`` and metrics ``prob_<class>``,
-  ``pred``, ``true`` (class indices).
+  ``pred``, ``true`` (class indices), ``log_loss``.
 * ``confusion_matrix.csv``; ``roc_<class>.png`` per class; ``report.md``; ``report.html``.
 """
 
@@ -49,7 +53,7 @@ import numpy as np
 
 from medseg import io
 from medseg.errors import MedsegError
-from medseg.schemas import METRICS_JSON, DatasetJson, Metrics
+from medseg.schemas import CASES_CSV, CONFUSION_CSV, METRICS_JSON, REPORT_HTML, REPORT_MD, DatasetJson, Metrics
 
 __all__ = [
     "CONFUSION_CSV",
@@ -59,15 +63,14 @@ __all__ = [
     "roc_curve",
     "roc_auc",
     "classification_metrics",
+    "log_losses",
     "evaluate_classification",
     "write_classification_report",
     "roc_png",
 ]
 
-CONFUSION_CSV = "confusion_matrix.csv"
-CASES_CSV = "cases.csv"
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
+#: Probabilities are clipped to at least this before the log-loss.
+LOG_LOSS_EPS = 1e-12
 #: The ``region`` of every classification row in ``cases.csv`` and the name of the overall numbers.
 ALL = "all"
 
@@ -145,6 +148,16 @@ def _ratio(num: int, den: int) -> float:
     return float(num) / den if den else 0.0
 
 
+def log_losses(true: Sequence[int], scores: np.ndarray) -> np.ndarray:
+    """Per-case log-loss ``-ln p_true`` (natural log), the true class's score clipped to [1e-12, 1]."""
+    t = np.asarray(true, dtype=np.int64)
+    sc = np.asarray(scores, dtype=np.float64)
+    if not t.size:
+        return np.zeros(0, dtype=np.float64)
+    p = np.clip(sc[np.arange(t.size), t], LOG_LOSS_EPS, 1.0)
+    return -np.log(p)
+
+
 def classification_metrics(true: Sequence[int], scores: np.ndarray, classes: Sequence[str]) -> dict[str, dict[str, float]]:
     """The ``mean`` of :class:`~medseg.schemas.Metrics` for a classification (see the module docstring).
 
@@ -180,6 +193,8 @@ def classification_metrics(true: Sequence[int], scores: np.ndarray, classes: Seq
         out[name] = row
     if aucs:
         out[ALL]["auc_macro"] = float(np.mean(aucs))
+    if t.size:
+        out[ALL]["log_loss"] = float(np.mean(log_losses(t, sc)))
     return out
 
 
@@ -253,9 +268,10 @@ def evaluate_classification(
         raise MedsegError("no cases to evaluate")
     scores_arr = np.stack(rows)
     pred = np.argmax(scores_arr, axis=1)
+    losses = log_losses(true, scores_arr)
     per_case = [
-        {"case_id": cid, ALL: {**{f"prob_{c}": float(v) for c, v in zip(classes, row)}, "pred": int(p), "true": int(t)}}
-        for cid, row, p, t in zip(ids, scores_arr, pred, true)
+        {"case_id": cid, ALL: {**{f"prob_{c}": float(v) for c, v in zip(classes, row)}, "pred": int(p), "true": int(t), "log_loss": float(loss)}}
+        for cid, row, p, t, loss in zip(ids, scores_arr, pred, true, losses)
     ]
     metrics = Metrics(
         n_cases=len(ids),
@@ -325,10 +341,11 @@ def _confusion_csv(cm: np.ndarray, classes: Sequence[str]) -> str:
 def _markdown(metrics: Metrics, classes: Sequence[str], cm: np.ndarray, title: str, roc_files: Sequence[str]) -> str:
     overall = metrics.mean[ALL]
     auc_macro = f"{overall['auc_macro']:.3f}" if "auc_macro" in overall else "undefined"
+    log_loss = f", log-loss {overall['log_loss']:.3f} (lower is better)" if "log_loss" in overall else ""
     lines = [
         f"# Classification report{': ' + title if title else ''}", "",
         f"{metrics.n_cases} case(s). Accuracy {overall['accuracy']:.3f}, balanced accuracy "
-        f"{overall['balanced_accuracy']:.3f}, macro ROC-AUC (one-vs-rest) {auc_macro}.", "",
+        f"{overall['balanced_accuracy']:.3f}, macro ROC-AUC (one-vs-rest) {auc_macro}{log_loss}.", "",
         "## Per class", "",
         "| Class | ROC-AUC | Sensitivity | Specificity | Precision | Cases |",
         "|---|---:|---:|---:|---:|---:|",
@@ -352,7 +369,8 @@ def _html(metrics: Metrics, classes: Sequence[str], cm: np.ndarray, title: str, 
     overall = metrics.mean[ALL]
     summary = "".join(
         f"<tr><td>{html.escape(label)}</td><td>{overall[key]:.3f}</td></tr>"
-        for key, label in (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"), ("auc_macro", "Macro ROC-AUC (one-vs-rest)"))
+        for key, label in (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy"), ("auc_macro", "Macro ROC-AUC (one-vs-rest)"),
+                           ("log_loss", "Log-loss (lower is better)"))
         if key in overall
     )
     rows = []

@@ -3,7 +3,11 @@
 Segmentation datasets get the segmentation report (:func:`~medseg.evaluation.report.evaluate_arrays`);
 classification datasets (dataset.json ``task: "classification"``) the classification report
 (:func:`~medseg.evaluation.classification.evaluate_classification`: accuracy, balanced accuracy, one-vs-rest
-ROC-AUC per class, ROC curves), each test case's true class and age read from the dataset's manifest.json.
+ROC-AUC per class, log-loss, ROC curves), each test case's true class and age read from the dataset's manifest.json.
+
+Every per-case entry of ``metrics.json`` also gets the case's ``case_key`` from manifest.json (its identity by
+content, :func:`medseg.ingest.ingest.case_key`; ``""`` when the manifest has none): the registry's gate pairs a
+challenger's test cases with the champion's by it.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_
     if not case_ids:
         raise MedsegError("no test cases to evaluate (splits.json has an empty test list)", dataset_dir / schemas.SPLITS_JSON)
     if task.is_classification:
-        return _evaluate_classification(predictor, dataset, dataset_dir, out_dir, case_ids, progress)
-    predictions_dir = Path(predictions_dir) if predictions_dir else out_dir / "predictions"
+        return add_case_keys(_evaluate_classification(predictor, dataset, dataset_dir, out_dir, case_ids, progress), dataset_dir, out_dir)
+    predictions_dir = Path(predictions_dir) if predictions_dir else out_dir / schemas.PREDICTIONS_DIR
     n_channels = len(dataset.channel_names)
 
     def pairs():
@@ -51,15 +55,36 @@ def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_
             prediction = predictor.predict_files(images)
             ref, _, hdr = load_nifti(label_file(dataset_dir, case_id), dtype=np.float32)
             ref = np.rint(ref).astype(np.uint8)
-            save_nifti(predictions_dir / f"{case_id}.nii.gz", prediction.segmentation, prediction.affine, prediction.header)
+            save_nifti(predictions_dir / f"{case_id}{dataset.file_ending}", prediction.segmentation, prediction.affine, prediction.header)
             first_channel, _, _ = load_nifti(images[0])
             if i == 0:  # one picture for the report
                 flair, _, _ = load_nifti(images[-1])
-                overlay_png(flair, prediction.segmentation, out_dir / "example_overlay.png", reference=ref, title=case_id)
+                overlay_png(flair, prediction.segmentation, out_dir / schemas.EXAMPLE_OVERLAY_PNG, reference=ref, title=case_id)
             yield case_id, prediction.segmentation, ref, nifti_spacing(hdr), first_channel
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    return evaluate_arrays(pairs(), dataset, out_dir, total=len(case_ids), lesionwise=task.lesionwise)
+    metrics = evaluate_arrays(pairs(), dataset, out_dir, total=len(case_ids), lesionwise=task.lesionwise)
+    return add_case_keys(metrics, dataset_dir, out_dir)
+
+
+def case_keys(dataset_dir: Path) -> dict[str, str]:
+    """case id → ``case_key`` of the dataset's manifest.json (``{}`` without a manifest; ``""`` for cases
+    ingested before keys existed)."""
+    path = Path(dataset_dir) / schemas.MANIFEST_JSON
+    if not path.is_file():
+        return {}
+    return {str(c["case_id"]): str(c.get("case_key") or "") for c in schemas.Manifest.load(path).cases}
+
+
+def add_case_keys(metrics: schemas.Metrics, dataset_dir: Path, out_dir: Path | None = None) -> schemas.Metrics:
+    """Give every per-case entry its ``case_key`` (right after ``case_id``; ``""`` when unknown) and, with
+    ``out_dir``, rewrite its ``metrics.json``."""
+    keys = case_keys(dataset_dir)
+    metrics.per_case = [{"case_id": e.get("case_id"), "case_key": keys.get(str(e.get("case_id")), ""), **{k: v for k, v in e.items() if k not in ("case_id", "case_key")}}
+                        for e in metrics.per_case]
+    if out_dir is not None:
+        metrics.save(Path(out_dir) / schemas.METRICS_JSON)
+    return metrics
 
 
 def _evaluate_classification(predictor, dataset: schemas.DatasetJson, dataset_dir: Path, out_dir: Path, case_ids: list[str], progress: bool) -> schemas.Metrics:

@@ -13,6 +13,11 @@ orientation is recorded per file) and re-saved through :func:`medseg.io.save_nif
 free-text header fields (descrip, aux_file, intent_name, db_name: a de-identification step), then
 hashed; the manifest's ``content_hash`` over those hashes is the dataset version.
 
+Case identity: every case gets a ``case_key`` (:func:`case_key`), a hash over its files' contents (and, for
+classification, its class and covariates). Pseudonyms are renumbered whenever the set of cases changes; the key
+is not: the same data ingested again gets the same keys, which is how the registry's gate pairs a challenger's
+test cases with the champion's.
+
 De-identification of ids: with ``pseudonymize`` (the default for layouts whose ids may name a person,
 such as DICOM) cases and patients get sequential pseudonyms and original file names are not
 recorded; the original → new mapping is written only to ``id_map``, which must lie outside the
@@ -39,7 +44,7 @@ from medseg.ingest.adapters import ADAPTERS, Adapter, SourceCase, detect_format,
 from medseg.ingest.splits import check_split_parameters, make_splits
 from medseg.ingest.adapters.base import Volume
 from medseg.ingest.validate import CaseCheck, Problem, check_case, find_duplicate_case_ids, settle_problems
-from medseg.io import atomic_dir, nifti_spacing, save_nifti, sha256_file, write_json
+from medseg.io import atomic_dir, nifti_spacing, save_nifti, sha256_file, sha256_json, write_json
 from medseg.schemas import IMAGES_TR, IMAGES_TS, LABELS_TR, CaseRecord, DatasetJson, FileRecord, Manifest, Splits
 
 logger = logging.getLogger(__name__)
@@ -224,10 +229,33 @@ def _write_case(
     if check.label is not None:
         relative = f"{LABELS_TR}/{case_id}{FILE_ENDING}"
         files.append(_write_volume(folder, relative, check.label, "label", "label", keep_source_names))
-    return CaseRecord(
+    record = CaseRecord(
         case_id=case_id, patient_id=patient_id, files=files, has_label=labelled,
         class_label=case.class_label, covariates=dict(case.covariates),
     )
+    record.case_key = case_key(record)
+    return record
+
+
+def case_key(record: CaseRecord | dict[str, Any]) -> str:
+    """The case's identity by content: sha256 over its files' sorted (role, channel, file sha256) and, when it
+    has a class label (classification), the label and its covariates.
+
+    Ids, paths and pseudonyms are left out, so the same case ingested again (even renumbered) gets the same key,
+    and two cases differing in any written byte, label or covariate get different ones.
+
+    Args:
+        record: a :class:`~medseg.schemas.CaseRecord` or its dict (a ``manifest.json`` case).
+    """
+    data = _as_dict(record) if dataclasses.is_dataclass(record) else dict(record)
+    files = sorted((str(f["role"]), str(f["channel"]), str(f["sha256"])) for f in data.get("files") or [])
+    if not files:
+        raise MedsegError(f"case {data.get('case_id', '?')!r} has no files to key it by")
+    content: dict[str, Any] = {"files": files}
+    if data.get("class_label") is not None:
+        content["class_label"] = str(data["class_label"])
+        content["covariates"] = dict(data.get("covariates") or {})
+    return sha256_json(content)
 
 
 def _write_volume(folder: Path, relative: str, volume: Volume, role: str, channel: str, keep_source_name: bool) -> dict[str, Any]:

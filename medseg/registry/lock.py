@@ -1,9 +1,10 @@
-"""A lock around promotion and rollback of one registered model.
+"""A lock around registration, promotion and rollback of one registered model.
 
 MLflow has no compare-and-set on aliases: two pipeline runs that promote at once could both read "the
 champion is v3", both decide against v3, and the last ``set_registered_model_alias`` would win while the
-audit trail claimed both were compared with v3. Every change of ``champion`` / ``previous-champion``
-therefore happens inside :func:`promotion_lock`, and the current champion is re-read inside it.
+audit trail claimed both were compared with v3. Every change of ``champion`` / ``previous-champion`` (promote,
+rollback) and of ``challenger`` (register: the new version and its alias, the task-signature check, the log
+entry) therefore happens inside :func:`promotion_lock`, and the current aliases are re-read inside it.
 
 Two mechanisms, chosen by the tracking URI:
 

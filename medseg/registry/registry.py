@@ -6,16 +6,25 @@ Aliases of a registered model (one per task)::
     champion            the promoted version (what ``models:/NAME@champion`` and the server load)
     previous-champion   the champion before the last promotion: the target of ``rollback``
 
+The task (:class:`medseg.task.Task`, from the package's ``dataset.json``) decides what is measured: the
+thresholds' metrics and directions, the metrics logged (:meth:`~medseg.task.Task.reported_metrics`), and the
+gate's groups, primary group and metric. A registered model holds one task: its signature is tagged on the
+registered model when it is created, and a package of another task is refused under that name. Each version
+is tagged with what the gate needs (``task_kind``, ``primary_metric``, ``primary_group``, ``gate_groups``,
+``task_signature``), so promotion never downloads the model, and with its test set's identity
+(``test_set_hash``: sha256 over the sorted case keys of its per-case metrics).
+
 Every decision is written on the model version as tags (``threshold_passed``/``threshold_reason`` at
 registration, ``promotion_decision``/``promotion_reason`` and the compared numbers at promotion), so a
-refusal is a recorded outcome, not an exception. Promotions and rollbacks are also logged on the
-registered model (tags ``promotion_log/<seq>``, ``promotion_last``) and each promotion decision as a
-JSON record ``promotion/<seq>-v<version>-<decision>.json`` in the version's run.
+refusal is a recorded outcome, not an exception. Registrations, promotions and rollbacks are logged on the
+registered model (tags ``promotion_log/<seq>``, ``promotion_last``) and each promotion decision as a JSON
+record ``promotion/<seq>-v<version>-<decision>.json`` in the version's run.
 
 Each version's run holds its test metrics as artifacts ``evaluation/metrics.json`` and
-``evaluation/per_case.json``; promotion compares the challenger's and the champion's per-case Dice
-over the test cases they share with the paired bootstrap gate of :mod:`medseg.registry.gate`, under
-the lock of :mod:`medseg.registry.lock` (concurrent promotions are serialised).
+``evaluation/per_case.json``; promotion compares the challenger's and the champion's per-case metric over
+the same test cases with the paired bootstrap gate of :mod:`medseg.registry.gate`. The ``challenger`` alias
+(at registration) and ``champion`` / ``previous-champion`` (at promotion and rollback) move only under the
+lock of :mod:`medseg.registry.lock`, so concurrent registrations and promotions are serialised.
 
 Used by the pipeline (:func:`register_model`, :func:`promote`) and by ``medseg registry``
 (:func:`add_arguments` / :func:`run`). MLflow is imported inside the functions (CLI start-up time).
@@ -32,21 +41,29 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medseg import schemas
 from medseg.errors import MedsegError
+from medseg.io import sha256_json
 from medseg.registry import gate
+from medseg.registry.lineage import LINEAGE_KEYS, UNKNOWN, build_lineage, merge_lineage
 from medseg.registry.lock import DEFAULT_TIMEOUT_S, Held, promotion_lock
+from medseg.task import CLASSIFICATION_GATES, CLASSIFICATION_REPORTED, THRESHOLD_SEPARATOR, Task, metric_spec
 
 CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous-champion"
-LINEAGE_KEYS = ("manifest_hash", "git_commit", "pipeline_run_id", "plan_hash", "training_run_id", "medseg_version")
-EVAL_DIR = "evaluation"
-PER_CASE_JSON = "per_case.json"
+EVAL_DIR = "evaluation"  # the folder of the test metrics in a version's run
+PER_CASE_JSON = schemas.PER_CASE_JSON
 #: Report files logged beside metrics.json when ``report_dir`` holds them.
-REPORT_FILES = ("report.md", "report.html", schemas.PER_CASE_CSV, "cases.csv", "dice_boxplot.png")
-UNKNOWN = "unknown"
+REPORT_FILES = (schemas.REPORT_MD, schemas.REPORT_HTML, schemas.PER_CASE_CSV, schemas.CASES_CSV, schemas.DICE_BOXPLOT_PNG, schemas.CONFUSION_CSV)
+#: ``thresholds`` key asking for the task's default thresholds (:meth:`~medseg.task.Task.default_thresholds`).
+AUTO = "auto"
+#: Registered-model tag: the task signature (JSON) every version of the model must have.
+TASK_SIGNATURE_TAG = "task_signature"
+#: Version tags describing the task (what promotion needs, without downloading the model).
+TASK_TAGS = ("task_kind", "primary_metric", "primary_group", "gate_groups", TASK_SIGNATURE_TAG)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -125,27 +142,127 @@ def _set_tags(client: Any, name: str, version: str, tags: Mapping[str, Any]) -> 
         client.set_model_version_tag(name, version, key, str(value))
 
 
-def _case_dice(entry: Mapping[str, Any], region: str) -> float | None:
-    """Dice of ``region`` in one per-case entry (see :func:`medseg.registry.gate.case_dice`)."""
-    return gate.case_dice(entry, region)
+def _fmt_value(x: float) -> str:
+    return f"{float(x):.4f}"
 
 
-def check_thresholds(metrics: schemas.Metrics, thresholds: Mapping[str, float]) -> tuple[bool, str]:
-    """Every ``{region: minimum mean Dice}`` must hold. Returns (passed, reason)."""
-    if not thresholds:
+# --------------------------------------------------------------------------- the task of a version
+@dataclass
+class GateTask:
+    """What the gate needs to know of a version's task (from its tags, or its package's ``dataset.json``)."""
+
+    kind: str
+    primary_metric: str
+    primary_group: str
+    gate_groups: list[str]
+    signature: dict[str, Any] | None = field(default=None)
+
+    @classmethod
+    def from_task(cls, task: Task) -> GateTask:
+        return cls(task.kind, task.primary_metric, task.primary_group, list(task.gate_groups), task.signature)
+
+    def tags(self) -> dict[str, str]:
+        return {"task_kind": self.kind, "primary_metric": self.primary_metric, "primary_group": self.primary_group,
+                "gate_groups": json.dumps(self.gate_groups), TASK_SIGNATURE_TAG: _signature_json(self.signature)}
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> GateTask | None:
+        if not all(k in tags for k in ("task_kind", "primary_metric", "primary_group", "gate_groups")):
+            return None
+        try:
+            groups = [str(g) for g in json.loads(tags["gate_groups"])]
+            signature = json.loads(tags[TASK_SIGNATURE_TAG]) if tags.get(TASK_SIGNATURE_TAG) else None
+        except ValueError:
+            return None
+        return cls(str(tags["task_kind"]), str(tags["primary_metric"]), str(tags["primary_group"]), groups, signature)
+
+    def gate_metric(self, requested: str | None) -> tuple[str, bool]:
+        """The metric the gate compares and whether higher is better: ``requested``, or the task's primary
+        metric for ``auto``. A classifier is gated on ``log_loss`` or ``auc_macro``; a segmentation model on
+        a per-case segmentation metric."""
+        metric = self.primary_metric if requested in (None, "", AUTO) else str(requested)
+        spec = metric_spec(metric)
+        if self.kind == "classification" and metric not in CLASSIFICATION_GATES:
+            raise MedsegError(f"a classifier is gated on {' or '.join(CLASSIFICATION_GATES)}, not {metric!r}")
+        if self.kind != "classification" and metric in CLASSIFICATION_REPORTED:
+            raise MedsegError(f"{metric!r} is a classification metric; this is a {self.kind} model (gate on e.g. {self.primary_metric!r})")
+        return metric, spec.higher_is_better
+
+
+def _signature_json(signature: Mapping[str, Any] | None) -> str:
+    return json.dumps(signature, sort_keys=True) if signature is not None else ""
+
+
+def version_task(client: Any, name: str, mv: Any, tracking_uri: str) -> GateTask:
+    """The task of a registered version: its tags, else (versions registered before they were written) the
+    ``dataset.json`` of its logged model package (one download)."""
+    found = GateTask.from_tags(mv.tags or {})
+    if found is not None:
+        return found
+    import mlflow
+
+    from medseg.registry.pyfunc_model import package_dir_of
+
+    with tempfile.TemporaryDirectory(prefix="medseg-task-") as tmp, _tracking(tracking_uri):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp)
+        return GateTask.from_task(Task.from_folder(package_dir_of(local)))
+
+
+# --------------------------------------------------------------------------- thresholds
+def resolve_thresholds(task: Task, thresholds: Mapping[str, Any] | None) -> dict[str, float]:
+    """``GROUP/METRIC`` → threshold. ``{}``: none; a truthy ``auto`` key: the task's
+    :meth:`~medseg.task.Task.default_thresholds`, the other keys added or overriding; ``GROUP`` alone is the
+    task's primary metric.
+
+    Raises:
+        MedsegError: an unknown metric, or a value that is not a number.
+    """
+    given = dict(thresholds or {})
+    auto = given.pop(AUTO, None)
+    out: dict[str, float] = {}
+    if auto and str(auto).strip().lower() not in ("false", "0", "no", "off"):
+        out.update({k: float(v) for k, v in task.default_thresholds().items()})
+    for key, value in given.items():
+        group, metric = task.parse_threshold_key(str(key))
+        try:
+            out[f"{group}{THRESHOLD_SEPARATOR}{metric}"] = float(value)
+        except (TypeError, ValueError):
+            raise MedsegError(f"threshold {key!r}: {value!r} is not a number") from None
+    return out
+
+
+def check_thresholds(metrics: schemas.Metrics, thresholds: Mapping[str, Any], task: Task) -> tuple[bool, str]:
+    """Every threshold (``GROUP``, ``GROUP/METRIC`` or ``auto``: :func:`resolve_thresholds`) must hold on
+    ``metrics.mean``, each in its metric's direction. Returns (passed, reason naming group, metric, value
+    and threshold)."""
+    resolved = resolve_thresholds(task, thresholds)
+    if not resolved:
         return True, "no thresholds set"
     failed, held = [], []
-    for region, minimum in thresholds.items():
-        value = (metrics.mean.get(region) or {}).get("dice")
+    for key, limit in resolved.items():
+        group, metric = task.parse_threshold_key(key)
+        spec = metric_spec(metric)
+        raw = (metrics.mean.get(group) or {}).get(metric)
+        value = gate._number(raw)
         if value is None:
-            failed.append(f"{region}: no mean Dice in the metrics")
-        elif float(value) < float(minimum):
-            failed.append(f"{region} Dice {float(value):.4f} < {float(minimum):.4f}")
+            failed.append(f"{group}: no mean {metric} in the metrics")
+            continue
+        direction = "" if spec.higher_is_better else " (lower is better)"
+        if spec.passes(value, limit):
+            held.append(f"{group} {metric} {_fmt_value(value)} {'>=' if spec.higher_is_better else '<='} {_fmt_value(limit)}{direction}")
         else:
-            held.append(f"{region} Dice {float(value):.4f} >= {float(minimum):.4f}")
+            failed.append(f"{group} {metric} {_fmt_value(value)} {'<' if spec.higher_is_better else '>'} {_fmt_value(limit)}{direction}")
     if failed:
         return False, "below threshold: " + "; ".join(failed)
     return True, "thresholds met: " + "; ".join(held)
+
+
+def hash_test_set(per_case: Sequence[Mapping[str, Any]]) -> str:
+    """The test set's identity: sha256 over the sorted case keys (JSON list); ``unknown`` when a case has none."""
+    keys = [str(e.get("case_key") or "") for e in per_case]
+    if not keys or not all(keys):
+        return UNKNOWN
+    return sha256_json(sorted(keys))
 
 
 # --------------------------------------------------------------------------- register
@@ -154,26 +271,46 @@ def register_model(
     metrics: schemas.Metrics,
     name: str,
     tracking_uri: str,
-    lineage: Mapping[str, str],
-    thresholds: Mapping[str, float],
+    lineage: Mapping[str, Any] | None = None,
+    thresholds: Mapping[str, Any] | None = None,
     run_name: str | None = None,
     experiment: str = "medseg",
     report_dir: Path | None = None,
     input_example: Any = None,
+    *,
+    dataset_dir: Path | None = None,
+    lock_timeout: float = DEFAULT_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Log ``model_dir`` as a pyfunc model in a new run, register it as a new version of ``name``.
 
-    ``input_example``: a one-row DataFrame of image paths (see
-    :func:`~medseg.registry.pyfunc_model.input_example_from_dataset`), stored with the model; MLflow
-    predicts it once while logging.
+    Args:
+        model_dir: the model package.
+        metrics: its held-out test metrics (``metrics.json``; per-case entries with ``case_key``).
+        name: the registered model; ``auto``: the task's :meth:`~medseg.task.Task.default_model_name`.
+        tracking_uri: MLflow tracking and registry URI.
+        lineage: lineage values the caller knows (e.g. :func:`~medseg.registry.lineage.build_lineage`'s, or
+            just ``pipeline_run_id``); they win over what :func:`build_lineage` finds itself (empty or
+            ``unknown`` values do not).
+        thresholds: ``{}``: none; ``{"auto": true}``: the task's defaults; ``GROUP`` / ``GROUP/METRIC`` keys
+            (see :func:`resolve_thresholds`), each checked in its metric's direction.
+        report_dir: the evaluation folder; its report files (:data:`REPORT_FILES`) are logged too.
+        input_example: a one-row DataFrame of image paths (see
+            :func:`~medseg.registry.pyfunc_model.input_example_from_dataset`), stored with the model; MLflow
+            predicts it once while logging.
+        dataset_dir: the canonical dataset (its manifest hash is the ``manifest_hash`` lineage tag).
+        lock_timeout: seconds to wait for the registry lock (the ``challenger`` alias moves under it).
 
-    The run gets the training config as params, ``test_<NAME>_<dice|hd95>`` metrics from
-    ``metrics.mean``, ``evaluation/metrics.json`` + ``evaluation/per_case.json`` (and the report files
-    of ``report_dir`` if given), and the lineage as tags. The version gets the lineage tags
-    (:data:`LINEAGE_KEYS`, ``"unknown"`` when not known), ``threshold_passed`` / ``threshold_reason``
-    and, if every threshold holds, the alias ``challenger``.
+    The run gets the training config as params, ``test_<GROUP>_<metric>`` metrics (every number
+    :meth:`~medseg.task.Task.reported_metrics` gives) and ``test_n_cases``, ``evaluation/metrics.json`` +
+    ``evaluation/per_case.json`` (and the report files), and the lineage as tags. The version gets the
+    lineage tags (:data:`LINEAGE_KEYS`), the task tags (:data:`TASK_TAGS`), ``test_set_hash``,
+    ``threshold_passed`` / ``threshold_reason`` and, if every threshold holds, the alias ``challenger``. The
+    registration is logged in the promotion log (action ``register``).
 
-    Returns ``{"name", "version", "run_id", "model_uri", "challenger", "reason"}``.
+    Returns ``{"name", "version", "run_id", "model_uri", "challenger", "reason", "test_set_hash"}``.
+
+    Raises:
+        MedsegError: ``name`` holds models of another task (signature), or a threshold names an unknown metric.
     """
     import mlflow
 
@@ -182,9 +319,16 @@ def register_model(
 
     model_dir = Path(model_dir)
     package = schemas.ModelPackage.load(model_dir)
-    tags = _lineage_tags(model_dir, package, lineage)
-    passed, reason = check_thresholds(metrics, thresholds)
+    task = Task.from_folder(model_dir)
+    info = GateTask.from_task(task)
+    if not name or name == AUTO:
+        name = task.default_model_name()
+    resolved = resolve_thresholds(task, thresholds)
+    passed, reason = check_thresholds(metrics, resolved, task)
+    tags = merge_lineage(build_lineage(model_dir, dataset_dir), lineage)
+    set_hash = hash_test_set(metrics.per_case)
     client = _client(tracking_uri)
+    _check_signature(client, name, task)  # fail before logging anything
 
     with _tracking(tracking_uri):
         exp_id = ensure_experiment(tracking_uri, experiment)
@@ -195,62 +339,93 @@ def register_model(
             params["configuration"] = package.configuration
             mlflow.log_params(params)
             values = {"test_n_cases": float(metrics.n_cases)}
-            for key, row in metrics.mean.items():
-                for metric in ("dice", "hd95"):
-                    if isinstance(row, Mapping) and row.get(metric) is not None:
-                        values[_metric_key(f"test_{key}_{metric}")] = float(row[metric])
-            for key in ("best_val_dice",):
-                if isinstance(package.training.get(key), (int, float)):
-                    values[key] = float(package.training[key])
+            values.update({_metric_key(f"test_{key}"): value for key, value in task.reported_metrics(metrics.mean).items()})
+            for key, value in (package.training or {}).items():
+                if key.startswith("best_val") and gate._number(value) is not None:
+                    values[_metric_key(key)] = float(value)
             mlflow.log_metrics(values)
             mlflow.log_dict(metrics.to_dict(), f"{EVAL_DIR}/{schemas.METRICS_JSON}")
-            mlflow.log_dict(list(metrics.per_case), f"{EVAL_DIR}/{PER_CASE_JSON}")
+            mlflow.log_dict(list(metrics.per_case), f"{EVAL_DIR}/{schemas.PER_CASE_JSON}")
             if report_dir is not None:
                 for fname in REPORT_FILES:
                     if (Path(report_dir) / fname).is_file():
                         mlflow.log_artifact(str(Path(report_dir) / fname), EVAL_DIR)
-            info = log_model_package(model_dir, input_example=input_example)
+            log_info = log_model_package(model_dir, input_example=input_example)
 
         # still inside _tracking: MLflow resolves the logged model (models:/m-...) via the fluent URI
-        _ensure_registered_model(client, name)
-        mean_dice = {k: round(float(v["dice"]), 6) for k, v in metrics.mean.items() if isinstance(v, Mapping) and v.get("dice") is not None}
+        _ensure_registered_model(client, name, task)
+        primary = {g: round(float(v), 6) for g in task.gate_groups
+                   if (v := gate._number((metrics.mean.get(g) or {}).get(task.primary_metric))) is not None}
         version_tags = {
             **tags,
+            **info.tags(),
             "threshold_passed": "true" if passed else "false",
             "threshold_reason": reason,
-            "thresholds": json.dumps(dict(thresholds), sort_keys=True),
-            "test_mean_dice": json.dumps(mean_dice, sort_keys=True),
+            "thresholds": json.dumps(resolved, sort_keys=True),
+            "test_primary": json.dumps(primary, sort_keys=True),
             "test_n_cases": str(metrics.n_cases),
+            "test_set_hash": set_hash,
         }
-        mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=version_tags, model_id=getattr(info, "model_id", None))
-    version = str(mv.version)
-    if passed:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-    return {"name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}", "challenger": passed, "reason": reason}
+        with promotion_lock(client, name, tracking_uri, lock_timeout) as lock:
+            _check_signature(client, name, task, adopt=True)
+            champion, previous = _alias_version(client, name, CHAMPION), _alias_version(client, name, PREVIOUS_CHAMPION)
+            challenger_before = _alias_version(client, name, CHALLENGER)
+            mv = client.create_model_version(name, source=log_info.model_uri, run_id=run_id, tags=version_tags, model_id=getattr(log_info, "model_id", None))
+            version = str(mv.version)
+            lock.check()
+            if passed:
+                client.set_registered_model_alias(name, CHALLENGER, version)
+            seq = _next_log_seq(client, name)
+            _log(client, name, seq, {
+                "seq": seq, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "action": "register", "version": version,
+                "decision": "challenger" if passed else "below thresholds", "reason": reason[:_REASON_MAX], "run_id": run_id,
+                "champion_before": champion, "champion_after": champion, "previous_champion_after": previous,
+                "challenger_before": challenger_before, "challenger_after": version if passed else challenger_before,
+                "task_kind": task.kind, "test_set_hash": set_hash, "lock": lock.to_dict(),
+            })
+    return {"name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}", "challenger": passed, "reason": reason,
+            "test_set_hash": set_hash}
 
 
-def _ensure_registered_model(client: Any, name: str) -> None:
+def _registered_signature(client: Any, name: str) -> tuple[bool, dict[str, Any] | None]:
+    """(the model exists, its task signature tag parsed or None)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(name)
+        rm = client.get_registered_model(name)
+    except MlflowException as exc:
+        if _not_found(exc):
+            return False, None
+        raise
+    raw = (rm.tags or {}).get(TASK_SIGNATURE_TAG)
+    try:
+        return True, (json.loads(raw) if raw else None)
+    except ValueError:
+        return True, None
+
+
+def _check_signature(client: Any, name: str, task: Task, adopt: bool = False) -> None:
+    """Refuse a package of another task under ``name``; ``adopt``: tag a model registered before signatures were."""
+    exists, signature = _registered_signature(client, name)
+    if not exists:
+        return
+    if signature is None:
+        if adopt:
+            client.set_registered_model_tag(name, TASK_SIGNATURE_TAG, _signature_json(task.signature))
+        return
+    if signature != json.loads(_signature_json(task.signature)):
+        raise MedsegError(f"registered model {name!r} holds models of task {_signature_json(signature)}; this package's task is "
+                          f"{_signature_json(task.signature)}: register it under another name")
+
+
+def _ensure_registered_model(client: Any, name: str, task: Task) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, tags={TASK_SIGNATURE_TAG: _signature_json(task.signature)})
     except MlflowException as exc:
         if getattr(exc, "error_code", "") not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-
-
-def _lineage_tags(model_dir: Path, package: schemas.ModelPackage, lineage: Mapping[str, str]) -> dict[str, str]:
-    tags = {str(k): str(v) for k, v in (package.lineage or {}).items()}
-    tags.update({str(k): str(v) for k, v in lineage.items() if v is not None and str(v) != ""})
-    if not tags.get("medseg_version"):
-        tags["medseg_version"] = package.medseg_version
-    if not tags.get("plan_hash") and (model_dir / schemas.PLANS_JSON).is_file():
-        tags["plan_hash"] = schemas.Plans.load(model_dir).content_hash()
-    if not tags.get("training_run_id") and package.training.get("mlflow_run_id"):
-        tags["training_run_id"] = str(package.training["mlflow_run_id"])
-    for key in LINEAGE_KEYS:
-        tags.setdefault(key, UNKNOWN)
-    return tags
 
 
 def _flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -293,20 +468,8 @@ def read_version_per_case(client: Any, mv: Any) -> list[dict[str, Any]] | None:
     return None
 
 
-def compare_per_case(challenger: Sequence[Mapping[str, Any]], champion: Sequence[Mapping[str, Any]], region: str) -> tuple[list[str], float | None, float | None]:
-    """Common case ids (both have a Dice for ``region``) and both means over them."""
-    a = {str(e["case_id"]): d for e in challenger if "case_id" in e and (d := _case_dice(e, region)) is not None}
-    b = {str(e["case_id"]): d for e in champion if "case_id" in e and (d := _case_dice(e, region)) is not None}
-    common = sorted(a.keys() & b.keys())
-    if not common:
-        return [], None, None
-    return common, sum(a[c] for c in common) / len(common), sum(b[c] for c in common) / len(common)
-
 
 # --------------------------------------------------------------------------- promote / rollback
-#: Regions the gate compares by default (those present in both models' per-case metrics; labels such as
-#: NETC/SNFH, also in per_case, are not gated). ``regions=None`` gates every name with a Dice in both.
-GATE_REGIONS: tuple[str, ...] | None = None  # every group with the metric in both (the task decides which: see medseg.task)
 #: Registered-model tags: the audit log (one tag per decision, zero-padded sequence) and the last entry.
 LOG_TAG_PREFIX, LAST_TAG = "promotion_log/", "promotion_last"
 #: Folder of the promotion records in the version's run.
@@ -320,26 +483,30 @@ def promote(
     tracking_uri: str,
     metrics_per_case: list[dict] | None = None,
     margin: float = 0.0,
-    primary_region: str = "WT",
+    gate_metric: str = AUTO,
     *,
     alpha: float = 0.05,
     n_bootstrap: int = 2000,
     seed: int = 0,
-    regions: Sequence[str] | None = GATE_REGIONS,
     lock_timeout: float = DEFAULT_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Gate ``version`` to ``champion`` with the paired bootstrap gate of :mod:`medseg.registry.gate`.
 
+    The version's task (its tags; :func:`version_task`) decides the groups compared, the primary group and
+    the metric: ``gate_metric`` ``auto`` is the task's primary metric (Dice, or e.g. IoU for a task that names
+    it; ``log_loss`` for a classifier, whose ``auc_macro`` selects the macro AUC gate); another per-case metric
+    may be named (``iou``, ``hd95``, ...). ``margin`` is in the metric's units.
+
     Refused when the version did not pass its thresholds at registration. With no champion yet it is
-    promoted. Otherwise the challenger's per-case Dice (from ``metrics_per_case`` if given, else from
-    its run) and the champion's (from its run) are compared over their common test cases: promoted iff
-    every region of ``regions`` present in both is non-inferior (lower bound of the ``1 - alpha``
-    bootstrap CI of the mean paired difference ``> -margin``) and the challenger's mean
-    ``primary_region`` Dice is strictly above the champion's. Refused when there are no common cases.
+    promoted. Otherwise the challenger's per-case metrics (``metrics_per_case`` if given, else those stored
+    with its run) and the champion's are paired by case key (by case id for records without keys) and
+    compared: promoted iff every group is non-inferior (lower bound of the ``1 - alpha`` bootstrap CI of the
+    oriented mean paired difference ``> -margin``) and the challenger is strictly better on the primary group.
+    Refused when the two test sets differ in content, or the champion is a model of another task.
 
     Everything from reading the champion to moving the aliases runs under :func:`promotion_lock`
-    (a file lock beside a SQLite DB, a tag lease on a tracking server), so two concurrent promotions
-    are serialised and the second is decided against the first one's outcome.
+    (a file lock beside a SQLite DB, a tag lease on a tracking server), so concurrent registrations and
+    promotions are serialised and the second is decided against the first one's outcome.
 
     On promotion the old champion becomes ``previous-champion`` and the ``challenger`` alias is removed
     if it pointed at this version. Every decision (a refusal is an outcome, not an error) is recorded
@@ -347,60 +514,78 @@ def promote(
     the version's run, and as registered-model tags ``promotion_log/<seq>`` and ``promotion_last``.
 
     Returns ``{"promoted", "reason", "version", "champion_version", "previous_champion_version",
-    "challenger_dice", "champion_dice", "n_common_cases", "compared_with", "primary_region", "margin",
-    "alpha", "n_bootstrap", "seed", "gate", "log_seq", "record", "lock"}`` (``*_dice``: the primary
-    region's means over the common cases; ``gate``: :meth:`GateDecision.to_dict`).
+    "task_kind", "metric", "higher_is_better", "primary_group", "challenger_value", "champion_value",
+    "n_common_cases", "pairing", "compared_with", "margin", "alpha", "n_bootstrap", "seed", "gate", "log_seq",
+    "record", "lock"}`` (``*_value``: the primary group's means of the metric over the paired cases;
+    ``gate``: :meth:`GateDecision.to_dict`).
+
+    Raises:
+        MedsegError: no such version, or a ``gate_metric`` the task cannot be gated on.
     """
     client = _client(tracking_uri)
     version = str(version)
     mv = _get_version(client, name, version)  # outside the lock: the version's own data do not change
+    info = version_task(client, name, mv, tracking_uri)
+    metric, higher = info.gate_metric(gate_metric)
+    auc = metric == gate.AUC_METRIC
+    params = {"groups": None if auc else list(info.gate_groups), "metric": metric, "higher_is_better": higher,
+              "primary_group": gate.ALL if auc else info.primary_group, "margin": float(margin), "alpha": float(alpha),
+              "n_bootstrap": int(n_bootstrap), "seed": int(seed)}
+    fixed = _gate_params(params)
     with promotion_lock(client, name, tracking_uri, lock_timeout) as lock:
         champion = _alias_version(client, name, CHAMPION)  # re-read inside the lock
         previous = _alias_version(client, name, PREVIOUS_CHAMPION)
         result: dict[str, Any] = {
             "promoted": False, "reason": "", "version": version, "champion_version": champion,
-            "previous_champion_version": previous, "challenger_dice": None, "champion_dice": None,
-            "n_common_cases": 0, "compared_with": None, "primary_region": primary_region, "margin": float(margin),
-            "alpha": float(alpha), "n_bootstrap": int(n_bootstrap), "seed": int(seed), "gate": None,
-            "log_seq": None, "record": None, "lock": lock.to_dict(),
+            "previous_champion_version": previous, "task_kind": info.kind, "metric": metric, "higher_is_better": higher,
+            "primary_group": params["primary_group"], "challenger_value": None, "champion_value": None, "n_common_cases": 0,
+            "pairing": None, "compared_with": None, "margin": float(margin), "alpha": float(alpha), "n_bootstrap": int(n_bootstrap),
+            "seed": int(seed), "gate": None, "log_seq": None, "record": None, "lock": lock.to_dict(),
         }
         if champion == version:
             result["reason"] = f"version {version} is already the champion"
             return result  # nothing decided: the tags of the original promotion stay
 
-        params = {"regions": list(regions) if regions is not None else None, "primary_region": primary_region, "margin": float(margin),
-                  "alpha": float(alpha), "n_bootstrap": int(n_bootstrap), "seed": int(seed)}
         tags = mv.tags or {}
         if tags.get("threshold_passed") != "true":
             why = tags.get("threshold_reason") or "no threshold_passed tag (not registered by medseg?)"
-            return _record(client, name, mv, lock, result, gate.GateDecision(False, f"did not pass the registration thresholds ({why})", **_gate_params(params)))
+            return _record(client, name, mv, lock, result, gate.GateDecision(False, f"did not pass the registration thresholds ({why})", **fixed))
         if champion is None:
             return _record(client, name, mv, lock, result, gate.decide([], None, **params))
 
         result["compared_with"] = champion
+        champion_mv = _get_version(client, name, champion)
+        theirs = GateTask.from_tags(champion_mv.tags or {})
+        if theirs is not None and info.signature is not None and theirs.signature is not None and theirs.signature != info.signature:
+            return _record(client, name, mv, lock, result, gate.GateDecision(
+                False, f"champion v{champion} is a model of another task ({_signature_json(theirs.signature)}; this version: "
+                       f"{_signature_json(info.signature)})", **fixed))
         challenger_cases = metrics_per_case if metrics_per_case is not None else read_version_per_case(client, mv)
         if not challenger_cases:
-            return _record(client, name, mv, lock, result, gate.GateDecision(False, f"version {version} has no per-case metrics to compare", **_gate_params(params)))
-        champion_cases = read_version_per_case(client, _get_version(client, name, champion))
+            return _record(client, name, mv, lock, result, gate.GateDecision(False, f"version {version} has no per-case metrics to compare", **fixed))
+        champion_cases = read_version_per_case(client, champion_mv)
         if not champion_cases:
-            return _record(client, name, mv, lock, result, gate.GateDecision(False, f"champion version {champion} has no per-case metrics to compare", **_gate_params(params)))
+            return _record(client, name, mv, lock, result, gate.GateDecision(False, f"champion version {champion} has no per-case metrics to compare", **fixed))
         decision = gate.decide(challenger_cases, champion_cases, champion_label=f"champion v{champion}", **params)
         return _record(client, name, mv, lock, result, decision)
 
 
 def _gate_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if k != "regions"}
+    """The arguments of :class:`~medseg.registry.gate.GateDecision` among those of :func:`~medseg.registry.gate.decide`."""
+    out = {k: v for k, v in params.items() if k != "groups"}
+    out["method"] = gate.METHOD_AUC if params["metric"] == gate.AUC_METRIC else gate.METHOD_MEAN
+    return out
 
 
 def _record(client: Any, name: str, mv: Any, lock: Held, result: dict[str, Any], decision: gate.GateDecision) -> dict[str, Any]:
     """Apply ``decision`` (aliases) and record it everywhere; called inside the promotion lock."""
     version, old = result["version"], result["champion_version"]
-    primary = decision.regions.get(decision.primary_region)
+    primary = decision.groups.get(decision.primary_group)
     promoted = bool(decision.promote)
     seq = _next_log_seq(client, name)
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    result.update(promoted=promoted, reason=decision.reason, gate=decision.to_dict(), n_common_cases=decision.n_common,
-                  challenger_dice=primary.challenger_mean if primary else None, champion_dice=primary.champion_mean if primary else None,
+    result.update(promoted=promoted, reason=decision.reason, gate=decision.to_dict(), n_common_cases=decision.n_common, pairing=decision.pairing or None,
+                  challenger_value=primary.challenger_mean if primary else None, champion_value=primary.champion_mean if primary else None,
                   log_seq=seq)
     champion_after, previous_after = (version, old if old is not None else result["previous_champion_version"]) if promoted else (old, result["previous_champion_version"])
     record = {
@@ -425,29 +610,35 @@ def _record(client: Any, name: str, mv: Any, lock: Held, result: dict[str, Any],
             client.delete_registered_model_alias(name, CHALLENGER)
         result["champion_version"] = version
     # 3. the version's tags and the registered model's log
-    per_region = {r.region: {"n": r.n_cases, "diff": round(r.mean_diff, 6), "lower": round(r.ci_lower, 6), "upper": round(r.ci_upper, 6),
-                             "challenger": round(r.challenger_mean, 6), "champion": round(r.champion_mean, 6), "non_inferior": r.non_inferior}
-                  for r in decision.regions.values()}
+    per_group = {g.group: {"n": g.n_cases, "diff": round(g.mean_diff, 6), "lower": round(g.ci_lower, 6), "upper": round(g.ci_upper, 6),
+                           "challenger": round(g.challenger_mean, 6), "champion": round(g.champion_mean, 6), "non_inferior": g.non_inferior}
+                 for g in decision.groups.values()}
+    direction = "higher is better" if decision.higher_is_better else "lower is better"
     _set_tags(client, name, version, {
         "promotion_decision": record["decision"],
         "promotion_reason": decision.reason[:_REASON_MAX],
         "promotion_time": now,
         "promotion_compared_with": result["compared_with"] or "none",
-        "promotion_primary_region": decision.primary_region,
+        "promotion_metric": decision.metric,
+        "promotion_direction": direction,
+        "promotion_method": decision.method,
+        "promotion_pairing": decision.pairing or "none",
+        "promotion_primary_group": decision.primary_group,
         "promotion_margin": decision.margin,
         "promotion_alpha": decision.alpha,
         "promotion_n_bootstrap": decision.n_bootstrap,
         "promotion_seed": decision.seed,
         "promotion_n_common_cases": decision.n_common,
-        "promotion_challenger_dice": _fmt(result["challenger_dice"]),
-        "promotion_champion_dice": _fmt(result["champion_dice"]),
-        "promotion_regions": json.dumps(per_region, sort_keys=True),
+        "promotion_challenger_value": _fmt(result["challenger_value"]),
+        "promotion_champion_value": _fmt(result["champion_value"]),
+        "promotion_groups": json.dumps(per_group, sort_keys=True),
         "promotion_log_seq": seq,
         "promotion_record": result["record"] or "none",
     })
     entry = {k: record[k] for k in ("seq", "time", "action", "version", "decision", "compared_with", "champion_before", "champion_after", "previous_champion_after")}
-    entry.update(reason=decision.reason[:_REASON_MAX], primary_region=decision.primary_region, margin=decision.margin, alpha=decision.alpha,
-                 n_bootstrap=decision.n_bootstrap, seed=decision.seed, n_common=decision.n_common, regions=per_region, record=result["record"])
+    entry.update(reason=decision.reason[:_REASON_MAX], metric=decision.metric, direction=direction, method=decision.method, pairing=decision.pairing,
+                 primary_group=decision.primary_group, margin=decision.margin, alpha=decision.alpha, n_bootstrap=decision.n_bootstrap, seed=decision.seed,
+                 n_common=decision.n_common, groups=per_group, record=result["record"])
     _log(client, name, seq, entry)
     return result
 
@@ -558,6 +749,7 @@ def show_model(name: str, tracking_uri: str) -> dict[str, Any]:
             "last_decision": last, "promotion_log": log}
 
 
+
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Sub-commands of ``medseg registry``: list, show, promote, rollback."""
@@ -574,12 +766,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("promote", parents=[common], help="gate a version to champion against the current champion")
     p.add_argument("name")
     p.add_argument("version")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"),
-                   help="parameter file whose registry section gives the gate's margin and primary region, as the pipeline uses them (default: params.yaml, if present)")
+    p.add_argument("--params", type=Path, default=Path(schemas.PARAMS_YAML),
+                   help="parameter file whose registry section gives the gate's margin and metric, as the pipeline uses them (default: params.yaml, if present)")
     p.add_argument("--margin", type=float, default=None,
-                   help="non-inferiority margin: every region's CI lower bound of the Dice difference must be above -margin (default: registry.promotion_margin of --params, else 0)")
-    p.add_argument("--primary-region", default=None,
-                   help="region on which the challenger must be strictly better (mean Dice over the common cases; default: registry.primary_region of --params, else WT)")
+                   help="non-inferiority margin in the metric's units: every group's CI lower bound of the difference (positive = challenger better) "
+                        "must be above -margin (default: registry.promotion_margin of --params, else 0)")
+    p.add_argument("--gate-metric", default=None, metavar="METRIC",
+                   help="the per-case metric compared: auto (the task's primary metric: dice, or e.g. iou; log_loss for a classifier), another "
+                        "segmentation metric (iou, hd95, ...), or auc_macro for a classifier (default: registry.gate_metric of --params, else auto)")
     p.add_argument("--metrics", type=Path, default=None, metavar="FILE",
                    help="metrics.json whose per_case to use for the version (default: the one stored with its run)")
     p.add_argument("--alpha", type=float, default=0.05, help="the gate uses the lower bound of the (1-alpha) bootstrap CI (default 0.05)")
@@ -589,9 +783,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name")
 
 
-def gate_settings(params_path: Path | None, margin: float | None = None, primary_region: str | None = None) -> tuple[float, str]:
-    """The gate's margin and primary region for ``medseg registry promote``: the options when given, else the
-    ``registry`` section of the parameter file (what the pipeline's promote step uses), else 0 and WT."""
+def gate_settings(params_path: Path | None, margin: float | None = None, gate_metric: str | None = None) -> tuple[float, str]:
+    """The gate's margin and metric for ``medseg registry promote``: the options when given, else the
+    ``registry`` section of the parameter file (``promotion_margin``, ``gate_metric``: what the pipeline's
+    promote step uses), else 0 and ``auto``."""
     registry_params: dict[str, Any] = {}
     if params_path is not None and Path(params_path).is_file():
         from medseg.pipeline.runner import load_params
@@ -599,9 +794,9 @@ def gate_settings(params_path: Path | None, margin: float | None = None, primary
         registry_params = load_params(params_path).get("registry") or {}
     if margin is None:
         margin = float(registry_params.get("promotion_margin", 0.0))
-    if primary_region is None:
-        primary_region = str(registry_params.get("primary_region", "WT"))
-    return float(margin), primary_region
+    if gate_metric is None:
+        gate_metric = str(registry_params.get("gate_metric") or AUTO)
+    return float(margin), gate_metric
 
 
 def run(args: argparse.Namespace) -> int:
@@ -616,8 +811,8 @@ def run(args: argparse.Namespace) -> int:
         result = show_model(args.name, uri)
     elif cmd == "promote":
         per_case = schemas.Metrics.load(args.metrics).per_case if args.metrics else None
-        margin, primary_region = gate_settings(args.params, args.margin, args.primary_region)
-        result = promote(args.name, args.version, uri, per_case, margin=margin, primary_region=primary_region,
+        margin, gate_metric = gate_settings(args.params, args.margin, args.gate_metric)
+        result = promote(args.name, args.version, uri, per_case, margin=margin, gate_metric=gate_metric,
                          alpha=args.alpha, n_bootstrap=args.n_bootstrap, seed=args.seed)
     elif cmd == "rollback":
         result = rollback(args.name, uri)
@@ -628,6 +823,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_human(cmd, result, sys.stdout)
     return 0
+
+
+def _version_metrics_text(tags: Mapping[str, str]) -> str:
+    """``task segmentation  iou: {"abnormality": 0.61}`` from a version's tags (older versions: their mean Dice)."""
+    kind = tags.get("task_kind", "?")
+    if "test_primary" in tags:
+        return f"task {kind}  {tags.get('primary_metric', '?')}: {tags['test_primary']}"
+    return f"task {kind}  dice: {tags.get('test_mean_dice', '-')}"
 
 
 def _print_human(cmd: str, result: Any, out: Any) -> None:
@@ -643,9 +846,9 @@ def _print_human(cmd: str, result: Any, out: Any) -> None:
         for v in result["versions"]:
             t = v["tags"]
             mark = f" [{', '.join(v['aliases'])}]" if v["aliases"] else ""
-            print(f"  v{v['version']}{mark}  run {v['run_id']}  thresholds: {t.get('threshold_passed', '?')}"
-                  f"  promotion: {t.get('promotion_decision', '-')}  dice {t.get('test_mean_dice', '-')}", file=out)
-            for key in LINEAGE_KEYS:
+            print(f"  v{v['version']}{mark}  run {v['run_id']}  {_version_metrics_text(t)}  thresholds: {t.get('threshold_passed', '?')}"
+                  f"  promotion: {t.get('promotion_decision', '-')}", file=out)
+            for key in (*LINEAGE_KEYS, "test_set_hash"):
                 if key in t:
                     print(f"      {key}: {t[key]}", file=out)
             if "promotion_reason" in t:
@@ -657,8 +860,9 @@ def _print_human(cmd: str, result: Any, out: Any) -> None:
                   + (f" against champion v{last['compared_with']}" if last.get("compared_with") else "")
                   + f"; champion now v{last.get('champion_after')}", file=out)
             print(f"  reason: {last.get('reason')}", file=out)
-            for region, r in (last.get("regions") or {}).items():
-                print(f"  {region}: diff {r['diff']:+.4f}  CI [{r['lower']:+.4f}, {r['upper']:+.4f}]  n={r['n']}"
+            metric = last.get("metric") or "dice"
+            for group, r in (last.get("groups") or last.get("regions") or {}).items():
+                print(f"  {group} {metric}: diff {r['diff']:+.4f}  CI [{r['lower']:+.4f}, {r['upper']:+.4f}]  n={r['n']}"
                       f"  {'non-inferior' if r['non_inferior'] else 'NOT non-inferior'}", file=out)
         else:
             print("last decision: none", file=out)
@@ -666,8 +870,9 @@ def _print_human(cmd: str, result: Any, out: Any) -> None:
         word = "promoted" if result["promoted"] else "refused"
         print(f"{word}: version {result['version']}: {result['reason']}", file=out)
         g = result.get("gate") or {}
-        for region, r in (g.get("regions") or {}).items():
-            print(f"  {region}: {r['challenger_mean']:.4f} vs {r['champion_mean']:.4f}  diff {r['mean_diff']:+.4f}"
+        direction = "" if g.get("higher_is_better", True) else " (lower is better)"
+        for group, r in (g.get("groups") or {}).items():
+            print(f"  {group} {g.get('metric')}{direction}: {r['challenger_mean']:.4f} vs {r['champion_mean']:.4f}  diff {r['mean_diff']:+.4f}"
                   f"  {100 * (1 - g['alpha']):g}% CI [{r['ci_lower']:+.4f}, {r['ci_upper']:+.4f}]  n={r['n_cases']}", file=out)
         print(f"champion: v{result['champion_version']}", file=out)
     elif cmd == "rollback":
