@@ -12,8 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from medseg.task import BRATS2023
 from medseg.errors import MedsegError
+from medseg.schemas import OPTUNA_DB, PARAMS_YAML, VOLUMES_CSV
 
 
 def _stage(module: str):
@@ -25,14 +25,20 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, type=Path, help="canonical dataset folder (output of ingest)")
     p.add_argument("--out", required=True, type=Path, help="preprocessed folder to write")
     p.add_argument("--device-budget", default="cpu", help="cpu | gpu:<GiB> (default: cpu)")
+    p.add_argument("--configuration", default=None, choices=["auto", "2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"],
+                   help="the configuration to train; auto picks as nnU-Net (2d for slice sets and strongly anisotropic data, else 3d_fullres) and the "
+                        "plan records the choice (replaces --configurations)")
     p.add_argument("--configurations", nargs="+", default=["3d_fullres"], help="which planned configurations to preprocess (and train): 2d, 3d_fullres, 3d_lowres (default: 3d_fullres)")
     p.add_argument("--plans", type=Path, default=None, help="use this (hand-edited) plans.json instead of planning (no new fingerprint: the one beside it is copied)")
     p.add_argument("--workers", type=int, default=None, help="parallel cases (default: cores)")
 
 
 def _run_preprocess(a: argparse.Namespace) -> int:
-    plans = _stage("medseg.preprocessing.preprocess").run_preprocessing(a.dataset, a.out, a.device_budget, tuple(a.configurations), a.workers, plans=a.plans)
-    c = plans.configuration()
+    plans = _stage("medseg.preprocessing.preprocess").run_preprocessing(a.dataset, a.out, a.device_budget, tuple(a.configurations), a.workers, plans=a.plans,
+                                                                        configuration=a.configuration)
+    if plans.chosen_configuration:
+        print(f"configuration: {plans.chosen_configuration} ({plans.configuration_reason})")
+    c = plans.configuration(plans.trained_configurations[-1] if plans.trained_configurations else None)
     print(f"plans: spacing {[round(s, 3) for s in c.spacing]} mm, patch {c.patch_size}, batch {c.batch_size}, "
           f"features {c.network['features']}, {c.n_parameters:,} parameters → {a.out}")
     return 0
@@ -40,7 +46,7 @@ def _run_preprocess(a: argparse.Namespace) -> int:
 
 def _add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preprocessed", required=True, type=Path, help="preprocessed folder (output of preprocess)")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (its 'train' section)")
+    p.add_argument("--params", type=Path, default=Path(PARAMS_YAML), help="parameter file (its 'train' section)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI; 'none' disables)")
 
 
@@ -73,13 +79,17 @@ def _run_tune(a: argparse.Namespace) -> int:
 
     params = load_params(a.params) if a.params.exists() else {}
     tune_cfg = params.get("tune", {})
-    storage = a.storage or sqlite_url(Path(params.get("work_dir", "work")) / "optuna.db")
+    storage = a.storage or sqlite_url(Path(params.get("work_dir", "work")) / OPTUNA_DB)
     Path(params.get("work_dir", "work")).mkdir(parents=True, exist_ok=True)
-    if a.study is None:
-        from medseg import schemas
+    from medseg import schemas
 
+    if a.study is None:
         a.study = f"medseg-{schemas.Plans.load(a.preprocessed).content_hash()[:12]}"
-    best = run_tune(a.preprocessed, a.out, {**_train_params(a), **tune_cfg.get("trial_params", {})}, a.trials or int(tune_cfg.get("n_trials", 3)), storage, a.study, _tracking(a))
+    trial = {**_train_params(a), **tune_cfg.get("trial_params", {})}
+    chosen = schemas.Plans.load(a.preprocessed).chosen_configuration
+    if chosen and "configuration" not in trial:  # the configuration preprocessing chose (a cascade is tuned on its first stage)
+        trial["configuration"] = "3d_lowres" if chosen == "3d_cascade_fullres" else chosen
+    best = run_tune(a.preprocessed, a.out, trial, a.trials or int(tune_cfg.get("n_trials", 3)), storage, a.study, _tracking(a))
     print(f"best: {best.params} (val dice {best.best_value:.4f}, {best.n_trials} trials, {best.n_pruned} pruned) → {a.out}")
     return 0
 
@@ -110,6 +120,17 @@ def _run_train(a: argparse.Namespace) -> int:
 
     cfg = merged_params(_train_params(a), a.best_params)
     overrides = {k: getattr(a, k) for k in ("configuration", "epochs", "seed", "precision", "deterministic") if getattr(a, k) is not None}
+    chosen = schemas.Plans.load(a.preprocessed).chosen_configuration
+    if "configuration" not in overrides and chosen:  # what `medseg preprocess --configuration` chose (auto: from the task)
+        if chosen == "3d_cascade_fullres" and a.cascade_from is None:
+            from medseg.training.stage import run_train_configuration
+
+            r = run_train_configuration(a.preprocessed, a.out, dataclasses.replace(cfg, **overrides), chosen, _tracking(a), resume=a.resume,
+                                        nproc_per_node=a.nproc_per_node, nnodes=a.nnodes)
+            if r.model_dir is not None:
+                print(f"cascade: best {r.metric.replace('_', ' ')} {r.best_val_dice:.4f} → {r.model_dir}")
+            return 0
+        overrides["configuration"] = "3d_fullres" if chosen == "3d_cascade_fullres" else chosen
     if overrides.get("configuration") == "3d_cascade_fullres":  # nnU-Net's name for it: 3d_fullres with the previous stage
         if a.cascade_from is None:
             raise MedsegError("--config 3d_cascade_fullres needs --cascade-from LOWRES_MODEL (a trained 3d_lowres model package)")
@@ -141,8 +162,10 @@ def _add_eval_model(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval_model(a: argparse.Namespace) -> int:
+    from medseg.task import Task
+
     m = _stage("medseg.evaluation.stage").run_evaluate(a.model, a.dataset, a.out, overlap=a.overlap, mirror=a.mirror)
-    print("held-out mean Dice: " + ", ".join(f"{k} {v['dice']:.4f}" for k, v in m.mean.items() if k in ("WT", "TC", "ET") or len(m.mean) <= 6) + f" → {a.out}")
+    print(f"held-out ({m.n_cases} cases): {Task.from_folder(a.dataset).headline(m.mean)} → {a.out}")
     return 0
 
 
@@ -150,7 +173,7 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="pipeline_cmd", required=True)
     r = sub.add_parser("run", help="run the training pipeline locally with kfp.local", description="Run the training pipeline locally with kfp.local.")
     r.add_argument("--source", type=Path, default=None, help="raw dataset folder (default: WORK/raw, the synthetic data)")
-    r.add_argument("--params", type=Path, default=Path("params.yaml"))
+    r.add_argument("--params", type=Path, default=Path(PARAMS_YAML))
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///WORK/mlflow.db)")
     c = sub.add_parser("compile", help="compile to versioned YAML for a Kubeflow cluster", description="Compile the pipeline to pipelines/compiled/<name>-<version>.yaml.")
     c.add_argument("--out-dir", type=Path, default=None)
@@ -194,30 +217,39 @@ def _run_pipeline(a: argparse.Namespace) -> int:
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
+    from medseg.serving.client import add_case_arguments  # light: no kserve/torch import at CLI start-up
+
     p.add_argument("--model", required=True, help="with --url: the model's name on the server; else a model package folder or models:/NAME@ALIAS")
     p.add_argument("--url", default=None, help="model server base URL (V2 protocol), e.g. http://127.0.0.1:8080; without it, predict here")
-    p.add_argument("--images", nargs="+", type=Path, default=None, help="with --url: one NIfTI file per channel, in --channels order")
-    p.add_argument("--input", type=Path, default=None, help="without --url: a folder of cases (CASE_0000.nii.gz … or CASE/CASE-t1n.nii.gz …)")
-    p.add_argument("--out", required=True, type=Path, help="with --url: the segmentation file; else the output folder")
-    p.add_argument("--channels", nargs="+", default=None, help="with --url: channel names of --images (default: t1n t1c t2w t2f)")
+    p.add_argument("--input", type=Path, default=None, help="without --url: a folder of cases (CASE_0000.nii.gz … or CASE/CASE-<channel>.nii.gz …)")
+    add_case_arguments(p, out_help="; without --url: the output folder")  # --images/--image/--channels/--age/--out
+    p.add_argument("--covariates", type=Path, default=None,
+                   help="without --url, a classifier taking the age: a CSV with case_id and age columns (default: the manifest.json "
+                        "of an ingested dataset in --input)")
     p.add_argument("--timeout", type=float, default=300, help="with --url: seconds to wait for the answer")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (local prediction)")
     p.add_argument("--mirror", action="store_true", help="mirroring test-time augmentation (local prediction, 8× slower)")
 
 
 def _run_predict(a: argparse.Namespace) -> int:
+    """``medseg predict``: with ``--url`` one case sent to a model server (what to send is asked from the server's
+    ``GET /v2/models/NAME``); else every case of a folder predicted here (segmentations, or a classifier's CSV)."""
     if a.url:
-        if not a.images:
-            raise MedsegError("--url needs --images (one file per channel)")
-        from medseg import schemas
+        if not a.images and a.image is None:
+            raise MedsegError("--url needs --images (one NIfTI file per channel) or --image (one PNG/TIFF slice of a 2D model)")
         from medseg.serving import client
 
-        a.channels = a.channels or list(BRATS2023.channels)
         return client.run(a)
     if a.input is None:
         raise MedsegError("give --url (ask a model server) or --input DIR (predict a folder here)")
-    rows = _stage("medseg.inference.batch").predict_folder(a.model, a.input, a.out, overlap=a.overlap, mirror=a.mirror)
-    print(f"{len(rows)} case(s) predicted → {a.out} (volumes in {a.out / 'volumes.csv'})")
+    if a.out is None:
+        raise MedsegError("give --out, the output folder")
+    from medseg.schemas import PREDICTIONS_CSV
+
+    rows = _stage("medseg.inference.batch").predict_folder(a.model, a.input, a.out, overlap=a.overlap, mirror=a.mirror, covariates=a.covariates)
+    classified = bool(rows) and "label" in rows[0]
+    what, table = ("labels and probabilities", PREDICTIONS_CSV) if classified else ("volumes", VOLUMES_CSV)
+    print(f"{len(rows)} case(s) predicted → {a.out} ({what} in {a.out / table})")
     return 0
 
 
@@ -266,7 +298,7 @@ def _run_data(a: argparse.Namespace) -> int:
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--params", type=Path, default=Path(PARAMS_YAML))
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="where the served segmentation and overlay are copied")
 
 

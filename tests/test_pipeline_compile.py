@@ -107,7 +107,7 @@ def test_caching_off_for_side_effects_on_for_deterministic_steps(compiled):
 def test_deploy_follows_promote_with_the_champion_version(compiled):
     spec, _, _, params = compiled
     deploy = spec["root"]["dag"]["tasks"]["deploy"]
-    assert deploy["dependentTasks"] == ["promote"]
+    assert sorted(deploy["dependentTasks"]) == ["promote", "register"]  # the registered name (auto: the task's) and the champion version
     inputs = deploy["inputs"]["parameters"]
     assert inputs["champion_version"]["taskOutputParameter"] == {"outputParameterKey": "champion_version", "producerTask": "promote"}
     assert inputs["target"] == {"componentInputParameter": "deploy_target"}

@@ -1,9 +1,11 @@
-"""Web viewer: a real model server (tiny untrained package) and the viewer, both subprocesses on 127.0.0.1.
+"""Web viewer: a real model server (tiny untrained package) and the viewer, both subprocesses on 127.0.0.1, for
+each task: the BraTS-like 3D segmentation package, a CN/MCI/AD classifier taking the age, a 2D slice-set model.
 
-The files are posted to the viewer the way a browser form does (multipart/form-data); the page, the slice
-PNG and the download are checked, then the result page is rendered by headless Chromium and the screenshot
-checked for content and for the segmentation colours. In-process tests (Starlette's TestClient, no model
-server) cover the errors the viewer finds itself and the rendering helpers.
+The upload form comes from the model server's metadata (no channel names given to the viewer). The files are
+posted to the viewer the way a browser form does (multipart/form-data); the page, the slice PNG and the download
+are checked, then the result pages are rendered by headless Chromium and the screenshots checked for content and
+for the segmentation colours / the class bars. In-process tests (httpx's ASGI transport, no model server) cover
+the errors the viewer finds itself and the rendering helpers.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from medseg.serving import client, server
 from medseg.viewer import page, render
 from medseg.viewer.app import (ResultStore, StoredResult, ViewerConfig, case_name_from, create_app, error_from_client,
                                start_viewer_process, wait_viewer_ready)
-from tests.factories import make_model_package, write_case
+from tests.factories import (SLICE_CHANNELS, make_classifier_package, make_model_package, make_slice_package, slice_rgb, write_case,
+                             write_classifier_case, write_slice_stack)
 
 NAME = "brats"
 CASE = "BraTS-GLI-00042-000"  # the file names the browser sends: CASE-t1n.nii.gz, ...
@@ -43,27 +46,32 @@ def case(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """``(model server url, viewer url)``: both running on 127.0.0.1 for the module."""
-    folder = tmp_path_factory.mktemp("viewer")
-    package = make_model_package(folder / "model")
+def _start_stack(folder, package, name):
+    """``(model server url, viewer url, processes)``: both running on 127.0.0.1; the viewer asks the model what it takes."""
     mport, vport = server.free_port(), server.free_port()
     model_url, viewer_url = f"http://127.0.0.1:{mport}", f"http://127.0.0.1:{vport}"
-    ms = server.start_server_process(package, NAME, mport, log_file=folder / "server.log", env={"OMP_NUM_THREADS": "1"},
+    ms = server.start_server_process(package, name, mport, log_file=folder / "server.log", env={"OMP_NUM_THREADS": "1"},
                                      extra_args=["--reload-interval", "0"])
-    vw = start_viewer_process(model_url, NAME, vport, log_file=folder / "viewer.log", extra_args=["--max-results", "4"])
+    vw = start_viewer_process(model_url, name, vport, log_file=folder / "viewer.log", extra_args=["--max-results", "4"])
     try:
-        server.wait_until_ready(model_url, NAME, timeout_s=90, proc=ms)
+        server.wait_until_ready(model_url, name, timeout_s=90, proc=ms)
         wait_viewer_ready(viewer_url, timeout_s=30, proc=vw)
     except MedsegError as exc:
         server.stop_server(vw)
         server.stop_server(ms)
         logs = "\n".join(p.read_text()[-2000:] for p in (folder / "server.log", folder / "viewer.log") if p.exists())
         pytest.fail(f"{exc}\n{logs}")
+    return model_url, viewer_url, (vw, ms)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """``(model server url, viewer url)``: both running on 127.0.0.1 for the module."""
+    folder = tmp_path_factory.mktemp("viewer")
+    model_url, viewer_url, procs = _start_stack(folder, make_model_package(folder / "model"), NAME)
     yield model_url, viewer_url
-    server.stop_server(vw)
-    server.stop_server(ms)
+    for proc in procs:
+        server.stop_server(proc)
 
 
 def _form(paths, **replace):
@@ -102,7 +110,7 @@ def test_upload_answers_summary_matching_the_model_server(stack, case, uploaded)
     assert sum(uploaded["label_volumes_ml"].values()) == pytest.approx(uploaded["volumes_ml"]["WT"], rel=1e-4)
 
 
-def test_browser_form_post_redirects_to_the_result_page(stack, case):
+def test_browser_form_post_redirects_to_the_result_page(stack, case, uploaded):
     _, viewer_url = stack
     response = httpx.post(f"{viewer_url}/segment", files=_form(case), timeout=120)  # no Accept: JSON, like a plain form
     assert response.status_code == 303
@@ -114,7 +122,9 @@ def test_browser_form_post_redirects_to_the_result_page(stack, case):
     assert "Download segmentation" in html and "/segmentation.nii.gz" in html
     for region in ("WT", "TC", "ET"):
         assert f"<b>{region}</b>" in html
-    assert re.search(r'<img id="slice" src="/results/[^"]+/slice/\d+\.png\?channel=t1c', html)
+    # the channel shown first: the one where the segmented region stands out most (the same case: the same choice)
+    assert uploaded["default_channel"] in BRATS_CHANNELS
+    assert re.search(rf'<img id="slice" src="/results/[^"]+/slice/\d+\.png\?channel={uploaded["default_channel"]}', html)
     assert 'type="range" id="k" min="0" max="35"' in html
 
 
@@ -127,7 +137,8 @@ def test_page_assets_are_local_and_headers_strict(stack):
     assert not re.search(r'(src|href)="(https?:)?//', index.text), "no external assets"
     for name in BRATS_CHANNELS:
         assert f'name="{name}"' in index.text
-    assert 'enctype="multipart/form-data"' in index.text
+    assert 'enctype="multipart/form-data"' in index.text and 'id="pick-all"' in index.text
+    assert 'name="age"' not in index.text and 'id="picture"' not in index.text  # a 3D segmentation model takes neither
     assert httpx.get(viewer_url + "/static/viewer.js").headers["content-type"].startswith("text/javascript")
     css = httpx.get(viewer_url + "/static/viewer.css").text
     assert ".label-2 { background: rgb(%d, %d, %d); }" % render.label_rgb(2) in css
@@ -345,3 +356,141 @@ def test_uncompressed_upload_is_accepted(stack, case):
     response = httpx.post(f"{viewer_url}/segment", files=form, headers={"accept": "application/json"}, timeout=120)
     assert response.status_code == 200, response.text
     assert response.json()["case"] == "BraTS-GLI-00042-000"
+
+
+# --------------------------------------------------------------------------- other tasks: a classifier, a 2D slice set
+CLASSES = ["CN", "MCI", "AD"]
+
+
+@pytest.fixture(scope="module")
+def cls_stack(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("viewer-cls")
+    model_url, viewer_url, procs = _start_stack(folder, make_classifier_package(folder / "model", use_age=True), "adni")
+    yield model_url, viewer_url, write_classifier_case(folder / "subject", k=2)
+    for proc in procs:
+        server.stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def slice_stack(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("viewer-slices")
+    model_url, viewer_url, procs = _start_stack(folder, make_slice_package(folder / "model"), "lgg")
+    pixels = slice_rgb(48, 40)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    yield model_url, viewer_url, {"png": png.getvalue(), "stack": write_slice_stack(folder / "stack", pixels, n_slices=4)}
+    for proc in procs:
+        server.stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def classified(cls_stack):
+    _, viewer_url, subject = cls_stack
+    files = {"image": ("S07-image.nii.gz", subject.read_bytes(), "application/gzip")}
+    response = httpx.post(f"{viewer_url}/segment", files=files, data={"age": "71"}, headers={"accept": "application/json"}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture(scope="module")
+def pictured(slice_stack):
+    _, viewer_url, data = slice_stack
+    response = httpx.post(f"{viewer_url}/segment", files={"image": ("TCGA_CS_4941_19960909_12.png", data["png"], "image/png")},
+                          headers={"accept": "application/json"}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_classifier_form_asks_for_the_channels_and_the_age(cls_stack):
+    _, viewer_url, subject = cls_stack
+    index = httpx.get(viewer_url + "/").text
+    assert 'name="image"' in index and 'data-channel="image"' in index  # the classifier's one channel, from the metadata
+    assert re.search(r'<input type="number" name="age" id="age"[^>]* required>', index)
+    assert ">Classify</button>" in index and 'id="pick-all"' not in index and 'id="picture"' not in index
+    files = {"image": ("S07-image.nii.gz", subject.read_bytes(), "application/gzip")}
+    no_age = httpx.post(f"{viewer_url}/segment", files=files, headers={"accept": "application/json"}, timeout=60)
+    assert no_age.status_code == 400 and no_age.json()["error"] == "age: the model takes the subject's age in years."
+    bad_age = httpx.post(f"{viewer_url}/segment", files=files, data={"age": "-3"}, headers={"accept": "application/json"}, timeout=60)
+    assert bad_age.status_code == 400 and "refused the case" in bad_age.json()["error"] and "age" in bad_age.json()["error"]
+
+
+def test_classifier_result_shows_a_bar_per_class_and_the_label(cls_stack, classified):
+    model_url, viewer_url, subject = cls_stack
+    direct = client.infer(model_url, "adni", [subject], age=71.0, timeout=60)
+    assert classified["task"] == "classification" and classified["view"] == "classes" and classified["age"] == 71.0
+    assert list(classified["probabilities"]) == CLASSES and classified["label"] == direct["label"]
+    assert classified["probabilities"] == pytest.approx(direct["probabilities"], abs=1e-6)
+    assert classified["case"] == "S07" and classified["model_version"] == "local"
+    html = httpx.get(viewer_url + classified["view_url"]).text
+    assert f'id="label" class="label">{classified["label"]}<' in html and "age 71 years" in html
+    assert html.count('<svg class="bar"') == 3 and html.count('class="fill chosen"') == 1
+    for name, p in classified["probabilities"].items():
+        assert f"<b>{name}</b>" in html and f"{p:.1%}" in html
+    assert 'id="slice"' not in html and httpx.get(f"{viewer_url}/results/{classified['id']}/slice/0.png").status_code == 404
+    assert httpx.get(f"{viewer_url}/results/{classified['id']}/segmentation.nii.gz").status_code == 404
+    assert httpx.get(f"{viewer_url}/results/{classified['id']}.json").json()["label"] == classified["label"]
+
+
+def test_slice_form_offers_one_picture_or_the_stack(slice_stack):
+    _, viewer_url, _ = slice_stack
+    index = httpx.get(viewer_url + "/").text
+    assert re.search(r'<input type="file" name="image" id="picture" accept="[^"]*image/png', index)
+    for channel in SLICE_CHANNELS:
+        assert f'data-channel="{channel}"' in index
+    assert " required>" not in index  # either the picture or the three channel files
+    assert ">Segment</button>" in index and 'name="age"' not in index
+
+
+def test_slice_picture_result_is_the_picture_with_its_mask(slice_stack, pictured):
+    model_url, viewer_url, data = slice_stack
+    direct = client.infer_image(model_url, "lgg", data["png"], timeout=60)
+    assert pictured["task"] == "segmentation" and pictured["view"] == "image" and pictured["format"] == "png"
+    assert pictured["shape"] == [48, 40, 1] and pictured["slices"] == 1 and pictured["orientation"] == "image"
+    assert pictured["case"] == "TCGA_CS_4941_19960909_12" and list(pictured["volumes_ml"]) == ["abnormality"]
+    assert pictured["download_url"].endswith("/segmentation.png")
+    download = httpx.get(viewer_url + pictured["download_url"])
+    assert download.status_code == 200 and download.headers["content-type"] == "image/png"
+    assert download.headers["content-disposition"] == 'attachment; filename="TCGA_CS_4941_19960909_12_mask.png"'
+    assert download.content == direct["segmentation_bytes"]
+    mask = np.asarray(Image.open(io.BytesIO(download.content)))
+    assert mask.shape == (40, 48)
+    # the slice is drawn as the picture (rows down, columns across): its label colour where the mask is
+    drawn = np.asarray(Image.open(io.BytesIO(httpx.get(viewer_url + pictured["slice_url"].format(k=0), params={"alpha": 1, "size": 96}).content)).convert("RGB"))
+    assert drawn.shape == (80, 96, 3)
+    coloured = np.all(drawn == render.label_rgb(1), axis=-1)
+    big = np.kron(mask > 0, np.ones((2, 2), bool))
+    assert coloured.sum() > 20 and (coloured == big).mean() > 0.97
+    html = httpx.get(viewer_url + pictured["view_url"]).text
+    assert "Download mask (.png)" in html and 'id="k"' not in html and "no geometry: 1 mm assumed" in html
+    assert "<b>abnormality</b>" in html  # the label's name from the model's metadata
+    stack = httpx.post(f"{viewer_url}/segment", headers={"accept": "application/json"}, timeout=120,
+                       files={c: (f"case-{c}.nii.gz", p.read_bytes(), "application/gzip") for c, p in zip(SLICE_CHANNELS, data["stack"])})
+    assert stack.status_code == 200, stack.text
+    assert stack.json()["view"] == "volume" and stack.json()["slices"] == 4 and stack.json()["download_url"].endswith("/segmentation.nii.gz")
+    bad = httpx.post(f"{viewer_url}/segment", files={"image": ("notes.png", b"not a picture", "image/png")}, headers={"accept": "application/json"}, timeout=60)
+    assert bad.status_code == 400 and "not a PNG or TIFF" in bad.json()["error"]
+
+
+def _screenshot(url: str, tmp_path, name: str) -> np.ndarray:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium on PATH (make test-tools installs it); the page was checked over HTTP only")
+    shot = tmp_path / f"{name}.png"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           "--virtual-time-budget=4000", f"--screenshot={shot}", "--window-size=1200,900", url]
+    done = subprocess.run(cmd, capture_output=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    assert shot.is_file(), f"no screenshot (exit {done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}"
+    if os.environ.get("MEDSEG_KEEP_SCREENSHOT"):
+        shutil.copy(shot, f"{os.environ['MEDSEG_KEEP_SCREENSHOT']}.{name}.png")
+    return np.asarray(Image.open(shot).convert("RGB"))
+
+
+def test_classifier_and_slice_pages_render_in_headless_chromium(cls_stack, classified, slice_stack, pictured, tmp_path):
+    bars = _screenshot(f"{cls_stack[1]}{classified['view_url']}", tmp_path, "classes")
+    assert bars.std() > 20, "blank page"
+    chosen = np.all(np.abs(bars.astype(int) - (31, 111, 235)) <= 2, axis=-1)  # the label's bar (#1f6feb)
+    others = np.all(np.abs(bars.astype(int) - (138, 169, 214)) <= 2, axis=-1)  # the other classes' bars (#8aa9d6)
+    assert chosen.sum() > 200 and others.sum() > 200, (chosen.sum(), others.sum())
+    picture = _screenshot(f"{slice_stack[1]}{pictured['view_url']}?alpha=1", tmp_path, "slice")
+    assert picture.std() > 20, "blank page"
+    assert np.all(picture[90:720, :800] == render.label_rgb(1), axis=-1).sum() > 500, "no mask colour in the drawn slice"

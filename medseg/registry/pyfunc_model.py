@@ -8,13 +8,19 @@ wrapper rebuilds the network from ``model_package.json`` and loads ``weights.pt`
     MLmodel, python_model.pkl, conda.yaml, python_env.yaml, requirements.txt
     artifacts/model_package/model_package.json   (+ weights.pt, plans.json, dataset.json)
 
-Input: a pandas DataFrame, one row per case, one column per channel (``t1n``, ``t1c``, ``t2w``,
-``t2f``) holding NIfTI file paths; optional ``output`` (where to write the segmentation NIfTI) and
-``case_id`` columns. Output: a DataFrame with ``case_id`` / ``output`` when given and ``<REGION>_ml``
-(volume in millilitres) per region.
+Input: a pandas DataFrame, one row per case, one column per channel of the model (its ``dataset.json``
+channel names, e.g. BraTS's four MR sequences) holding NIfTI file paths, and an optional ``case_id`` column.
+What else, and what comes out, follows the model's task (:class:`medseg.task.Task`):
+
+- segmentation (3D volumes, and 2D slice sets as stacks): optional ``output`` (where to write the segmentation
+  NIfTI); out come ``case_id`` / ``output`` when given and ``<GROUP>_ml`` (volume in millilitres) per reported group;
+- classification: ``age`` (years, a float column: the signature says double, and MLflow refuses to convert an
+  int64 column to it) when the classifier takes the subject's age; out come ``case_id`` when given, ``label``
+  (the most probable class) and ``prob_<CLASS>`` per class.
 """
 
 # No ``from __future__ import annotations``: MLflow reads predict's type hint at class creation.
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,11 +37,14 @@ MODEL_PACKAGE_ARTIFACT = "model_package"
 PACKAGE_SUBDIR = f"artifacts/{MODEL_PACKAGE_ARTIFACT}"
 OUTPUT_COLUMN = "output"
 CASE_ID_COLUMN = "case_id"
+AGE_COLUMN = "age"  # a classifier's covariate: the subject's age in years
+LABEL_COLUMN = "label"  # a classifier's answer: the most probable class
 DEFAULT_PIP_REQUIREMENTS = ("medseg-ops",)
 
 
 class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around :class:`medseg.inference.predictor.Predictor`."""
+    """pyfunc wrapper around :class:`medseg.inference.predictor.Predictor`, for every task (the name is kept: logged
+    models refer to this class by it)."""
 
     def load_context(self, context: Any) -> None:
         from medseg.inference.predictor import Predictor
@@ -54,16 +63,23 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         missing = [c for c in channels if c not in frame.columns]
         if missing:
             raise MedsegError(f"model input lacks column(s) {missing}: expected one NIfTI path per channel ({', '.join(channels)})")
+        classifier = predictor.output == "classes"
+        if classifier and predictor.uses_age and AGE_COLUMN not in frame.columns:
+            raise MedsegError(f"model input lacks the column {AGE_COLUMN!r}: this classifier takes each subject's age in years")
         rows = []
         for i, (_, rec) in enumerate(frame.iterrows()):
             paths = [rec[c] for c in channels]
             for c, p in zip(channels, paths):
                 if not isinstance(p, (str, Path)) or not str(p):
                     raise MedsegError(f"row {i}: column {c!r} must hold a NIfTI file path, got {p!r}")
-            pred = predictor.predict_files([str(p) for p in paths])
             row: dict[str, Any] = {}
             if CASE_ID_COLUMN in frame.columns and _given(rec[CASE_ID_COLUMN]):
                 row[CASE_ID_COLUMN] = str(rec[CASE_ID_COLUMN])
+            if classifier:
+                row.update(_classify(predictor, [str(p) for p in paths], rec, i))
+                rows.append(row)
+                continue
+            pred = predictor.predict_files([str(p) for p in paths])
             if OUTPUT_COLUMN in frame.columns and _given(rec[OUTPUT_COLUMN]):
                 out = Path(str(rec[OUTPUT_COLUMN]))
                 save_nifti(out, pred.segmentation.astype("uint8"), pred.affine)
@@ -73,49 +89,100 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows)
 
 
+def _classify(predictor: Any, paths: list[str], rec: Any, i: int) -> dict[str, Any]:
+    """``label`` and ``prob_<CLASS>`` of one row (with its ``age`` when the classifier takes it)."""
+    from medseg.inference.batch import PROB_PREFIX
+
+    age = None
+    if predictor.uses_age:
+        value = rec[AGE_COLUMN]
+        try:
+            age = float(value)
+        except (TypeError, ValueError):
+            age = float("nan")
+        if not math.isfinite(age):
+            raise MedsegError(f"row {i}: column {AGE_COLUMN!r} must hold the subject's age in years, got {value!r}")
+    probs = predictor.predict_class_files(paths, age)
+    return {LABEL_COLUMN: max(probs, key=probs.__getitem__), **{f"{PROB_PREFIX}{name}": float(p) for name, p in probs.items()}}
+
+
 def _given(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and value != value) and str(value) != ""
 
 
 def region_names(model_dir: str | Path) -> list[str]:
-    """The names volumes are reported for: the plan's regions, else its non-background labels."""
-    plans = schemas.Plans.load(model_dir)
+    """The names volumes are reported for: the task's reported groups (none for a classifier)."""
     from medseg.task import Task
 
     return list(Task.from_folder(model_dir).reported_groups)
 
 
+def _package_task(model_dir: str | Path) -> tuple[Any, list[str], list[str], bool]:
+    """``(task, channels, classes, takes the age)`` of a model package, from its JSON files (no network is built)."""
+    from medseg.task import Task
+
+    task = Task.from_folder(model_dir)
+    network = schemas.ModelPackage.load(model_dir).network
+    classifier = str(network.get("output") or "labels") == "classes"
+    classes = [str(c) for c in network.get("classes") or task.classes] if classifier else []
+    uses_age = classifier and bool((network.get("options") or {}).get("use_age"))
+    return task, list(schemas.Plans.load(model_dir).channel_names), classes, uses_age
+
+
 def model_signature(model_dir: str | Path) -> Any:
-    """Input: channel path columns (string, required), ``case_id``/``output`` (string, optional).
-    Output: ``case_id``/``output`` (string, optional) and ``<REGION>_ml`` (double)."""
+    """Input: channel path columns (string, required), ``case_id`` (string, optional) and, by task, ``output``
+    (string, optional; segmentation) or ``age`` (double, required; a classifier taking the age).
+    Output: ``case_id`` (string, optional) and ``output`` (string, optional) + ``<GROUP>_ml`` (double) for
+    segmentation; ``label`` (string) + ``prob_<CLASS>`` (double) for classification."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    plans = schemas.Plans.load(model_dir)
-    inputs = [ColSpec("string", c) for c in plans.channel_names]
-    inputs += [ColSpec("string", CASE_ID_COLUMN, required=False), ColSpec("string", OUTPUT_COLUMN, required=False)]
-    outputs = [ColSpec("string", CASE_ID_COLUMN, required=False), ColSpec("string", OUTPUT_COLUMN, required=False)]
-    outputs += [ColSpec("double", f"{r}_ml") for r in region_names(model_dir)]
+    from medseg.inference.batch import PROB_PREFIX
+
+    task, channels, classes, uses_age = _package_task(model_dir)
+    inputs = [ColSpec("string", c) for c in channels]
+    inputs.append(ColSpec("string", CASE_ID_COLUMN, required=False))
+    outputs = [ColSpec("string", CASE_ID_COLUMN, required=False)]
+    if classes:
+        if uses_age:
+            inputs.append(ColSpec("double", AGE_COLUMN))
+        outputs += [ColSpec("string", LABEL_COLUMN)] + [ColSpec("double", f"{PROB_PREFIX}{c}") for c in classes]
+    else:
+        inputs.append(ColSpec("string", OUTPUT_COLUMN, required=False))
+        outputs.append(ColSpec("string", OUTPUT_COLUMN, required=False))
+        outputs += [ColSpec("double", f"{r}_ml") for r in task.reported_groups]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
 def input_example_from_dataset(dataset_dir: str | Path, model_dir: str | Path) -> Any:
-    """A one-row input example (DataFrame: one image path per channel, and ``case_id``) from a case of a
-    canonical dataset: the first held-out test case, else the first training case; None when it has none.
+    """A one-row input example (DataFrame: one image path per channel, ``case_id``, and ``age`` for a classifier
+    taking it, from the dataset's ``manifest.json`` ``cases[].covariates.age``) from a case of a canonical dataset:
+    the first held-out test case, else the first validation case, that has every file (and its age when needed);
+    None when it has none.
 
     MLflow stores it beside the model and runs one prediction on it while logging (a smoke test of the
     logged model); the paths document the input format, they need not exist where the model is used.
     """
     dataset_dir = Path(dataset_dir)
-    channels = list(schemas.Plans.load(model_dir).channel_names)
+    _, channels, _, uses_age = _package_task(model_dir)
     candidates: list[str] = []
     if (dataset_dir / schemas.SPLITS_JSON).is_file():
         splits = schemas.Splits.load(dataset_dir)
         candidates += list(splits.test) + [c for f in splits.folds[:1] for c in f["val"]]
+    ages: dict[str, float] = {}
+    if uses_age and (dataset_dir / schemas.MANIFEST_JSON).is_file():
+        for case in schemas.Manifest.load(dataset_dir).cases:
+            age = (case.get("covariates") or {}).get(AGE_COLUMN)
+            if isinstance(age, (int, float)) and not isinstance(age, bool) and math.isfinite(float(age)):
+                ages[str(case["case_id"])] = float(age)
     for case_id in candidates:
         files = [dataset_dir / schemas.IMAGES_TR / f"{case_id}_{i:04d}.nii.gz" for i in range(len(channels))]
-        if all(f.is_file() for f in files):
-            return pd.DataFrame([{**{c: str(f) for c, f in zip(channels, files)}, CASE_ID_COLUMN: case_id}])
+        if not all(f.is_file() for f in files) or (uses_age and case_id not in ages):
+            continue
+        row: dict[str, Any] = {**{c: str(f) for c, f in zip(channels, files)}, CASE_ID_COLUMN: case_id}
+        if uses_age:
+            row[AGE_COLUMN] = ages[case_id]
+        return pd.DataFrame([row])
     return None
 
 

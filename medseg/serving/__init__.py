@@ -1,9 +1,13 @@
-"""Serving: a KServe model server for model packages, and its client.
+"""Serving: a KServe model server for model packages of every task, and its client.
 
-- :mod:`medseg.serving.model`: ``SegmentationModel`` (a ``kserve.Model``: load / preprocess / predict /
-  postprocess) answering Open Inference Protocol v2 and KServe V1 requests.
-- :mod:`medseg.serving.decode`: request → case (BYTES NIfTI per channel, or one FP32 ``[C,Z,Y,X]`` volume),
-  every client mistake a message naming the input.
+- :mod:`medseg.serving.model`: ``MedsegModel`` (a ``kserve.Model``: load / preprocess / predict / postprocess;
+  ``SegmentationModel`` is the same class) answering Open Inference Protocol v2 and KServe V1 requests for
+  segmentation, 2D slice-set and classification packages, and ``GET /v2/models/NAME`` with their real inputs
+  and outputs.
+- :mod:`medseg.serving.contract`: what one loaded version's endpoint takes and answers, from its task.
+- :mod:`medseg.serving.decode`: request → case (BYTES NIfTI per channel, one FP32 ``[C,Z,Y,X]`` volume, or one
+  2D picture; covariates such as ``age``), every client mistake a message naming the input.
+- :mod:`medseg.serving.image2d`: a PNG/TIFF slice as a case of a 2D model, and its mask in the same format.
 - :mod:`medseg.serving.guard`: the ASGI guard in front of KServe's app (size limit, admission with 503,
   timeout with 504, binary tensor extension, JSON errors); :mod:`medseg.serving.limits` its numbers and tickets.
 - :mod:`medseg.serving.reload`: versions loaded beside each other and swapped atomically, alias polling, the
@@ -11,7 +15,8 @@
 - :mod:`medseg.serving.drift`: input drift z-scores against the package's training statistics.
 - :mod:`medseg.serving.server`: ``serve()`` (the real KServe ``ModelServer``, REST only, bound to one host,
   127.0.0.1 by default) and helpers to run it as a subprocess (tests, local runs).
-- :mod:`medseg.serving.client`: ``infer()``, ``infer_volume()`` and ``medseg predict``.
+- :mod:`medseg.serving.client`: ``model_info()``, ``infer()``, ``infer_image()``, ``infer_volume()`` and ``medseg predict``.
+- :mod:`medseg.serving.smoke`: serve-and-check one held-out case in the form its task takes (the pipeline's serve step).
 - :mod:`medseg.serving.metrics`: the ``medseg_*`` Prometheus metrics shown on ``/metrics``.
 
 kserve parses ``sys.argv`` when ``kserve.model_server`` is imported (and ``import kserve`` imports it), so an

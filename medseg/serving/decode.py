@@ -13,9 +13,14 @@ Accepted inputs (see the README's wire contract):
   ``C``, comma separated; default the model's order). Values are strings (V2 parameters are scalars):
   ``"[1, 1, 1]"`` or ``"1,1,1"``.
 
+- **BYTES, one input named ``image``** (2D slice-set models only): one PNG or TIFF picture whose colour channels
+  are the model's channels (:mod:`medseg.serving.image2d`); the answer's mask comes back in the same format.
+- **Covariates** (classifiers): a named numeric input of shape ``[1]`` (``age``, years), or the request parameter
+  of the same name; required when the model takes it (:class:`InputSpec` ``covariates``), ignored otherwise.
+
 Checked before heavy work: the voxel count (from the NIfTI header, before decompressing the data; from the
-declared shape for FP32) and the voxel count after resampling to the model's spacing, both against
-``max_voxels``.
+declared shape for FP32; from the picture's header) and the voxel count after resampling to the model's
+spacing, both against ``max_voxels``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import re
 import struct
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nibabel as nib
@@ -37,8 +42,13 @@ import numpy as np
 from medseg.errors import MedsegError
 from medseg.io import load_nifti_bytes, nifti_spacing, stack_channels
 from medseg.preprocessing.resampling import shape_for_spacing
+from medseg.serving.image2d import IMAGE_INPUT, Image2D, decode_image
 
 VOLUME_INPUT = "volume"
+#: Datatypes a covariate input may have (V2 JSON); the binary extension carries FP32 only.
+NUMERIC_DATATYPES = ("FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
+#: Plausible values of a covariate, by name (a subject's age in years).
+COVARIATE_RANGES = {"age": (0.0, 150.0)}
 NIFTI1_HEADER_BYTES = 348
 GZIP_MAGIC = b"\x1f\x8b"
 SPACING_RTOL = 1e-3
@@ -58,16 +68,37 @@ class TensorIn:
 @dataclass
 class Case:
     """A decoded request: images ``C×I×J×K`` float32 in the model's channel order, the 4×4 affine, the spacing in mm
-    along (I, J, K), the NIfTI header to write the answer with (None for an FP32 volume)."""
+    along (I, J, K), the NIfTI header to write the answer with (None for an FP32 volume or a picture), the
+    covariates sent (name → value), and for one 2D picture what the answer's mask must look like."""
 
     images: np.ndarray
     affine: np.ndarray
     spacing: list[float]
     header: nib.Nifti1Header | None
+    covariates: dict[str, float] = field(default_factory=dict)
+    image2d: Image2D | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.images.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model's endpoint takes: its image ``channels`` (in order), its ``covariates`` (name → required), and
+    ``slice_axis`` when it also takes one 2D picture (input ``image``) of a slice-set task (else None)."""
+
+    channels: tuple[str, ...]
+    covariates: tuple[tuple[str, bool], ...] = ()
+    slice_axis: int | None = None
+
+    @property
+    def takes_image(self) -> bool:
+        return self.slice_axis is not None and IMAGE_INPUT not in self.channels
+
+    @property
+    def covariate_names(self) -> list[str]:
+        return [name for name, _ in self.covariates]
 
 
 @dataclass
@@ -138,6 +169,9 @@ def _v1_instances(payload: dict[str, Any], headers: dict[str, str] | None) -> De
     for name, value in instance.items():
         if isinstance(value, dict) and set(value) == {"b64"}:
             value = value["b64"]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # a covariate such as {"age": 71}
+            tensors.append(TensorIn(str(name), "FP32", [1], [value], {}))
+            continue
         tensors.append(TensorIn(str(name), "BYTES", [1], [value], {}))
     return DecodedRequest(_request_id(payload.get("id"), headers), "v1", tensors, {})
 
@@ -172,30 +206,126 @@ def _flatten(data: Any, max_depth: int = 8, where: str | None = None) -> list[An
 
 # --------------------------------------------------------------------------- tensors → case
 def decode_tensors(request: DecodedRequest, channels: list[str], max_voxels: int, target_spacing: list[float] | None) -> Case:
-    """The case of a request: one FP32 ``volume``, or one BYTES NIfTI input per channel."""
+    """The case of a request to a model taking ``channels`` and nothing else (see :func:`decode_request`)."""
+    return decode_request(request, InputSpec(tuple(channels)), max_voxels, target_spacing)
+
+
+def decode_request(request: DecodedRequest, spec: InputSpec, max_voxels: int | None, target_spacing: list[float] | None) -> Case:
+    """The case of a request: the covariates first, then one 2D picture ``image`` (slice-set models), one FP32
+    ``volume``, or one BYTES NIfTI input per channel."""
+    channels = list(spec.channels)
     seen: set[str] = set()
     for t in request.tensors:
         if t.name in seen:
             raise MedsegError("given more than once", _where(t.name))
         seen.add(t.name)
-    if not request.tensors:
-        raise MedsegError(f"no inputs (expected one BYTES input per channel: {', '.join(channels)}; or one FP32 input '{VOLUME_INPUT}' [C,Z,Y,X])")
-    fp32 = [t for t in request.tensors if t.datatype == "FP32"]
-    if fp32 and len(request.tensors) == 1:
-        return decode_volume(fp32[0], request.parameters, channels, max_voxels, target_spacing)
-    for t in request.tensors:
+    covariates = decode_covariates(request, spec)
+    tensors = [t for t in request.tensors if t.name not in spec.covariate_names]
+    if request.protocol == "v1":  # V1 numbers are covariates; anything else is a file, base64 text
+        for t in tensors:
+            if t.datatype != "BYTES":
+                raise MedsegError("expected the base64 text of a file, got a number (numbers are covariates such as age, which this model "
+                                  f"{'does not take' if not spec.covariates else 'takes as ' + ', '.join(spec.covariate_names)})", _where(t.name))
+    if not tensors:
+        alternatives = f"; or one BYTES input '{IMAGE_INPUT}' (a PNG or TIFF slice)" if spec.takes_image else ""
+        raise MedsegError(f"no {'image ' if request.tensors else ''}inputs (expected one BYTES input per channel: {', '.join(channels)}; "
+                          f"or one FP32 input '{VOLUME_INPUT}' [C,Z,Y,X]{alternatives})")
+    if spec.takes_image and any(t.name == IMAGE_INPUT for t in tensors):
+        case = _decode_image_input(tensors, spec, max_voxels, target_spacing)
+    else:
+        case = _decode_volume_inputs(tensors, request.parameters, channels, max_voxels, target_spacing)
+    case.covariates = covariates
+    return case
+
+
+def _decode_volume_inputs(tensors: list[TensorIn], parameters: dict[str, Any], channels: list[str], max_voxels: int | None,
+                          target_spacing: list[float] | None) -> Case:
+    fp32 = [t for t in tensors if t.datatype == "FP32"]
+    if fp32 and len(tensors) == 1:
+        return decode_volume(fp32[0], parameters, channels, max_voxels, target_spacing)
+    for t in tensors:
+        if t.datatype != "BYTES" and t.name not in channels and t.name != VOLUME_INPUT:
+            raise MedsegError(f"unexpected input (this model takes one BYTES input per channel: {', '.join(channels)}; or one FP32 input "
+                              f"'{VOLUME_INPUT}' [C,Z,Y,X])", _where(t.name))
+    for t in tensors:
         if t.datatype != "BYTES":
             raise MedsegError(f"datatype {printable(t.datatype, 20) or 'missing'}, expected BYTES (one element: the NIfTI file, base64 in JSON) — "
                               f"or send the whole case as one FP32 input '{VOLUME_INPUT}' [C,Z,Y,X]", _where(t.name))
-    encoded: dict[str, Any] = {}
-    for t in request.tensors:
-        values = _flatten(t.data, where=_where(t.name))
-        if len(values) != 1:
-            raise MedsegError(f"expected exactly one element (the NIfTI file, base64 text in JSON), got {len(values)}", _where(t.name))
-        if not isinstance(values[0], (str, bytes)):
-            raise MedsegError(f"expected exactly one element, a string (the NIfTI file, base64 text), got a {type(values[0]).__name__}", _where(t.name))
-        encoded[t.name] = values[0]
+    encoded = {t.name: _one_bytes_element(t, "the NIfTI file") for t in tensors}
     return decode_case(encoded, channels, max_voxels, target_spacing)
+
+
+def _one_bytes_element(t: TensorIn, what: str) -> str | bytes:
+    values = _flatten(t.data, where=_where(t.name))
+    if len(values) != 1:
+        raise MedsegError(f"expected exactly one element ({what}, base64 text in JSON), got {len(values)}", _where(t.name))
+    if not isinstance(values[0], (str, bytes)):
+        raise MedsegError(f"expected exactly one element, a string ({what}, base64 text), got a {type(values[0]).__name__}", _where(t.name))
+    return values[0]
+
+
+def _decode_image_input(tensors: list[TensorIn], spec: InputSpec, max_voxels: int | None, target_spacing: list[float] | None) -> Case:
+    """One 2D picture (PNG/TIFF) as the whole case; nothing else but covariates may come with it."""
+    where = _where(IMAGE_INPUT)
+    others = [printable(t.name) for t in tensors if t.name != IMAGE_INPUT]
+    if others:
+        raise MedsegError(f"send either one picture '{IMAGE_INPUT}' or the channel inputs ({', '.join(spec.channels)}), not both "
+                          f"(also given: {', '.join(others)})", where)
+    t = tensors[0]
+    if t.datatype != "BYTES":
+        raise MedsegError(f"datatype {printable(t.datatype, 20) or 'missing'}, expected BYTES (one element: the PNG or TIFF file, base64 in JSON)", where)
+    value = _one_bytes_element(t, "the PNG or TIFF file")
+    raw = value if isinstance(value, bytes) else _b64decode(value, where)
+    if not raw:
+        raise MedsegError("empty", where)
+    assert spec.slice_axis is not None
+    images, affine, spacing, info = decode_image(raw, list(spec.channels), spec.slice_axis, max_voxels, where)
+    check_geometry(images.shape[1:], spacing, target_spacing, max_voxels, where)
+    return Case(images, affine, spacing, None, image2d=info)
+
+
+def decode_covariates(request: DecodedRequest, spec: InputSpec) -> dict[str, float]:
+    """``{name: value}`` of the covariates the model accepts, from their inputs (numeric, one element) or else the
+    request parameters of the same names; a required one missing, or a value out of range, is a client mistake."""
+    out: dict[str, float] = {}
+    by_name = {t.name: t for t in request.tensors}
+    for name, required in spec.covariates:
+        where = _where(name)
+        t = by_name.get(name)
+        if t is not None:
+            if t.datatype not in NUMERIC_DATATYPES:
+                raise MedsegError(f"datatype {printable(t.datatype, 20) or 'missing'}, expected FP32 (one number, shape [1])", where)
+            values = _flatten(t.data, where=where)
+            if len(values) != 1:
+                raise MedsegError(f"expected exactly one number (shape [1]), got {len(values)} values", where)
+            value: Any = values[0]
+        elif request.parameters.get(name) is not None:
+            value = request.parameters[name]
+            where = f"request parameter '{printable(name)}'"
+        elif required:
+            raise MedsegError(f"missing: this model takes the subject's {name}{' in years' if name == 'age' else ''}: send an FP32 input "
+                              f"'{name}' of shape [1] (or the request parameter '{name}')", where)
+        else:
+            continue
+        out[name] = _covariate_value(name, value, where)
+    return out
+
+
+def _covariate_value(name: str, value: Any, where: str) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise MedsegError(f"{printable(value)!r} is not a number", where) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise MedsegError(f"expected a number, got {type(value).__name__}", where)
+    number = float(value)
+    lo, hi = COVARIATE_RANGES.get(name, (-math.inf, math.inf))
+    if not math.isfinite(number):
+        raise MedsegError(f"{name} must be a finite number, got {printable(value, 30)}", where)
+    if not lo <= number <= hi:
+        raise MedsegError(f"{name} {number:g} is outside [{lo:g}, {hi:g}]{' years' if name == 'age' else ''}", where)
+    return number
 
 
 def decode_case(encoded: dict[str, str | bytes], channels: list[str], max_voxels: int | None = None, target_spacing: list[float] | None = None) -> Case:

@@ -36,7 +36,7 @@ from medseg.serving.metrics import DRIFT_LAST_ZSCORE, DRIFT_ZSCORE
 
 log = logging.getLogger(__name__)
 
-DRIFT_REFERENCE_JSON = "drift_reference.json"
+DRIFT_REFERENCE_JSON = schemas.DRIFT_REFERENCE_JSON
 CASE_MEAN_NONZERO = "case_mean_nonzero"
 VOXEL_FOREGROUND = "voxel_foreground"
 

@@ -17,7 +17,10 @@ request passes here first. For the inference routes (``POST /v2/models/NAME/infe
    own parser turns every tensor into Python lists: seconds for one volume, and 500 for malformed sizes.)
 
 Also: model-version routes (``/v2/models/NAME/versions/...``) and ``:explain`` answer 404 (KServe would
-answer 501), and load/unload of an unknown model 404 (KServe: 503). :func:`install_error_handlers` makes
+answer 501), and load/unload of an unknown model 404 (KServe: 503). ``GET /v2/models/NAME`` (the model metadata)
+is answered from the model's own ``metadata()`` when ``describe`` is given: KServe's route answers from the same
+``get_input_types()``/``get_output_types()`` but its response model keeps only name, datatype and shape of each
+tensor, and the clients need the inputs' ``optional`` flags and the outputs' ``parameters`` (class names, groups). :func:`install_error_handlers` makes
 FastAPI's own errors JSON ``{"error": ...}`` too (422 validation errors become 400, without echoing the body).
 """
 
@@ -56,6 +59,7 @@ _V1_PREDICT = re.compile(r"^/v1/models/([^/]+):predict/?$")
 _V2_VERSIONED = re.compile(r"^/v2/models/([^/]+)/versions/")
 _V1_EXPLAIN = re.compile(r"^/v1/models/([^/]+):explain/?$")
 _REPOSITORY = re.compile(r"^/v2/repository/models/([^/]+)/(load|unload)/?$")
+_V2_MODEL = re.compile(r"^/v2/models/([^/]+)/?$")
 
 
 class ClientGone(Exception):
@@ -63,12 +67,15 @@ class ClientGone(Exception):
 
 
 class ServingGuard:
-    """ASGI middleware: ``ServingGuard(app, limits, known_models)``; ``known_models()`` → the names served now."""
+    """ASGI middleware: ``ServingGuard(app, limits, known_models, describe)``; ``known_models()`` → the names served
+    now; ``describe(name)`` → the model metadata answer of ``GET /v2/models/NAME`` (None: KServe answers)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], limits: ServeLimits, known_models: Callable[[], Collection[str]]):
+    def __init__(self, app: Callable[..., Awaitable[None]], limits: ServeLimits, known_models: Callable[[], Collection[str]],
+                 describe: Callable[[str], dict[str, Any] | None] | None = None):
         self.app = app
         self.limits = limits
         self.known_models = known_models
+        self.describe = describe
         self.heap_trimmer = HeapTrimmer()
         self.gate = Gate(limits.capacity, on_change=ADMITTED.set, on_release=self.heap_trimmer.request)
         self._handlers_installed = False
@@ -95,6 +102,13 @@ class ServingGuard:
         if repo and method == "POST" and repo.group(1) not in self.known_models():
             await _json_error(send, 404, f"Model with name {printable(repo.group(1))} does not exist.")
             return
+        described = _V2_MODEL.match(path)
+        if described and method == "GET" and self.describe is not None:
+            body = self.describe(described.group(1))
+            if body is not None:
+                version = str((body.get("parameters") or {}).get("model_version") or "")
+                await _json_answer(send, 200, body, [(b"x-model-version", version.encode("latin-1", "replace"))] if version else None)
+                return
         infer = _V2_INFER.match(path) or _V1_PREDICT.match(path)
         if infer and method == "POST":
             await self._inference(scope, receive, send, infer.group(1), v2=path.startswith("/v2/"))
@@ -338,7 +352,11 @@ def _json_headers(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple
 
 
 async def _json_error(send: Send, status: int, message: str, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"error": message}).encode("utf-8")
+    await _json_answer(send, status, {"error": message}, extra_headers)
+
+
+async def _json_answer(send: Send, status: int, content: Any, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(content).encode("utf-8")
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra_headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,18 +1,31 @@
-"""The KServe predictor: a model package behind the Open Inference Protocol (V2) and KServe's V1 protocol.
+"""The KServe predictor: a model package of any task behind the Open Inference Protocol (V2) and KServe's V1 protocol.
 
-Requests (details and examples in the README's wire contract, input formats in :mod:`medseg.serving.decode`):
+One class, :class:`MedsegModel`, serves every task; what the endpoint takes and answers comes from the package's
+task (:class:`~medseg.serving.contract.Contract`), listed by ``GET /v2/models/NAME`` (:meth:`MedsegModel.get_input_types`,
+:meth:`MedsegModel.get_output_types`, :meth:`MedsegModel.metadata`). Details and examples are in the README's wire
+contract; input formats in :mod:`medseg.serving.decode` and :mod:`medseg.serving.image2d`.
 
-- ``POST /v2/models/NAME/infer``: one BYTES input per channel (BraTS 2023: ``t1n``, ``t1c``, ``t2w``, ``t2f``),
-  each one element, the ``.nii``/``.nii.gz`` file (base64 in JSON, raw bytes with the binary extension); or one
-  FP32 input ``volume`` ``[C, Z, Y, X]`` with ``affine`` (and ``spacing``) parameters, in JSON or binary.
-- ``POST /v1/models/NAME:predict``: ``{"instances": [{"t1n": "<base64>", ...}]}`` (one case).
+Requests:
 
-Response (V2): outputs ``segmentation`` (BYTES, shape [1], base64 of a ``.nii.gz`` label map in the input's
-geometry) and ``volumes_ml`` (FP32, one value per region, named in the output parameter ``regions``),
-response parameters ``model_name`` and ``model_version``. V1: ``{"predictions": [{"segmentation",
-"volumes_ml": {region: ml}}], "model_name", "model_version"}``. Both carry the header ``x-model-version``:
-the version that answered (each request runs on the version serving when it started, see
-:mod:`medseg.serving.reload`).
+- ``POST /v2/models/NAME/infer``: one BYTES input per channel (named as the model's channels), each one element,
+  the ``.nii``/``.nii.gz`` file (base64 in JSON, raw bytes with the binary extension); or one FP32 input ``volume``
+  ``[C, Z, Y, X]`` with ``affine`` (and ``spacing``) parameters, in JSON or binary. A 2D slice-set model also takes
+  one BYTES input ``image``: a PNG or TIFF picture whose colour channels are its channels. A classifier taking
+  covariates gets them as named inputs (``age``: FP32 ``[1]``, years) or request parameters.
+- ``POST /v1/models/NAME:predict``: ``{"instances": [{"<channel>": "<base64>", ..., "age": 71}]}`` (one case).
+
+Responses (V2), by task:
+
+- segmentation: ``segmentation`` (BYTES ``[1]``: base64 of a ``.nii.gz`` label map in the input's geometry, or for a
+  picture the mask in its format; output parameter ``format``) and ``volumes_ml`` (FP32, one value per reported
+  group, named in the output parameter ``regions``);
+- classification: ``probabilities`` (FP32 ``[K]``, the class names in the output parameter ``classes``) and ``label``
+  (BYTES ``[1]``, the most probable class name as text).
+
+Response parameters ``model_name`` and ``model_version``. V1: ``{"predictions": [{"segmentation", "volumes_ml":
+{group: ml}}]}`` or ``{"predictions": [{"probabilities": {class: p}, "label": name}]}``, with ``model_name`` and
+``model_version``. Both carry the header ``x-model-version``: the version that answered (each request runs on the
+version serving when it started, see :mod:`medseg.serving.reload`).
 
 A client mistake answers 400 with a message naming the input and the problem; the server keeps serving.
 Decoding, inference and encoding run in worker threads (inference in at most ``max_concurrent`` at once),
@@ -35,7 +48,8 @@ from medseg.errors import MedsegError
 from medseg.inference.predictor import Prediction
 from medseg.io import nifti_to_bytes
 from medseg.serving import import_kserve
-from medseg.serving.decode import Case, DecodedRequest, decode_case, decode_tensors, request_tensors
+from medseg.serving.decode import Case, DecodedRequest, decode_case, decode_request, request_tensors
+from medseg.serving.image2d import encode_mask
 from medseg.serving.drift import drift_zscores, observe_drift
 from medseg.serving.limits import CURRENT_TICKET, RequestAbandoned, ServeLimits, run_in_worker
 from medseg.serving.metrics import (INFERENCE_SECONDS, INFLIGHT, INPUT_VOXELS, MODEL_RELOADS, REQUESTS,
@@ -48,13 +62,14 @@ from kserve.protocol.infer_type import InferOutput, InferResponse  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SegmentationModel", "decode_case"]
+__all__ = ["MedsegModel", "SegmentationModel", "decode_case"]
 
 VERSION_HEADER = "x-model-version"
 
 
-class SegmentationModel(kserve.Model):
-    """``SegmentationModel(name, model_uri)``; ``load()`` before serving, ``load()`` again to reload.
+class MedsegModel(kserve.Model):
+    """``MedsegModel(name, model_uri)``; ``load()`` before serving, ``load()`` again to reload. Serves a model
+    package of any task (segmentation, 2D slice sets, classification) with the contract its task gives.
 
     ``model_uri``: a model package folder, or an MLflow registry URI ``models:/NAME@ALIAS`` /
     ``models:/NAME/VERSION`` whose MLflow model holds the package under ``artifacts/model_package/``.
@@ -99,6 +114,23 @@ class SegmentationModel(kserve.Model):
             self.poller = ensure_poller(self, self.limits.reload_interval_s)
         return self.ready
 
+    # -------------------------------------------------------------- GET /v2/models/NAME
+    def get_input_types(self) -> list[dict[str, Any]]:
+        """The V2 metadata of the inputs (KServe's dataplane answers the model metadata route with it)."""
+        served = self.served
+        return [] if served is None else [dict(i) for i in served.contract.inputs]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        served = self.served
+        return [] if served is None else [dict(o) for o in served.contract.outputs]
+
+    def metadata(self) -> dict[str, Any] | None:
+        """The whole model metadata answer (inputs and outputs with their ``parameters`` and ``optional`` flags, which
+        KServe's own response model drops, and model-level parameters); None before the first load."""
+        served = self.served
+        return None if served is None else served.metadata(self.name)
+
+    # -------------------------------------------------------------- inference
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
         served = self.served
         INFLIGHT.labels(model=self.name).inc()
@@ -133,8 +165,8 @@ class SegmentationModel(kserve.Model):
         try:
             served: ServedVersion = result["served"]
             case: Case = result["case"]
-            seg_bytes = await run_in_worker(_encode_segmentation, result["prediction"], case)
-            response = _response(self.name, served, result["request"], result["prediction"], seg_bytes)
+            encoded = await run_in_worker(_encode_answer, result["prediction"], case, served)
+            response = _response(self.name, served, result["request"], result["prediction"], encoded, case)
             if response_headers is not None:
                 response_headers[VERSION_HEADER] = served.version
         except BaseException as exc:
@@ -165,39 +197,67 @@ def _failed(model_name: str, exc: BaseException) -> BaseException:
 
 def _decode_and_measure(request: DecodedRequest, served: ServedVersion, max_voxels: int) -> tuple[Case, dict[str, float]]:
     """Decode the case (all checks) and its drift z-scores; runs in a worker thread."""
-    case = decode_tensors(request, served.channels, max_voxels, served.target_spacing)
+    case = decode_request(request, served.contract.input_spec(), max_voxels, served.target_spacing)
     zscores = drift_zscores(case.images, served.channels, served.drift) if served.drift is not None else {}
     return case, zscores
 
 
-def _run_predictor(served: ServedVersion, slots: threading.BoundedSemaphore, case: Case) -> tuple[Prediction, float, float]:
-    """``(prediction, seconds waited for a slot, seconds in the predictor)``; skips the work if the request timed out meanwhile."""
+def _run_predictor(served: ServedVersion, slots: threading.BoundedSemaphore, case: Case) -> tuple[Prediction | dict[str, float], float, float]:
+    """``(answer, seconds waited for a slot, seconds in the predictor)``: a :class:`Prediction` (segmentation) or the
+    class probabilities (classification); skips the work if the request timed out meanwhile."""
     queued = time.perf_counter()
     with slots:
         ticket = CURRENT_TICKET.get()
         if ticket is not None and ticket.abandoned:
             raise RequestAbandoned("the request timed out while queued")
         start = time.perf_counter()
-        prediction = served.predictor.predict(case.images, case.affine, case.spacing)
-        return prediction, start - queued, time.perf_counter() - start
+        predictor = served.predictor
+        if served.contract.is_classification:
+            age = case.covariates.get("age") if predictor.uses_age else None
+            answer: Prediction | dict[str, float] = predictor.predict_class(case.images, case.affine, case.spacing, age)
+        else:
+            answer = predictor.predict(case.images, case.affine, case.spacing)
+        return answer, start - queued, time.perf_counter() - start
 
 
-def _encode_segmentation(prediction: Prediction, case: Case) -> bytes:
-    return nifti_to_bytes(prediction.segmentation.astype(np.uint8), prediction.affine, case.header)
+def _encode_answer(prediction: Prediction | dict[str, float], case: Case, served: ServedVersion) -> tuple[bytes, str] | None:
+    """The segmentation file and its format: the mask in the picture's format for a 2D picture, else ``.nii.gz`` in
+    the input's geometry; None for a classifier (nothing to encode)."""
+    if not isinstance(prediction, Prediction):
+        return None
+    if case.image2d is not None:
+        return encode_mask(prediction.segmentation, case.image2d, served.contract.foreground), case.image2d.format
+    return nifti_to_bytes(prediction.segmentation.astype(np.uint8), prediction.affine, case.header), "nii.gz"
 
 
-def _response(model_name: str, served: ServedVersion, request: DecodedRequest, prediction: Prediction, seg_bytes: bytes) -> InferResponse | dict[str, Any]:
+def _response(model_name: str, served: ServedVersion, request: DecodedRequest, prediction: Prediction | dict[str, float],
+              encoded: tuple[bytes, str] | None, case: Case | None = None) -> InferResponse | dict[str, Any]:
     """The V2 ``InferResponse`` or, for a V1 ``instances`` request, the V1 ``{"predictions": [...]}`` body."""
-    seg_text = base64.b64encode(seg_bytes).decode("ascii")
-    regions = list(prediction.volumes_ml)
-    if request.protocol == "v1":
-        return {"predictions": [{"segmentation": seg_text, "volumes_ml": {r: float(prediction.volumes_ml[r]) for r in regions}}],
-                "model_name": model_name, "model_version": served.version}
-    outputs = [
-        InferOutput(name="segmentation", shape=[1], datatype="BYTES", data=[seg_text]),
-        InferOutput(name="volumes_ml", shape=[len(regions)], datatype="FP32", data=[float(prediction.volumes_ml[r]) for r in regions],
-                    parameters={"regions": ",".join(regions)}),
-    ]
+    if isinstance(prediction, Prediction):
+        assert encoded is not None
+        seg_text = base64.b64encode(encoded[0]).decode("ascii")
+        groups = list(prediction.volumes_ml)
+        volumes = [float(prediction.volumes_ml[g]) for g in groups]
+        if request.protocol == "v1":
+            item: dict[str, Any] = {"segmentation": seg_text, "volumes_ml": dict(zip(groups, volumes))}
+            if encoded[1] != "nii.gz":
+                item["format"] = encoded[1]
+            return {"predictions": [item], "model_name": model_name, "model_version": served.version}
+        outputs = [
+            InferOutput(name="segmentation", shape=[1], datatype="BYTES", data=[seg_text], parameters={"format": encoded[1]}),
+            InferOutput(name="volumes_ml", shape=[len(groups)], datatype="FP32", data=volumes, parameters={"regions": ",".join(groups)}),
+        ]
+    else:
+        classes = list(served.contract.classes) or list(prediction)
+        probs = [float(prediction[c]) for c in classes]
+        label = classes[int(np.argmax(probs))]
+        if request.protocol == "v1":
+            return {"predictions": [{"probabilities": dict(zip(classes, probs)), "label": label}], "model_name": model_name,
+                    "model_version": served.version}
+        outputs = [
+            InferOutput(name="probabilities", shape=[len(classes)], datatype="FP32", data=probs, parameters={"classes": ",".join(classes)}),
+            InferOutput(name="label", shape=[1], datatype="BYTES", data=[label]),
+        ]
     return InferResponse(
         response_id=request.request_id,  # never None: a None id resets the connection
         model_name=model_name,
@@ -205,3 +265,7 @@ def _response(model_name: str, served: ServedVersion, request: DecodedRequest, p
         infer_outputs=outputs,
         parameters={"model_name": model_name, "model_version": served.version},
     )
+
+
+#: The name this class had when it served segmentation only (kept for callers and tests).
+SegmentationModel = MedsegModel

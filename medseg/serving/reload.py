@@ -30,6 +30,7 @@ from medseg.errors import MedsegError
 from medseg.inference.predictor import Predictor
 from medseg.registry.resolve import MODELS_URI_PREFIX, parse_models_uri, registered_version, resolve_model_source
 from medseg.serving import import_kserve
+from medseg.serving.contract import Contract
 from medseg.serving.drift import DriftReference, load_drift_reference
 from medseg.serving.metrics import MODEL_INFO
 
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServedVersion:
-    """One loaded model version. ``target_spacing``: the spacing (mm) the model resamples to."""
+    """One loaded model version. ``target_spacing``: the spacing (mm) the model resamples to; ``contract``: what its
+    endpoint takes and answers (from its task and network)."""
 
     predictor: Predictor
     version: str
@@ -48,6 +50,11 @@ class ServedVersion:
     target_spacing: list[float]
     drift: DriftReference | None
     download_root: Path | None  # a temporary folder of ours, removed when the version is retired
+    contract: Contract
+
+    def metadata(self, model_name: str) -> dict[str, Any]:
+        """``GET /v2/models/NAME``'s answer for this version."""
+        return self.contract.metadata(model_name, self.version)
 
 
 def load_served_version(model_uri: str, device: str, download_dir: str | Path | None) -> ServedVersion:
@@ -60,6 +67,7 @@ def load_served_version(model_uri: str, device: str, download_dir: str | Path | 
     try:
         package_dir, version = resolve_model_source(model_uri, root)
         predictor = Predictor.from_package(package_dir, device=device)
+        contract = Contract.of(predictor)
         drift = load_drift_reference(package_dir, predictor.channels)
     except BaseException:
         if root is not None:
@@ -67,7 +75,7 @@ def load_served_version(model_uri: str, device: str, download_dir: str | Path | 
         raise
     return ServedVersion(predictor=predictor, version=version, package_dir=package_dir, channels=predictor.channels,
                          regions=predictor.region_names, target_spacing=[float(s) for s in predictor.config.spacing],
-                         drift=drift, download_root=root)
+                         drift=drift, download_root=root, contract=contract)
 
 
 def needs_reload(model_uri: str, current: ServedVersion | None) -> bool:
@@ -81,8 +89,8 @@ def publish_version(model_name: str, served: ServedVersion) -> None:
     """Export the version serving now as ``medseg_model_info`` and log it."""
     MODEL_INFO.labels(model=model_name).info({"version": served.version, "configuration": served.predictor.package.configuration,
                                               "drift_reference": served.drift.statistic if served.drift else "none"})
-    log.info("model %s version %s serving from %s (channels %s; drift reference: %s)", model_name, served.version, served.package_dir,
-             ",".join(served.channels), f"{served.drift.statistic} from {served.drift.source}" if served.drift else "none")
+    log.info("model %s version %s serving from %s (%s; channels %s; drift reference: %s)", model_name, served.version, served.package_dir,
+             served.predictor.task, ",".join(served.channels), f"{served.drift.statistic} from {served.drift.source}" if served.drift else "none")
 
 
 def retire(served: ServedVersion | None) -> None:

@@ -67,9 +67,15 @@ def make_model_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, limits
 
             config = self._rest_server.config
             config.host = self.host
-            config.app = ServingGuard(app, limits, known_models=lambda: self.registered_models.get_models().keys())
+            config.app = ServingGuard(app, limits, known_models=lambda: self.registered_models.get_models().keys(), describe=self.describe)
             log.info("REST server will listen on %s:%d (limits: %s)", self.host, self.http_port, limits)
             super().setup_event_loop()
+
+        def describe(self, name: str) -> dict[str, Any] | None:
+            """``GET /v2/models/NAME``: the model's full metadata (None: not ours or not loaded; KServe answers)."""
+            model = self.registered_models.get_model(name)
+            metadata = getattr(model, "metadata", None)
+            return metadata() if callable(metadata) and getattr(model, "ready", False) else None
 
     return HostBoundModelServer(host=host, http_port=port, enable_grpc=False, workers=1, registered_models=make_repository())
 
@@ -78,14 +84,14 @@ def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAU
     """Load the model (package folder or ``models:/NAME@ALIAS``) and serve it until SIGTERM/SIGINT."""
     from medseg.serving.limits import ServeLimits
     from medseg.serving.memory import configure_allocator
-    from medseg.serving.model import SegmentationModel
+    from medseg.serving.model import MedsegModel
 
     limits = limits or ServeLimits.resolve()
     configure_allocator()  # before the model's arrays are allocated: large arrays go back to the OS when freed
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("model server listening on %s: reachable from other machines (no authentication)", host)
     server = make_model_server(host, port, limits)  # configures KServe logging first, so load() logs show
-    model = SegmentationModel(name, model_uri, device=device, limits=limits)
+    model = MedsegModel(name, model_uri, device=device, limits=limits)
     model.load()
     server.start([model])
 

@@ -1,4 +1,5 @@
-"""A small web viewer for people: upload a case's channel files, see the segmentation slice by slice.
+"""A small web viewer for people: upload a case, see the model's answer (a segmentation slice by slice, a 2D
+slice's mask, or a classifier's probabilities); the upload fields come from the model server's metadata.
 
 ``medseg viewer --url http://127.0.0.1:8080 --model NAME --port 8090`` serves one page on 127.0.0.1 (plain
 HTML, a little JavaScript, no external assets). The viewer calls the model server with the Open Inference

@@ -1,18 +1,26 @@
-"""The viewer web app (Starlette, served by uvicorn on 127.0.0.1).
+"""The viewer web app (Starlette, served by uvicorn on 127.0.0.1), for every task the model server serves.
+
+What the upload form asks for comes from the model server's metadata (``GET /v2/models/NAME``,
+:func:`medseg.serving.client.model_info`), asked again at most every :data:`INFO_TTL_S` seconds: one file per
+channel, named like the model's channels; a classifier's age field when it takes the age; a 2D slice-set model's
+picture field (one PNG or TIFF slice). How the answer is shown follows the task:
+
+- 3D segmentation (and a slice stack sent as NIfTI): the axial slices with the labels over the chosen channel;
+- a picture sent to a 2D model: the picture with its mask over it, the mask downloadable in the picture's format;
+- a classifier: a bar per class with its probability, and the label.
 
 Routes:
 
-- ``GET /``: the page: the upload form (one file per channel).
-- ``POST /segment`` (``multipart/form-data``, one file field per channel, named like the channels): the viewer
-  sends the files to the model server (:func:`medseg.serving.client.infer`, the V2 contract) and keeps the
-  answer in memory under a random token. With ``Accept: application/json`` it answers the result summary
-  as JSON (``view_url``, ``slice_url``, ``download_url``, volumes, model version), else it redirects (303) to
-  the result page. Errors: JSON ``{"error": ...}`` or the page with the message; the model server's 4xx
-  message is passed on with its status (400/413/415), its 503/504 as is, an unreachable server as 502.
-- ``GET /view/TOKEN[?slice=K&channel=C&alpha=A]``: the page with the result: the axial slice, a slider, the
-  channel, the overlay opacity, the legend (label and region volumes in ml, the model version), the download.
+- ``GET /``: the page: the upload form.
+- ``POST /segment`` (``multipart/form-data``: one file field per channel, named like the channels; or ``image``, one
+  picture; and ``age``): the viewer sends the case to the model server (the V2 contract) and keeps the answer in
+  memory under a random token. With ``Accept: application/json`` it answers the result summary as JSON (``task``,
+  ``view_url``, and ``slice_url``/``download_url``/volumes or ``probabilities``/``label``, model version), else it
+  redirects (303) to the result page. Errors: JSON ``{"error": ...}`` or the page with the message; the model
+  server's 4xx message is passed on with its status (400/413/415), its 503/504 as is, an unreachable server as 502.
+- ``GET /view/TOKEN[?slice=K&channel=C&alpha=A]``: the page with the result.
 - ``GET /results/TOKEN.json``, ``GET /results/TOKEN/slice/K.png[?channel=C&alpha=A&size=PX]``,
-  ``GET /results/TOKEN/segmentation.nii.gz`` (attachment).
+  ``GET /results/TOKEN/segmentation.EXT`` (attachment: ``nii.gz``, or the picture's ``png``/``tif``).
 - ``GET /api/status`` (is the model ready on the model server), ``GET /healthz``, ``/static/viewer.{css,js}``.
 
 Results live in memory only (the last ``max_results``, oldest dropped first); uploads pass through a private
@@ -34,18 +42,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from medseg import schemas
-from medseg.task import BRATS2023
 from medseg.errors import MedsegError
 from medseg.serving import client
 from medseg.viewer import page
-from medseg.viewer.render import DEFAULT_SIZE, CaseView, display_size, prepare_case, slice_png
+from medseg.viewer.render import DEFAULT_SIZE, CaseView, display_size, prepare_case, prepare_picture, slice_png
 
 log = logging.getLogger(__name__)
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 DEFAULT_ALPHA = 0.45
 GZIP_MAGIC = b"\x1f\x8b"
+PICTURE_FIELD = "image"
+AGE_FIELD = "age"
+#: Seconds the model's metadata is kept before it is asked again (a hot reload may bring another version).
+INFO_TTL_S = 30.0
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'; "
                                  b"form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
@@ -66,23 +76,21 @@ class ViewerError(Exception):
 
 @dataclass(frozen=True)
 class ViewerConfig:
+    """``channels``: the upload fields when the model server's metadata does not say (None: ask it)."""
+
     model_url: str
     model_name: str
-    channels: tuple[str, ...] = tuple(BRATS2023.channels)
+    channels: tuple[str, ...] | None = None
     timeout_s: float = 300.0
     max_upload_bytes: int = 150 * 2**20
     max_results: int = 8
     max_concurrent: int = 2
 
-    @property
-    def default_channel(self) -> str:
-        return "t1c" if "t1c" in self.channels else self.channels[0]
-
 
 @dataclass
 class StoredResult:
     token: str
-    view: CaseView
+    view: CaseView | None
     segmentation_bytes: bytes
     region_volumes_ml: dict[str, float]
     model_name: str
@@ -91,18 +99,47 @@ class StoredResult:
     file_names: dict[str, str]
     seconds: float
     created: float = field(default_factory=time.time)
+    task: str = "segmentation"
+    probabilities: dict[str, float] = field(default_factory=dict)
+    label: str = ""
+    age: float | None = None
+    format: str = "nii.gz"  # the segmentation's: nii.gz, or png/tiff for a picture
+    label_names: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        """How the page shows it: ``classes``, ``image`` (a picture and its mask) or ``volume``."""
+        if self.task == "classification":
+            return "classes"
+        return "image" if self.view is not None and self.view.image_axes else "volume"
+
+    @property
+    def extension(self) -> str:
+        return {"png": "png", "tiff": "tif"}.get(self.format, "nii.gz")
+
+    @property
+    def media_type(self) -> str:
+        return {"png": "image/png", "tiff": "image/tiff"}.get(self.format, "application/gzip")
 
     def summary(self) -> dict[str, Any]:
         base = f"/results/{self.token}"
-        return {
-            "id": self.token, "case": self.case_name, "model_name": self.model_name, "model_version": self.model_version,
+        out: dict[str, Any] = {"id": self.token, "task": self.task, "view": self.mode, "case": self.case_name, "model_name": self.model_name,
+                               "model_version": self.model_version, "files": self.file_names, "seconds": round(self.seconds, 3),
+                               "view_url": f"/view/{self.token}"}
+        if self.task == "classification":
+            out.update(probabilities=self.probabilities, label=self.label, age=self.age)
+            return out
+        v = self.view
+        assert v is not None
+        out.update({
             "volumes_ml": self.region_volumes_ml,
-            "label_volumes_ml": {str(k): round(v, 4) for k, v in self.view.label_volumes_ml().items()},
-            "shape": list(self.view.original_shape), "display_shape": list(self.view.shape), "spacing_mm": list(self.view.spacing),
-            "orientation": self.view.orientation, "slices": self.view.n_slices, "default_slice": self.view.best_slice(),
-            "channels": list(self.view.channels), "files": self.file_names, "seconds": round(self.seconds, 3),
-            "view_url": f"/view/{self.token}", "slice_url": f"{base}/slice/{{k}}.png", "download_url": f"{base}/segmentation.nii.gz",
-        }
+            "label_volumes_ml": {str(k): round(val, 4) for k, val in v.label_volumes_ml().items()},
+            "shape": list(v.original_shape), "display_shape": list(v.shape), "spacing_mm": list(v.spacing),
+            "orientation": v.orientation, "slices": v.n_slices, "default_slice": v.best_slice(), "default_channel": v.best_channel(),
+            "channels": list(v.channels), "format": self.format,
+            "slice_url": f"{base}/slice/{{k}}.png", "download_url": f"{base}/segmentation.{self.extension}",
+        })
+        return out
 
 
 class ResultStore:
@@ -134,11 +171,51 @@ class ResultStore:
             return len(self._items)
 
 
+class ModelInfoCache:
+    """The model's metadata from the model server, asked at most every ``ttl_s`` seconds; thread-safe."""
+
+    def __init__(self, config: ViewerConfig, ttl_s: float = INFO_TTL_S):
+        self.config = config
+        self.ttl_s = ttl_s
+        self._info: client.ModelInfo | None = None
+        self._when = 0.0
+        self._lock = threading.Lock()
+
+    def get(self, fresh: bool = False) -> client.ModelInfo:
+        """The metadata (asked again when older than ``ttl_s`` or ``fresh``); :class:`ViewerError` when it cannot be had."""
+        with self._lock:
+            if self._info is not None and not fresh and time.monotonic() - self._when < self.ttl_s:
+                return self._info
+        try:
+            info = client.model_info(self.config.model_url, self.config.model_name, timeout=min(self.config.timeout_s, 10.0))
+        except MedsegError as exc:
+            raise error_from_client(exc) from None
+        if self.config.channels:
+            info = client.ModelInfo(**{**info.__dict__, "channels": list(self.config.channels)})
+        with self._lock:
+            self._info, self._when = info, time.monotonic()
+        return info
+
+    def cached(self) -> client.ModelInfo | None:
+        with self._lock:
+            return self._info
+
+
+def form_spec(info: client.ModelInfo | None) -> page.FormSpec | None:
+    """The upload form for a model (None: unknown yet)."""
+    if info is None:
+        return None
+    age = None
+    if "age" in info.covariates:
+        age = "required" if info.covariates["age"] else "optional"
+    return page.FormSpec(list(info.channels), view=info.view, age=age, picture=info.takes_image)
+
+
 # --------------------------------------------------------------------------- the work (worker threads)
 def case_name_from(file_name: str, channel: str) -> str:
-    """A safe case name from an uploaded file name: ``BraTS-GLI-00001-000-t1n.nii.gz`` → ``BraTS-GLI-00001-000``."""
+    """A safe case name from an uploaded file name: ``Case-00001-000-flair.nii.gz`` → ``Case-00001-000``."""
     name = Path(file_name.replace("\\", "/")).name
-    for suffix in (".nii.gz", ".nii", ".gz"):
+    for suffix in (".nii.gz", ".nii", ".gz", ".tiff", ".tif", ".png"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
@@ -166,34 +243,64 @@ def error_from_client(exc: MedsegError) -> ViewerError:
     return ViewerError(502, f"The model server cannot be reached: {text}")
 
 
-def segment_case(config: ViewerConfig, uploads: dict[str, tuple[str, bytes]]) -> StoredResult:
-    """Send the uploaded files (channel → (file name, bytes)) to the model server; the result to keep."""
+@dataclass
+class Upload:
+    """What the form brought: channel files (channel → (file name, bytes)), a picture, the age."""
+
+    files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    picture: tuple[str, bytes] | None = None
+    age: float | None = None
+
+
+def segment_case(config: ViewerConfig, uploads: dict[str, tuple[str, bytes]] | Upload, info: client.ModelInfo | None = None) -> StoredResult:
+    """Send the upload to the model server; the result to keep. ``info``: the model's metadata (default: its channels
+    are ``config.channels``, a segmentation model)."""
+    upload = uploads if isinstance(uploads, Upload) else Upload(files=dict(uploads))
+    if info is None:
+        info = client.ModelInfo(name=config.model_name, version="", kind="segmentation", view="volume", channels=list(config.channels or upload.files),
+                                covariates={}, takes_image=False)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="medseg-viewer-") as tmp:  # private (0700), removed at once
-        paths = []
-        for channel in config.channels:
-            data = uploads[channel][1]
-            suffix = ".nii.gz" if data[:2] == GZIP_MAGIC else ".nii"
-            path = Path(tmp) / f"{channel}{suffix}"
-            path.write_bytes(data)
-            paths.append(path)
-        try:
-            answer = client.infer(config.model_url, config.model_name, paths, list(config.channels), timeout=config.timeout_s)
-        except MedsegError as exc:
-            raise error_from_client(exc) from None
-    seconds = time.perf_counter() - started
+    covariates = {"age": upload.age} if upload.age is not None else {}
     try:
-        view = prepare_case({c: uploads[c][1] for c in config.channels}, answer["segmentation_bytes"])
+        if upload.picture is not None:
+            answer = client.infer_image(config.model_url, config.model_name, upload.picture[1], timeout=config.timeout_s, covariates=covariates)
+        else:
+            with tempfile.TemporaryDirectory(prefix="medseg-viewer-") as tmp:  # private (0700), removed at once
+                paths = []
+                for channel in info.channels:
+                    data = upload.files[channel][1]
+                    suffix = ".nii.gz" if data[:2] == GZIP_MAGIC else ".nii"
+                    path = Path(tmp) / f"{channel}{suffix}"
+                    path.write_bytes(data)
+                    paths.append(path)
+                answer = client.infer(config.model_url, config.model_name, paths, list(info.channels), timeout=config.timeout_s, covariates=covariates)
+    except MedsegError as exc:
+        raise error_from_client(exc) from None
+    seconds = time.perf_counter() - started
+    if upload.picture is not None:
+        first, (file_name, _) = "image", upload.picture
+        file_names = {"image": Path(file_name).name}
+    else:
+        first = info.channels[0]
+        file_name = upload.files[first][0]
+        file_names = {c: Path(upload.files[c][0]).name for c in info.channels}
+    common: dict[str, Any] = dict(token=secrets.token_urlsafe(18), model_name=str(answer.get("model_name") or config.model_name),
+                                  model_version=str(answer.get("model_version") or "unknown"), case_name=case_name_from(file_name, first),
+                                  file_names=file_names, seconds=seconds, label_names=dict(info.labels))
+    if answer.get("task") == "classification":
+        return StoredResult(view=None, segmentation_bytes=b"", region_volumes_ml={}, task="classification",
+                            probabilities={k: float(v) for k, v in answer["probabilities"].items()}, label=str(answer["label"]), age=upload.age, **common)
+    foreground = sorted(v for v in info.labels if v > 0) or [1]
+    try:
+        if upload.picture is not None:
+            view = prepare_picture(upload.picture[1], answer["segmentation_bytes"], list(info.channels), foreground)
+        else:
+            view = prepare_case({c: upload.files[c][1] for c in info.channels}, answer["segmentation_bytes"])
     except MedsegError as exc:
         status = 502 if getattr(exc, "path", None) == "segmentation" else 400
         raise ViewerError(status, f"The case was segmented but cannot be shown: {exc}") from None
-    first = config.channels[0]
-    return StoredResult(
-        token=secrets.token_urlsafe(18), view=view, segmentation_bytes=answer["segmentation_bytes"],
-        region_volumes_ml={k: float(v) for k, v in answer["volumes_ml"].items()},
-        model_name=str(answer.get("model_name") or config.model_name), model_version=str(answer.get("model_version") or "unknown"),
-        case_name=case_name_from(uploads[first][0], first), file_names={c: Path(uploads[c][0]).name for c in config.channels},
-        seconds=seconds)
+    return StoredResult(view=view, segmentation_bytes=answer["segmentation_bytes"], region_volumes_ml={k: float(v) for k, v in answer["volumes_ml"].items()},
+                        format=str(answer.get("format") or "nii.gz"), **common)
 
 
 # --------------------------------------------------------------------------- the ASGI app
@@ -208,44 +315,61 @@ def create_app(config: ViewerConfig) -> Any:
     from starlette.routing import Route
 
     store = ResultStore(config.max_results)
+    infos = ModelInfoCache(config)
     state = {"active": 0}
-    css = page.stylesheet(sorted(set(range(1, 5))))
+    css = page.stylesheet(list(range(1, 16)))
 
     def wants_json(request: Request) -> bool:
         return "application/json" in request.headers.get("accept", "")
 
-    def page_html(result: StoredResult | None = None, error: str | None = None, notice: str | None = None, query: Any = None) -> str:
-        return page.render_page(config.model_url, config.model_name, list(config.channels), _page_result(result, query) if result else None,
-                                error=error, notice=notice, max_upload_mb=config.max_upload_bytes / 2**20, kept=config.max_results)
+    async def model_info() -> tuple[client.ModelInfo | None, str | None]:
+        """The model's metadata for the page, or why it cannot be had."""
+        try:
+            return await run_in_threadpool(infos.get), None
+        except ViewerError as err:
+            return infos.cached(), err.message
 
-    def fail(request: Request, err: ViewerError) -> Response:
+    def page_html(info: client.ModelInfo | None, result: StoredResult | None = None, error: str | None = None, notice: str | None = None,
+                  query: Any = None) -> str:
+        spec = form_spec(info)
+        channels = list(spec.channels) if spec else list(config.channels or ())
+        return page.render_page(config.model_url, config.model_name, channels, _page_result(result, query) if result else None,
+                                error=error, notice=notice, max_upload_mb=config.max_upload_bytes / 2**20, kept=config.max_results, form=spec)
+
+    async def fail(request: Request, err: ViewerError) -> Response:
         if wants_json(request):
             return JSONResponse({"error": err.message}, status_code=err.status)
-        return HTMLResponse(page_html(error=err.message), status_code=err.status, headers={"cache-control": "no-store"})
+        info = infos.cached()
+        return HTMLResponse(page_html(info, error=err.message), status_code=err.status, headers={"cache-control": "no-store"})
 
     async def index(request: Request) -> Response:
-        return HTMLResponse(page_html(), headers={"cache-control": "no-store"})
+        info, problem = await model_info()
+        return HTMLResponse(page_html(info, error=problem and f"{problem} (the upload form needs to know what the model takes: reload the page)"),
+                            headers={"cache-control": "no-store"})
 
     async def view(request: Request) -> Response:
         result = store.get(request.path_params["token"])
+        info, _ = await model_info()
         if result is None:
-            return HTMLResponse(page_html(notice=f"This result is no longer kept (the viewer keeps the last {config.max_results} cases): upload the case again."),
+            return HTMLResponse(page_html(info, notice=f"This result is no longer kept (the viewer keeps the last {config.max_results} cases): upload the case again."),
                                 status_code=404, headers={"cache-control": "no-store"})
-        return HTMLResponse(page_html(result, query=request.query_params), headers={"cache-control": "no-store"})
+        return HTMLResponse(page_html(info, result, query=request.query_params), headers={"cache-control": "no-store"})
 
     async def segment(request: Request) -> Response:
         try:
-            uploads = await _read_uploads(request)
+            check_upload_headers(request)
+            info = await run_in_threadpool(infos.get, True)
+            upload = await _read_uploads(request, info)
         except ViewerError as err:
-            return fail(request, err)
+            return await fail(request, err)
         if state["active"] >= config.max_concurrent:
-            return fail(request, ViewerError(503, f"The viewer is already sending {state['active']} case(s) to the model server: try again in a minute."))
+            return await fail(request, ViewerError(503, f"The viewer is already sending {state['active']} case(s) to the model server: try again in a minute."))
         state["active"] += 1
         try:
-            result = await run_in_threadpool(segment_case, config, uploads)
+            result = await run_in_threadpool(segment_case, config, upload, info)
         except ViewerError as err:
             log.info("segment: %d %s", err.status, err.message)
-            return fail(request, err)
+            return await fail(request, err)
         finally:
             state["active"] -= 1
         store.put(result)
@@ -254,35 +378,55 @@ def create_app(config: ViewerConfig) -> Any:
             return JSONResponse(result.summary(), headers={"cache-control": "no-store"})
         return RedirectResponse(f"/view/{result.token}", status_code=303)
 
-    async def _read_uploads(request: Request) -> dict[str, tuple[str, bytes]]:
+    def check_upload_headers(request: Request) -> None:
         if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            raise ViewerError(415, "Send the files as multipart/form-data (a form with one file field per channel: " + ", ".join(config.channels) + ").")
+            fields = ", ".join(config.channels) if config.channels else "one file per channel of the model"
+            raise ViewerError(415, f"Send the files as multipart/form-data (a form with one file field per channel: {fields}).")
         declared = request.headers.get("content-length")
         if declared is None or not declared.isdigit():
             raise ViewerError(411, "The upload has no Content-Length.")
         if int(declared) > config.max_upload_bytes:
             raise ViewerError(413, f"The upload is {int(declared) / 2**20:.1f} MiB; the viewer takes at most {config.max_upload_bytes / 2**20:g} MiB.")
-        uploads: dict[str, tuple[str, bytes]] = {}
-        problems = []
+
+    async def _read_uploads(request: Request, info: client.ModelInfo) -> Upload:
+        upload = Upload()
+        problems: list[str] = []
+        age_text = ""
         try:
-            async with request.form(max_files=len(config.channels) + 2, max_fields=len(config.channels) + 8) as form:
-                for channel in config.channels:
-                    item = form.get(channel)
-                    if not isinstance(item, UploadFile) or not (item.filename or "").strip():
-                        problems.append(f"{channel}: no file chosen")
-                        continue
-                    data = await item.read()
+            async with request.form(max_files=len(info.channels) + 3, max_fields=len(info.channels) + 10) as form:
+                picture = form.get(PICTURE_FIELD) if info.takes_image else None
+                if isinstance(picture, UploadFile) and (picture.filename or "").strip():
+                    data = await picture.read()
                     if not data:
-                        problems.append(f"{channel}: the file {item.filename} is empty")
-                        continue
-                    uploads[channel] = (item.filename or channel, data)
+                        problems.append(f"{PICTURE_FIELD}: the file {picture.filename} is empty")
+                    upload.picture = (picture.filename or PICTURE_FIELD, data)
+                else:
+                    for channel in info.channels:
+                        item = form.get(channel)
+                        if not isinstance(item, UploadFile) or not (item.filename or "").strip():
+                            problems.append(f"{channel}: no file chosen")
+                            continue
+                        data = await item.read()
+                        if not data:
+                            problems.append(f"{channel}: the file {item.filename} is empty")
+                            continue
+                        upload.files[channel] = (item.filename or channel, data)
+                age = form.get(AGE_FIELD)
+                age_text = age.strip() if isinstance(age, str) else ""
         except HTTPException as exc:
             raise ViewerError(400, f"The upload could not be read: {exc.detail}") from None
         except Exception as exc:  # python-multipart parse errors
             raise ViewerError(400, f"The upload could not be read ({type(exc).__name__}: {exc}).") from None
+        if "age" in info.covariates and age_text:
+            try:
+                upload.age = float(age_text)
+            except ValueError:
+                problems.append(f"age: {age_text[:40]!r} is not a number of years")
+        elif info.covariates.get("age"):
+            problems.append("age: the model takes the subject's age in years")
         if problems:
             raise ViewerError(400, "; ".join(problems) + ".")
-        return uploads
+        return upload
 
     def _result_or_404(request: Request) -> StoredResult:
         result = store.get(request.path_params["token"])
@@ -295,10 +439,12 @@ def create_app(config: ViewerConfig) -> Any:
 
     async def slice_image(request: Request) -> Response:
         result = _result_or_404(request)
+        if result.view is None:
+            raise HTTPException(404, "a classifier's answer has no slices")
         k = int(request.path_params["k"])
         if not 0 <= k < result.view.n_slices:
             raise HTTPException(404, f"slice {k} is outside 0..{result.view.n_slices - 1}")
-        channel = request.query_params.get("channel", config.default_channel)
+        channel = request.query_params.get("channel", result.view.best_channel() or "")
         if channel not in result.view.channels:
             raise HTTPException(400, f"unknown channel {channel!r} (have: {', '.join(result.view.channels)})")
         alpha = _number(request.query_params.get("alpha"), DEFAULT_ALPHA, 0.0, 1.0)
@@ -308,8 +454,12 @@ def create_app(config: ViewerConfig) -> Any:
 
     async def download(request: Request) -> Response:
         result = _result_or_404(request)
-        return Response(result.segmentation_bytes, media_type="application/gzip",
-                        headers={"content-disposition": f'attachment; filename="{result.case_name}_seg.nii.gz"', "cache-control": "no-store"})
+        if result.view is None or request.path_params["ext"] != result.extension:
+            raise HTTPException(404, f"this result has no segmentation.{request.path_params['ext']}"
+                                     + (f" (its segmentation is segmentation.{result.extension})" if result.view is not None else ""))
+        name = f"{result.case_name}_seg.{result.extension}" if result.extension == "nii.gz" else f"{result.case_name}_mask.{result.extension}"
+        return Response(result.segmentation_bytes, media_type=result.media_type,
+                        headers={"content-disposition": f'attachment; filename="{name}"', "cache-control": "no-store"})
 
     async def status(request: Request) -> Response:
         import httpx
@@ -321,7 +471,9 @@ def create_app(config: ViewerConfig) -> Any:
             ready, detail = answer.status_code == 200, f"HTTP {answer.status_code}"
         except httpx.HTTPError as exc:
             ready, detail = False, f"cannot reach it: {type(exc).__name__}"
-        return JSONResponse({"ready": ready, "detail": detail, "model": config.model_name, "url": config.model_url},
+        info = infos.cached()
+        return JSONResponse({"ready": ready, "detail": detail, "model": config.model_name, "url": config.model_url,
+                             "task": info.kind if info else None, "view": info.view if info else None},
                             headers={"cache-control": "no-store"})
 
     async def healthz(request: Request) -> Response:
@@ -346,7 +498,7 @@ def create_app(config: ViewerConfig) -> Any:
         Route("/view/{token}", view, methods=["GET"]),
         Route("/results/{token}.json", result_json, methods=["GET"]),
         Route("/results/{token}/slice/{k:int}.png", slice_image, methods=["GET"]),
-        Route("/results/{token}/segmentation.nii.gz", download, methods=["GET"]),
+        Route("/results/{token}/segmentation.{ext}", download, methods=["GET"]),
         Route("/api/status", status, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/static/viewer.css", static_css, methods=["GET"]),
@@ -355,18 +507,26 @@ def create_app(config: ViewerConfig) -> Any:
 
     def _page_result(result: StoredResult, query: Any) -> page.PageResult:
         query = query or {}
+        base = dict(token=result.token, model_name=result.model_name, model_version=result.model_version, case_name=result.case_name,
+                    file_names=result.file_names, seconds=result.seconds, label_names=result.label_names, mode=result.mode)
         v = result.view
+        if v is None:  # a classifier's answer
+            return page.PageResult(**base, shape=(0, 0, 0), spacing=(0.0, 0.0, 0.0), orientation="", n_slices=0, slice_index=0, channel="",
+                                   channels=[], alpha=DEFAULT_ALPHA, image_size=(0, 0), label_volumes_ml={}, region_volumes_ml={},
+                                   probabilities=result.probabilities, label=result.label, age=result.age)
         k = int(_number(query.get("slice"), v.best_slice(), 0, v.n_slices - 1))
-        channel = query.get("channel") if query.get("channel") in v.channels else config.default_channel
+        channel = query.get("channel") if query.get("channel") in v.channels else (v.best_channel() or "")
         return page.PageResult(
-            token=result.token, model_name=result.model_name, model_version=result.model_version, case_name=result.case_name,
-            file_names=result.file_names, shape=v.original_shape, spacing=tuple(round(s, 3) for s in v.spacing),  # type: ignore[arg-type]
+            **base, shape=v.original_shape, spacing=tuple(round(s, 3) for s in v.spacing),  # type: ignore[arg-type]
             orientation=v.orientation, n_slices=v.n_slices, slice_index=k, channel=channel, channels=list(v.channels),
             alpha=_number(query.get("alpha"), DEFAULT_ALPHA, 0.0, 1.0), image_size=display_size(v),
-            label_volumes_ml=v.label_volumes_ml(), region_volumes_ml=result.region_volumes_ml, seconds=result.seconds)
+            label_volumes_ml=v.label_volumes_ml(), region_volumes_ml=result.region_volumes_ml,
+            download_url=f"/results/{result.token}/segmentation.{result.extension}",
+            download_label=f"Download {'mask' if result.mode == 'image' else 'segmentation'} (.{result.extension})")
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.state.store = store
+    app.state.infos = infos
     return SecurityHeaders(app)
 
 

@@ -7,8 +7,6 @@ import logging
 import sys
 from urllib.parse import urlparse
 
-from medseg import schemas
-from medseg.task import BRATS2023
 from medseg.errors import MedsegError
 
 DEFAULT_PORT = 8090
@@ -20,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model name on the model server")
     parser.add_argument("--host", default="127.0.0.1", help="address the viewer listens on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port of the viewer (default: {DEFAULT_PORT})")
-    parser.add_argument("--channels", nargs="+", default=list(BRATS2023.channels),
-                        help=f"channel names, one upload field each, in the model's order (default: {' '.join(BRATS2023.channels)})")
+    parser.add_argument("--channels", nargs="+", default=None,
+                        help="channel names, one upload field each, in the model's order (default: the model's, from GET /v2/models/NAME)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the model server per case (default: 300)")
     parser.add_argument("--max-upload-mb", type=float, default=150.0, help="largest upload, all files together, in MiB (default: 150)")
     parser.add_argument("--max-results", type=int, default=8, help="results kept in memory, the oldest dropped first (default: 8)")
@@ -37,9 +35,10 @@ def config_from_args(args: argparse.Namespace):  # -> ViewerConfig (imported laz
     for name in ("timeout", "max_upload_mb", "max_results", "max_concurrent"):
         if getattr(args, name) <= 0:
             raise MedsegError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if len(set(args.channels)) != len(args.channels):
+    if args.channels and len(set(args.channels)) != len(args.channels):
         raise MedsegError(f"--channels has duplicates: {args.channels}")
-    return ViewerConfig(model_url=args.url.rstrip("/"), model_name=args.model, channels=tuple(args.channels), timeout_s=float(args.timeout),
+    return ViewerConfig(model_url=args.url.rstrip("/"), model_name=args.model, channels=tuple(args.channels) if args.channels else None,
+                        timeout_s=float(args.timeout),
                         max_upload_bytes=int(args.max_upload_mb * 2**20), max_results=int(args.max_results), max_concurrent=int(args.max_concurrent))
 
 
@@ -52,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medseg.viewer", description="Web viewer: upload a case, see the segmentation, download it.")
+    parser = argparse.ArgumentParser(prog="python -m medseg.viewer", description="Web viewer: upload a case, see the answer of the model server (a segmentation, "
+                                     "a slice's mask or the class probabilities), download it.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

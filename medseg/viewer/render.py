@@ -5,6 +5,9 @@
 same way whatever its stored orientation); :func:`slice_png` draws one axial slice of one channel with
 the labels blended over it, at the voxel aspect ratio. Display convention (as :mod:`medseg.visualize`):
 anterior up, the patient's right on the right of the picture (neurological).
+
+A 2D picture sent to a slice-set model (PNG/TIFF, :func:`prepare_picture`) is drawn as the picture itself: rows
+top to bottom, columns left to right (``CaseView.image_axes``), its mask over it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class CaseView:
     segmentation: np.ndarray  # uint8 labels
     spacing: tuple[float, float, float]  # mm along the RAS+ voxel axes
     original_shape: tuple[int, int, int]  # as stored (the download keeps this geometry)
-    orientation: str  # axis codes of the stored files, e.g. "RAS" or "LPS"
+    orientation: str  # axis codes of the stored files, e.g. "RAS" or "LPS"; "image" for a 2D picture
+    image_axes: bool = False  # a picture: I = columns, J = rows, drawn as the picture (no anatomical turn)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -62,6 +66,21 @@ class CaseView:
         """The axial slice with the most segmented voxels (the middle one when nothing is segmented)."""
         per_slice = np.count_nonzero(self.segmentation, axis=(0, 1))
         return int(np.argmax(per_slice)) if per_slice.any() else self.n_slices // 2
+
+    def best_channel(self) -> str | None:
+        """The channel whose intensities inside the segmentation differ most from those outside it (in units of the
+        outside spread): the one that shows what was segmented best; the first channel when nothing is segmented."""
+        names = list(self.channels)
+        inside = self.segmentation > 0
+        if not names or not inside.any() or inside.all():
+            return names[0] if names else None
+
+        def contrast(array: np.ndarray) -> float:
+            outside = array[~inside & (array > 0)]
+            outside = outside if outside.size else array[~inside]
+            return abs(float(array[inside].mean()) - float(outside.mean())) / (float(outside.std()) + 1.0)
+
+        return max(names, key=lambda n: contrast(self.channels[n]))
 
 
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float], str]:
@@ -113,6 +132,28 @@ def prepare_case(channel_bytes: dict[str, bytes], segmentation_bytes: bytes) -> 
                     orientation=codes)
 
 
+def prepare_picture(picture: bytes, mask: bytes, channels: list[str], foreground: list[int]) -> CaseView:
+    """A 2D picture (PNG/TIFF bytes, colour channels = ``channels``) and the mask the model server returned for it.
+    A 0/255 mask of a one-foreground-label task is drawn in that label's colour.
+
+    Raises :class:`MedsegError` when either cannot be read or their sizes differ."""
+    from medseg.serving.image2d import IMAGE_SPACING_MM, decode_image, decode_mask, volume_from_pixels
+
+    images, _, _, info = decode_image(picture, channels, 2, None, "the picture")
+    try:
+        labels = decode_mask(mask)
+    except Exception as exc:  # Pillow's errors for bytes that are not a picture
+        raise MedsegError(f"the model server's mask cannot be read ({type(exc).__name__}: {exc})", "segmentation") from None
+    if labels.shape != (info.height, info.width):
+        raise MedsegError(f"the mask is {labels.shape[1]}×{labels.shape[0]} pixels, the picture {info.width}×{info.height}", "segmentation")
+    if len(foreground) == 1:
+        labels = np.where(labels > 0, foreground[0], 0)
+    seg = volume_from_pixels(np.clip(labels, 0, 255).astype(np.uint8), 2)[0]
+    views = {name: window_uint8(images[c]) for c, name in enumerate(channels)}
+    return CaseView(channels=views, segmentation=seg, spacing=tuple(IMAGE_SPACING_MM), original_shape=tuple(int(n) for n in seg.shape),  # type: ignore[arg-type]
+                    orientation="image", image_axes=True)
+
+
 def display_size(view: CaseView, size: int = DEFAULT_SIZE) -> tuple[int, int]:
     """(width, height) in pixels of an axial slice drawn at the voxel aspect ratio, longest side ``size``."""
     width_mm = view.shape[0] * view.spacing[0]
@@ -127,6 +168,8 @@ def axial_slice(view: CaseView, k: int, channel: str) -> tuple[np.ndarray, np.nd
         raise MedsegError(f"slice {k} is outside 0..{view.n_slices - 1}")
     if channel not in view.channels:
         raise MedsegError(f"unknown channel {channel!r} (have: {', '.join(view.channels)})")
+    if view.image_axes:  # a picture: rows = J, columns = I, as it was sent
+        return view.channels[channel][:, :, k].T, view.segmentation[:, :, k].T
     return np.rot90(view.channels[channel][:, :, k]), np.rot90(view.segmentation[:, :, k])
 
 
