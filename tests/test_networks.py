@@ -53,7 +53,7 @@ TOPOLOGIES = {
 # --------------------------------------------------------------------------- registry
 def test_registry_names_and_errors() -> None:
     assert {"unet", "resunet", "unet2d", "unetr", "swinunetr", "classifier3d"} <= set(NETWORKS)
-    with pytest.raises(ValueError, match=r"unknown network 'vnet' \(known: unet, resunet, unet2d, unetr, swinunetr, classifier3d\)"):
+    with pytest.raises(ValueError, match=r"unknown network 'vnet' \(known: unet, resunet, unet2d, unetr, swinunetr, transunet, classifier3d\)"):
         build_network_by_name("vnet", _topo())
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['depth'\] for network 'unet' \(known: \['deep_supervision', 'norm'\]\)"):
         build_network_by_name("unet", _topo(), depth=3)

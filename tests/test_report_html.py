@@ -78,7 +78,7 @@ def test_sections_tables_and_ranking(report):
     st = metric_stats(dice)
     assert f"{st['mean']:.3f} ± {st['std']:.3f}" in page and f"{st['median']:.3f} [{st['q25']:.3f} – {st['q75']:.3f}]" in page
     assert st["std"] == pytest.approx(np.std(dice, ddof=1)) and st["q25"] == pytest.approx(np.percentile(dice, 25))
-    assert "Lesion-wise Dice (BraTS 2023)" in page and "Instance PQ Dice" in page
+    assert "Lesion-wise Dice (2023 rules)" in page and "Instance PQ Dice" in page
     assert 'title="volume_ref_ml"' in page  # the metric names of cases.csv, on hover
 
 
