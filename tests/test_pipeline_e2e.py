@@ -23,7 +23,7 @@ TINY_PARAMS = {
     "tune": {"n_trials": 2, "trial_params": {"epochs": 1, "iterations_per_epoch": 2, "max_val_cases": 1}},
     "evaluate": {"overlap": 0.25},
     # an untrained-quality model: the gate thresholds are 0 so the flow is exercised end to end
-    "registry": {"model_name": "tiny-e2e", "thresholds": {"WT": 0.0}, "promotion_margin": 1.0, "primary_region": "WT"},
+    "registry": {"model_name": "tiny-e2e", "thresholds": {"WT": 0.0}, "promotion_margin": 1.0},
 }
 
 
