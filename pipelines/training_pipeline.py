@@ -133,8 +133,7 @@ def training_pipeline(
     shards.set_caching_options(False)  # creates the run's study in the database
     with dsl.ParallelFor(shards.output, name="tune-workers") as worker_index:
         worker = tune_worker(preprocessed=pre.outputs["preprocessed"], worker_index=worker_index, n_workers=tune_workers, train_params=train_params,
-                             tune_params=tune_params, n_trials=n_trials, configuration=pre.outputs["configuration"], optuna_storage=optuna_storage,
-                             mlflow_tracking_uri=mlflow_tracking_uri,
+                             tune_params=tune_params, n_trials=n_trials, optuna_storage=optuna_storage, mlflow_tracking_uri=mlflow_tracking_uri,
                              pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         worker.set_display_name("Tune worker (Optuna)")
         _training_resources(worker)

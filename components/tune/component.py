@@ -28,20 +28,23 @@ def tune_shards(n_workers: int, n_trials: int, optuna_storage: str, pipeline_run
 
 
 @dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)
-def tune_worker(preprocessed: Input[Dataset], worker_index: int, n_workers: int, train_params: dict, tune_params: dict, n_trials: int, configuration: str,
+def tune_worker(preprocessed: Input[Dataset], worker_index: int, n_workers: int, train_params: dict, tune_params: dict, n_trials: int,
                 optuna_storage: str, mlflow_tracking_uri: str, pipeline_run_id: str, partial_best: Output[Artifact]) -> dict:
     """One Optuna worker: its share of ``n_trials`` short pruned trainings of the chosen configuration in the run's
-    shared study (a cascade is tuned on its 3d_lowres stage)."""
+    shared study (a cascade is tuned on its 3d_lowres stage). The configuration is the one preprocessing chose, read from the
+    plan (kfp.local hands a ParallelFor task the loop item for an upstream task's output parameter)."""
     import math
     from pathlib import Path
 
+    from medseg import schemas
     from medseg.tracking import resolve_optuna_storage, resolve_tracking_uri
     from medseg.training.stage import run_tune
     from medseg.training.tuning import pipeline_study_name, worker_seed, worker_trials
 
     index = int(worker_index)  # loop items arrive as floats from kfp.local
     share = worker_trials(int(n_trials), int(n_workers), index)
-    params = {**train_params, **tune_params, "configuration": "3d_lowres" if configuration == "3d_cascade_fullres" else configuration}
+    chosen = schemas.Plans.load(Path(preprocessed.path)).chosen_configuration or "3d_fullres"
+    params = {**train_params, **tune_params, "configuration": "3d_lowres" if chosen == "3d_cascade_fullres" else chosen}
     params["seed"] = worker_seed(int(params.get("seed", 0)), index)  # distinct sampler draws per worker
     best = run_tune(Path(preprocessed.path), Path(partial_best.path), params, share, resolve_optuna_storage(optuna_storage), pipeline_study_name(pipeline_run_id),
                     tracking_uri=resolve_tracking_uri(mlflow_tracking_uri), tags={"pipeline_run_id": pipeline_run_id, "stage": "tune", "tune_worker": str(index)}, progress=True)
