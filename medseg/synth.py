@@ -49,7 +49,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -471,39 +471,63 @@ def generate_case(
     kind = resolve_anatomy(anatomy)
     anat = _anatomy(kind, shape)
     rng = np.random.default_rng(rng_seed)
-    axes_mm = _axes_mm(shape, anat.spacing)
-
     labels = _tumour(anat, rng)
+    return render_case(case_id, anat, labels, rng, TUMOUR_INTENSITY, require_every_label=True)
 
+
+def render_case(
+    case_id: str,
+    anat: _Anatomy,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    appearance: dict[int, tuple[float, float, float, float]],
+    require_every_label: bool = False,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Images for a lesion label map made on ``anat`` (before the head pose): ``{"t1n"|"t1c"|"t2w"|"t2f"|"seg": (array, affine)}``.
+
+    ``appearance`` gives the (t1n, t1c, t2w, t2f) intensity of every lesion label. The pose moves the healthy
+    images (trilinear) and the labels (nearest); the lesion appearance is painted afterwards from the posed
+    labels, so image contrast matches the written seg voxel for voxel even on coarse grids. A label can fall
+    between output voxels under the pose: up to 8 poses are tried; ``require_every_label`` raises when none keeps
+    every label, else the pose keeping most is used.
+    """
+    shape = anat.shape
+    axes_mm = _axes_mm(shape, anat.spacing)
     # Per-case contrast variation: tissue values ±6 %, overall gain per channel (scanner scaling).
     n_ch = len(BRATS_CHANNELS)
     jitter = {k: np.array(v) * rng.uniform(0.94, 1.06, n_ch) for k, v in TISSUE_INTENSITY.items()}
-    tjitter = {k: np.array(v) * rng.uniform(0.92, 1.08, n_ch) for k, v in TUMOUR_INTENSITY.items()}
+    tjitter = {k: np.array(v) * rng.uniform(0.92, 1.08, n_ch) for k, v in appearance.items()}
     gain = rng.uniform(0.8, 1.25, n_ch)
 
-    # The pose moves the healthy images (trilinear) and the labels (nearest); the tumour appearance is
-    # painted afterwards from the posed labels, so image contrast matches the written seg voxel for
-    # voxel even on coarse grids (interpolating a painted image would smear thin rims into the core).
+    wanted = {int(v) for v in np.unique(labels)} - {0}
+    best: tuple[int, Any] | None = None
     for _attempt in range(8):
         matrix, offset = _pose_matrix(anat, rng)
         brain_frac = _pose(anat.brain.astype(np.float32), matrix, offset, 1)
         brain = brain_frac > 0.5
         seg = _pose(labels, matrix, offset, 0).astype(np.uint8)
         seg[~brain] = 0
-        if all((seg == value).any() for value in (NETC, SNFH, ET)):
+        found = sum(1 for v in wanted if (seg == v).any())
+        if best is None or found > best[0]:
+            best = (found, (matrix, offset, brain_frac, brain, seg))
+        if found == len(wanted):
             break
-    else:  # a one-voxel region can fall between output voxels; only on absurdly small grids
+    assert best is not None
+    if require_every_label and best[0] < len(wanted):  # only on absurdly small grids
         raise MedsegError(f"a tumour label vanished on the {shape} grid (grid too small?)", case_id)
+    matrix, offset, brain_frac, brain, seg = best[1]
     # Dividing by the posed brain fraction undoes the blend with background at the brain edge.
     norm = np.where(brain, np.maximum(brain_frac, 1e-3), 1.0)
-    # Soft (partial-volume) tumour weights, ~80 % own label at a voxel so small regions keep their
+    # Soft (partial-volume) lesion weights, ~80 % own label at a voxel so small regions keep their
     # contrast on coarse grids; the masks are disjoint, so the weights sum to ≤ 1.
-    weights = {k: ndi.gaussian_filter((seg == k).astype(np.float32), 0.4) for k in (NETC, SNFH, ET)}
-    w_total = weights[NETC] + weights[SNFH] + weights[ET]
-    # Tumour heterogeneity, only computed around the tumour (a fine-grained field is the costly one).
+    weights = {k: ndi.gaussian_filter((seg == k).astype(np.float32), 0.4) for k in appearance}
+    w_total = sum(weights.values())
+    # Lesion heterogeneity, only computed around the lesions (a fine-grained field is the costly one).
     texture = np.ones(shape, np.float32)
-    near = ndi.find_objects((w_total > 0).astype(np.uint8))[0]
-    texture[near] += 0.08 * _smooth_noise(rng, [ax[s] for ax, s in zip(axes_mm, near)], 5.0)
+    objects = ndi.find_objects((w_total > 0).astype(np.uint8))
+    if objects and objects[0] is not None:
+        near = objects[0]
+        texture[near] += 0.08 * _smooth_noise(rng, [ax[s] for ax, s in zip(axes_mm, near)], 5.0)
     # Posing the three tissue fractions (rather than four images) is one resample fewer per case.
     tissue = {t: _pose(getattr(anat, t), matrix, offset, 1) / norm for t in ("gm", "wm", "csf")}
 
@@ -511,7 +535,7 @@ def generate_case(
     n_brain = int(brain.sum())
     for c, name in enumerate(BRATS_CHANNELS):
         healthy = sum(tissue[t] * float(jitter[t][c]) for t in ("gm", "wm", "csf"))
-        tumour = sum(weights[k] * float(tjitter[k][c]) for k in (NETC, SNFH, ET)) * texture
+        tumour = sum(weights[k] * float(tjitter[k][c]) for k in appearance) * texture
         img = healthy * (1.0 - w_total) + tumour
         bias = np.exp(rng.uniform(0.05, 0.15) * _smooth_noise(rng, axes_mm, 80.0))
         img = img * bias * gain[c]

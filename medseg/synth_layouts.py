@@ -97,10 +97,9 @@ from scipy import ndimage as ndi
 from medseg import synth
 from medseg.errors import MedsegError
 from medseg.io import atomic_dir, write_bytes, write_text
+from medseg.task import BRATS2024
 
-# Local copies of the BraTS literals (the shared constants are moving between modules).
-BRATS_CHANNELS: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
-NETC, SNFH, ET, RC = 1, 2, 3, 4
+NETC, SNFH, ET, RC = (BRATS2024.labels[k] for k in ("NETC", "SNFH", "ET", "RC"))
 
 LAYOUT_NAMES: tuple[str, ...] = ("brats2023", "brats2024", "mets", "lgg", "classification", "dicom", "msd")
 
@@ -256,71 +255,6 @@ def _bias(rng: np.random.Generator, axes: Sequence[np.ndarray], strength: tuple[
     return np.exp(rng.uniform(*strength) * synth._smooth_noise(rng, axes, 80.0)).astype(np.float32)
 
 
-# --------------------------------------------------------------------------- BraTS-like rendering
-def _render_brats(
-    case_id: str,
-    anat: Any,
-    labels: np.ndarray,
-    rng: np.random.Generator,
-    appearance: dict[int, tuple[float, float, float, float]],
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Images for a label map made on ``anat`` (before the head pose), as :func:`synth.generate_case`
-    renders its glioma: random rigid pose, per-case contrast jitter, partial-volume lesion weights,
-    tumour texture, smooth bias field, Rician noise, background exactly 0, brain ≥ 1.
-
-    ``appearance`` gives the (t1n, t1c, t2w, t2f) intensity of every lesion label. Returns
-    ``{"t1n"|"t1c"|"t2w"|"t2f"|"seg": (array, affine)}``.
-    """
-    shape = anat.shape
-    axes_mm = synth._axes_mm(shape, anat.spacing)
-    n_ch = len(BRATS_CHANNELS)
-    jitter = {k: np.array(v) * rng.uniform(0.94, 1.06, n_ch) for k, v in synth.TISSUE_INTENSITY.items()}
-    tjitter = {k: np.array(v) * rng.uniform(0.92, 1.08, n_ch) for k, v in appearance.items()}
-    gain = rng.uniform(0.8, 1.25, n_ch)
-
-    wanted = {int(v) for v in np.unique(labels)} - {0}
-    best: tuple[int, Any] | None = None
-    for _attempt in range(8):  # a one-voxel lesion can fall between output voxels under the pose
-        matrix, offset = synth._pose_matrix(anat, rng)
-        brain_frac = synth._pose(anat.brain.astype(np.float32), matrix, offset, 1)
-        brain = brain_frac > 0.5
-        seg = synth._pose(labels, matrix, offset, 0).astype(np.uint8)
-        seg[~brain] = 0
-        found = sum(1 for v in wanted if (seg == v).any())
-        if best is None or found > best[0]:
-            best = (found, (matrix, offset, brain_frac, brain, seg))
-        if found == len(wanted):
-            break
-    assert best is not None
-    matrix, offset, brain_frac, brain, seg = best[1]
-    norm = np.where(brain, np.maximum(brain_frac, 1e-3), 1.0)
-    weights = {k: ndi.gaussian_filter((seg == k).astype(np.float32), 0.4) for k in appearance}
-    w_total = sum(weights.values())
-    texture = np.ones(shape, np.float32)
-    objects = ndi.find_objects((w_total > 0).astype(np.uint8))
-    if objects and objects[0] is not None:
-        near = objects[0]
-        texture[near] += 0.08 * synth._smooth_noise(rng, [ax[s] for ax, s in zip(axes_mm, near)], 5.0)
-    tissue = {t: synth._pose(getattr(anat, t), matrix, offset, 1) / norm for t in ("gm", "wm", "csf")}
-
-    volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    n_brain = int(brain.sum())
-    for c, name in enumerate(BRATS_CHANNELS):
-        healthy = sum(tissue[t] * float(jitter[t][c]) for t in ("gm", "wm", "csf"))
-        tumour = sum(weights[k] * float(tjitter[k][c]) for k in appearance) * texture
-        img = healthy * (1.0 - w_total) + tumour
-        img = img * np.exp(rng.uniform(0.05, 0.15) * synth._smooth_noise(rng, axes_mm, 80.0)) * gain[c]
-        sigma = rng.uniform(0.02, 0.05) * gain[c] * float(np.mean([jitter[t][c] for t in jitter]))
-        inside = img[brain]
-        real = inside + sigma * rng.standard_normal(n_brain, dtype=np.float32)
-        imag = sigma * rng.standard_normal(n_brain, dtype=np.float32)
-        out = np.zeros(shape, np.int16)
-        out[brain] = np.clip(np.rint(np.sqrt(real * real + imag * imag)), 1, 32767).astype(np.int16)
-        volumes[name] = (out, anat.affine.copy())
-    volumes[synth.SEG_SUFFIX] = (seg, anat.affine.copy())
-    return volumes
-
-
 def _add_cavity(anat: Any, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``labels`` with a resection cavity (RC) touching the tumour core, in brain tissue or edema.
 
@@ -456,7 +390,7 @@ def _brats_like(
         case_id = id_format.format(i)
         rng = np.random.default_rng([int(seed), i])
         labels = make_labels(anat, rng)
-        synth.write_case(root, case_id, _render_brats(case_id, anat, labels, rng, appearance))
+        synth.write_case(root, case_id, synth.render_case(case_id, anat, labels, rng, appearance))
         ids.append(case_id)
     return ids
 
