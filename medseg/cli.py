@@ -74,6 +74,7 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
 
 def _run_tune(a: argparse.Namespace) -> int:
     from medseg.pipeline.runner import load_params
+    from medseg.task import configuration_stages
     from medseg.training.stage import run_tune
     from medseg.training.tuning import sqlite_url
 
@@ -88,7 +89,7 @@ def _run_tune(a: argparse.Namespace) -> int:
     trial = {**_train_params(a), **tune_cfg.get("trial_params", {})}
     chosen = schemas.Plans.load(a.preprocessed).chosen_configuration
     if chosen and "configuration" not in trial:  # the configuration preprocessing chose (a cascade is tuned on its first stage)
-        trial["configuration"] = "3d_lowres" if chosen == "3d_cascade_fullres" else chosen
+        trial["configuration"] = configuration_stages(chosen)[0]
     best = run_tune(a.preprocessed, a.out, trial, a.trials or int(tune_cfg.get("n_trials", 3)), storage, a.study, _tracking(a))
     print(f"best: {best.params} (val dice {best.best_value:.4f}, {best.n_trials} trials, {best.n_pruned} pruned) → {a.out}")
     return 0
@@ -116,13 +117,14 @@ def _run_train(a: argparse.Namespace) -> int:
     import dataclasses
 
     from medseg import schemas
+    from medseg.task import configuration_stages
     from medseg.training.stage import merged_params, parse_folds, run_train, run_train_folds
 
     cfg = merged_params(_train_params(a), a.best_params)
     overrides = {k: getattr(a, k) for k in ("configuration", "epochs", "seed", "precision", "deterministic") if getattr(a, k) is not None}
     chosen = schemas.Plans.load(a.preprocessed).chosen_configuration
     if "configuration" not in overrides and chosen:  # what `medseg preprocess --configuration` chose (auto: from the task)
-        if chosen == "3d_cascade_fullres" and a.cascade_from is None:
+        if len(configuration_stages(chosen)) > 1 and a.cascade_from is None:
             from medseg.training.stage import run_train_configuration
 
             r = run_train_configuration(a.preprocessed, a.out, dataclasses.replace(cfg, **overrides), chosen, _tracking(a), resume=a.resume,
@@ -130,7 +132,7 @@ def _run_train(a: argparse.Namespace) -> int:
             if r.model_dir is not None:
                 print(f"cascade: best {r.metric.replace('_', ' ')} {r.best_val_dice:.4f} → {r.model_dir}")
             return 0
-        overrides["configuration"] = "3d_fullres" if chosen == "3d_cascade_fullres" else chosen
+        overrides["configuration"] = configuration_stages(chosen)[-1]
     if overrides.get("configuration") == "3d_cascade_fullres":  # nnU-Net's name for it: 3d_fullres with the previous stage
         if a.cascade_from is None:
             raise MedsegError("--config 3d_cascade_fullres needs --cascade-from LOWRES_MODEL (a trained 3d_lowres model package)")

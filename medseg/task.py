@@ -47,6 +47,7 @@ from medseg.errors import MedsegError
 KINDS = ("segmentation", "classification")
 OUTPUTS = ("labels", "regions", "classes")
 CONFIGURATIONS = ("auto", "2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+CASCADE = "3d_cascade_fullres"
 #: nnU-Net's rule for choosing 2D: the coarsest axis more than 3× the finest (ExperimentPlanner's anisotropy threshold).
 ANISOTROPY_FOR_2D = 3.0
 #: The group name of a classifier's case-level metrics (``metrics.json`` ``mean["all"]``).
@@ -90,12 +91,11 @@ CONVENTIONS: dict[str, LabelConvention] = {c.name: c for c in (BRATS2023, BRATS2
 _ENHANCING, _NECROSIS = ("ET",), ("NETC", "NCR")
 
 
-def convention(name: str) -> LabelConvention:
-    """A known label convention by name (``brats2023``, ``brats2023_mets``, ``brats2024``)."""
-    try:
-        return CONVENTIONS[name]
-    except KeyError:
-        raise MedsegError(f"unknown label convention {name!r} (known: {', '.join(CONVENTIONS)})") from None
+def configuration_stages(configuration: str) -> tuple[str, ...]:
+    """The planned configurations a trained configuration consists of, in training order: nnU-Net's cascade is
+    3d_lowres, then 3d_fullres on its segmentation; any other is itself. Tuning uses the first, and the model
+    package's grid is the last's."""
+    return ("3d_lowres", "3d_fullres") if configuration == CASCADE else (configuration,)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -105,10 +105,6 @@ class MetricSpec:
 
     name: str
     higher_is_better: bool
-    bounded: bool = True  # in [0, 1]
-
-    def better(self, a: float, b: float) -> bool:
-        return a > b if self.higher_is_better else a < b
 
     def passes(self, value: float, threshold: float) -> bool:
         """An absolute threshold: at least ``threshold`` (higher is better) or at most (lower is better)."""
@@ -117,11 +113,11 @@ class MetricSpec:
 
 METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("dice", True), MetricSpec("iou", True), MetricSpec("sensitivity", True), MetricSpec("specificity", True),
-    MetricSpec("hd95", False, bounded=False), MetricSpec("assd", False, bounded=False), MetricSpec("pq_dsc", True), MetricSpec("pq", True),
-    MetricSpec("lesionwise_dice_2023", True), MetricSpec("lesionwise_hd95_2023", False, bounded=False),
-    MetricSpec("lesionwise_dice_2024", True), MetricSpec("lesionwise_hd95_2024", False, bounded=False),
+    MetricSpec("hd95", False), MetricSpec("assd", False), MetricSpec("pq_dsc", True), MetricSpec("pq", True),
+    MetricSpec("lesionwise_dice_2023", True), MetricSpec("lesionwise_hd95_2023", False),
+    MetricSpec("lesionwise_dice_2024", True), MetricSpec("lesionwise_hd95_2024", False),
     MetricSpec("accuracy", True), MetricSpec("balanced_accuracy", True), MetricSpec("auc_macro", True), MetricSpec("auc", True),
-    MetricSpec("log_loss", False, bounded=False),
+    MetricSpec("log_loss", False),
 )}
 #: What every segmentation group reports to KFP Metrics and MLflow (when present in metrics.json).
 SEGMENTATION_REPORTED = ("dice", "iou", "hd95", "assd", "sensitivity", "pq_dsc", "lesionwise_dice_2023", "lesionwise_hd95_2023",
@@ -420,8 +416,7 @@ class Task:
             raise MedsegError(f"unknown configuration {requested!r} (choose from {', '.join(CONFIGURATIONS)})")
         planned = list(planned)
         if requested != "auto":
-            needed = ["3d_lowres", "3d_fullres"] if requested == "3d_cascade_fullres" else [requested]
-            missing = [c for c in needed if c not in planned]
+            missing = [c for c in configuration_stages(requested) if c not in planned]
             if missing:
                 raise MedsegError(f"configuration {requested!r} needs {', '.join(missing)}, which the plan does not have for this dataset "
                                   f"(planned: {', '.join(planned)})")
@@ -440,9 +435,7 @@ class Task:
         """What preprocessing prepares for ``requested``: every candidate for ``auto`` (the choice needs the plan)."""
         if requested == "auto":
             return ("2d", "3d_fullres") if not self.is_classification else ("3d_fullres",)
-        if requested == "3d_cascade_fullres":
-            return ("3d_lowres", "3d_fullres")
-        return (requested,)
+        return configuration_stages(requested)
 
     # -------------------------------------------------------------- reporting
     @property
@@ -600,6 +593,6 @@ class Task:
 
 __all__ = [
     "ALL", "ANISOTROPY_FOR_2D", "BRATS2023", "BRATS2023_METS", "BRATS2024", "CLASSIFICATION_GATES", "CONFIGURATIONS", "CONVENTIONS", "KINDS",
-    "LabelConvention", "METRICS", "MetricSpec", "OUTPUTS", "Task", "TensorSpec", "convention", "labels_to_regions", "metric_spec",
+    "LabelConvention", "METRICS", "MetricSpec", "OUTPUTS", "Task", "TensorSpec", "configuration_stages", "labels_to_regions", "metric_spec",
     "region_signatures", "regions_to_labels",
 ]

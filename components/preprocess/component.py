@@ -14,10 +14,11 @@ def preprocess(dataset: Input[Dataset], device_budget: str, configuration: str, 
     from pathlib import Path
 
     from medseg.preprocessing.preprocess import run_preprocessing
+    from medseg.task import configuration_stages
 
     plans = run_preprocessing(Path(dataset.path), Path(preprocessed.path), budget=device_budget, progress=False, configuration=configuration)
     chosen = plans.chosen_configuration
-    config = plans.configuration("3d_fullres" if chosen == "3d_cascade_fullres" else chosen)
+    config = plans.configuration(configuration_stages(chosen)[-1])
     preprocessed.metadata.update({"plan_hash": plans.content_hash(), "configuration": chosen, "requested_configuration": configuration,
                                   "configuration_reason": plans.configuration_reason, "patch_size": config.patch_size, "spacing": config.spacing,
                                   "n_parameters": config.n_parameters})

@@ -37,6 +37,7 @@ def tune_worker(preprocessed: Input[Dataset], worker_index: int, n_workers: int,
     from pathlib import Path
 
     from medseg import schemas
+    from medseg.task import configuration_stages
     from medseg.tracking import resolve_optuna_storage, resolve_tracking_uri
     from medseg.training.stage import run_tune
     from medseg.training.tuning import pipeline_study_name, worker_seed, worker_trials
@@ -44,7 +45,7 @@ def tune_worker(preprocessed: Input[Dataset], worker_index: int, n_workers: int,
     index = int(worker_index)  # loop items arrive as floats from kfp.local
     share = worker_trials(int(n_trials), int(n_workers), index)
     chosen = schemas.Plans.load(Path(preprocessed.path)).chosen_configuration or "3d_fullres"
-    params = {**train_params, **tune_params, "configuration": "3d_lowres" if chosen == "3d_cascade_fullres" else chosen}
+    params = {**train_params, **tune_params, "configuration": configuration_stages(chosen)[0]}
     params["seed"] = worker_seed(int(params.get("seed", 0)), index)  # distinct sampler draws per worker
     best = run_tune(Path(preprocessed.path), Path(partial_best.path), params, share, resolve_optuna_storage(optuna_storage), pipeline_study_name(pipeline_run_id),
                     tracking_uri=resolve_tracking_uri(mlflow_tracking_uri), tags={"pipeline_run_id": pipeline_run_id, "stage": "tune", "tune_worker": str(index)}, progress=True)

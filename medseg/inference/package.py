@@ -28,7 +28,7 @@ from medseg.errors import MedsegError
 from medseg.networks import build_network
 
 COMBINE = "mean_softmax"
-from medseg.task import OUTPUTS  # noqa: E402  (labels | regions | classes)
+from medseg.task import OUTPUTS, Task  # noqa: E402  (labels | regions | classes; the activation of each)
 
 
 def network_output(network: dict[str, Any]) -> str:
@@ -43,7 +43,7 @@ def network_output(network: dict[str, Any]) -> str:
 
 def combine_rule(network: dict[str, Any]) -> str:
     """How an ensemble of this network combines its members: ``mean_sigmoid`` for region outputs, else ``mean_softmax``."""
-    return "mean_sigmoid" if network_output(network) == "regions" else COMBINE
+    return f"mean_{Task.activation(network_output(network))}"
 
 
 def member_weights(package: schemas.ModelPackage) -> list[str]:
@@ -130,7 +130,7 @@ def load_network(model_dir: str | Path, package: schemas.ModelPackage, device: t
         except RuntimeError as exc:  # weights of another network
             raise MedsegError(f"cannot load the weights ({str(exc).splitlines()[0][:200]})", path) from None
         networks.append(network)
-    activation = "sigmoid" if network_output(package.network) == "regions" else "softmax"
+    activation = Task.activation(network_output(package.network))
     network = networks[0] if len(networks) == 1 else EnsembleNetwork(networks, activation)
     return network.to(device).eval()
 

@@ -241,7 +241,7 @@ def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", con
         full = plan.configurations.get("3d_fullres")
         chosen, reason = task.choose_configuration(configuration, list(plan.configurations), full["spacing"] if full else None)
         plan.chosen_configuration, plan.configuration_reason = chosen, reason
-        plan.trained_configurations = ["3d_lowres", "3d_fullres"] if chosen == "3d_cascade_fullres" else [chosen]
+        plan.trained_configurations = list(task.configurations_to_preprocess(chosen))
         configurations = tuple(plan.trained_configurations)
         logger.info("configuration %s: %s (requested %s)", chosen, reason, configuration)
     skipped = [c for c in configurations if c not in plan.trained_configurations]

@@ -88,17 +88,8 @@ def _split(text: Any) -> list[str]:
 
 def model_info(url: str, model_name: str, timeout: float = 30) -> ModelInfo:
     """``GET /v2/models/NAME`` as a :class:`ModelInfo`; :class:`MedsegError` with the server's message otherwise."""
-    import httpx
-
     endpoint = f"{url.rstrip('/')}/v2/models/{model_name}"
-    try:
-        response = httpx.get(endpoint, timeout=timeout)
-    except httpx.TimeoutException:
-        raise MedsegError(f"no answer within {timeout:.0f} s", endpoint) from None
-    except httpx.HTTPError as exc:
-        raise MedsegError(f"cannot reach the model server ({type(exc).__name__}: {exc})", endpoint) from None
-    if response.status_code >= 400:
-        raise MedsegError(f"model server answered {response.status_code}: {_error_text(response)}", endpoint)
+    response = _request("GET", endpoint, timeout)
     try:
         return ModelInfo.from_metadata(response.json())
     except (ValueError, TypeError, AttributeError) as exc:
@@ -208,17 +199,24 @@ def infer_image(url: str, model_name: str, picture: Path | bytes, timeout: float
     return _post(f"{url.rstrip('/')}/v2/models/{model_name}/infer", json.dumps(body).encode(), headers, timeout)
 
 
-def _post(endpoint: str, body: bytes, headers: dict[str, str], timeout: float) -> dict[str, Any]:
+def _request(method: str, endpoint: str, timeout: float, **kwargs: Any) -> Any:
+    """One HTTP call to the model server; a timeout, an unreachable server or a 4xx/5xx answer is a MedsegError
+    naming the endpoint (and the server's own message)."""
     import httpx
 
     try:
-        response = httpx.post(endpoint, content=body, headers=headers, timeout=timeout)
+        response = httpx.request(method, endpoint, timeout=timeout, **kwargs)
     except httpx.TimeoutException:
         raise MedsegError(f"no answer within {timeout:.0f} s", endpoint) from None
     except httpx.HTTPError as exc:
         raise MedsegError(f"cannot reach the model server ({type(exc).__name__}: {exc})", endpoint) from None
     if response.status_code >= 400:
         raise MedsegError(f"model server answered {response.status_code}: {_error_text(response)}", endpoint)
+    return response
+
+
+def _post(endpoint: str, body: bytes, headers: dict[str, str], timeout: float) -> dict[str, Any]:
+    response = _request("POST", endpoint, timeout, content=body, headers=headers)
     try:
         return parse_response(response.json())
     except (ValueError, KeyError, TypeError, IndexError) as exc:

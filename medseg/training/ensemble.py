@@ -37,8 +37,8 @@ import torch
 import medseg
 from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.inference.package import network_patch_size
-from medseg.inference.package import COMBINE, OUTPUTS, EnsembleNetwork, combine_rule, is_ensemble, load_member_states, load_network, member_weights, network_output
+from medseg.inference.package import (COMBINE, OUTPUTS, EnsembleNetwork, combine_rule, is_ensemble, load_member_states, load_network, member_weights,  # noqa: F401  (re-exported)
+                                     network_output, network_patch_size)
 
 
 
