@@ -77,15 +77,20 @@ def paired_bootstrap(diffs: np.ndarray, n_bootstrap: int = 2000, alpha: float = 
     if not np.all(np.isfinite(d)):
         raise ValueError("diffs must be finite")
     _check_bootstrap(n_bootstrap, alpha)
-    n, b = d.size, int(n_bootstrap)
-    rng = np.random.default_rng(int(seed))
-    means = np.empty(b, dtype=np.float64)
-    for start in range(0, b, _BLOCK):
-        stop = min(start + _BLOCK, b)
-        idx = rng.integers(0, n, size=(stop - start, n))
+    means = np.empty(int(n_bootstrap), dtype=np.float64)
+    for start, stop, idx in _resamples(d.size, int(n_bootstrap), seed):
         means[start:stop] = d[idx].mean(axis=1)
     lower, upper = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(d.mean()), float(lower), float(upper)
+
+
+def _resamples(n: int, total: int, seed: int):
+    """``total`` draws of ``n`` indices with replacement (seeded), ``_BLOCK`` draws at a time: ``(start, stop, idx)``
+    with ``idx`` of shape (stop - start, n), so memory stays bounded whatever ``total``."""
+    rng = np.random.default_rng(int(seed))
+    for start in range(0, total, _BLOCK):
+        stop = min(start + _BLOCK, total)
+        yield start, stop, rng.integers(0, n, size=(stop - start, n))
 
 
 def _check_bootstrap(n_bootstrap: int, alpha: float) -> None:
@@ -163,11 +168,8 @@ def paired_bootstrap_auc(true: Sequence[int], challenger_probs: np.ndarray, cham
     ones = np.ones((1, t.size))
     auc_a, auc_b = float(_weighted_macro_auc(ka, ones)[0]), float(_weighted_macro_auc(kb, ones)[0])
     n, total = t.size, int(n_bootstrap)
-    rng = np.random.default_rng(int(seed))
     diffs = np.empty(total, dtype=np.float64)
-    for start in range(0, total, _BLOCK):
-        stop = min(start + _BLOCK, total)
-        idx = rng.integers(0, n, size=(stop - start, n))
+    for start, stop, idx in _resamples(n, total, seed):
         rows = np.arange(stop - start)[:, None] * n
         weights = np.bincount((idx + rows).ravel(), minlength=(stop - start) * n).reshape(stop - start, n).astype(np.float64)
         diffs[start:stop] = _weighted_macro_auc(ka, weights) - _weighted_macro_auc(kb, weights)
