@@ -115,6 +115,32 @@ def test_lr_schedules_per_epoch() -> None:
     assert sched.state_dict()["lr_lambdas"] == [None]  # the schedule follows the config, not the checkpoint
 
 
+def test_time_budget_schedule_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg.training import trainer as trainer_module
+
+    now = [100.0]
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: now[0])
+    cfg = TrainConfig(epochs=1000, learning_rate=0.01, optimizer="sgd", time_budget_minutes=1.0)
+    opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))])
+    sched = build_scheduler(cfg, opt)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    for spent_s in (15.0, 30.0, 60.0, 90.0):  # a quarter, half, all and more of the 60 s budget
+        now[0] = 100.0 + spent_s
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - min(spent_s / 60.0, 1.0)) ** 0.9)
+    with pytest.raises(MedsegError, match="time_budget_minutes"):
+        TrainConfig(time_budget_minutes=-1)
+
+
+def test_time_budget_stops_after_the_last_epoch_that_fits(mini: Path, tmp_path: Path) -> None:
+    # a 6 ms budget: the first epoch overruns it, so the run stops after it with a model package, far from 50 epochs
+    cfg = TrainConfig(**{**MINI, "epochs": 50}, time_budget_minutes=0.0001)
+    result = train(mini, tmp_path, cfg, progress=False)
+    assert result.epochs_run == 1 and _ckpt(tmp_path)["epoch"] == 0
+    assert (tmp_path / "model").is_dir()
+
+
 def test_optimizers_are_configured_as_named() -> None:
     params = [torch.nn.Parameter(torch.zeros(2))]
     sgd = build_optimizer(TrainConfig(optimizer="sgd", learning_rate=0.01, weight_decay=3e-5), params)

@@ -54,6 +54,7 @@ class TrainConfig:
     channels_last: bool = True  # channels_last_3d memory layout, CUDA only
     compile: bool = False  # torch.compile the network (slow first steps; pays off on long GPU runs)
     num_threads: int = 0  # CPU threads per process; 0: the cores this process may use / processes per node
+    time_budget_minutes: float = 0.0  # > 0: train for this wall-clock budget: stop after the last epoch that fits, the lr schedule runs over the budget (epochs is then an upper bound)
     cascade_from: str = ""  # a 3d_lowres model package (or its training folder): train this stage as a cascade's full-resolution stage (medseg.training.cascade)
 
     def __post_init__(self) -> None:
@@ -63,6 +64,8 @@ class TrainConfig:
         for name in ("loss_options", "network_options"):
             if not isinstance(getattr(self, name), dict):
                 raise MedsegError(f"{name} must be a mapping of option names to values, got {getattr(self, name)!r}")
+        if self.time_budget_minutes < 0:
+            raise MedsegError(f"time_budget_minutes must be >= 0 (0: no budget), got {self.time_budget_minutes}")
         if self.epochs < 1 or self.iterations_per_epoch < 1:
             raise MedsegError(f"epochs and iterations_per_epoch must be >= 1, got {self.epochs} and {self.iterations_per_epoch}")
 

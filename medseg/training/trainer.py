@@ -140,7 +140,12 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
 
     poly: (1 − epoch/epochs)^0.9 (nnU-Net); cosine: ½(1 + cos(π·epoch/epochs)); constant: 1.
     """
-    t = min(max(epoch, 0), epochs) / epochs
+    return lr_factor_at(schedule, min(max(epoch, 0), epochs) / epochs)
+
+
+def lr_factor_at(schedule: str, t: float) -> float:
+    """Multiplier of the initial learning rate at training progress ``t`` in [0, 1] (epochs or budget spent)."""
+    t = min(max(t, 0.0), 1.0)
     if schedule == "poly":
         return (1.0 - t) ** 0.9
     if schedule == "cosine":
@@ -151,10 +156,14 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-epoch :func:`lr_factor` schedule (stepped once at the end of each epoch)."""
+    """A per-epoch :func:`lr_factor` schedule (stepped once at the end of each epoch); with a time budget
+    (``cfg.time_budget_minutes``) the progress is the share of the budget spent when the step is taken."""
     schedule, epochs = cfg.lr_schedule, cfg.epochs
+    budget_s, started = cfg.time_budget_minutes * 60.0, time.monotonic()
 
     def factor(epoch: int) -> float:  # a plain function: LambdaLR keeps it out of its state_dict
+        if budget_s > 0:
+            return lr_factor_at(schedule, (time.monotonic() - started) / budget_s)
         return lr_factor(schedule, epoch, epochs)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -332,6 +341,7 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
 
     step_times: list[float] = []
     stopped_by_main = False
+    loop_started, budget_s = time.monotonic(), cfg.time_budget_minutes * 60.0
     for epoch in range(start_epoch, cfg.epochs):
         metrics = _run_epoch(engine, cfg, epoch, train_cases, val_cases, plans, config, batch_size, ctx, progress, step_times, task)
         history.append({"epoch": epoch, **metrics})
@@ -339,12 +349,12 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
             best, best_epoch = metrics[metric], epoch
             best_state = {k: v.detach().cpu().clone() for k, v in engine.network.state_dict().items()} if ctx.is_main else {}
         if progress and task.output == "classes":
-            log.info("epoch %d/%d: loss %.4f  val accuracy %.3f  balanced accuracy %.3f  val loss %.4f  best %.3f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)",
-                     epoch + 1, cfg.epochs, metrics["train_loss"], metrics["val_accuracy"], metrics["val_balanced_accuracy"], metrics["val_loss"], best, best_epoch + 1,
+            log.info("epoch %d/%s: loss %.4f  val accuracy %.3f  balanced accuracy %.3f  val loss %.4f  best %.3f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)",
+                     epoch + 1, _of_total(cfg, loop_started), metrics["train_loss"], metrics["val_accuracy"], metrics["val_balanced_accuracy"], metrics["val_loss"], best, best_epoch + 1,
                      metrics["lr"], metrics["epoch_seconds"], 100 * metrics["data_wait_share"])
         elif progress:
             val_text = " ".join(f"{k[len('val_dice_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith("val_dice_") and k != "val_dice_mean")
-            log.info("epoch %d/%d: loss %.4f  val dice %.4f (%s)  best %.4f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)", epoch + 1, cfg.epochs,
+            log.info("epoch %d/%s: loss %.4f  val dice %.4f (%s)  best %.4f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)", epoch + 1, _of_total(cfg, loop_started),
                      metrics["train_loss"], metrics["val_dice_mean"], val_text, best, best_epoch + 1, metrics["lr"], metrics["epoch_seconds"], 100 * metrics["data_wait_share"])
         rng_states = ddp.all_gather_object(rng_state(device), ctx)
         if ctx.is_main:
@@ -365,6 +375,10 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
                 raise stop
             stopped_by_main = True
             break
+        if budget_s > 0 and _budget_spent(loop_started, budget_s, epoch + 1 - start_epoch, ctx):
+            if progress:
+                log.info("time budget of %.1f min: stopping after epoch %d (the next would not fit)", cfg.time_budget_minutes, epoch + 1)
+            break
 
     final_state = engine.network.state_dict()
     digests = ddp.check_in_sync(final_state, ctx) if not stopped_by_main else [ddp.state_digest(final_state)]
@@ -375,7 +389,7 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
         score = {"best_val_dice": result.best_val_dice} if task.output != "classes" else {"best_val_balanced_accuracy": result.best_val_dice}
         training = {"config": dataclasses.asdict(cfg), **score, "val_metric": metric, "best_epoch": best_epoch, "epochs_run": result.epochs_run,
                     "seconds_per_step": result.seconds_per_step, "device": str(device), "world_size": ctx.world_size,
-                    "precision": str(engine.amp_dtype or torch.float32).replace("torch.", "")}
+                    "precision": str(engine.amp_dtype or torch.float32).replace("torch.", ""), "history": history}
         post = {} if task.output == "classes" else choose_postprocessing(engine.network, best_state, val_cases, plans, patch, list(config.spacing),
                                                                          cfg.val_overlap, device, task.regions or None, task.task)
         if post and progress:
@@ -384,6 +398,20 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
         result.model_dir = save_model_package(out_dir / "model", best_state, preprocessed_dir, cfg.configuration, training, postprocessing=post, network=topology,
                                               previous_stage=previous[0] if previous else None, previous_stage_dir=previous[1] if previous else None)
     return result
+
+
+def _of_total(cfg: TrainConfig, started: float) -> str:
+    """How a log line names the end of the run: the epoch count, or the time budget and how much of it is spent."""
+    if cfg.time_budget_minutes > 0:
+        return f"budget ({(time.monotonic() - started) / 60:.1f} of {cfg.time_budget_minutes:g} min)"
+    return str(cfg.epochs)
+
+
+def _budget_spent(started: float, budget_s: float, epochs_done: int, ctx: ddp.DistContext) -> bool:
+    """Whether another epoch of the mean length so far would overrun the time budget; rank 0 decides for every rank
+    (their clocks differ)."""
+    elapsed = time.monotonic() - started
+    return bool(ddp.broadcast_object(elapsed + elapsed / max(epochs_done, 1) > budget_s, ctx))
 
 
 def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[Any], val_cases: list[Any], plans: schemas.Plans,
