@@ -752,14 +752,14 @@ def show_model(name: str, tracking_uri: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Sub-commands of ``medseg registry``: list, show, promote, rollback."""
+    """Sub-commands of ``medseg registry``: list, show, promote, rollback, rebuild (:mod:`medseg.registry.rebuild`)."""
     from medseg.tracking import default_tracking_uri
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--tracking-uri", default=None, metavar="URI",
                         help=f"MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI or {default_tracking_uri()})")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
-    sub = parser.add_subparsers(dest="registry_command", required=True, metavar="{list,show,promote,rollback}")
+    sub = parser.add_subparsers(dest="registry_command", required=True, metavar="{list,show,promote,rollback,rebuild}")
     sub.add_parser("list", parents=[common], help="registered models with their aliases")
     p = sub.add_parser("show", parents=[common], help="a registered model's versions, aliases and tags")
     p.add_argument("name")
@@ -781,6 +781,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed: same inputs and seed, same decision (default 0)")
     p = sub.add_parser("rollback", parents=[common], help="swap champion and previous-champion")
     p.add_argument("name")
+    from medseg.registry.rebuild import add_rebuild_parser
+
+    add_rebuild_parser(sub, common)
 
 
 def gate_settings(params_path: Path | None, margin: float | None = None, gate_metric: str | None = None) -> tuple[float, str]:
@@ -816,6 +819,10 @@ def run(args: argparse.Namespace) -> int:
                          alpha=args.alpha, n_bootstrap=args.n_bootstrap, seed=args.seed)
     elif cmd == "rollback":
         result = rollback(args.name, uri)
+    elif cmd == "rebuild":  # prints its own comparison; exit 1 when not reproduced
+        from medseg.registry.rebuild import run_rebuild
+
+        return run_rebuild(args, uri)
     else:  # pragma: no cover - argparse restricts the choices
         raise MedsegError(f"unknown registry command {cmd!r}")
     if getattr(args, "json", False):
