@@ -13,8 +13,10 @@ Files and their producers::
     plans.json        preprocess  target spacing, normalisation, configurations (patch, batch, network)
     <case>.json       preprocess  per preprocessed case: what is needed to invert the preprocessing
     best_params.json  tune        the chosen hyperparameters and the study they came from
-    model_package.json train      what the model folder holds and where it came from
+    model_package.json train      what the model folder holds and where it came from (with the per-epoch history)
+    training_curves.png train     loss and validation metrics per epoch, beside the weights (and in the training run)
     metrics.json      evaluate    per label and per region metrics, per case and aggregated
+    model_card.md     register    the registered version's model card (model_card.json: what it is rendered from)
 
 Array axes: every volume is kept in nibabel's voxel order (I, J, K) as stored in the NIfTI file, with
 channels first for images (C, I, J, K); spacings are in millimetres in the same order.
@@ -41,6 +43,10 @@ PLANS_JSON = "plans.json"
 BEST_PARAMS_JSON = "best_params.json"
 MODEL_PACKAGE_JSON = "model_package.json"
 WEIGHTS_FILE = "weights.pt"
+TRAINING_CURVES_PNG = "training_curves.png"  # loss and validation metrics per epoch (model package, training run, report)
+MODEL_CARD_MD = "model_card.md"  # a registered version's model card, in its run
+MODEL_CARD_JSON = "model_card.json"  # what the card is rendered from (re-rendered with the gate decision at promotion)
+SYNTH_MARKER_JSON = "medseg_synth.json"  # written by `medseg synth` beside the cases it makes: the data are synthetic
 METRICS_JSON = "metrics.json"
 PER_CASE_CSV = "per_case.csv"
 PER_CASE_JSON = "per_case.json"  # the per-case metrics as logged with a registered version
@@ -155,6 +161,8 @@ class DatasetJson(Artifact):
     covariates: list[str] = field(default_factory=list)
     primary_metric: str = ""
     lesionwise: str = ""
+    # made by ``medseg synth`` (its marker file found by ingest): generator, layout, cases, seed, ...; empty: not known to be
+    synthetic: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, folder_or_file: str | Path) -> DatasetJson:
@@ -392,4 +400,31 @@ class Metrics(Artifact):
     hd95_convention: str = "max of the two directed 95th percentile surface distances, in mm"
     empty_handling: str = "both empty: Dice/IoU 1, HD95/ASSD 0; one empty: Dice/IoU 0, HD95/ASSD = penalty"
     hd95_penalty_mm: float = 373.13
+    schema_version: int = SCHEMA_VERSION
+
+
+# --------------------------------------------------------------------------- register / promote
+@dataclass
+class ModelCard(Artifact):
+    """``model_card.json``: what a registered version's model card (``model_card.md``) is rendered from.
+
+    Written at registration (:func:`medseg.registry.model_card.build_card`) into the version's run, read back and
+    completed with the gate decision at promotion. ``metrics``: per group (a region, label or class; ``all``) and
+    metric ``{group, metric, mean, lower, upper, n_cases, higher_is_better}``, the bootstrap CI of the mean over the
+    test cases. ``gate``: empty until promotion decides.
+    """
+
+    FILENAME: ClassVar[str] = MODEL_CARD_JSON
+    model_name: str
+    version: str
+    task: dict[str, Any]  # kind, channels, groups or classes, labels, primary metric, endpoint inputs and outputs, network
+    training: dict[str, Any]  # network, loss, configuration, epochs, best epoch and its validation score
+    data: dict[str, Any]  # training cases, spacing, per-channel intensity statistics (the fingerprint), synthetic origin
+    metrics: list[dict[str, Any]]
+    evaluation: dict[str, Any]  # n_cases, test_set_hash, confidence level, n_bootstrap, seed
+    thresholds: dict[str, float] = field(default_factory=dict)
+    threshold_passed: bool = False
+    threshold_reason: str = ""
+    gate: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION

@@ -36,6 +36,10 @@ while the background stays exactly 0, as in skull-stripped BraTS data.
 
 Determinism: case ``i`` draws from ``numpy.random.default_rng([seed, i])`` only, and gzip is written
 with ``mtime=0`` and no file name, so the same seed, shape and anatomy give byte-identical files.
+
+Every layout also leaves ``medseg_synth.json`` in ``DIR`` (:func:`write_marker`: generator, layout, cases, seed,
+shape): ingest copies it into ``dataset.json`` ``synthetic``, so a model trained on these cases says so in its model
+card.
 """
 
 from __future__ import annotations
@@ -55,8 +59,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+import medseg
 from medseg.errors import MedsegError
-from medseg.io import atomic_dir, make_nifti, write_bytes
+from medseg.io import atomic_dir, make_nifti, write_bytes, write_json
+from medseg.schemas import SYNTH_MARKER_JSON
 from medseg.task import BRATS2023
 
 BRATS_CHANNELS, BRATS_LABELS = BRATS2023.channels, BRATS2023.labels
@@ -615,7 +621,15 @@ def generate_dataset(
         case_id = case_id_for(i)
         write_case(out, case_id, generate_case(case_id, shape, [int(seed), i], anatomy=kind))  # type: ignore[arg-type]
         ids.append(case_id)
+    write_marker(out, "brats2023", len(ids), seed, shape=list(shape), anatomy=kind)
     return ids
+
+
+def write_marker(out: str | Path, layout: str, n_cases: int, seed: int, **details: Any) -> Path:
+    """Write ``medseg_synth.json`` into ``out``: these cases are synthetic, made by ``medseg synth`` (``layout``,
+    ``n_cases``, ``seed`` and ``details`` such as the shape and anatomy). Ingest records it in ``dataset.json``."""
+    return write_json(Path(out) / SYNTH_MARKER_JSON, {"generator": "medseg synth", "medseg_version": medseg.__version__, "layout": layout,
+                                                      "cases": int(n_cases), "seed": int(seed), **details})
 
 
 # --------------------------------------------------------------------------- CLI hooks

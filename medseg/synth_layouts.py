@@ -876,4 +876,6 @@ def generate_layout(
     ``n_test`` for msd, ``cavity_fraction`` for brats2024).
     """
     _check_layout(layout)
-    return LAYOUTS[layout](Path(out), n_cases, seed, shape=shape, progress=progress, **options)
+    ids = LAYOUTS[layout](Path(out), n_cases, seed, shape=shape, progress=progress, **options)
+    synth.write_marker(out, layout, len(ids), seed, shape=list(shape or default_shape(layout)), **options)
+    return ids

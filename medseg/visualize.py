@@ -1,8 +1,9 @@
-"""Pictures a person would rather look at than read: segmentation overlays.
+"""Pictures a person would rather look at than read: segmentation overlays and training curves.
 
 :func:`overlay_png` draws one case from whole volumes; :func:`case_slices` keeps just the three
 orthogonal slices of a case that :func:`slices_overlay_png` draws later (the evaluation report keeps
-them for every case and draws the best, median and worst once all are scored).
+them for every case and draws the best, median and worst once all are scored). :func:`training_curves_png`
+draws a training run's per-epoch history (the model package's ``training_curves.png``).
 
 Views assume the canonical RAS+ voxel order medseg writes (I → right, J → anterior, K → superior):
 axial = a K slice, coronal = a J slice, sagittal = an I slice, each shown with anterior / superior up.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import io
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,6 +208,97 @@ def slices_overlay_png(slices: CaseSlices, title: str = "", label_names: dict[in
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- training curves
+#: History keys that are not validation scores (time, and the validation loss, which goes with the training loss).
+_NOT_A_SCORE = ("val_seconds", "val_loss")
+#: Loss keys of a history, drawn in the left panel.
+LOSS_KEYS = ("train_loss", "val_loss")
+
+
+def _series(history: Sequence[Mapping[str, float]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs counted from 1, values) of ``key`` over a history; absent or non-finite values left out."""
+    pairs = [(int(e.get("epoch", i)) + 1, float(e[key])) for i, e in enumerate(history)
+             if isinstance(e.get(key), (int, float)) and np.isfinite(float(e[key]))]
+    return np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.float64)
+
+
+def validation_keys(history: Sequence[Mapping[str, float]]) -> list[str]:
+    """The validation scores a history holds (``val_*`` but its loss and time), in order of first appearance."""
+    seen: dict[str, None] = {}
+    for entry in history:
+        for key in entry:
+            if key.startswith("val_") and key not in _NOT_A_SCORE:
+                seen.setdefault(key, None)
+    return list(seen)
+
+
+def training_curves_png(histories: Mapping[str, Sequence[Mapping[str, float]]], metric: str = "", best_epochs: Mapping[str, int] | None = None,
+                        title: str = "") -> bytes:
+    """PNG bytes: loss (left) and validation scores (right) per epoch, for one training run or several (folds).
+
+    Args:
+        histories: run label (``""`` for a single run, e.g. ``"fold 0"`` for folds) → its per-epoch history, each
+            entry ``{"epoch": 0-based, "train_loss", "val_<score>"..., "epoch_seconds"?}`` as training records it.
+            The x axis is the epoch counted from 1.
+        metric: the validation score that picks the best epoch (drawn bold); several runs show only it.
+        best_epochs: run label → its best epoch (0-based), marked with a dashed line (single run) or a dot.
+        title: the figure's title; the total wall-clock time is added when the history records ``epoch_seconds``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global state
+    from matplotlib.figure import Figure
+
+    runs = {label: list(h) for label, h in histories.items() if h}
+    single = len(runs) == 1
+    fig = Figure(figsize=(10.0, 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_val = fig.subplots(1, 2)
+    colours = ["#2f5bd3", "#c0392b", "#2e8b57", "#d4a017", "#7d3c98", "#16a085", "#7f8c8d", "#e67e22"]
+    has_val = False
+    for r, (label, history) in enumerate(runs.items()):
+        prefix = f"{label} " if label else ""
+        for k, key in enumerate(LOSS_KEYS):
+            x, y = _series(history, key)
+            if x.size:
+                ax_loss.plot(x, y, color=colours[r % len(colours)] if not single else colours[k], linestyle="-" if key == "train_loss" else "--",
+                             marker="." if x.size < 30 else None, label=f"{prefix}{key.replace('_', ' ')}")
+        keys = validation_keys(history)
+        ordered = ([metric] if metric in keys else []) + [k for k in keys if k != metric]
+        for k, key in enumerate(ordered if single else ordered[:1]):  # folds: one line each, or the plot is unreadable
+            x, y = _series(history, key)
+            if not x.size:
+                continue
+            has_val = True
+            bold = key == metric
+            ax_val.plot(x, y, color=colours[(r if not single else k) % len(colours)], linewidth=2.2 if bold else 1.1, marker="." if x.size < 30 else None,
+                        label=f"{prefix}{key[len('val_'):].replace('_', ' ')}")
+            best = (best_epochs or {}).get(label)
+            if bold and best is not None and best >= 0:
+                if single:
+                    ax_val.axvline(best + 1, color="0.5", linestyle=":", linewidth=1.0, label=f"best epoch {best + 1}")
+                else:
+                    hit = y[x == best + 1]
+                    if hit.size:
+                        ax_val.plot([best + 1], [hit[0]], "o", color=colours[r % len(colours)], markersize=6)
+    ax_loss.set_title("Loss per epoch", fontsize=11)
+    ax_val.set_title("Validation per epoch" + (f" ({metric[len('val_'):].replace('_', ' ')} bold)" if metric and has_val and single else ""), fontsize=11)
+    for ax in (ax_loss, ax_val):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, frameon=False)
+    if not has_val:
+        ax_val.text(0.5, 0.5, "no validation scores recorded", ha="center", va="center", transform=ax_val.transAxes, color="0.4")
+    seconds = [float(e["epoch_seconds"]) for h in runs.values() for e in h if isinstance(e.get("epoch_seconds"), (int, float))]
+    heading = title + (f" · {sum(seconds) / 60:.1f} min of training" if seconds else "")
+    if heading:
+        fig.suptitle(heading.strip(" ·"), fontsize=11)
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +12,7 @@ import pytest
 
 from medseg import synth
 from medseg.errors import MedsegError
+from medseg.schemas import SYNTH_MARKER_JSON
 from medseg.task import BRATS2023
 BRATS_CHANNELS, BRATS_LABELS = BRATS2023.channels, BRATS2023.labels_dict()
 
@@ -37,7 +39,8 @@ def _cases(out: Path, ids: list[str]) -> list[dict[str, tuple[np.ndarray, np.nda
 def test_files_and_names(dataset: tuple[Path, list[str]]) -> None:
     out, ids = dataset
     assert ids == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000", "BraTS-GLI-00002-000"]
-    assert sorted(p.name for p in out.iterdir()) == ids  # no temp folders left behind
+    assert sorted(p.name for p in out.iterdir() if p.name != SYNTH_MARKER_JSON) == ids  # no temp folders left behind
+    assert json.loads((out / SYNTH_MARKER_JSON).read_text())["cases"] == 3  # the marker ingest records as dataset.json synthetic
     for cid in ids:
         assert sorted(p.name for p in (out / cid).iterdir()) == sorted(f"{cid}-{s}.nii.gz" for s in SUFFIXES)
 

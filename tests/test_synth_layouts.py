@@ -93,6 +93,7 @@ def test_layout_ingests_as_its_format(layout: str, written: dict[str, tuple[Path
     assert dj["channel_names"] == spec["channels"]
     assert dj["labels"] == spec["labels"]
     assert dj.get("task", "segmentation") == spec["task"]
+    assert dj["synthetic"]["generator"] == "medseg synth" and dj["synthetic"]["layout"] == layout  # the model card's "synthetic data" limit
     if layout != "dicom":  # DICOM ids are pseudonymised by default
         assert sorted(c["case_id"] for c in manifest.cases) == sorted(ids)
 

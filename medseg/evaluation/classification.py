@@ -36,7 +36,8 @@ Outputs (:func:`evaluate_classification`), in the shape of the segmentation repo
   log_loss}}``.
 * ``cases.csv``: ``case,region,metric,value`` with region ``all`` and metrics ``prob_<class>``,
   ``pred``, ``true`` (class indices), ``log_loss``.
-* ``confusion_matrix.csv``; ``roc_<class>.png`` per class; ``report.md``; ``report.html``.
+* ``confusion_matrix.csv``; ``roc_<class>.png`` per class; ``report.md``; ``report.html``; ``training_curves.png``
+  (the classifier's loss and validation scores per epoch, when given).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import numpy as np
 
 from medseg import io
 from medseg.errors import MedsegError
-from medseg.schemas import CASES_CSV, CONFUSION_CSV, METRICS_JSON, REPORT_HTML, REPORT_MD, DatasetJson, Metrics
+from medseg.schemas import CASES_CSV, CONFUSION_CSV, METRICS_JSON, REPORT_HTML, REPORT_MD, TRAINING_CURVES_PNG, DatasetJson, Metrics
 
 __all__ = [
     "CONFUSION_CSV",
@@ -223,6 +224,7 @@ def evaluate_classification(
     cases: Iterable[tuple[str, Sequence[float] | Mapping[str, float], str | int]],
     dataset_json: DatasetJson,
     out_dir: str | Path,
+    training_curves: bytes | None = None,
 ) -> Metrics:
     """Score classification cases and write the report files (see the module docstring).
 
@@ -231,6 +233,7 @@ def evaluate_classification(
             order or a mapping class name → score; ``true_class`` a class name or index.
         dataset_json: ``task: "classification"`` and ``labels`` = class name → index.
         out_dir: report folder.
+        training_curves: the classifier's training curves (PNG bytes), written and shown in ``report.html``.
 
     Returns:
         The :class:`~medseg.schemas.Metrics` written to ``metrics.json``.
@@ -280,7 +283,7 @@ def evaluate_classification(
         hd95_convention="not applicable (classification)",
         empty_handling="ROC-AUC left out for a class without positive or negative cases; zero denominators give 0.0",
     )
-    write_classification_report(metrics, classes, true, scores_arr, out_dir, title=dataset_json.name)
+    write_classification_report(metrics, classes, true, scores_arr, out_dir, title=dataset_json.name, training_curves=training_curves)
     return metrics
 
 
@@ -338,7 +341,7 @@ def _confusion_csv(cm: np.ndarray, classes: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def _markdown(metrics: Metrics, classes: Sequence[str], cm: np.ndarray, title: str, roc_files: Sequence[str]) -> str:
+def _markdown(metrics: Metrics, classes: Sequence[str], cm: np.ndarray, title: str, roc_files: Sequence[str], with_curves: bool = False) -> str:
     overall = metrics.mean[ALL]
     auc_macro = f"{overall['auc_macro']:.3f}" if "auc_macro" in overall else "undefined"
     log_loss = f", log-loss {overall['log_loss']:.3f} (lower is better)" if "log_loss" in overall else ""
@@ -360,11 +363,13 @@ def _markdown(metrics: Metrics, classes: Sequence[str], cm: np.ndarray, title: s
         lines.append(f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |")
     lines.append("")
     lines += [f"![ROC {c}]({f})" for c, f in zip(classes, roc_files)]
+    if with_curves:
+        lines += ["", "## Training", "", f"![Loss and validation per epoch]({TRAINING_CURVES_PNG})"]
     return "\n".join(lines) + "\n"
 
 
-def _html(metrics: Metrics, classes: Sequence[str], cm: np.ndarray, title: str, rocs: Sequence[bytes]) -> str:
-    from medseg.evaluation.report_html import html_page, png_data_uri
+def _html(metrics: Metrics, classes: Sequence[str], cm: np.ndarray, title: str, rocs: Sequence[bytes], training_curves: bytes | None = None) -> str:
+    from medseg.evaluation.report_html import html_page, png_data_uri, training_curves_section
 
     overall = metrics.mean[ALL]
     summary = "".join(
@@ -391,14 +396,18 @@ def _html(metrics: Metrics, classes: Sequence[str], cm: np.ndarray, title: str, 
         "<h2>ROC curves</h2>",
         "".join(f'<img alt="ROC {html.escape(c)}" src="{png_data_uri(png)}" style="margin:0 12px 12px 0">' for c, png in zip(classes, rocs)),
     ]
+    if training_curves is not None:
+        body.append(training_curves_section(training_curves))
     return html_page(f"Classification report{': ' + title if title else ''}", f"{metrics.n_cases} case(s) · classes: {', '.join(classes)}", body)
 
 
 def write_classification_report(
-    metrics: Metrics, classes: Sequence[str], true: Sequence[int], scores: np.ndarray, out_dir: str | Path, title: str = ""
+    metrics: Metrics, classes: Sequence[str], true: Sequence[int], scores: np.ndarray, out_dir: str | Path, title: str = "",
+    training_curves: bytes | None = None,
 ) -> Path:
     """Write ``roc_<class>.png``, ``confusion_matrix.csv``, ``cases.csv``, ``report.md``,
-    ``report.html`` and (last) ``metrics.json`` to ``out_dir``; returns ``out_dir``."""
+    ``report.html`` (and ``training_curves.png`` when ``training_curves`` are given) and (last) ``metrics.json``
+    to ``out_dir``; returns ``out_dir``."""
     out_dir = Path(out_dir)
     t = np.asarray(true)
     cm = confusion_matrix(t, np.argmax(scores, axis=1), len(classes))
@@ -411,7 +420,9 @@ def write_classification_report(
         files.append(fname)
     io.write_text(out_dir / CONFUSION_CSV, _confusion_csv(cm, classes))
     io.write_text(out_dir / CASES_CSV, _cases_csv(metrics))
-    io.write_text(out_dir / REPORT_MD, _markdown(metrics, classes, cm, title, files))
-    io.write_text(out_dir / REPORT_HTML, _html(metrics, classes, cm, title, rocs))
+    if training_curves is not None:
+        io.write_bytes(out_dir / TRAINING_CURVES_PNG, training_curves)
+    io.write_text(out_dir / REPORT_MD, _markdown(metrics, classes, cm, title, files, training_curves is not None))
+    io.write_text(out_dir / REPORT_HTML, _html(metrics, classes, cm, title, rocs, training_curves))
     metrics.save(out_dir / METRICS_JSON)
     return out_dir

@@ -8,6 +8,7 @@ report is complete)::
     cases.csv          the same numbers in long form: case,region,metric,value (one row per number)
     report.md          mean table (regions, then labels) and a per-case Dice table for the regions
     report.html        the same and more in one self-contained page (see medseg.evaluation.report_html)
+    training_curves.png  the evaluated model's loss and validation scores per epoch (when its package has them)
     metrics.json       schemas.Metrics: n_cases, mean (with Dice/HD95 medians), per_case
 
 Metric names per label/region (``cases.csv``'s ``metric`` column, the keys in ``metrics.json``):
@@ -66,7 +67,7 @@ __all__ = [
     "run",
 ]
 
-from medseg.schemas import CASES_CSV, DICE_BOXPLOT_PNG, REPORT_HTML, REPORT_MD  # noqa: E402  (file names live in schemas)
+from medseg.schemas import CASES_CSV, DICE_BOXPLOT_PNG, REPORT_HTML, REPORT_MD, TRAINING_CURVES_PNG  # noqa: E402  (file names live in schemas)
 #: Largest difference (mm) tolerated between the prediction's and the label's affine entries: NIfTI
 #: stores the affine as float32, so a prediction written by another tool may differ in the last bits.
 AFFINE_ATOL_MM = 1e-3
@@ -88,6 +89,7 @@ def evaluate_arrays(
     lesionwise: str | None = None,
     panoptic: PanopticSetting | str | None = "default",
     keep_slices: bool = True,
+    training_curves: bytes | None = None,
 ) -> Metrics:
     """Evaluate in-memory cases and write the report files to ``out_dir``.
 
@@ -109,6 +111,8 @@ def evaluate_arrays(
             ``"brats2025"``), or None for no instance-wise numbers.
         keep_slices: keep three slices of every case for the HTML report's best / median / worst
             overlays (:func:`medseg.visualize.case_slices`).
+        training_curves: the evaluated model's training curves (PNG bytes): written as
+            ``training_curves.png`` and shown in ``report.html``; None: no such section.
 
     Returns:
         The :class:`~medseg.schemas.Metrics` written to ``metrics.json``.
@@ -154,7 +158,7 @@ def evaluate_arrays(
         notes.append(f"Instance matching: {getattr(panoptic, 'name', panoptic)!s} (medseg.evaluation.panoptic).")
     write_report(
         metrics, out_dir, regions=list(dataset_json.regions), title=dataset_json.name, snapshots=snapshots,
-        label_names={int(v): k for k, v in dataset_json.labels.items() if int(v) != 0}, notes=notes,
+        label_names={int(v): k for k, v in dataset_json.labels.items() if int(v) != 0}, notes=notes, training_curves=training_curves,
     )
     return metrics
 
@@ -284,9 +288,10 @@ def write_report(
     snapshots: Mapping[str, CaseSlices] | None = None,
     label_names: Mapping[int, str] | None = None,
     notes: Sequence[str] = (),
+    training_curves: bytes | None = None,
 ) -> Path:
     """Write ``dice_boxplot.png``, ``per_case.csv``, ``cases.csv``, ``report.md``, ``report.html``
-    and (last) ``metrics.json``.
+    (and ``training_curves.png`` when ``training_curves`` are given) and (last) ``metrics.json``.
 
     ``regions`` are the names shown in the box plots and the per-case Dice tables; when none of them
     is in ``metrics.mean`` (e.g. a dataset without regions) every label/region name is shown.
@@ -300,8 +305,10 @@ def write_report(
     io.write_bytes(out_dir / DICE_BOXPLOT_PNG, dice_boxplot_png(metrics, shown))
     io.write_text(out_dir / PER_CASE_CSV, per_case_csv(metrics))
     io.write_text(out_dir / CASES_CSV, cases_long_csv(metrics))
-    io.write_text(out_dir / REPORT_MD, report_markdown(metrics, shown, title))
-    io.write_text(out_dir / REPORT_HTML, report_html(metrics, shown, title, snapshots, label_names, notes))
+    if training_curves is not None:
+        io.write_bytes(out_dir / TRAINING_CURVES_PNG, training_curves)
+    io.write_text(out_dir / REPORT_MD, report_markdown(metrics, shown, title, training_curves is not None))
+    io.write_text(out_dir / REPORT_HTML, report_html(metrics, shown, title, snapshots, label_names, notes, training_curves))
     metrics.save(out_dir / METRICS_JSON)
     return out_dir
 
@@ -392,8 +399,9 @@ def detection_table(metrics: Metrics) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_markdown(metrics: Metrics, regions: Sequence[str], title: str = "") -> str:
-    """The whole ``report.md``: conventions, :func:`markdown_table`, box plot, per-case Dice table."""
+def report_markdown(metrics: Metrics, regions: Sequence[str], title: str = "", with_curves: bool = False) -> str:
+    """The whole ``report.md``: conventions, :func:`markdown_table`, box plot, per-case Dice table (and, ``with_curves``,
+    the training curves picture beside it)."""
     header = f"# Evaluation report{f': {title}' if title else ''}\n"
     intro = (
         f"\n{metrics.n_cases} case(s). Means over cases; medians after the slash.\n"
@@ -415,6 +423,7 @@ def report_markdown(metrics: Metrics, regions: Sequence[str], title: str = "") -
         + "\n## Dice per case\n\n"
         + "\n".join(per_case)
         + "\n"
+        + (f"\n## Training\n\n![Loss and validation per epoch]({TRAINING_CURVES_PNG})\n" if with_curves else "")
     )
 
 

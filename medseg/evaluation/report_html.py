@@ -13,7 +13,8 @@ script. The page holds:
 * axial, coronal and sagittal overlays (reference and prediction filled over the first image channel)
   of the best, median and worst case by mean Dice over the shown regions, when their slices were
   kept (:func:`medseg.visualize.case_slices`);
-* the Dice of every case.
+* the Dice of every case;
+* the model's training curves (loss and validation scores per epoch), when the evaluated model package has them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from medseg.schemas import Metrics
 from medseg.visualize import CaseSlices, slices_overlay_png
 
-__all__ = ["METRIC_LABELS", "report_html", "html_page", "metric_stats", "rank_cases", "boxplots_png", "png_data_uri"]
+__all__ = ["METRIC_LABELS", "report_html", "html_page", "metric_stats", "rank_cases", "boxplots_png", "png_data_uri", "training_curves_section"]
 
 #: Display name and number of decimals of each metric; others are shown by their own name.
 METRIC_LABELS: dict[str, tuple[str, int]] = {
@@ -105,6 +106,15 @@ def html_page(heading: str, subtitle: str, body: Sequence[str]) -> str:
 def png_data_uri(png: bytes) -> str:
     """``data:image/png;base64,...`` for ``png`` bytes."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def training_curves_section(png: bytes) -> str:
+    """The report's "Training" section: the model package's training curves picture (``training_curves.png``) inline."""
+    return ('<h2 id="training">Training</h2><p class="note">Loss and validation scores per epoch of the run that trained this model (from its '
+            "model package, also an artefact of its MLflow training run). Validation cases come from the training split, not the test cases above; "
+            "the dotted line (an ensemble: a dot per fold) marks the epoch whose weights were kept.</p>"
+            f'<figure><img alt="training curves: loss and validation scores per epoch" src="{png_data_uri(png)}">'
+            "<figcaption>x: epoch; left: training (and validation) loss; right: validation scores.</figcaption></figure>")
 
 
 def _values(metrics: Metrics, name: str, metric: str) -> np.ndarray:
@@ -263,6 +273,7 @@ def report_html(
     snapshots: Mapping[str, CaseSlices] | None = None,
     label_names: Mapping[int, str] | None = None,
     notes: Sequence[str] = (),
+    training_curves: bytes | None = None,
 ) -> str:
     """The whole ``report.html`` (see the module docstring).
 
@@ -273,6 +284,7 @@ def report_html(
         snapshots: case id → kept slices; the best, median and worst cases are drawn when present.
         label_names: label value → name, for the overlay legend.
         notes: extra sentences for the conventions paragraph (e.g. the lesion-wise setting).
+        training_curves: the model's training curves (PNG bytes), shown in a "Training" section; None: not known.
     """
     names = [n for n in names if n in metrics.mean] or list(metrics.mean)
     heading = f"Evaluation report{': ' + title if title else ''}"
@@ -310,5 +322,7 @@ def report_html(
                  "below it the median [first – third quartile]. Hover a metric for its name in metrics.json and cases.csv.</p>")
     parts.append(f'<div class="scroll">{_metrics_matrix(metrics, list(metrics.mean))}</div>')
     parts += ["<h2>Dice per case</h2>", f'<div class="scroll">{_per_case_table(metrics, names)}</div>']
+    if training_curves is not None:
+        parts.append(training_curves_section(training_curves))
     parts.append("<h2>Conventions</h2>" + "".join(f'<p class="note">{html.escape(c)}</p>' for c in conventions))
     return html_page(heading, f"{metrics.n_cases} case(s) · regions: {', '.join(names)}", parts)

@@ -29,7 +29,8 @@ from medseg.visualize import overlay_png
 def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_dir: Path | None = None, case_ids: list[str] | None = None, overlap: float = 0.5, mirror: bool = False, progress: bool = True) -> schemas.Metrics:
     """Predict ``case_ids`` (default: the held-out test split), write NIfTI predictions in the original
     geometry to ``predictions_dir`` and the metrics/report to ``out_dir`` (``report.html`` shows the
-    best, median and worst case over the first image channel)."""
+    best, median and worst case over the first image channel, and the model's training curves when its package
+    has them: :func:`training_curves`)."""
     from medseg.inference.predictor import Predictor  # torch and MONAI: only when predicting
 
     model_dir, dataset_dir, out_dir = Path(model_dir), Path(dataset_dir), Path(out_dir)
@@ -44,8 +45,9 @@ def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_
     case_ids = case_ids if case_ids is not None else schemas.Splits.load(dataset_dir).test
     if not case_ids:
         raise MedsegError("no test cases to evaluate (splits.json has an empty test list)", dataset_dir / schemas.SPLITS_JSON)
+    curves = training_curves(model_dir, predictor.package)
     if task.is_classification:
-        return add_case_keys(_evaluate_classification(predictor, dataset, dataset_dir, out_dir, case_ids, progress), dataset_dir, out_dir)
+        return add_case_keys(_evaluate_classification(predictor, dataset, dataset_dir, out_dir, case_ids, progress, curves), dataset_dir, out_dir)
     predictions_dir = Path(predictions_dir) if predictions_dir else out_dir / schemas.PREDICTIONS_DIR
     n_channels = len(dataset.channel_names)
 
@@ -63,8 +65,23 @@ def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_
             yield case_id, prediction.segmentation, ref, nifti_spacing(hdr), first_channel
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_arrays(pairs(), dataset, out_dir, total=len(case_ids), lesionwise=task.lesionwise)
+    metrics = evaluate_arrays(pairs(), dataset, out_dir, total=len(case_ids), lesionwise=task.lesionwise, training_curves=curves)
     return add_case_keys(metrics, dataset_dir, out_dir)
+
+
+def training_curves(model_dir: Path, package: schemas.ModelPackage) -> bytes | None:
+    """The model's training curves as PNG bytes: the package's ``training_curves.png``, else drawn from the history in
+    its ``model_package.json`` (packages written before the picture was); None when the package records neither."""
+    path = Path(model_dir) / schemas.TRAINING_CURVES_PNG
+    if path.is_file():
+        return path.read_bytes()
+    history = (package.training or {}).get("history")
+    if not history:
+        return None
+    from medseg.visualize import training_curves_png
+
+    best = package.training.get("best_epoch")
+    return training_curves_png({"": list(history)}, str(package.training.get("val_metric") or ""), {"": int(best)} if isinstance(best, int) else None)
 
 
 def case_keys(dataset_dir: Path) -> dict[str, str]:
@@ -87,9 +104,10 @@ def add_case_keys(metrics: schemas.Metrics, dataset_dir: Path, out_dir: Path | N
     return metrics
 
 
-def _evaluate_classification(predictor, dataset: schemas.DatasetJson, dataset_dir: Path, out_dir: Path, case_ids: list[str], progress: bool) -> schemas.Metrics:
+def _evaluate_classification(predictor, dataset: schemas.DatasetJson, dataset_dir: Path, out_dir: Path, case_ids: list[str], progress: bool,
+                             curves: bytes | None = None) -> schemas.Metrics:
     """Each case's class probabilities (with its age when the classifier takes it) against its true class
-    from manifest.json → the classification report in ``out_dir``."""
+    from manifest.json → the classification report in ``out_dir`` (with the training ``curves``, a PNG, when given)."""
     from medseg.evaluation.classification import evaluate_classification
 
     if list(predictor.classes) != [name for name, _ in sorted(dataset.labels.items(), key=lambda kv: int(kv[1]))]:
@@ -109,7 +127,7 @@ def _evaluate_classification(predictor, dataset: schemas.DatasetJson, dataset_di
             yield case_id, scores, records[case_id]["class_label"]
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    return evaluate_classification(cases(), dataset, out_dir)
+    return evaluate_classification(cases(), dataset, out_dir, training_curves=curves)
 
 
 def lesionwise_setting(dataset: schemas.DatasetJson) -> str | None:

@@ -18,6 +18,9 @@ classification, its class and covariates). Pseudonyms are renumbered whenever th
 is not: the same data ingested again gets the same keys, which is how the registry's gate pairs a challenger's
 test cases with the champion's.
 
+Synthetic data: a source made by ``medseg synth`` holds its marker ``medseg_synth.json``; its content goes into
+``dataset.json`` ``synthetic`` (:func:`synthetic_marker`), which the model package and its model card carry on.
+
 De-identification of ids: with ``pseudonymize`` (the default for layouts whose ids may name a person,
 such as DICOM) cases and patients get sequential pseudonyms and original file names are not
 recorded; the original → new mapping is written only to ``id_map``, which must lie outside the
@@ -44,8 +47,8 @@ from medseg.ingest.adapters import ADAPTERS, Adapter, SourceCase, detect_format,
 from medseg.ingest.splits import check_split_parameters, make_splits
 from medseg.ingest.adapters.base import Volume
 from medseg.ingest.validate import CaseCheck, Problem, check_case, find_duplicate_case_ids, settle_problems
-from medseg.io import atomic_dir, nifti_spacing, save_nifti, sha256_file, sha256_json, write_json
-from medseg.schemas import IMAGES_TR, IMAGES_TS, LABELS_TR, CaseRecord, DatasetJson, FileRecord, Manifest, Splits
+from medseg.io import atomic_dir, nifti_spacing, read_json, save_nifti, sha256_file, sha256_json, write_json
+from medseg.schemas import IMAGES_TR, IMAGES_TS, LABELS_TR, SYNTH_MARKER_JSON, CaseRecord, DatasetJson, FileRecord, Manifest, Splits
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +158,7 @@ def _ingest_folder(
             slice_axis=adapter.slice_axis,
             covariates=list(adapter.covariates),
             primary_metric=adapter.primary_metric,
+            synthetic=synthetic_marker(source),
             **adapter.dataset_fields(cases),
         )
         manifest = Manifest(
@@ -176,6 +180,19 @@ def _ingest_folder(
         len(records), out, len({c for c, _, _ in problems}), manifest.content_hash[:12],
     )
     return manifest
+
+
+def synthetic_marker(source: Path) -> dict[str, Any]:
+    """What ``medseg synth`` recorded in ``source`` (its ``medseg_synth.json``: generator, layout, cases, seed, ...), or
+    ``{}`` when the source holds no such marker (data not known to be synthetic). Written into ``dataset.json``
+    ``synthetic``, so every later artefact (the model package, its model card) knows the data were synthetic."""
+    path = Path(source) / SYNTH_MARKER_JSON
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise MedsegError("expected a JSON object (the synthetic-data marker of medseg synth)", path)
+    return data
 
 
 def _pseudonyms(cases: list[SourceCase]) -> dict[str, tuple[str, str]]:

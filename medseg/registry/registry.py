@@ -20,7 +20,8 @@ refusal is a recorded outcome, not an exception. Registrations, promotions and r
 registered model (tags ``promotion_log/<seq>``, ``promotion_last``) and each promotion decision as a JSON
 record ``promotion/<seq>-v<version>-<decision>.json`` in the version's run.
 
-Each version's run holds its test metrics as artifacts ``evaluation/metrics.json`` and
+Each version's run holds its model card ``model_card.md`` (written at registration, completed with the gate
+decision at promotion: :mod:`medseg.registry.model_card`) and its test metrics as artifacts ``evaluation/metrics.json`` and
 ``evaluation/per_case.json``; promotion compares the challenger's and the champion's per-case metric over
 the same test cases with the paired bootstrap gate of :mod:`medseg.registry.gate`. The ``challenger`` alias
 (at registration) and ``champion`` / ``previous-champion`` (at promotion and rollback) move only under the
@@ -48,7 +49,7 @@ from typing import Any
 from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.io import sha256_json
-from medseg.registry import gate
+from medseg.registry import gate, model_card
 from medseg.registry.lineage import LINEAGE_KEYS, UNKNOWN, build_lineage, merge_lineage
 from medseg.registry.lock import DEFAULT_TIMEOUT_S, Held, promotion_lock
 from medseg.task import CLASSIFICATION_GATES, CLASSIFICATION_REPORTED, THRESHOLD_SEPARATOR, Task, metric_spec
@@ -57,7 +58,8 @@ CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous-ch
 EVAL_DIR = "evaluation"  # the folder of the test metrics in a version's run
 PER_CASE_JSON = schemas.PER_CASE_JSON
 #: Report files logged beside metrics.json when ``report_dir`` holds them.
-REPORT_FILES = (schemas.REPORT_MD, schemas.REPORT_HTML, schemas.PER_CASE_CSV, schemas.CASES_CSV, schemas.DICE_BOXPLOT_PNG, schemas.CONFUSION_CSV)
+REPORT_FILES = (schemas.REPORT_MD, schemas.REPORT_HTML, schemas.PER_CASE_CSV, schemas.CASES_CSV, schemas.DICE_BOXPLOT_PNG, schemas.CONFUSION_CSV,
+                schemas.TRAINING_CURVES_PNG)
 #: ``thresholds`` key asking for the task's default thresholds (:meth:`~medseg.task.Task.default_thresholds`).
 AUTO = "auto"
 #: Registered-model tag: the task signature (JSON) every version of the model must have.
@@ -305,9 +307,11 @@ def register_model(
     ``evaluation/per_case.json`` (and the report files), and the lineage as tags. The version gets the
     lineage tags (:data:`LINEAGE_KEYS`), the task tags (:data:`TASK_TAGS`), ``test_set_hash``,
     ``threshold_passed`` / ``threshold_reason`` and, if every threshold holds, the alias ``challenger``. The
-    registration is logged in the promotion log (action ``register``).
+    registration is logged in the promotion log (action ``register``). The version's run also gets its model card
+    (``model_card.md``, and ``model_card.json`` it is rendered from; :mod:`medseg.registry.model_card`) and the
+    version a one-line description.
 
-    Returns ``{"name", "version", "run_id", "model_uri", "challenger", "reason", "test_set_hash"}``.
+    Returns ``{"name", "version", "run_id", "model_uri", "challenger", "reason", "test_set_hash", "model_card"}``.
 
     Raises:
         MedsegError: ``name`` holds models of another task (signature), or a threshold names an unknown metric.
@@ -329,6 +333,7 @@ def register_model(
     set_hash = hash_test_set(metrics.per_case)
     client = _client(tracking_uri)
     _check_signature(client, name, task)  # fail before logging anything
+    card = model_card.build_card(model_dir, metrics, name, resolved, passed, reason, tags, test_set_hash=set_hash)  # likewise: before logging
 
     with _tracking(tracking_uri):
         exp_id = ensure_experiment(tracking_uri, experiment)
@@ -383,8 +388,9 @@ def register_model(
                 "challenger_before": challenger_before, "challenger_after": version if passed else challenger_before,
                 "task_kind": task.kind, "test_set_hash": set_hash, "lock": lock.to_dict(),
             })
+    model_card.publish_card(client, name, version, run_id, card)
     return {"name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}", "challenger": passed, "reason": reason,
-            "test_set_hash": set_hash}
+            "test_set_hash": set_hash, "model_card": f"runs:/{run_id}/{schemas.MODEL_CARD_MD}"}
 
 
 def _registered_signature(client: Any, name: str) -> tuple[bool, dict[str, Any] | None]:
@@ -599,6 +605,9 @@ def _record(client: Any, name: str, mv: Any, lock: Held, result: dict[str, Any],
         path = f"{RECORD_DIR}/{seq:06d}-v{version}-{record['decision']}.json"
         client.log_dict(mv.run_id, record, path)
         result["record"] = f"runs:/{mv.run_id}/{path}"
+    # ... and in the version's model card (re-rendered; before the aliases move, so a server loading the new champion reads
+    # a card with this decision; a card failure is logged and never stops the decision)
+    model_card.record_gate_decision(client, name, mv, record)
     # 2. the aliases (after checking a lease is still ours)
     lock.check()
     if promoted:

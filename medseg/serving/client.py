@@ -25,6 +25,8 @@ from medseg.io import write_bytes, write_json
 
 IMAGE_INPUT = "image"
 VOLUME_INPUT = "volume"
+#: The model-level metadata parameter holding the served version's model card (Markdown; medseg's server sets it).
+MODEL_CARD_PARAMETER = "model_card"
 NUMERIC = ("FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
 #: File name extensions of a 2D picture by the format the server names.
 PICTURE_EXTENSIONS = {"png": ("png",), "tiff": ("tif", "tiff")}
@@ -53,6 +55,12 @@ class ModelInfo:
     @property
     def requires(self) -> list[str]:
         return [name for name, required in self.covariates.items() if required]
+
+    @property
+    def model_card(self) -> str:
+        """The served version's model card (Markdown text), "" when the server gives none."""
+        params = self.metadata.get("parameters")
+        return str(params.get(MODEL_CARD_PARAMETER) or "") if isinstance(params, dict) else ""
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> ModelInfo:

@@ -1,6 +1,6 @@
 """Model versions while serving: load a version beside the one serving, swap atomically, poll the alias.
 
-A :class:`ServedVersion` bundles everything one version needs (predictor, channels, drift reference). The
+A :class:`ServedVersion` bundles everything one version needs (predictor, channels, drift reference, model card). The
 model keeps one reference to the current bundle; each request reads it once when it starts and uses that
 bundle to the end, so a swap (a single attribute assignment) never mixes versions inside a request and
 in-flight requests finish on the version they started with. The old bundle is freed when its last request
@@ -29,7 +29,9 @@ from typing import Any
 from medseg.errors import MedsegError
 from medseg.inference.predictor import Predictor
 from medseg.registry.resolve import MODELS_URI_PREFIX, parse_models_uri, registered_version, resolve_model_source
+from medseg.schemas import MODEL_CARD_MD
 from medseg.serving import import_kserve
+from medseg.serving.client import MODEL_CARD_PARAMETER
 from medseg.serving.contract import Contract
 from medseg.serving.drift import DriftReference, load_drift_reference
 from medseg.serving.metrics import MODEL_INFO
@@ -51,10 +53,15 @@ class ServedVersion:
     drift: DriftReference | None
     download_root: Path | None  # a temporary folder of ours, removed when the version is retired
     contract: Contract
+    card: str = ""  # the version's model card (Markdown), "" when it has none
 
     def metadata(self, model_name: str) -> dict[str, Any]:
-        """``GET /v2/models/NAME``'s answer for this version."""
-        return self.contract.metadata(model_name, self.version)
+        """``GET /v2/models/NAME``'s answer for this version; the model card, when there is one, as the model-level
+        parameter ``model_card`` (Markdown text: the viewer shows it)."""
+        meta = self.contract.metadata(model_name, self.version)
+        if self.card:
+            meta["parameters"][MODEL_CARD_PARAMETER] = self.card
+        return meta
 
 
 def load_served_version(model_uri: str, device: str, download_dir: str | Path | None) -> ServedVersion:
@@ -69,13 +76,26 @@ def load_served_version(model_uri: str, device: str, download_dir: str | Path | 
         predictor = Predictor.from_package(package_dir, device=device)
         contract = Contract.of(predictor)
         drift = load_drift_reference(package_dir, predictor.channels)
+        card = version_card(model_uri, version, package_dir)
     except BaseException:
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
         raise
     return ServedVersion(predictor=predictor, version=version, package_dir=package_dir, channels=predictor.channels,
                          regions=predictor.region_names, target_spacing=[float(s) for s in predictor.config.spacing],
-                         drift=drift, download_root=root, contract=contract)
+                         drift=drift, download_root=root, contract=contract, card=card)
+
+
+def version_card(model_uri: str, version: str, package_dir: Path) -> str:
+    """The model card of what is served: a registered version's ``model_card.md`` from its run (written at registration and
+    promotion, :mod:`medseg.registry.model_card`), a package folder's own ``model_card.md`` if it has one, else ""."""
+    if model_uri.startswith(MODELS_URI_PREFIX):
+        from medseg.registry.model_card import registered_card_text
+
+        name, _, _ = parse_models_uri(model_uri)
+        return registered_card_text(name, version) or ""
+    local = Path(package_dir) / MODEL_CARD_MD
+    return local.read_text(encoding="utf-8") if local.is_file() else ""
 
 
 def needs_reload(model_uri: str, current: ServedVersion | None) -> bool:

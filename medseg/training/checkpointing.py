@@ -3,7 +3,8 @@
 ``checkpoint_latest.pt`` (every epoch): model, optimiser, scheduler, scaler, every rank's python/numpy/torch
 (/CUDA) RNG state, epoch, best metric and weights, history: enough to resume a killed run after its last complete
 epoch and end with the same weights as an uninterrupted one. The model package (``weights.pt`` state_dict +
-``plans.json`` + ``dataset.json`` + ``model_package.json``) is what evaluation, the registry and the server load.
+``plans.json`` + ``dataset.json`` + ``model_package.json``) is what evaluation, the registry and the server load; it
+also carries the run's per-epoch history (``model_package.json`` ``training.history``) drawn as ``training_curves.png``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import medseg
 from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.io import atomic_dir, atomic_path
+from medseg.io import atomic_dir, atomic_path, write_bytes
 from medseg.training import ddp
 from medseg.training.config import TrainConfig
 
@@ -81,6 +82,23 @@ def restore(ckpt: dict[str, Any], engine: Any, cfg: TrainConfig, ctx: ddp.DistCo
     return int(ckpt["epoch"]) + 1, float(ckpt["best"]), int(ckpt["best_epoch"]), list(ckpt["history"]), ckpt.get("best_state") or None
 
 
+def write_training_curves(model_dir: Path, training: dict[str, Any], histories: dict[str, list[dict[str, float]]] | None = None,
+                          best_epochs: dict[str, int] | None = None) -> Path:
+    """Write ``training_curves.png`` into ``model_dir``: loss and validation scores per epoch of ``training["history"]``,
+    its best epoch marked, or of ``histories`` (run label → history, with ``best_epochs``: an ensemble's folds).
+    ``training`` also gives the score that picks the best epoch (``val_metric``) and the title (network, configuration)."""
+    from medseg.visualize import training_curves_png
+
+    if histories is None:
+        histories = {"": list(training.get("history") or [])}
+        best_epochs = {"": int(training["best_epoch"])} if isinstance(training.get("best_epoch"), int) else {}
+    config = training.get("config") or {}
+    single_fold = f"fold {config['fold']}" if "fold" in config and len(histories) == 1 else None
+    title = " · ".join(str(v) for v in (config.get("network"), config.get("configuration"), single_fold) if v)
+    png = training_curves_png(histories, str(training.get("val_metric") or ""), best_epochs, title)
+    return write_bytes(Path(model_dir) / schemas.TRAINING_CURVES_PNG, png)
+
+
 def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], preprocessed_dir: Path, configuration: str, training: dict[str, Any], lineage: dict[str, str] | None = None,
                        postprocessing: dict[str, Any] | None = None, network: dict[str, Any] | None = None, previous_stage: dict[str, Any] | None = None,
                        previous_stage_dir: Path | None = None) -> Path:
@@ -95,6 +113,8 @@ def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], pre
         shutil.copy2(preprocessed_dir / schemas.DATASET_JSON, tmp / schemas.DATASET_JSON)
         if (preprocessed_dir / schemas.FINGERPRINT_JSON).is_file():  # the model server's input-drift reference
             shutil.copy2(preprocessed_dir / schemas.FINGERPRINT_JSON, tmp / schemas.FINGERPRINT_JSON)
+        if training.get("history"):  # the curves travel with the weights: evaluation and the registry find them here
+            write_training_curves(tmp, training)
         schemas.ModelPackage(
             configuration=configuration, network=dict(network or plans.configuration(configuration).network),
             medseg_version=medseg.__version__, training=training, lineage=dict(lineage or {}), postprocessing=dict(postprocessing or {}),
@@ -107,4 +127,5 @@ def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], pre
     return model_dir
 
 
-__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "load_checkpoint", "restore", "rng_state", "save_checkpoint", "save_model_package", "set_rng_state"]
+__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "load_checkpoint", "restore", "rng_state", "save_checkpoint", "save_model_package", "set_rng_state",
+           "write_training_curves"]

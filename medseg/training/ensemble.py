@@ -91,6 +91,12 @@ def save_ensemble_package(model_dir: str | Path, members: list[str | Path], trai
             shutil.copy2(first_dir / schemas.FINGERPRINT_JSON, tmp / schemas.FINGERPRINT_JSON)
         schemas.ModelPackage(configuration=first.configuration, network=first.network, medseg_version=medseg.__version__, training=info,
                              lineage=dict(lineage or first.lineage), postprocessing=dict(postprocessing or {}), weights_file=names[0]).save(tmp)
+        histories = {f"fold {f}": list(p.training.get("history") or []) for f, p in zip(folds, packages)}
+        if any(histories.values()):  # every fold's curves in one picture
+            from medseg.training.checkpointing import write_training_curves
+
+            best = {f"fold {f}": int(p.training["best_epoch"]) for f, p in zip(folds, packages) if isinstance(p.training.get("best_epoch"), int)}
+            write_training_curves(tmp, {**info, "val_metric": first.training.get("val_metric")}, histories, best)
     return Path(model_dir)
 
 

@@ -1,7 +1,8 @@
 """The tune and train stages: what the CLI, the DVC stages and the KFP components call.
 
 Both log to MLflow when a tracking URI is given: tuning as one parent run with a nested run per trial,
-training as one run with per-epoch loss, validation Dice, learning rate, seconds and data-wait share.
+training as one run with per-epoch loss, validation Dice, learning rate, seconds and data-wait share, and the
+same history drawn as the artefact ``training_curves.png`` (an ensemble's run: every fold's curves).
 ``run_train`` can start a multi-process (DDP) job; ``run_train_folds`` trains several folds and combines
 them into an ensemble package.
 """
@@ -57,6 +58,16 @@ def run_tune(preprocessed_dir: Path, out_file: Path, train_params: dict[str, Any
     best.metric = metric
     best.save(out_file)
     return best
+
+
+def log_training_curves(model_dir: Path) -> None:
+    """Log the package's ``training_curves.png`` (loss and validation per epoch) as an artefact of the active MLflow run,
+    at the run's root; nothing when the package has none."""
+    import mlflow
+
+    curves = Path(model_dir) / schemas.TRAINING_CURVES_PNG
+    if curves.is_file():
+        mlflow.log_artifact(str(curves))
 
 
 def merged_params(train_params: dict[str, Any], best_params: Path | None) -> TrainConfig:
@@ -117,6 +128,7 @@ def run_train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, tracking_
                 package.save(result.model_dir)
                 trained = package.training.get("config") or {}  # what "auto" became for this task
                 mlflow.log_params({"trained_network": trained.get("network"), "trained_loss": trained.get("loss"), "network_output": package.network.get("output", "labels")})
+                log_training_curves(result.model_dir)
     return result
 
 
@@ -260,7 +272,8 @@ def run_train_folds(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, fol
             package = schemas.ModelPackage.load(model_dir)
             package.training["mlflow_run_id"] = run.info.run_id
             package.save(model_dir)
+            log_training_curves(model_dir)
     return FoldsResult(results, model_dir, cv_dice)
 
 
-__all__ = ["SEARCH_SPACE", "FoldsResult", "merged_params", "parse_folds", "run_train", "run_train_configuration", "run_train_folds", "run_tune"]
+__all__ = ["SEARCH_SPACE", "FoldsResult", "log_training_curves", "merged_params", "parse_folds", "run_train", "run_train_configuration", "run_train_folds", "run_tune"]

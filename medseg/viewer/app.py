@@ -11,7 +11,8 @@ picture field (one PNG or TIFF slice). How the answer is shown follows the task:
 
 Routes:
 
-- ``GET /``: the page: the upload form.
+- ``GET /``: the page: the upload form, and the served version's model card (collapsed) when the model server gives one
+  (its metadata parameter ``model_card``, :mod:`medseg.registry.model_card`).
 - ``POST /segment`` (``multipart/form-data``: one file field per channel, named like the channels; or ``image``, one
   picture; and ``age``): the viewer sends the case to the model server (the V2 contract) and keeps the answer in
   memory under a random token. With ``Accept: application/json`` it answers the result summary as JSON (``task``,
@@ -334,7 +335,8 @@ def create_app(config: ViewerConfig) -> Any:
         spec = form_spec(info)
         channels = list(spec.channels) if spec else list(config.channels or ())
         return page.render_page(config.model_url, config.model_name, channels, _page_result(result, query) if result else None,
-                                error=error, notice=notice, max_upload_mb=config.max_upload_bytes / 2**20, kept=config.max_results, form=spec)
+                                error=error, notice=notice, max_upload_mb=config.max_upload_bytes / 2**20, kept=config.max_results, form=spec,
+                                card=info.model_card if info else "", card_version=info.version if info else "")
 
     async def fail(request: Request, err: ViewerError) -> Response:
         if wants_json(request):

@@ -66,9 +66,10 @@ def _e(value: Any) -> str:
 
 def render_page(model_url: str, model_name: str, channels: list[str], result: PageResult | None = None,
                 error: str | None = None, notice: str | None = None, max_upload_mb: float | None = None, kept: int | None = None,
-                form: FormSpec | None = None) -> str:
+                form: FormSpec | None = None, card: str = "", card_version: str = "") -> str:
     """The whole page: upload form (from ``form``, else one file per channel of ``channels``; none when there are no
-    channels, e.g. the model server cannot be asked), error box, and the result when ``result`` is given."""
+    channels, e.g. the model server cannot be asked), error box, the result when ``result`` is given, and the served
+    version's model card (Markdown ``card``, shown as escaped text) in a collapsed section when there is one."""
     spec = form or FormSpec(list(channels))
     error_html = f'<div id="error" class="error" role="alert">{_e(error)}</div>' if error else '<div id="error" class="error" role="alert" hidden></div>'
     notice_html = f'<p class="notice">{_e(notice)}</p>' if notice else ""
@@ -103,12 +104,26 @@ def render_page(model_url: str, model_name: str, channels: list[str], result: Pa
   {upload}
   {error_html}
 </section>
+{_card_html(card, card_version)}
 </main>
 <footer>Research use only, not a medical device. The files go to the model server above only; this viewer keeps
 {_e(kept if kept is not None else "a few")} recent results in memory and nothing on disk.</footer>
 </body>
 </html>
 """
+
+
+def _card_html(card: str, version: str) -> str:
+    """The model card section: collapsed, the Markdown as preformatted text (escaped: it is never interpreted as HTML)."""
+    if not card:
+        return ""
+    which = f" of version {_e(version)}" if version else ""
+    return f"""<section class="card model-card" id="model-card">
+  <details>
+    <summary>Model card{which}: intended use, training data, test metrics with 95% intervals, gate decision, known limits</summary>
+    <pre id="model-card-text">{_e(card)}</pre>
+  </details>
+</section>"""
 
 
 def _form_html(spec: FormSpec, max_upload_mb: float | None) -> str:
@@ -271,6 +286,9 @@ footer { padding: 0 24px 20px; color: var(--muted); font-size: 12.5px; }
 .probabilities .bar-cell { width: 70%; } .probabilities .num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .bar { display: block; width: 100%; height: 22px; }
 .bar .track { fill: #e8edf2; } .bar .fill { fill: #8aa9d6; } .bar .fill.chosen { fill: #1f6feb; }
+.model-card summary { cursor: pointer; font-weight: 600; }
+.model-card pre { white-space: pre-wrap; overflow-wrap: anywhere; font-size: 13px; line-height: 1.4; background: #fafbfc; border: 1px solid var(--line);
+  border-radius: 6px; padding: 12px 14px; margin: 10px 0 0; max-height: 70vh; overflow: auto; }
 @media (max-width: 900px) { .result { grid-template-columns: 1fr; } }
 """
 
