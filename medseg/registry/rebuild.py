@@ -46,6 +46,7 @@ import yaml
 from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.io import sha256_file, write_text
+from medseg.registry.gate import _number  # the gate's reading of a stored metric (finite float, else None)
 from medseg.registry.lineage import LINEAGE_KEYS, UNKNOWN
 from medseg.task import Task
 
@@ -440,14 +441,6 @@ def compare_metrics(registered: Mapping[str, float], rebuilt: schemas.Metrics, t
         if run_key.startswith("test_") and run_key not in seen and key != "n_cases":
             rows.append(MetricRow("", key, _number(value), None, key.endswith(f"_{task.primary_metric}")).judge(tolerance))
     return rows
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _count(value: Any) -> int | None:
