@@ -43,7 +43,10 @@ def import_kserve() -> ModuleType:
         saved = sys.argv
         sys.argv = saved[:1] if saved else ["medseg"]
         try:
-            import kserve
+            from medseg.optional import needs_extra
+
+            with needs_extra("serve", "the model server"):
+                import kserve
         finally:
             sys.argv = saved
     return kserve
