@@ -174,7 +174,7 @@ def _our_history(train_dir: Path) -> list[dict[str, float]]:
     """Per-epoch validation Dice against cumulative training minutes, from the last checkpoint."""
     import torch
 
-    ckpt = torch.load(train_dir / "checkpoint_latest.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(train_dir / "checkpoint_latest.pt", map_location="cpu", weights_only=True)  # plain data since checkpoint format 3
     minutes, out = 0.0, []
     for row in ckpt["history"]:
         minutes += float(row["epoch_seconds"]) / 60

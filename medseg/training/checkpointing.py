@@ -2,7 +2,10 @@
 
 ``checkpoint_latest.pt`` (every epoch): model, optimiser, scheduler, scaler, every rank's python/numpy/torch
 (/CUDA) RNG state, epoch, best metric and weights, history: enough to resume a killed run after its last complete
-epoch and end with the same weights as an uninterrupted one. The model package (``weights.pt`` state_dict +
+epoch and end with the same weights as an uninterrupted one. Everything in it is tensors or plain data (format 3:
+the RNG states too), so it is read with ``torch.load(..., weights_only=True)``: resuming never unpickles code.
+A format-2 checkpoint (numpy RNG state pickled as an ``ndarray``) is refused with the one-time conversion to run,
+``python -m medseg.training.checkpointing convert PATH`` (:func:`convert_checkpoint`; for files you trust). The model package (``weights.pt`` state_dict +
 ``plans.json`` + ``dataset.json`` + ``model_package.json``) is what evaluation, the registry and the server load; it
 also carries the run's per-epoch history (``model_package.json`` ``training.history``) drawn as ``training_curves.png``.
 """
@@ -29,39 +32,114 @@ from medseg.training.config import TrainConfig
 log = logging.getLogger(__name__)
 
 CHECKPOINT = schemas.CHECKPOINT_FILE
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+#: The last format whose RNG states were pickled objects (python tuples with numpy arrays): converted by :func:`convert_checkpoint`.
+PICKLED_FORMAT = 2
+
+
+def _python_rng(state: tuple[Any, ...]) -> dict[str, Any]:
+    version, internal, gauss_next = state
+    return {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}
+
+
+def _numpy_rng(state: tuple[Any, ...]) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    # uint32 words widened to int64: a tensor dtype every torch has, converted back exactly on restore
+    return {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's python, numpy, torch (and CUDA) RNG states as tensors and plain data (``weights_only`` loadable)."""
+    state: dict[str, Any] = {"python": _python_rng(random.getstate()), "numpy": _numpy_rng(np.random.get_state()), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned."""
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
+    np.random.set_state((nps["bit_generator"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays turned into python numbers and tensors, containers recursively:
+    what ``weights_only`` loading accepts (a metric that came out as ``np.float64`` would otherwise be pickled)."""
+    if isinstance(value, dict):
+        out = type(value)((k, plain(v)) for k, v in value.items())  # an OrderedDict state_dict stays one ...
+        if hasattr(value, "_metadata"):
+            out._metadata = value._metadata  # type: ignore[attr-defined]  # ... with the module versions load_state_dict reads
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: a temporary file beside ``path``, flushed to disk, renamed over it (a kill leaves the old one)."""
+    """Atomic: a temporary file beside ``path``, flushed to disk, renamed over it (a kill leaves the old one).
+    ``state`` is made :func:`plain` first, so the file loads with ``weights_only=True``."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            torch.save(state, fh)
+            torch.save(plain(state), fh)
             fh.flush()
             os.fsync(fh.fileno())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Our own checkpoint file (it holds numpy RNG states, which ``weights_only`` loading refuses)."""
+    """A checkpoint read with ``weights_only=True`` (tensors and plain data only; never unpickled code).
+
+    Raises:
+        MedsegError: an unreadable file, or one holding pickled objects (a format-2 checkpoint: the message
+            names the one-time conversion, :func:`convert_checkpoint`).
+    """
+    import pickle
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch names the refused global on one line of its long message ("Unsupported global: GLOBAL ...")
+        refused = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), str(exc).splitlines()[0][:200])
+        raise MedsegError(f"the checkpoint holds pickled objects, which are not loaded ({refused[:200]}). A checkpoint of an older medseg "
+                          f"(format {PICKLED_FORMAT}) is converted once, if you trust the file, with: python -m medseg.training.checkpointing "
+                          "convert PATH; or start without --resume", path) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise MedsegError(f"cannot read the checkpoint ({str(exc).splitlines()[0][:200]})", path) from None
+
+
+def convert_checkpoint(path: Path) -> Path:
+    """Rewrite a format-2 checkpoint (RNG states pickled as numpy objects) in this version's format, in place and
+    atomically. It unpickles the old file (``weights_only=False``): run it only on checkpoints you wrote yourself.
+    A checkpoint that already loads with ``weights_only=True`` is left as it is.
+
+    Raises:
+        MedsegError: the file is unreadable or not a format-2 medseg checkpoint.
+    """
+    path = Path(path)
+    try:
+        load_checkpoint(path)
+        return path  # already in the safe format: nothing to do
+    except MedsegError:
+        pass
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=False)  # the one explicit, user-requested unpickling
+    except Exception as exc:  # noqa: BLE001 - any failure of a foreign file becomes one clear message
+        raise MedsegError(f"cannot read the checkpoint ({str(exc).splitlines()[0][:200]})", path) from None
+    if not isinstance(old, dict) or old.get("format") != PICKLED_FORMAT or not isinstance(old.get("rng"), list):
+        raise MedsegError(f"not a format-{PICKLED_FORMAT} medseg checkpoint: not converted", path)
+    old["rng"] = [{**r, "python": _python_rng(r["python"]), "numpy": _numpy_rng(r["numpy"])} for r in old["rng"]]
+    old["format"] = CHECKPOINT_FORMAT
+    save_checkpoint(path, old)
+    load_checkpoint(path)  # proof: the converted file loads with weights_only=True
+    return path
 
 
 def restore(ckpt: dict[str, Any], engine: Any, cfg: TrainConfig, ctx: ddp.DistContext) -> tuple[int, float, int, list[dict[str, float]], dict[str, torch.Tensor] | None]:
@@ -127,5 +205,27 @@ def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], pre
     return model_dir
 
 
-__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "load_checkpoint", "restore", "rng_state", "save_checkpoint", "save_model_package", "set_rng_state",
+def main(argv: list[str] | None = None) -> int:
+    """``python -m medseg.training.checkpointing convert PATH...``: the one-time conversion of old checkpoints."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m medseg.training.checkpointing", description=convert_checkpoint.__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["convert"])
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    args = parser.parse_args(argv)
+    try:
+        for path in args.paths:
+            print(f"converted: {convert_checkpoint(path)}")
+    except MedsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "convert_checkpoint", "load_checkpoint", "plain", "restore", "rng_state", "save_checkpoint", "save_model_package", "set_rng_state",
            "write_training_curves"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
