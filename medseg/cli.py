@@ -1,7 +1,9 @@
 """``medseg <stage> ...``: one entry point; each stage's function is the one KFP and DVC call too.
 
 Heavy libraries (torch, monai, mlflow, kserve) are imported only by the subcommand that needs them, so
-``medseg --help`` answers at once.
+``medseg --help`` answers at once, and an install with one extra (``medseg-ops[serve]``) runs its stages:
+a stage whose extra is missing answers with the ``pip install 'medseg-ops[EXTRA]'`` that brings it
+(:data:`COMMAND_EXTRAS`, :mod:`medseg.optional`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 from medseg.errors import MedsegError
+from medseg.optional import MissingExtraError, is_third_party, needs_extra
 from medseg.schemas import OPTUNA_DB, PARAMS_YAML, VOLUMES_CSV
 
 
@@ -208,12 +211,13 @@ def _run_pipeline(a: argparse.Namespace) -> int:
         return 0
     params = runner.load_params(a.params)
     paths = runner.work_paths(params)
-    from medseg.training.tuning import sqlite_url
+    with needs_extra("all", "medseg pipeline run"):  # kfp.local runs every stage in this environment
+        from medseg.training.tuning import sqlite_url
 
-    source = a.source or paths["raw"]
-    tracking = a.tracking_uri or f"sqlite:///{paths['mlflow_db']}"
-    args = runner.pipeline_arguments(params, source, tracking, sqlite_url(paths["optuna_db"]))
-    result = runner.run_local(args, paths["kfp"])
+        source = a.source or paths["raw"]
+        tracking = a.tracking_uri or f"sqlite:///{paths['mlflow_db']}"
+        args = runner.pipeline_arguments(params, source, tracking, sqlite_url(paths["optuna_db"]))
+        result = runner.run_local(args, paths["kfp"])
     print(runner.summarize(result))
     return 0
 
@@ -328,17 +332,42 @@ COMMANDS: dict[str, tuple[str, object]] = {
 }
 
 
+# the extra of medseg-ops each command needs beyond the core install (pyproject.toml)
+COMMAND_EXTRAS: dict[str, str] = {
+    "synth": "data", "ingest": "data", "data": "data",
+    "preprocess": "train", "tune": "train", "train": "train", "evaluate-model": "train", "evaluate": "train", "registry": "train",
+    "serve": "serve", "predict": "serve", "viewer": "serve",
+    "pipeline": "pipelines", "deploy": "pipelines", "demo": "all",
+}
+
+
+def _missing_extra_runner(error: MissingExtraError):
+    def run(_: argparse.Namespace) -> int:
+        raise error
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description="medseg-ops: 3D medical image segmentation, from raw data to a served model.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
     for name, (help_text, target) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        extra = COMMAND_EXTRAS[name]
         if isinstance(target, str):
-            module = _stage(target)
+            try:
+                with needs_extra(extra, f"medseg {name}"):
+                    module = _stage(target)
+            except MissingExtraError as exc:
+                # still listed, so `medseg --help` shows every stage; running it says which extra to install
+                p = sub.add_parser(name, help=f"{help_text} [needs medseg-ops[{extra}]]", description=str(exc))
+                p.set_defaults(_run=_missing_extra_runner(exc), _missing_extra=True)  # its options are unknown: see main()
+                continue
+            p = sub.add_parser(name, help=help_text, description=help_text)
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
         else:
+            p = sub.add_parser(name, help=help_text, description=help_text)
             adder, runner = target
             adder(p)
             p.set_defaults(_run=runner)
@@ -348,12 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "_missing_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "urllib3", "httpx", "matplotlib", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         code = args._run(args)
+    except ModuleNotFoundError as exc:
+        if not is_third_party(exc):
+            raise
+        extra = COMMAND_EXTRAS[args.command]
+        print(f"error: {MissingExtraError(f'medseg {args.command}', extra, exc.name)}", file=sys.stderr)
+        return 2
     except MedsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -33,8 +33,11 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None, h
     service account when running in a pod (the pipeline's deploy step), else ``kubeconfig`` / ``context``
     (default ``~/.kube/config`` and its current context).
     """
-    from kubernetes import client, config
-    from kubernetes.config.config_exception import ConfigException
+    from medseg.optional import needs_extra
+
+    with needs_extra("pipelines", "deploying to Kubernetes"):
+        from kubernetes import client, config
+        from kubernetes.config.config_exception import ConfigException
 
     if host:
         configuration = client.Configuration()

@@ -119,7 +119,10 @@ def run_local(arguments: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
 
     Returns {"run_dir", "tasks": {task: {output: path}}, "seconds"}.
     """
-    from kfp import local
+    from medseg.optional import needs_extra
+
+    with needs_extra("all", "running the pipeline with kfp.local"):
+        from kfp import local
 
     name, pipeline = _import_pipeline()
     pipeline_root = Path(pipeline_root).resolve()
@@ -181,7 +184,10 @@ def compiled_version() -> str:
 
 def compile_pipeline(out_dir: Path | None = None, which: str = "training") -> Path:
     """Write ``pipelines/compiled/<name>-<version>.yaml`` (version = package version + git sha)."""
-    from kfp import compiler
+    from medseg.optional import needs_extra
+
+    with needs_extra("pipelines", "compiling the pipeline"):
+        from kfp import compiler
 
     name, pipeline = _import_pipeline(which)
     out_dir = Path(out_dir) if out_dir else PROJECT_ROOT / "pipelines" / "compiled"

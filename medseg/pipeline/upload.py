@@ -18,9 +18,12 @@ def upload(host: str, which: str = "training", package: Path | None = None, run:
 
     Returns {pipeline_id, version_id, version_name, created (bool), run_id?, experiment_id?}.
     """
-    import kfp
-    import urllib3
-    from kfp_server_api.exceptions import ApiException
+    from medseg.optional import needs_extra
+
+    with needs_extra("pipelines", "uploading a pipeline"):
+        import kfp
+        import urllib3
+        from kfp_server_api.exceptions import ApiException
 
     package = Path(package) if package else compile_pipeline(which=which)
     if not package.is_file():

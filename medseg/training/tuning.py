@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg import schemas
+from medseg.optional import require
 from medseg.training.trainer import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def sqlite_url(path: Path) -> str:
 
 
 def _storage(url: str):
-    import optuna
+    optuna = require("optuna", "train", "tuning (Optuna)")
 
     if url.startswith("sqlite"):
         # several worker processes may share one SQLite file: wait for locks instead of failing
@@ -61,7 +62,7 @@ def tune(preprocessed_dir: Path, base: TrainConfig, n_trials: int, storage: str,
 
     ``on_trial(number, params, value, state)`` is called after each trial (for MLflow logging).
     """
-    import optuna
+    optuna = require("optuna", "train", "tuning (Optuna)")
 
     space = space or SEARCH_SPACE
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, n_trials // 3))
@@ -97,7 +98,7 @@ def tune(preprocessed_dir: Path, base: TrainConfig, n_trials: int, storage: str,
 
 
 def _summarize(study, base: TrainConfig, space: dict[str, tuple], storage: str, study_name: str) -> schemas.BestParams:
-    import optuna
+    optuna = require("optuna", "train", "tuning (Optuna)")
 
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
@@ -118,7 +119,7 @@ def pipeline_study_name(pipeline_run_id: str) -> str:
 def prepare_study(storage: str, study_name: str) -> None:
     """Create the storage's tables and the (maximised) study once, before parallel workers start: several
     processes initialising a fresh database at the same time race on its schema version row."""
-    import optuna
+    optuna = require("optuna", "train", "tuning (Optuna)")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna.create_study(study_name=study_name, storage=_storage(storage), direction="maximize", load_if_exists=True)
@@ -143,7 +144,7 @@ def study_best(storage: str, study_name: str, base: TrainConfig, space: dict[str
     """The best parameters of an existing study (after parallel workers filled it); the defaults of
     ``base`` when every trial was pruned. Raises :class:`~medseg.errors.MedsegError` if the study does
     not exist or holds no finished trial."""
-    import optuna
+    optuna = require("optuna", "train", "tuning (Optuna)")
 
     from medseg.errors import MedsegError
 
