@@ -20,7 +20,11 @@ Accepted inputs (see the README's wire contract):
 
 Checked before heavy work: the voxel count (from the NIfTI header, before decompressing the data; from the
 declared shape for FP32; from the picture's header) and the voxel count after resampling to the model's
-spacing, both against ``max_voxels``.
+spacing, both against ``max_voxels``; the NIfTI data type (real numbers only: no complex, RGB or 1-bit data)
+and voxel sizes (``pixdim``, which nibabel would silently replace by 1 mm when zero) from the header.
+After reading: the affine must be invertible, every spacing finite and > 0, and the volume resampled to the
+model's spacing at least ``min_shape`` (the network's total downsampling: smaller, its coarsest feature map
+would hold less than one voxel of the case).
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ COVARIATE_RANGES = {"age": (0.0, 150.0)}
 NIFTI1_HEADER_BYTES = 348
 GZIP_MAGIC = b"\x1f\x8b"
 SPACING_RTOL = 1e-3
+#: NIfTI-1 datatype codes of real numbers (nifti1.h): uint8, int16, int32, float32, float64, int8, uint16, uint32, int64, uint64.
+REAL_NIFTI_DATATYPES = {2: "uint8", 4: "int16", 8: "int32", 16: "float32", 64: "float64", 256: "int8", 512: "uint16", 768: "uint32",
+                        1024: "int64", 1280: "uint64"}
+#: The other codes, named for the error message (an image of these is not one real value per voxel).
+OTHER_NIFTI_DATATYPES = {0: "unknown", 1: "1-bit binary", 32: "complex64", 128: "RGB24", 1536: "float128", 1792: "complex128",
+                         2048: "complex256", 2304: "RGBA32"}
+#: |det| of the affine's 3×3 part below which it counts as singular (mm³ per voxel: 1e-9 is far below any scanner's).
+SINGULAR_DET = 1e-9
 
 
 @dataclass
@@ -91,6 +103,7 @@ class InputSpec:
     channels: tuple[str, ...]
     covariates: tuple[tuple[str, bool], ...] = ()
     slice_axis: int | None = None
+    min_shape: tuple[int, ...] | None = None  # smallest volume (I, J, K) at the model's spacing; None: no minimum
 
     @property
     def takes_image(self) -> bool:
@@ -130,7 +143,7 @@ def request_tensors(payload: Any, headers: dict[str, str] | None, binary: dict[s
     if hasattr(payload, "inputs") and hasattr(payload, "parameters") and not isinstance(payload, dict):  # kserve InferRequest
         tensors = [TensorIn(str(i.name), str(i.datatype).upper(), list(i.shape or []), binary.get(i.name, i.data), dict(i.parameters or {}))
                    for i in payload.inputs]
-        return DecodedRequest(_request_id(payload.id, headers), "v2", tensors, dict(payload.parameters or {}))
+        return DecodedRequest(_request_id(payload.id, headers), "v2", tensors, _plain_parameters(payload.parameters))
     if isinstance(payload, (bytes, bytearray, str)):
         raise MedsegError("the body is not a JSON object: send Content-Type: application/json with a V1 {\"instances\": [...]} "
                           "or a V2 {\"inputs\": [...]} request")
@@ -155,6 +168,17 @@ def request_tensors(payload: Any, headers: dict[str, str] | None, binary: dict[s
     if not isinstance(params, dict):
         raise MedsegError("request 'parameters' must be an object")
     return DecodedRequest(_request_id(payload.get("id"), headers), "v2", tensors, params)  # V2-shaped body: V2-shaped answer
+
+
+def _plain_parameters(params: Any) -> dict[str, Any]:
+    """Request parameters as plain values: a gRPC request carries a protobuf map of ``InferParameter`` messages."""
+    out: dict[str, Any] = {}
+    for key, value in dict(params or {}).items():
+        if hasattr(value, "WhichOneof"):  # InferParameter: one of bool_param, int64_param, string_param, double_param, uint64_param
+            field_name = value.WhichOneof("parameter_choice")
+            value = getattr(value, field_name) if field_name else None
+        out[str(key)] = value
+    return out
 
 
 def _v1_instances(payload: dict[str, Any], headers: dict[str, str] | None) -> DecodedRequest:
@@ -233,16 +257,19 @@ def decode_request(request: DecodedRequest, spec: InputSpec, max_voxels: int | N
     if spec.takes_image and any(t.name == IMAGE_INPUT for t in tensors):
         case = _decode_image_input(tensors, spec, max_voxels, target_spacing)
     else:
-        case = _decode_volume_inputs(tensors, request.parameters, channels, max_voxels, target_spacing)
+        case = _decode_volume_inputs(tensors, request.parameters, channels, max_voxels, target_spacing, spec.min_shape)
     case.covariates = covariates
     return case
 
 
 def _decode_volume_inputs(tensors: list[TensorIn], parameters: dict[str, Any], channels: list[str], max_voxels: int | None,
-                          target_spacing: list[float] | None) -> Case:
+                          target_spacing: list[float] | None, min_shape: tuple[int, ...] | None = None) -> Case:
     fp32 = [t for t in tensors if t.datatype == "FP32"]
     if fp32 and len(tensors) == 1:
-        return decode_volume(fp32[0], parameters, channels, max_voxels, target_spacing)
+        return decode_volume(fp32[0], parameters, channels, max_voxels, target_spacing, min_shape)
+    if len(tensors) == 1 and tensors[0].name == VOLUME_INPUT and tensors[0].datatype != "BYTES":
+        raise MedsegError(f"datatype {printable(tensors[0].datatype, 20) or 'missing'}: the volume must be FP32 (real 32-bit floats; "
+                          "convert complex, boolean or integer data to float32 first)", _where(VOLUME_INPUT))
     for t in tensors:
         if t.datatype != "BYTES" and t.name not in channels and t.name != VOLUME_INPUT:
             raise MedsegError(f"unexpected input (this model takes one BYTES input per channel: {', '.join(channels)}; or one FP32 input "
@@ -252,7 +279,7 @@ def _decode_volume_inputs(tensors: list[TensorIn], parameters: dict[str, Any], c
             raise MedsegError(f"datatype {printable(t.datatype, 20) or 'missing'}, expected BYTES (one element: the NIfTI file, base64 in JSON) — "
                               f"or send the whole case as one FP32 input '{VOLUME_INPUT}' [C,Z,Y,X]", _where(t.name))
     encoded = {t.name: _one_bytes_element(t, "the NIfTI file") for t in tensors}
-    return decode_case(encoded, channels, max_voxels, target_spacing)
+    return decode_case(encoded, channels, max_voxels, target_spacing, min_shape)
 
 
 def _one_bytes_element(t: TensorIn, what: str) -> str | bytes:
@@ -328,7 +355,8 @@ def _covariate_value(name: str, value: Any, where: str) -> float:
     return number
 
 
-def decode_case(encoded: dict[str, str | bytes], channels: list[str], max_voxels: int | None = None, target_spacing: list[float] | None = None) -> Case:
+def decode_case(encoded: dict[str, str | bytes], channels: list[str], max_voxels: int | None = None, target_spacing: list[float] | None = None,
+                min_shape: tuple[int, ...] | None = None) -> Case:
     """One NIfTI file per channel (``str``: base64 text; ``bytes``: the file itself) → the case.
 
     Raises :class:`MedsegError` naming the input for every client mistake.
@@ -352,7 +380,7 @@ def decode_case(encoded: dict[str, str | bytes], channels: list[str], max_voxels
         volumes.append(read_nifti_limited(raw, where, max_voxels))
     images, affine, header = stack_channels(volumes, [_where(c) for c in channels])
     spacing = list(nifti_spacing(header))
-    check_geometry(images.shape[1:], spacing, target_spacing, max_voxels, _where(channels[0]))
+    check_geometry(images.shape[1:], spacing, target_spacing, max_voxels, _where(channels[0]), min_shape)
     return Case(images, affine, spacing, header)
 
 
@@ -391,6 +419,9 @@ def read_nifti_limited(raw: bytes, where: str, max_voxels: int | None) -> tuple[
         raise MedsegError(f"cannot read NIfTI ({type(exc).__name__}: {printable(exc, 120)})", where) from None
     if not np.isfinite(affine).all():
         raise MedsegError("the header's affine (sform/qform) holds NaN/Inf", where)
+    if abs(np.linalg.det(affine[:3, :3])) < SINGULAR_DET:
+        raise MedsegError("the header's affine (sform/qform) is singular (a zero voxel size or collinear axes): voxels have no "
+                          "position in mm", where)
     return array, affine, header
 
 
@@ -427,7 +458,8 @@ def _nifti_header_dims(head: bytes, where: str) -> tuple[tuple[int, int, int], i
     if magic != b"n+1\x00":
         raise MedsegError(f"cannot read NIfTI: bad magic {magic!r} (expected n+1)", where)
     dims = struct.unpack(endian + "8h", head[40:56])
-    _, bitpix = struct.unpack(endian + "hh", head[70:74])
+    datatype, bitpix = struct.unpack(endian + "hh", head[70:74])
+    pixdim = struct.unpack(endian + "8f", head[76:108])
     vox_offset = struct.unpack(endian + "f", head[108:112])[0]
     ndim = dims[0]
     if not 1 <= ndim <= 7:
@@ -439,20 +471,36 @@ def _nifti_header_dims(head: bytes, where: str) -> tuple[tuple[int, int, int], i
         raise MedsegError(f"expected a 3D volume, the header declares a {ndim}D image of shape {tuple(shape)}", where)
     if math.prod(shape[3:]) != 1:
         raise MedsegError(f"expected a 3D volume, the header declares shape {tuple(shape)} ({math.prod(shape[3:])} volumes)", where)
+    if datatype not in REAL_NIFTI_DATATYPES:
+        kind = OTHER_NIFTI_DATATYPES.get(datatype, "not a NIfTI-1 datatype")
+        raise MedsegError(f"NIfTI datatype {datatype} ({kind}): the model takes real-valued images (one of "
+                          f"{', '.join(sorted(set(REAL_NIFTI_DATATYPES.values())))}); convert to float32", where)
     if bitpix <= 0 or bitpix % 8 or bitpix > 256:
         raise MedsegError(f"cannot read NIfTI: bitpix {bitpix} in the header", where)
+    sizes = pixdim[1:4]
+    if not all(math.isfinite(s) and s != 0 for s in sizes):  # nibabel would read a zero as 1 mm: a wrong geometry, silently
+        raise MedsegError(f"the header's voxel sizes pixdim[1..3] = {tuple(round(s, 6) for s in sizes)} mm: every voxel size must be "
+                          "finite and non-zero", where)
     if not (math.isfinite(vox_offset) and NIFTI1_HEADER_BYTES <= vox_offset <= 1 << 24):
         raise MedsegError(f"cannot read NIfTI: vox_offset {vox_offset} in the header", where)
     return (int(shape[0]), int(shape[1]), int(shape[2])), bitpix // 8, int(vox_offset)
 
 
-def check_geometry(shape: tuple[int, ...] | list[int], spacing: list[float], target_spacing: list[float] | None, max_voxels: int | None, where: str) -> None:
-    """Spacing finite and > 0; the volume resampled to ``target_spacing`` at most ``max_voxels`` voxels."""
+def check_geometry(shape: tuple[int, ...] | list[int], spacing: list[float], target_spacing: list[float] | None, max_voxels: int | None, where: str,
+                   min_shape: tuple[int, ...] | None = None) -> None:
+    """Spacing finite and > 0; the volume resampled to ``target_spacing`` at most ``max_voxels`` voxels and at least
+    ``min_shape`` along each axis."""
     if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise MedsegError(f"voxel spacing {tuple(round(s, 6) for s in spacing)} mm: every spacing must be finite and > 0", where)
-    if target_spacing is None or max_voxels is None:
+    if target_spacing is None:
         return
     resampled = shape_for_spacing(list(shape), spacing, list(target_spacing))
+    if min_shape is not None and any(r < m for r, m in zip(resampled, min_shape)):
+        raise MedsegError(f"volume too small: {'×'.join(map(str, shape))} voxels at {tuple(round(s, 4) for s in spacing)} mm resample to "
+                          f"{'×'.join(map(str, resampled))} at the model's {tuple(round(s, 4) for s in target_spacing)} mm; the network needs "
+                          f"at least {'×'.join(map(str, min_shape))} (one cell of its coarsest feature map)", where)
+    if max_voxels is None:
+        return
     count = math.prod(resampled)
     if count > max_voxels:
         raise MedsegError(f"at spacing {tuple(round(s, 4) for s in spacing)} mm the volume resamples to {'×'.join(map(str, resampled))} = {count} voxels "
@@ -460,7 +508,8 @@ def check_geometry(shape: tuple[int, ...] | list[int], spacing: list[float], tar
 
 
 # --------------------------------------------------------------------------- FP32 volume
-def decode_volume(t: TensorIn, request_params: dict[str, Any], channels: list[str], max_voxels: int | None, target_spacing: list[float] | None) -> Case:
+def decode_volume(t: TensorIn, request_params: dict[str, Any], channels: list[str], max_voxels: int | None, target_spacing: list[float] | None,
+                  min_shape: tuple[int, ...] | None = None) -> Case:
     """One FP32 ``volume`` ``[C, Z, Y, X]`` with ``affine`` (and optionally ``spacing``, ``channels``) parameters."""
     where = _where(t.name)
     if t.name != VOLUME_INPUT:
@@ -486,7 +535,7 @@ def decode_volume(t: TensorIn, request_params: dict[str, Any], channels: list[st
             raise MedsegError(f"spacing {tuple(given)} mm disagrees with the affine's voxel sizes {tuple(round(s, 6) for s in spacing)} mm "
                               "(spacing is along (x, y, z) = NIfTI (i, j, k))", where)
     order = _channel_order(params.get("channels"), channels, where)
-    check_geometry((shape[3], shape[2], shape[1]), spacing, target_spacing, max_voxels, where)
+    check_geometry((shape[3], shape[2], shape[1]), spacing, target_spacing, max_voxels, where, min_shape)
     array = _volume_array(t.data, shape, where)
     if not np.isfinite(array).all():
         raise MedsegError(f"contains {int((~np.isfinite(array)).sum())} NaN/Inf voxels", where)
@@ -502,9 +551,16 @@ def _volume_array(data: Any, shape: list[int], where: str) -> np.ndarray:
         if not isinstance(data, list):
             raise MedsegError("'data' must be a list of numbers", where)
         try:
-            array = np.asarray(data, dtype=np.float32)
+            parsed = np.asarray(data)  # dtype inferred first: booleans and strings must not pass as 0/1 or parsed numbers
         except (ValueError, TypeError, OverflowError) as exc:
             raise MedsegError(f"'data' is not a (nested) list of numbers ({printable(exc, 100)})", where) from None
+        if parsed.dtype.kind not in "iuf":
+            kind = {"b": "booleans", "U": "strings", "S": "strings", "O": "mixed or ragged values"}.get(parsed.dtype.kind, str(parsed.dtype))
+            raise MedsegError(f"'data' is not a (nested) list of numbers: it holds {kind}; FP32 data are real numbers", where)
+        try:
+            array = parsed.astype(np.float32)
+        except (ValueError, OverflowError) as exc:
+            raise MedsegError(f"'data' does not fit FP32 ({printable(exc, 100)})", where) from None
     if array.size != expected:
         raise MedsegError(f"shape {shape} declares {expected} values, 'data' holds {array.size}", where)
     return array.reshape(shape)

@@ -5,10 +5,13 @@ KServe 0.21 builds its FastAPI app (``kserve.model_server.app``) at import and u
 request passes here first. For the inference routes (``POST /v2/models/NAME/infer``,
 ``POST /v1/models/NAME:predict``), in this order, before any heavy work:
 
-1. Content-Type must be JSON (V2 without the binary extension: ``application/json``; V1: JSON or none) → else 415.
+1. Content-Type must be JSON or absent (``tritonclient.http`` sends none with JSON bodies; the binary extension is
+   recognised by its ``Inference-Header-Content-Length`` header) → else 415.
 2. ``Content-Length`` above ``max_request_bytes`` → 413 (a body sent without a length is counted while read).
-3. Admission: at most ``max_concurrent + max_queue`` requests in the server → else 503 with ``Retry-After``
-   (load shedding: the only 5xx a client can cause, and a retryable one).
+3. Admission: at most ``max_concurrent + max_queue`` requests in the server, and their bodies' bytes times the
+   parse growth of their encoding (:data:`~medseg.serving.limits.PARSE_GROWTH`) within the memory budget → else
+   503 with ``Retry-After`` (load shedding: the only 5xx a client can cause, and a retryable one). A body whose
+   parse memory alone exceeds the budget → 413 (never admissible; the binary extension needs far less).
 4. From here ``timeout_s`` runs: reading the body, decoding, waiting, predicting, encoding → else 504.
 5. Binary tensor extension (``Inference-Header-Content-Length``): the guard splits the JSON header from the
    binary tail itself (``numpy.frombuffer``, no copy for FP32; length-prefixed elements for BYTES), checks every
@@ -16,8 +19,10 @@ request passes here first. For the inference routes (``POST /v2/models/NAME/infe
    ``data``; the model reads the tensors from the request's :class:`~medseg.serving.limits.Ticket`. (KServe's
    own parser turns every tensor into Python lists: seconds for one volume, and 500 for malformed sizes.)
 
-Also: model-version routes (``/v2/models/NAME/versions/...``) and ``:explain`` answer 404 (KServe would
-answer 501), and load/unload of an unknown model 404 (KServe: 503). ``GET /v2/models/NAME`` (the model metadata)
+Also: the version routes (``/v2/models/NAME/versions/V``, ``.../ready``, ``.../infer``) are the unversioned ones
+when V is the version serving, else 404 naming it (KServe would answer 501); ``:explain`` answers 404; the model
+repository routes (``/v2/repository/...``: load, unload, index) answer 403: nobody on the data plane may unload
+the model or make it load another version (alias moves reach the server through ``--reload-interval``). ``GET /v2/models/NAME`` (the model metadata)
 is answered from the model's own ``metadata()`` when ``describe`` is given: KServe's route answers from the same
 ``get_input_types()``/``get_output_types()`` but its response model keeps only name, datatype and shape of each
 tensor, and the clients need the inputs' ``optional`` flags and the outputs' ``parameters`` (class names, groups). :func:`install_error_handlers` makes
@@ -39,7 +44,7 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.serving.decode import printable
-from medseg.serving.limits import CURRENT_TICKET, Gate, ServeLimits, Ticket
+from medseg.serving.limits import CURRENT_TICKET, PARSE_GROWTH, Gate, ServeLimits, Ticket
 from medseg.serving.memory import HeapTrimmer
 from medseg.serving.metrics import ADMITTED, REJECTED, REQUESTS
 
@@ -56,9 +61,9 @@ DRAIN_SECONDS = 10.0
 
 _V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer/?$")
 _V1_PREDICT = re.compile(r"^/v1/models/([^/]+):predict/?$")
-_V2_VERSIONED = re.compile(r"^/v2/models/([^/]+)/versions/")
+_V2_VERSIONED = re.compile(r"^/v2/models/([^/]+)/versions/([^/]*)(/.*)?$")
 _V1_EXPLAIN = re.compile(r"^/v1/models/([^/]+):explain/?$")
-_REPOSITORY = re.compile(r"^/v2/repository/models/([^/]+)/(load|unload)/?$")
+_REPOSITORY = re.compile(r"^/v2/repository(/|$)")
 _V2_MODEL = re.compile(r"^/v2/models/([^/]+)/?$")
 
 
@@ -77,7 +82,9 @@ class ServingGuard:
         self.known_models = known_models
         self.describe = describe
         self.heap_trimmer = HeapTrimmer()
-        self.gate = Gate(limits.capacity, on_change=ADMITTED.set, on_release=self.heap_trimmer.request)
+        budget, source = limits.memory_budget()
+        self.gate = Gate(limits.capacity, on_change=ADMITTED.set, on_release=self.heap_trimmer.request, budget_bytes=budget)
+        log.info("parse-memory budget for admitted bodies: %.0f MiB (%s)", budget / 2**20, source)
         self._handlers_installed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,16 +98,25 @@ class ServingGuard:
             await self.app(scope, receive, send)
             return
         path, method = scope.get("path", ""), scope.get("method", "")
-        if _V2_VERSIONED.match(path):
-            await _json_error(send, 404, "model versions are not addressed by URL here: use /v2/models/NAME/infer "
-                                         "(the answer's model_version says which version answered)")
-            return
+        versioned = _V2_VERSIONED.match(path)
+        if versioned:
+            name, version, rest = versioned.group(1), versioned.group(2), versioned.group(3) or ""
+            if rest not in ("", "/", "/ready", "/infer"):
+                await _json_error(send, 404, "Not Found")
+                return
+            serving = self.serving_version(name)
+            if serving is None or version != serving:
+                await _json_error(send, 404, f"model {printable(name)} version {printable(version)} is not served here"
+                                             + (f" (serving: version {printable(serving)})" if serving is not None else ""))
+                return
+            path = f"/v2/models/{name}{rest.rstrip('/')}"  # the served version: the unversioned route answers
+            scope = {**scope, "path": path, "raw_path": path.encode("utf-8")}
         if _V1_EXPLAIN.match(path):
             await _json_error(send, 404, "this model server offers no explanations (:explain)")
             return
-        repo = _REPOSITORY.match(path)
-        if repo and method == "POST" and repo.group(1) not in self.known_models():
-            await _json_error(send, 404, f"Model with name {printable(repo.group(1))} does not exist.")
+        if _REPOSITORY.match(path):
+            await _json_error(send, 403, "the model repository API (load/unload) is disabled on this server: the served version "
+                                         "changes only when its registry alias moves")
             return
         described = _V2_MODEL.match(path)
         if described and method == "GET" and self.describe is not None:
@@ -114,6 +130,12 @@ class ServingGuard:
             await self._inference(scope, receive, send, infer.group(1), v2=path.startswith("/v2/"))
             return
         await self.app(scope, receive, send)
+
+    def serving_version(self, name: str) -> str | None:
+        """The version of ``name`` serving now (None: not ours or not loaded)."""
+        body = self.describe(name) if self.describe is not None else None
+        versions = (body or {}).get("versions") or []
+        return str(versions[0]) if versions else None
 
     async def _inference(self, scope: Scope, receive: Receive, send: Send, model: str, v2: bool) -> None:
         label = model if model in self.known_models() else None  # unknown names never become metric labels
@@ -133,14 +155,16 @@ class ServingGuard:
                 await _drain(receive, int(declared))
             await self._refuse(send, label, 413, "too_large", _too_large(declared, limit))
             return
-        ticket = self.gate.try_admit()
+        growth = PARSE_GROWTH["binary" if binary else "json"]
+        cost = int(int(declared) * growth) if declared is not None else 0  # no length: counted once read
+        if not self.gate.fits_alone(cost):
+            await _drain(receive, int(declared or 0))
+            await self._refuse(send, label, 413, "too_large", _over_budget(int(declared or 0), cost, self.gate.budget_bytes or 0, binary))
+            return
+        ticket = self.gate.try_admit(cost)
         if ticket is None:
             await _drain(receive, limit)
-            retry = self.gate.retry_after_s()
-            await self._refuse(send, label, 503, "overloaded",
-                               f"the server is busy ({self.gate.capacity} requests running or queued: --max-concurrent "
-                               f"{self.limits.max_concurrent} + --max-queue {self.limits.max_queue}); retry after {retry} s",
-                               extra_headers=[(b"retry-after", str(retry).encode())])
+            await self._busy(send, label)
             return
         started = {"response": False}
 
@@ -159,6 +183,12 @@ class ServingGuard:
                     await self._refuse(send_tracked, label, 413, "too_large", _too_large(None, limit))
                     abandoned = False
                     return
+                if declared is None and not self.gate.try_reserve(ticket, int(len(body) * growth)):
+                    await (self._busy(send_tracked, label) if self.gate.fits_alone(int(len(body) * growth)) else
+                           self._refuse(send_tracked, label, 413, "too_large",
+                                        _over_budget(len(body), int(len(body) * growth), self.gate.budget_bytes or 0, binary)))
+                    abandoned = False
+                    return
                 first = _leading_space(body)
                 if v2 and not binary and body[first:first + 1] != b"{":
                     await self._refuse(send_tracked, label, 400, "not_an_object", "the V2 request body must be a JSON object {\"inputs\": [...]}")
@@ -172,6 +202,8 @@ class ServingGuard:
                         abandoned = False
                         return
                     scope = {**scope, "headers": _json_headers(scope.get("headers", []), len(body))}
+                elif content_type is None:  # KServe's V2 route reads JSON only when told so
+                    scope = {**scope, "headers": _json_headers(scope.get("headers", []), len(body))}
                 await self.app(scope, _replay(body, receive), send_tracked)
                 abandoned = False
         except ClientGone:
@@ -184,6 +216,16 @@ class ServingGuard:
         finally:
             CURRENT_TICKET.reset(token)
             ticket.finish(abandoned=abandoned)
+
+    async def _busy(self, send: Send, label: str | None) -> None:
+        retry = self.gate.retry_after_s()
+        budget = self.gate.budget_bytes
+        await self._refuse(send, label, 503, "overloaded",
+                           f"the server is busy ({self.gate.admitted} of {self.gate.capacity} requests running or queued: --max-concurrent "
+                           f"{self.limits.max_concurrent} + --max-queue {self.limits.max_queue}"
+                           + (f"; {self.gate.reserved_bytes / 2**20:.0f} of {budget / 2**20:.0f} MiB parse memory reserved, --memory-budget-mb"
+                              if budget is not None else "") + f"); retry after {retry} s",
+                           extra_headers=[(b"retry-after", str(retry).encode())])
 
     async def _refuse(self, send: Send, label: str | None, status: int, reason: str, message: str,
                       extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -280,7 +322,7 @@ def _scalar_parameters(params: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- ASGI helpers
 def _json_content_type(value: str | None, v2: bool) -> bool:
     if value is None:
-        return not v2  # KServe's V1 route parses a body without Content-Type as JSON; FastAPI's V2 route does not
+        return True  # tritonclient.http sends JSON without a Content-Type; the guard tells KServe it is JSON
     media = value.split(";", 1)[0].strip().lower()
     return media == "application/json" or media.endswith("+json") or (not v2 and media == "application/octet-stream")
 
@@ -291,6 +333,12 @@ _SPACE = re.compile(rb"[ \t\r\n]*")
 def _leading_space(body: bytes) -> int:
     match = _SPACE.match(body)
     return match.end() if match else 0
+
+
+def _over_budget(body_bytes: int, cost: int, budget: int, binary: bool) -> str:
+    hint = "" if binary else "; the binary tensor extension needs about a third as much"
+    return (f"request body of {body_bytes} bytes would take about {cost / 2**20:.0f} MiB once parsed, more than the server's whole "
+            f"parse-memory budget of {budget / 2**20:.0f} MiB (--memory-budget-mb){hint}")
 
 
 def _too_large(declared: str | None, limit: int) -> str:

@@ -1,16 +1,18 @@
-"""Run the real KServe ``ModelServer`` (REST only, one worker) for one model, bound to one host.
+"""Run the real KServe ``ModelServer`` (REST, and gRPC with ``--grpc-port``; one worker) for one model, bound to one host.
 
 KServe 0.21's REST server always builds its uvicorn config with ``host="0.0.0.0"``. ``ModelServer.start()``
 creates that REST server, then calls ``setup_event_loop()``, and only then runs the event loop that
 binds the socket. :class:`HostBoundModelServer` (built lazily, see :func:`make_model_server`) overrides that
-hook to set the uvicorn config's host before anything listens, and refuses to run if a gRPC or
-multi-process server was configured (those would bind every interface). Default host: 127.0.0.1.
+hook to set the uvicorn config's host before anything listens, and refuses to run if KServe's own gRPC or
+multi-process server was configured (those would bind every interface); gRPC is served instead by
+:class:`~medseg.serving.grpc_server.GuardedGRPCServer` on the same host, same event loop, same data plane and the
+same admission gate as REST. Default host: 127.0.0.1.
 The same hook hands uvicorn the :class:`~medseg.serving.guard.ServingGuard` wrapping KServe's app (limits,
 admission, timeout, binary extension), and the model repository is :func:`~medseg.serving.reload.make_repository`'s
 (``POST /v2/repository/models/NAME/load`` reloads).
 
-``medseg serve --model URI --name NAME [--host 127.0.0.1] [--port 8080] [--max-request-mb 200] [--max-voxels N]
-[--max-concurrent 1] [--max-queue 4] [--timeout 300] [--reload-interval 60]``; each limit also reads a
+``medseg serve --model URI --name NAME [--host 127.0.0.1] [--port 8080] [--grpc-port 0] [--max-request-mb 200]
+[--max-voxels N] [--max-concurrent 1] [--max-queue 4] [--timeout 300] [--reload-interval 60] [--memory-budget-mb 0]``; each limit also reads a
 ``MEDSEG_SERVE_*`` environment variable (see :mod:`medseg.serving.limits`). Tests and local runs use
 :func:`start_server_process`, :func:`wait_until_ready` and :func:`stop_server`.
 """
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
+#: gRPC is off unless asked for (0): one port fewer to expose and secure where only REST is routed (KServe's
+#: ingress and the medseg client speak REST); the InferenceService's gRPC port is 8081 when enabled.
+DEFAULT_GRPC_PORT = 0
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
@@ -42,10 +47,11 @@ def free_port(host: str = DEFAULT_HOST) -> int:
         return int(s.getsockname()[1])
 
 
-def make_model_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, limits: Any = None) -> Any:
-    """A ``kserve.ModelServer`` (REST only, 1 worker) whose REST server listens on ``host`` only, behind the
+def make_model_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, limits: Any = None, grpc_port: int = DEFAULT_GRPC_PORT) -> Any:
+    """A ``kserve.ModelServer`` (1 worker) whose REST server listens on ``host`` only, behind the
     :class:`~medseg.serving.guard.ServingGuard` with ``limits`` (a :class:`~medseg.serving.limits.ServeLimits`;
-    default: from the environment)."""
+    default: from the environment); with ``grpc_port`` > 0 also KServe's gRPC V2 service on ``host:grpc_port``
+    under the same limits (:mod:`medseg.serving.grpc_server`)."""
     from medseg.serving import import_kserve
     from medseg.serving.guard import ServingGuard
     from medseg.serving.limits import ServeLimits
@@ -67,8 +73,16 @@ def make_model_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, limits
 
             config = self._rest_server.config
             config.host = self.host
-            config.app = ServingGuard(app, limits, known_models=lambda: self.registered_models.get_models().keys(), describe=self.describe)
+            known = lambda: self.registered_models.get_models().keys()  # noqa: E731
+            guard = ServingGuard(app, limits, known_models=known, describe=self.describe)
+            config.app = guard
             log.info("REST server will listen on %s:%d (limits: %s)", self.host, self.http_port, limits)
+            if grpc_port > 0:
+                from medseg.serving.grpc_server import GuardedGRPCServer, make_servicer
+
+                servicer = make_servicer(self.dataplane, self.model_repository_extension, guard.gate, limits, known, self.describe)
+                self._grpc_server = GuardedGRPCServer(self.host, grpc_port, servicer, limits, grace_period_s=self.grace_period)
+                self.servers.append(self._grpc_server.start())  # KServe's stop() stops it on SIGTERM
             super().setup_event_loop()
 
         def describe(self, name: str) -> dict[str, Any] | None:
@@ -80,8 +94,9 @@ def make_model_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, limits
     return HostBoundModelServer(host=host, http_port=port, enable_grpc=False, workers=1, registered_models=make_repository())
 
 
-def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto", limits: Any = None) -> None:
-    """Load the model (package folder or ``models:/NAME@ALIAS``) and serve it until SIGTERM/SIGINT."""
+def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto", limits: Any = None,
+          grpc_port: int = DEFAULT_GRPC_PORT) -> None:
+    """Load the model (package folder or ``models:/NAME@ALIAS``) and serve it until SIGTERM/SIGINT (gRPC too if ``grpc_port`` > 0)."""
     from medseg.serving.limits import ServeLimits
     from medseg.serving.memory import configure_allocator
     from medseg.serving.model import MedsegModel
@@ -90,7 +105,7 @@ def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAU
     configure_allocator()  # before the model's arrays are allocated: large arrays go back to the OS when freed
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("model server listening on %s: reachable from other machines (no authentication)", host)
-    server = make_model_server(host, port, limits)  # configures KServe logging first, so load() logs show
+    server = make_model_server(host, port, limits, grpc_port=grpc_port)  # configures KServe logging first, so load() logs show
     model = MedsegModel(name, model_uri, device=device, limits=limits)
     model.load()
     server.start([model])
@@ -105,6 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True, help="model name on the endpoint: /v2/models/NAME/infer")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST}; 0.0.0.0 inside a container)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default: {DEFAULT_PORT})")
+    parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT,
+                        help="also serve KServe's gRPC V2 inference service on this port, same host and limits (default: 0 = off)")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, mps (default: auto)")
     parser.add_argument("--max-request-mb", type=float, default=None, help=f"largest request body in MiB; larger → 413 {env_help('max_request_mb')}")
     parser.add_argument("--max-voxels", type=int, default=None,
@@ -114,6 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help=f"seconds per request from admission to answer; longer → 504 {env_help('timeout_s')}")
     parser.add_argument("--reload-interval", type=float, default=None,
                         help=f"seconds between checks of a models:/NAME@ALIAS alias for a new version, 0 = off {env_help('reload_interval_s')}")
+    parser.add_argument("--memory-budget-mb", type=float, default=None,
+                        help="MiB the admitted request bodies may take once parsed (bytes × measured growth: JSON ~12x, binary ~4x); more → 503 + "
+                             f"Retry-After; 0 = half the container's cgroup memory limit {env_help('memory_budget_mb')}")
 
 
 def limits_from_args(args: argparse.Namespace) -> Any:
@@ -122,13 +142,15 @@ def limits_from_args(args: argparse.Namespace) -> Any:
 
     return ServeLimits.resolve(max_request_mb=getattr(args, "max_request_mb", None), max_voxels=getattr(args, "max_voxels", None),
                                max_concurrent=getattr(args, "max_concurrent", None), max_queue=getattr(args, "max_queue", None),
-                               timeout_s=getattr(args, "timeout", None), reload_interval_s=getattr(args, "reload_interval", None))
+                               timeout_s=getattr(args, "timeout", None), reload_interval_s=getattr(args, "reload_interval", None),
+                               memory_budget_mb=getattr(args, "memory_budget_mb", None))
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``medseg serve`` (blocks until the server stops); returns the exit code."""
     limits = limits_from_args(args)
-    serve(args.model, args.name, host=args.host, port=args.port, device=getattr(args, "device", "auto"), limits=limits)
+    serve(args.model, args.name, host=args.host, port=args.port, device=getattr(args, "device", "auto"), limits=limits,
+          grpc_port=getattr(args, "grpc_port", DEFAULT_GRPC_PORT) or 0)
     return 0
 
 
