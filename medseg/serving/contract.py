@@ -15,6 +15,7 @@ No module here names a task's channels, labels or regions: they all come from th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ class Contract:
     groups: tuple[str, ...]  # a segmentation model's reported groups (volumes_ml order)
     inputs: tuple[dict[str, Any], ...]
     outputs: tuple[dict[str, Any], ...]
+    min_shape: tuple[int, ...] | None = None  # smallest volume at the model's spacing (segmentation); None: no minimum
 
     @classmethod
     def of(cls, predictor: Any) -> Contract:
@@ -56,7 +58,8 @@ class Contract:
             inputs.append(entry)
         classes = tuple(predictor.classes) if task.is_classification else ()
         return cls(task=task, channels=channels, covariates=tuple(covariates), classes=classes,
-                   groups=tuple(task.reported_groups), inputs=tuple(inputs), outputs=tuple(s.metadata() for s in task.endpoint_outputs()))
+                   groups=tuple(task.reported_groups), inputs=tuple(inputs), outputs=tuple(s.metadata() for s in task.endpoint_outputs()),
+                   min_shape=None if task.is_classification else minimum_shape(predictor))
 
     @property
     def kind(self) -> str:
@@ -71,7 +74,8 @@ class Contract:
         return list(self.task.foreground_labels)
 
     def input_spec(self) -> InputSpec:
-        return InputSpec(self.channels, self.covariates, self.task.slice_axis if self.task.is_slice_set else None)
+        volume_min = self.min_shape if self.min_shape is not None and len(self.min_shape) == 3 else None  # a 2D window's minimum is per slice
+        return InputSpec(self.channels, self.covariates, self.task.slice_axis if self.task.is_slice_set else None, volume_min)
 
     def parameters(self, version: str) -> dict[str, str]:
         """Model-level metadata parameters (V2 parameters are scalars: lists as comma-separated text)."""
@@ -94,4 +98,19 @@ class Contract:
                 "outputs": [dict(o) for o in self.outputs], "parameters": self.parameters(version)}
 
 
-__all__ = ["Contract", "PLATFORM"]
+def minimum_shape(predictor: Any) -> tuple[int, ...] | None:
+    """The smallest volume, per axis at the model's spacing, the network can segment: its total downsampling (the product
+    of its strides), below which its coarsest feature map would hold less than one voxel of the case. Networks without
+    strides in their configuration (transformers) use an eighth of their window. Smaller inputs than the window itself
+    are fine (the sliding window pads them)."""
+    config = getattr(predictor, "config", None)
+    network = getattr(config, "network", None)
+    network = network if isinstance(network, dict) else {}
+    strides = network.get("strides")
+    if isinstance(strides, list) and strides and all(isinstance(s, (list, tuple)) for s in strides):
+        return tuple(math.prod(int(s[axis]) for s in strides) for axis in range(len(strides[0])))
+    patch = getattr(predictor, "patch_size", None)
+    return tuple(max(1, math.ceil(int(p) / 8)) for p in patch) if patch else None
+
+
+__all__ = ["Contract", "PLATFORM", "minimum_shape"]

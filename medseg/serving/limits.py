@@ -1,8 +1,11 @@
-"""Serving limits: how big a request may be, how many run or wait at once, and how long one may take.
+"""Serving limits: how big a request may be, how many run or wait at once, how much memory their bodies may
+take once parsed, and how long one may take.
 
 :class:`ServeLimits` holds the numbers (``medseg serve`` options, else ``MEDSEG_SERVE_*`` environment
 variables, else the defaults below). :class:`Gate` admits at most ``max_concurrent + max_queue`` inference
-requests into the server; each admitted request holds a :class:`Ticket` until its HTTP exchange has ended
+requests into the server, and only while the admitted bodies' bytes times their parse growth (:data:`PARSE_GROWTH`,
+measured by ``benchmarks/parse_growth.py``) stay under the memory budget (``--memory-budget-mb``, else half the
+container's memory limit read from the cgroup, :func:`container_memory_bytes`); each admitted request holds a :class:`Ticket` until its HTTP exchange has ended
 **and** every worker thread it started has returned, so a request that timed out (504) keeps its slot while
 its thread still holds memory, and memory stays bounded by the admission capacity.
 
@@ -37,7 +40,57 @@ _SETTINGS: dict[str, tuple[str, float | int, type]] = {
     "max_queue": ("MEDSEG_SERVE_MAX_QUEUE", 4, int),
     "timeout_s": ("MEDSEG_SERVE_TIMEOUT_S", 300.0, float),
     "reload_interval_s": ("MEDSEG_SERVE_RELOAD_INTERVAL_S", 60.0, float),
+    "memory_budget_mb": ("MEDSEG_SERVE_MEMORY_BUDGET_MB", 0.0, float),  # 0: half the container's memory limit
 }
+
+#: Peak memory while a request is decoded, per byte of its body, by encoding (benchmarks/parse_growth.py, 2026-12-05,
+#: a 4×64³ FP32 case through the real server, peak RSS above idle per body byte): JSON FP32 ~11x (the text becomes
+#: Python floats, then a float64 and a float32 array), binary extension ~3x (the body, the float32 view's copies
+#: for transposing and resampling). Rounded up: admission must not under-count.
+PARSE_GROWTH = {"json": 12.0, "binary": 4.0}
+#: Share of the container's memory limit the request bodies may take once parsed (the model, its activations and
+#: the Python runtime need the rest).
+BUDGET_SHARE_OF_LIMIT = 0.5
+#: Budget when no limit can be read and the machine's RAM is unknown either.
+FALLBACK_BUDGET_BYTES = 4 * 1024**3
+_UNLIMITED = 1 << 60  # cgroup v1 writes a huge number (~2**63, page-aligned) for "no limit"
+
+
+def container_memory_bytes(root: str = "/sys/fs/cgroup") -> int | None:
+    """The container's memory limit in bytes from the cgroup (v2 ``memory.max``, v1 ``memory/memory.limit_in_bytes``);
+    None when unlimited ("max" or v1's huge number) or unreadable."""
+    for path in (os.path.join(root, "memory.max"), os.path.join(root, "memory", "memory.limit_in_bytes")):
+        try:
+            text = open(path, encoding="ascii").read().strip()  # noqa: SIM115 (one short read)
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        return value if 0 < value < _UNLIMITED else None
+    return None
+
+
+def machine_memory_bytes() -> int | None:
+    """Physical RAM in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_memory_budget_bytes(cgroup_root: str = "/sys/fs/cgroup") -> tuple[int, str]:
+    """``(bytes, where it came from)``: half the cgroup's memory limit, else half the machine's RAM, else 4 GiB."""
+    limit = container_memory_bytes(cgroup_root)
+    if limit is not None:
+        return int(limit * BUDGET_SHARE_OF_LIMIT), f"half the container's memory limit ({limit / MIB:.0f} MiB, cgroup)"
+    ram = machine_memory_bytes()
+    if ram is not None:
+        return int(ram * BUDGET_SHARE_OF_LIMIT), f"half the machine's RAM ({ram / MIB:.0f} MiB; the cgroup sets no limit)"
+    return FALLBACK_BUDGET_BYTES, "the 4 GiB default (no cgroup limit, RAM unknown)"
 
 
 @dataclass(frozen=True)
@@ -51,6 +104,8 @@ class ServeLimits:
     - ``max_queue``: admitted requests waiting beyond those; one more → 503 with ``Retry-After``.
     - ``timeout_s``: seconds from admission to the answer; later → 504.
     - ``reload_interval_s``: seconds between checks of a ``models:/NAME@ALIAS`` alias (0: no polling).
+    - ``memory_budget_mb``: MiB the admitted bodies may take once parsed (bytes × :data:`PARSE_GROWTH`); 0: half the
+      container's memory limit (cgroup), else half the machine's RAM.
     """
 
     max_request_mb: float = 200.0
@@ -59,6 +114,7 @@ class ServeLimits:
     max_queue: int = 4
     timeout_s: float = 300.0
     reload_interval_s: float = 60.0
+    memory_budget_mb: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -74,12 +130,20 @@ class ServeLimits:
             problems.append(f"timeout_s must be > 0 (got {self.timeout_s})")
         if not (math.isfinite(self.reload_interval_s) and self.reload_interval_s >= 0):
             problems.append(f"reload_interval_s must be >= 0 (got {self.reload_interval_s})")
+        if not (math.isfinite(self.memory_budget_mb) and self.memory_budget_mb >= 0):
+            problems.append(f"memory_budget_mb must be >= 0 (got {self.memory_budget_mb})")
         if problems:
             raise MedsegError("invalid serving limits: " + "; ".join(problems))
 
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * MIB)
+
+    def memory_budget(self) -> tuple[int, str]:
+        """``(bytes, where it came from)`` of the parse-memory budget."""
+        if self.memory_budget_mb > 0:
+            return int(self.memory_budget_mb * MIB), "--memory-budget-mb"
+        return default_memory_budget_bytes()
 
     @property
     def capacity(self) -> int:
@@ -118,6 +182,7 @@ class Ticket:
     worker thread that entered it. ``binary`` holds the tensors the guard parsed from a binary-extension body."""
 
     gate: Gate
+    cost: int = 0  # parse-memory bytes reserved in the gate (body bytes × growth)
     started: float = field(default_factory=time.monotonic)
     binary: dict[str, Any] = field(default_factory=dict)
     abandoned: bool = False
@@ -150,16 +215,20 @@ class Ticket:
             if close:
                 self._closed = True
         if close:
-            self.gate.release(time.monotonic() - self.started)
+            self.gate.release(time.monotonic() - self.started, self.cost)
 
 
 class Gate:
-    """Admission control: at most ``capacity`` tickets out at once."""
+    """Admission control: at most ``capacity`` tickets out at once, holding at most ``budget_bytes`` of parse memory."""
 
-    def __init__(self, capacity: int, on_change: Callable[[int], None] | None = None, on_release: Callable[[], None] | None = None):
+    def __init__(self, capacity: int, on_change: Callable[[int], None] | None = None, on_release: Callable[[], None] | None = None,
+                 budget_bytes: int | None = None):
         """``on_change(admitted)`` after every admission and release; ``on_release()`` after a release (a request,
-        its threads included, has left the server: the guard gives freed heap memory back then)."""
+        its threads included, has left the server: the guard gives freed heap memory back then). ``budget_bytes``:
+        the parse memory all admitted requests may hold (None: unbounded)."""
         self.capacity = capacity
+        self.budget_bytes = budget_bytes
+        self._reserved = 0
         self._admitted = 0
         self._lock = threading.Lock()
         self._mean_seconds: float | None = None  # moving average of how long an admitted request holds its slot
@@ -170,20 +239,43 @@ class Gate:
     def admitted(self) -> int:
         return self._admitted
 
-    def try_admit(self) -> Ticket | None:
-        """A ticket, or None when ``capacity`` requests are already admitted."""
+    @property
+    def reserved_bytes(self) -> int:
+        return self._reserved
+
+    def fits_alone(self, cost: int) -> bool:
+        """Whether a request of parse memory ``cost`` could ever be admitted (it fits the budget on its own)."""
+        return self.budget_bytes is None or cost <= self.budget_bytes
+
+    def try_admit(self, cost: int = 0) -> Ticket | None:
+        """A ticket holding ``cost`` bytes of parse memory, or None when ``capacity`` requests are already admitted
+        or ``cost`` does not fit beside what is reserved."""
         with self._lock:
-            if self._admitted >= self.capacity:
+            if self._admitted >= self.capacity or not self._fits(cost):
                 return None
             self._admitted += 1
+            self._reserved += cost
             count = self._admitted
         if self._on_change:
             self._on_change(count)
-        return Ticket(self)
+        return Ticket(self, cost=cost)
 
-    def release(self, seconds: float) -> None:
+    def try_reserve(self, ticket: Ticket, more: int) -> bool:
+        """Add ``more`` bytes to an admitted ticket (a body sent without a length, counted once read); False if they do not fit."""
+        with self._lock:
+            if not self._fits(more):
+                return False
+            self._reserved += more
+            ticket.cost += more
+        return True
+
+    def _fits(self, cost: int) -> bool:
+        return self.budget_bytes is None or self._reserved + cost <= self.budget_bytes
+
+    def release(self, seconds: float, cost: int = 0) -> None:
         with self._lock:
             self._admitted -= 1
+            self._reserved -= cost
             count = self._admitted
             self._mean_seconds = seconds if self._mean_seconds is None else 0.8 * self._mean_seconds + 0.2 * seconds
         if self._on_change:
