@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_REMOTE = "storage"
 LEVELS = ("repo", "local")  # .dvc/config (committed) or .dvc/config.local (git-ignored)
+# Attempts per S3 request inside DVC's push/pull (botocore "standard" retries: exponential backoff with jitter).
+# DVC has no option for it; botocore's legacy default (5 attempts) spent ~7 s per file on a stopped endpoint.
+TRANSFER_MAX_ATTEMPTS = 3
 # Remote options that hold secrets: they must never be in the committed .dvc/config.
 SECRET_OPTIONS = ("access_key_id", "secret_access_key", "session_token", "sse_customer_key", "password", "token", "bearer_token_command", "custom_auth_header")
 
@@ -184,6 +188,80 @@ def check_remote(repo: str | Path | Repo = ".", remote: str | None = None, max_a
 
 
 # --------------------------------------------------------------------------- push / pull
+@contextlib.contextmanager
+def _bounded_retries(max_attempts: int) -> Iterator[None]:
+    """Bound the retries of the S3 client DVC builds (through s3fs), unless the user set them already.
+
+    botocore reads ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` from the environment when its config leaves
+    them unset, which s3fs does; they are restored afterwards.
+    """
+    wanted = {"AWS_MAX_ATTEMPTS": str(max(1, int(max_attempts))), "AWS_RETRY_MODE": "standard"}
+    saved = {key: os.environ.get(key) for key in wanted}
+    for key, value in wanted.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _is_transfer_failure(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR and str(record.msg).startswith("failed to transfer")
+
+
+class _TransferFailures(logging.Handler):
+    """Collects DVC's per-file "failed to transfer" records (one line each, thousands on a large dataset)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _is_transfer_failure(record):
+            exc = record.exc_info[1] if record.exc_info else None
+            self.messages.append(record.getMessage() + (f" - {exc}" if exc else ""))
+
+
+@contextlib.contextmanager
+def _summarised_transfer_failures() -> Iterator[list[str]]:
+    """Keep DVC's per-file transfer errors off the console and yield them as a list, for one summary line."""
+    collector = _TransferFailures()
+    sources = [logging.getLogger(name) for name in ("dvc_objects", "dvc_data")]
+    handlers = {h for name in ("dvc", "dvc_objects", "dvc_data", "") for h in logging.getLogger(name).handlers}
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not _is_transfer_failure(record)
+
+    for source in sources:
+        source.addHandler(collector)
+    for handler in handlers:
+        handler.addFilter(keep)
+    try:
+        yield collector.messages
+    finally:
+        for source in sources:
+            source.removeHandler(collector)
+        for handler in handlers:
+            handler.removeFilter(keep)
+
+
+def _transfer_error(verb: str, settings: dict[str, Any], exc: Exception, failures: list[str], repo: Any) -> MedsegError:
+    """One line for a failed push/pull: DVC's count, the first file's error, and whether the endpoint answers now."""
+    text = f"dvc {verb} {'to' if verb == 'push' else 'from'} {settings['url']} failed: {exc}"
+    if failures:
+        text += f" (first: {failures[0]})"
+    try:
+        check_remote(repo, settings["name"], max_attempts=1)
+    except MedsegError as probe:
+        text += f"; now {str(probe).split(': ', 1)[-1]}"
+    text += f"; files already transferred are kept: run `medseg data {verb}` again once the endpoint answers"
+    return MedsegError(text, repo.root_dir)
+
+
 def _targets(targets: str | Path | Sequence[str | Path] | None) -> list[str] | None:
     if targets is None:
         return None
@@ -193,11 +271,14 @@ def _targets(targets: str | Path | Sequence[str | Path] | None) -> list[str] | N
     return [str(Path(t).absolute()) for t in targets] or None
 
 
-def push(repo: str | Path = ".", targets: str | Path | Sequence[str | Path] | None = None, remote: str | None = None, jobs: int | None = None) -> int:
+def push(repo: str | Path = ".", targets: str | Path | Sequence[str | Path] | None = None, remote: str | None = None, jobs: int | None = None,
+         max_attempts: int = TRANSFER_MAX_ATTEMPTS) -> int:
     """Upload the DVC-tracked data of ``repo`` (or only ``targets``: ``.dvc`` files, stage outputs) to the remote.
 
     Same as ``dvc push [-r REMOTE] [TARGETS]`` after :func:`check_remote`. Returns the number of files
-    uploaded (0 when the remote has everything already).
+    uploaded (0 when the remote has everything already). Each S3 request is tried at most ``max_attempts``
+    times with backoff (unless ``AWS_MAX_ATTEMPTS`` is set); files that failed are summarised in one line.
+    DVC writes each object under its content hash, so a push cut short is completed by pushing again.
 
     Raises:
         MedsegError: no remote, remote unreachable or refusing, or some files failed to upload.
@@ -206,15 +287,17 @@ def push(repo: str | Path = ".", targets: str | Path | Sequence[str | Path] | No
 
     with open_repo(repo) as r:
         settings = check_remote(r, remote)
-        try:
-            count = r.push(targets=_targets(targets), remote=settings["name"], jobs=jobs)
-        except DvcException as exc:
-            raise MedsegError(f"dvc push to {settings['url']} failed: {exc}", r.root_dir) from None
+        with _bounded_retries(max_attempts), _summarised_transfer_failures() as failures:
+            try:
+                count = r.push(targets=_targets(targets), remote=settings["name"], jobs=jobs)
+            except DvcException as exc:
+                raise _transfer_error("push", settings, exc, failures, r) from None
     logger.info("pushed %d file(s) to %s", count, settings["url"])
     return int(count)
 
 
-def pull(repo: str | Path = ".", targets: str | Path | Sequence[str | Path] | None = None, remote: str | None = None, jobs: int | None = None) -> dict[str, Any]:
+def pull(repo: str | Path = ".", targets: str | Path | Sequence[str | Path] | None = None, remote: str | None = None, jobs: int | None = None,
+         max_attempts: int = TRANSFER_MAX_ATTEMPTS) -> dict[str, Any]:
     """Download the DVC-tracked data of ``repo`` (or only ``targets``) from the remote into the workspace.
 
     Same as ``dvc pull [-r REMOTE] [TARGETS]`` after :func:`check_remote`. Returns DVC's statistics:
@@ -227,13 +310,14 @@ def pull(repo: str | Path = ".", targets: str | Path | Sequence[str | Path] | No
 
     with open_repo(repo) as r:
         settings = check_remote(r, remote)
-        try:
-            result = r.pull(targets=_targets(targets), remote=settings["name"], jobs=jobs)
-        except CheckoutError as exc:
-            missing = ", ".join(sorted(map(str, getattr(exc, "target_infos", []) or [])))[:500]
-            raise MedsegError(f"dvc pull from {settings['url']}: data missing on the remote (pushed from the other clone?) {missing}".rstrip(), r.root_dir) from None
-        except DvcException as exc:
-            raise MedsegError(f"dvc pull from {settings['url']} failed: {exc}", r.root_dir) from None
+        with _bounded_retries(max_attempts), _summarised_transfer_failures() as failures:
+            try:
+                result = r.pull(targets=_targets(targets), remote=settings["name"], jobs=jobs)
+            except CheckoutError as exc:
+                missing = ", ".join(sorted(map(str, getattr(exc, "target_infos", []) or [])))[:500]
+                raise MedsegError(f"dvc pull from {settings['url']}: data missing on the remote (pushed from the other clone?) {missing}".rstrip(), r.root_dir) from None
+            except DvcException as exc:
+                raise _transfer_error("pull", settings, exc, failures, r) from None
     return dict(result.get("stats", {}))
 
 

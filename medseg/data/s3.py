@@ -90,7 +90,8 @@ def make_client(
         profile: a profile of the AWS config files (default: ``AWS_PROFILE`` as boto3 reads it).
         access_key_id, secret_access_key, session_token: explicit credentials; normally left ``None`` so
             that boto3 takes them from the environment.
-        max_attempts: attempts per request including the first (connection errors are retried).
+        max_attempts: attempts per request including the first (connection errors and 5xx are retried, with
+            botocore's exponential backoff and jitter), so a stopped endpoint fails after a few seconds.
         connect_timeout, read_timeout: seconds.
     """
     import boto3
@@ -100,7 +101,8 @@ def make_client(
     config = Config(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
-        retries={"max_attempts": max_attempts, "mode": "standard"},
+        # total_max_attempts counts the first request; botocore's "max_attempts" would count retries only (one more)
+        retries={"total_max_attempts": max(1, int(max_attempts)), "mode": "standard"},
         s3={"addressing_style": "path"} if endpoint_url else None,
     )
     try:
@@ -119,6 +121,13 @@ def make_client(
 
 def _client_endpoint(client: BaseClient) -> str:
     return str(getattr(getattr(client, "meta", None), "endpoint_url", "") or "AWS S3")
+
+
+def _client_attempts(client: BaseClient) -> int | None:
+    """Attempts per request of the client's retry config (for error messages), when it says."""
+    retries = getattr(getattr(getattr(client, "meta", None), "config", None), "retries", None)
+    attempts = retries.get("total_max_attempts") if isinstance(retries, dict) else None
+    return attempts if isinstance(attempts, int) else None
 
 
 # --------------------------------------------------------------------------- URIs and keys
@@ -176,11 +185,12 @@ def relative_key(key: str, prefix: str, name: str | None = None) -> PurePosixPat
 
 # --------------------------------------------------------------------------- errors
 @contextlib.contextmanager
-def s3_errors(target: str, endpoint: str = "AWS S3") -> Iterator[None]:
+def s3_errors(target: str, endpoint: str = "AWS S3", attempts: int | None = None) -> Iterator[None]:
     """Turn botocore exceptions into one-line :class:`MedsegError` naming ``target`` (a URI).
 
     Covers a missing bucket or key, rejected or missing credentials, access denied, and an endpoint
-    that cannot be reached; the botocore traceback is dropped (``from None``).
+    that cannot be reached (``attempts``, when given, is said in that message); the botocore traceback
+    is dropped (``from None``).
     """
     from botocore.exceptions import (
         BotoCoreError,
@@ -196,7 +206,8 @@ def s3_errors(target: str, endpoint: str = "AWS S3") -> Iterator[None]:
     except (NoCredentialsError, PartialCredentialsError):
         raise MedsegError("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment", target) from None
     except (BotoConnectionError, HTTPClientError) as exc:  # EndpointConnectionError, timeouts, closed connections
-        raise MedsegError(f"cannot reach the S3 endpoint {endpoint} ({type(exc).__name__}): is the server up and the endpoint URL right?", target) from None
+        tried = f" ({attempts} attempts with backoff)" if attempts else ""
+        raise MedsegError(f"cannot reach the S3 endpoint {endpoint} ({type(exc).__name__}): is the server up and the endpoint URL right?{tried}", target) from None
     except ClientError as exc:
         raise MedsegError(describe_client_error(exc), target) from None
     except BotoCoreError as exc:
@@ -296,8 +307,9 @@ def download_prefix(uri: str | Path, dest: str | Path, progress: bool = True, cl
     dest = Path(dest)
     client = client or make_client()
     endpoint = _client_endpoint(client)
+    attempts = _client_attempts(client)
 
-    with s3_errors(uri, endpoint):
+    with s3_errors(uri, endpoint, attempts):
         listed = list_objects(client, bucket, prefix)
     objects = sorted((o for o in listed if not o["Key"].endswith("/")), key=lambda o: o["Key"])
     if not objects:
@@ -314,7 +326,7 @@ def download_prefix(uri: str | Path, dest: str | Path, progress: bool = True, cl
             name = f"{S3_SCHEME}{bucket}/{obj['Key']}"
             target = tmp.joinpath(*rel.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            size, sha256 = _download_object(client, bucket, obj, target, name, endpoint, bar)
+            size, sha256 = _download_object(client, bucket, obj, target, name, endpoint, bar, attempts)
             records.append({"key": obj["Key"], "path": str(dest.joinpath(*rel.parts)), "size": size, "sha256": sha256})
     return records
 
@@ -330,7 +342,8 @@ def _check_no_clashes(relative: list[PurePosixPath], uri: str) -> None:
                 raise MedsegError(f"object {parent} is also a folder of {rel}: cannot write both", uri)
 
 
-def _download_object(client: BaseClient, bucket: str, obj: dict[str, Any], target: Path, name: str, endpoint: str, bar: tqdm) -> tuple[int, str]:
+def _download_object(client: BaseClient, bucket: str, obj: dict[str, Any], target: Path, name: str, endpoint: str, bar: tqdm,
+                     attempts: int | None = None) -> tuple[int, str]:
     from botocore.exceptions import BotoCoreError
 
     sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
@@ -338,7 +351,7 @@ def _download_object(client: BaseClient, bucket: str, obj: dict[str, Any], targe
     request: dict[str, Any] = {"Bucket": bucket, "Key": obj["Key"]}
     if obj.get("ETag"):
         request["IfMatch"] = obj["ETag"]
-    with s3_errors(name, endpoint):
+    with s3_errors(name, endpoint, attempts):
         response = client.get_object(**request)
         try:
             with open(target, "wb") as fh:

@@ -1,0 +1,279 @@
+"""Faults injected into the real local parts (issue 15, point 7), and what must survive them.
+
+* The S3 endpoint (a real ``moto_server``) is killed during ``medseg ingest --source s3://…`` and during
+  ``medseg data push``: a bounded retry with backoff, then one clear line naming the endpoint and the object;
+  no half-written dataset; after a restart a re-run completes (same manifest hash as a clean run, the push
+  uploads everything).
+* The disk fills during ``medseg preprocess``: a real tmpfs that is too small when the tests run as root and
+  may mount, else a simulated ``ENOSPC`` (the test says which in its output); a clear error naming the file,
+  nothing half-written left, a re-run with space gives the clean run's files.
+* The model server is killed mid-request and restarted: the client's bounded retry ends in a clear error, the
+  restarted server serves the same version, and the same request gives the same answer.
+
+moto keeps its data in memory: a restarted endpoint is empty, so the tests upload the source again (a real
+S3 or MinIO keeps it; the retry and rerun paths are the same).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from medseg.cli import main
+from medseg.data import dvc_remote, s3
+from medseg.errors import MedsegError
+
+VENV_BIN = Path(sys.executable).parent
+# Dummy credentials: moto accepts any; they exist only in the environment of these tests.
+DUMMY_ENV = {"AWS_ACCESS_KEY_ID": "medsegfaultkey0001", "AWS_SECRET_ACCESS_KEY": "medseg-fault-secret-0002", "AWS_DEFAULT_REGION": "us-east-1"}
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- a moto_server that can be killed and restarted
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class MotoServer:
+    """A real ``moto_server`` on 127.0.0.1:port, which a test may kill (SIGKILL: no goodbye) and start again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = folder / "moto.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start it on the same port as before and wait until it answers."""
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                                         stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"moto_server exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=2):
+                    return
+            except urllib.error.HTTPError:
+                return  # it answers
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not answer on {self.url} within 30 s")
+                time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a lost node would stop it; returns once the process is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def moto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh moto_server per test (the tests kill it), with dummy credentials and its endpoint in this test's
+    environment only; DVC isolated from the user's config and offline."""
+    server = MotoServer(tmp_path)
+    server.start()
+    for key, value in DUMMY_ENV.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MEDSEG_S3_ENDPOINT_URL", server.url)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    for key in ("DVC_GLOBAL_CONFIG_DIR", "DVC_SYSTEM_CONFIG_DIR", "DVC_SITE_CACHE_DIR"):
+        path = tmp_path / "dvc-env" / key.lower()
+        path.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(key, str(path))
+    yield server
+    server.kill()
+
+
+def _upload(bucket: str, prefix: str, folder: Path) -> int:
+    """Create ``bucket`` and upload every file of ``folder`` under ``prefix``; returns the object count."""
+    client = s3.make_client()
+    client.create_bucket(Bucket=bucket)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
+    return len(files)
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """relative path → sha256 of every file under ``folder``."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Temporary names (``.NAME.….tmp``, staging folders) in ``folder``: what a half-finished write leaves."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------- S3 endpoint stops during ingest
+def test_s3_endpoint_killed_during_ingest(moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from medseg.ingest import ingest
+    from medseg.schemas import Manifest
+    from tests.test_ingest import make_source
+
+    source = make_source(tmp_path, patients=4)  # 4 cases × 5 NIfTI files
+    bucket, prefix = f"faults-{uuid.uuid4().hex[:8]}", "brats/raw"
+    n_objects = _upload(bucket, prefix, source)
+    uri = f"s3://{bucket}/{prefix}"
+    work = tmp_path / "work"
+    out = work / "dataset"
+    clean = ingest(uri, out, progress=False)  # a clean run: the version to reach again
+    clean_tree = _tree(out)
+
+    # Kill the endpoint as the 7th object is asked for (mid-way through the second case), through botocore's own
+    # event hooks on the real client; record every attempt at the object that met the dead endpoint.
+    kill_at = 7
+    gets: list[str] = []
+    attempts: list[float] = []
+    real_make_client = s3.make_client
+
+    def make_client(*args: Any, **kwargs: Any) -> Any:
+        client = real_make_client(*args, **kwargs)
+
+        def on_call(params: dict[str, Any], **_: Any) -> None:
+            gets.append(params["Key"])
+            if len(gets) == kill_at:
+                moto.kill()
+
+        def on_send(request: Any, **_: Any) -> None:
+            if len(gets) >= kill_at:
+                attempts.append(time.monotonic())
+
+        client.meta.events.register("before-parameter-build.s3.GetObject", on_call)
+        client.meta.events.register("before-send.s3.GetObject", on_send)
+        return client
+
+    monkeypatch.setattr(s3, "make_client", make_client)
+    t0 = time.monotonic()
+    code = main(["ingest", "--source", uri, "--out", str(out), "--no-progress"])
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    with capsys.disabled():
+        print(f"\ningest with the endpoint killed at object {kill_at}/{n_objects}: {len(attempts)} attempt(s), failed after {elapsed:.1f} s\n{err.strip()}")
+
+    # a clear error, one line, naming the endpoint and the object; bounded retry with backoff, no hang
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert line.startswith(f"error: s3://{bucket}/{gets[kill_at - 1]}: ")
+    assert f"cannot reach the S3 endpoint {moto.url}" in line
+    assert len(attempts) == 3, "make_client's max_attempts=3 (standard mode, first request included) bounds the retries"
+    assert "(3 attempts with backoff)" in line
+    assert elapsed < 30
+    # nothing half-written: the dataset of the clean run is untouched, no temporary or staging folder is left
+    assert _tree(out) == clean_tree
+    assert _leftovers(work) == []
+
+    # the endpoint comes back (empty: moto keeps data in memory), the source is uploaded again, the re-run completes
+    monkeypatch.setattr(s3, "make_client", real_make_client)
+    moto.start()
+    _upload(bucket, prefix, source)
+    assert main(["ingest", "--source", uri, "--out", str(out), "--no-progress"]) == 0
+    assert Manifest.load(out).content_hash == clean.content_hash
+    assert {k: v for k, v in _tree(out).items() if k != "manifest.json"} == {k: v for k, v in clean_tree.items() if k != "manifest.json"}
+    assert _leftovers(work) == []
+
+
+# --------------------------------------------------------------------------- S3 endpoint stops during `medseg data push`
+def _dvc(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def _kill_on_first_upload(moto: MotoServer, bucket: str, stop: threading.Event) -> threading.Thread:
+    """A thread that kills the endpoint as soon as its request log shows the first upload of a DVC object."""
+    marker = f"PUT /{bucket}/store/files/"
+
+    def watch() -> None:
+        while not stop.is_set():
+            if marker in moto.log_text():
+                moto.kill()
+                return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_s3_endpoint_killed_during_data_push(moto: MotoServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _dvc(["git", "init", "-q"], repo)
+    _dvc(["dvc", "init", "-q"], repo)
+    data = repo / "data"
+    data.mkdir()
+    rng = __import__("numpy").random.default_rng(0)
+    n_files = 40
+    for i in range(n_files):
+        (data / f"part{i:03d}.bin").write_bytes(rng.bytes(40_000))
+    _dvc(["dvc", "add", "-q", "data"], repo)
+    bucket = f"faults-{uuid.uuid4().hex[:8]}"
+    s3.make_client().create_bucket(Bucket=bucket)
+    assert main(["data", "remote", "--url", f"s3://{bucket}/store", "--repo", str(repo)]) == 0
+    capsys.readouterr()
+
+    stop = threading.Event()
+    watcher = _kill_on_first_upload(moto, bucket, stop)
+    t0 = time.monotonic()
+    code = main(["data", "push", "--repo", str(repo)])
+    elapsed = time.monotonic() - t0
+    stop.set()
+    watcher.join(timeout=5)
+    captured = capsys.readouterr()
+    with capsys.disabled():
+        print(f"\ndata push with the endpoint killed at the first upload: failed after {elapsed:.1f} s")
+        print("\n".join(line for line in captured.err.splitlines() if line.startswith("error:")))
+
+    assert code == 2
+    assert moto.proc is not None and moto.proc.poll() is not None, "the endpoint was killed mid-push"
+    lines = [line for line in (captured.err + captured.out).splitlines() if line.strip()]
+    assert "Traceback" not in captured.err
+    assert not [line for line in lines if "failed to transfer" in line and not line.startswith("error:")], "one summary line, not one per file"
+    error = [line for line in lines if line.startswith("error:")]
+    assert len(error) == 1
+    assert f"dvc push to s3://{bucket}/store failed" in error[0] and "files failed to upload" in error[0]
+    assert f"{moto.url}/{bucket}/store/files/md5/" in error[0], "names the endpoint and an object"
+    assert f"cannot reach the S3 endpoint {moto.url}" in error[0]
+    assert "run `medseg data push` again" in error[0]
+    assert elapsed < 60, "bounded retries (3 attempts per request), not ~7 s per file"
+    assert os.environ.get("AWS_MAX_ATTEMPTS") is None, "the retry bound is not left in the environment"
+
+    # the endpoint restarts (empty): a second push completes and the remote holds all the data
+    moto.start()
+    s3.make_client().create_bucket(Bucket=bucket)
+    assert main(["data", "push", "--repo", str(repo)]) == 0
+    assert f"pushed {n_files + 1} file(s)" in capsys.readouterr().out  # the files and the directory listing
+    assert len(s3.list_objects(s3.make_client(), bucket, "store/")) == n_files + 1
+    assert main(["data", "push", "--repo", str(repo)]) == 0 and "up to date" in capsys.readouterr().out
