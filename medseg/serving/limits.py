@@ -43,11 +43,14 @@ _SETTINGS: dict[str, tuple[str, float | int, type]] = {
     "memory_budget_mb": ("MEDSEG_SERVE_MEMORY_BUDGET_MB", 0.0, float),  # 0: half the container's memory limit
 }
 
-#: Peak memory while a request is decoded, per byte of its body, by encoding (benchmarks/parse_growth.py, 2026-12-05,
-#: a 4×64³ FP32 case through the real server, peak RSS above idle per body byte): JSON FP32 ~11x (the text becomes
-#: Python floats, then a float64 and a float32 array), binary extension ~3x (the body, the float32 view's copies
-#: for transposing and resampling). Rounded up: admission must not under-count.
-PARSE_GROWTH = {"json": 12.0, "binary": 4.0}
+#: Peak memory of decoding a request, per byte of its body, by encoding: measured by benchmarks/parse_growth.py
+#: (2026-12-05, the real server, a 4×64³ FP32 case, peak RSS above the RSS before the request; results in
+#: benchmarks/results/parse_growth*.json). JSON: 5.1x with 7-digit values, 12.7–12.9x with short ones ("5.0, ", the
+#: most values per byte: the worst case); binary extension: 2.05–2.07x. Rounded up, JSON at its worst case:
+#: admission must not under-count. Prediction (resampling, activations) comes on top for the running requests
+#: only, which ``max_concurrent`` bounds (full requests peaked at 13.7–17x a binary body, 6.5–18.7x a JSON one).
+#: NIfTI files inside a body are charged as bytes too; their decompressed size is bounded by ``max_voxels``.
+PARSE_GROWTH = {"json": 13.0, "binary": 2.5}
 #: Share of the container's memory limit the request bodies may take once parsed (the model, its activations and
 #: the Python runtime need the rest).
 BUDGET_SHARE_OF_LIMIT = 0.5
