@@ -28,4 +28,4 @@ def batch_inference_pipeline(
     task = predict(model_uri=model_uri, input_dir=input_dir, overlap=overlap, mirror=mirror, mlflow_tracking_uri=mlflow_tracking_uri)
     task.set_display_name("Batch predict")
     task.set_caching_options(False)  # the registry alias may point elsewhere by the next run
-    _mount_secrets(task, "mlflow", "s3")
+    _mount_secrets(task, "mlflow", "mlflow_user", "s3")

@@ -46,6 +46,18 @@ def _mount_secrets(task: dsl.PipelineTask, *which: str) -> None:
             kubernetes.use_secret_as_env(task, secret_name=secret["name"], secret_key_to_env=dict(secret["keys"]))
 
 
+def _mount_deployer_token(task: dsl.PipelineTask) -> None:
+    """The deploy step's own Kubernetes identity: Secret ``cluster.deployer_token`` (a token of the ServiceAccount
+    medseg/medseg-deployer, the only subject of the Role that may get/create/patch InferenceServices) as files
+    where ``medseg.deploy.identity`` reads them. kfp-kubernetes 2.17 has no per-task service account, so this
+    token, mounted on this task only, is what separates the deploy step from the other steps of the run."""
+    from medseg.deploy.identity import DEFAULT_TOKEN_DIR
+
+    secret = (CLUSTER.get("deployer_token") or {}).get("name")
+    if secret:
+        kubernetes.use_secret_as_volume(task, secret_name=secret, mount_path=DEFAULT_TOKEN_DIR)
+
+
 def _mount_source_data(task: dsl.PipelineTask) -> None:
     """A path source lives on the PVC named in ``params.yaml`` → cluster.data_pvc, mounted at its
     ``mount_path`` when one is set (an ``s3://`` source needs only the S3 Secret, mounted below)."""
@@ -137,7 +149,7 @@ def training_pipeline(
                              pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         worker.set_display_name("Tune worker (Optuna)")
         _training_resources(worker)
-        _mount_secrets(worker, "mlflow", "s3", "optuna")
+        _mount_secrets(worker, "mlflow", "mlflow_user", "s3", "optuna")
     tuned = tune(workers=dsl.Collected(worker.outputs["Output"]), train_params=train_params, tune_params=tune_params, optuna_storage=optuna_storage,
                  pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     tuned.set_display_name("Tune: best parameters of the study")
@@ -175,4 +187,5 @@ def training_pipeline(
     _mount_secrets(shards, "optuna")
     _mount_secrets(tuned, "optuna")
     for task in (trained, registered, promoted, served, deployed):
-        _mount_secrets(task, "mlflow", "s3")
+        _mount_secrets(task, "mlflow", "mlflow_user", "s3")
+    _mount_deployer_token(deployed)

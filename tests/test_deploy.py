@@ -89,8 +89,11 @@ def test_secrets_are_referenced_by_name_only(monkeypatch):
     assert "hunter2" not in text and "wJalrXUtnFEMI" not in text
     env = env_of(isvc)
     secret_env = {name: e["valueFrom"]["secretKeyRef"] for name, e in env.items() if "valueFrom" in e}
-    # the registry URL only: MLflow proxies the artefacts, the predictor holds no object-store credentials
-    assert secret_env == {"MLFLOW_TRACKING_URI": {"name": "medseg-mlflow", "key": "tracking_uri"}}
+    # the registry URL and the predictor's own (READ) MLflow account: MLflow proxies the artefacts, the
+    # predictor holds no object-store credentials
+    assert secret_env == {"MLFLOW_TRACKING_URI": {"name": "medseg-mlflow", "key": "tracking_uri"},
+                          "MLFLOW_TRACKING_USERNAME": {"name": "medseg-mlflow-predictor", "key": "username"},
+                          "MLFLOW_TRACKING_PASSWORD": {"name": "medseg-mlflow-predictor", "key": "password"}}
     assert {name for name, e in env.items() if "value" in e} == {MODEL_URI_ENV, "MEDSEG_DEVICE", "HOME"}  # no literal for anything else
     more = config(secret_env={"MLFLOW_TRACKING_URI": ["medseg-mlflow", "tracking_uri"], "MLFLOW_TRACKING_TOKEN": ["medseg-mlflow-auth", "token"]})
     assert env_of(render_inferenceservice("brats-segmentation", "1", more))["MLFLOW_TRACKING_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "medseg-mlflow-auth", "key": "token"}}

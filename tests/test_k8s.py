@@ -364,7 +364,8 @@ def test_the_deployer_role_grants_only_what_the_deploy_step_needs(target):
     (binding,) = by_kind(objs, "RoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": roles[0]["metadata"]["name"]}
     assert binding["subjects"] and all(s["kind"] == "ServiceAccount" for s in binding["subjects"])
-    assert {"kind": "ServiceAccount", "name": "medseg-deployer", "namespace": NAMESPACE} in binding["subjects"]
+    # its own account only: not the pipeline's pipeline-runner, which every step of a run uses
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "medseg-deployer", "namespace": NAMESPACE}]
     assert one(objs, "ServiceAccount", "medseg-deployer")
     # workloads never get an API token they do not need
     for wid, spec, _ in pod_specs(objs):
@@ -429,6 +430,17 @@ def test_mlflow_server_uses_postgres_and_proxied_s3_artefacts(target):
     container = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow")
     assert container["command"] == ["mlflow", "server"] and "--serve-artifacts" in container["args"]
     env = env_of(container)
+    assert container["args"][container["args"].index("--app-name") + 1] == "basic-auth"   # authentication on
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "medseg-mlflow-admin"
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "medseg-mlflow-admin"
+    pod = deployment["spec"]["template"]["spec"]
+    init = next(c for c in pod["initContainers"] if c["name"] == "write-auth-config")
+    assert env_of(init)["MLFLOW_AUTH_DATABASE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "medseg-mlflow-db", "key": "auth_database_uri"}
+    config_dir = env["MLFLOW_AUTH_CONFIG_PATH"]["value"].rsplit("/", 1)[0]
+    auth_volume = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == config_dir)
+    assert next(v for v in pod["volumes"] if v["name"] == auth_volume)["emptyDir"]["medium"] == "Memory"
+    template = next(v for v in pod["volumes"] if "configMap" in v)["configMap"]["name"]
+    assert "default_permission = NO_PERMISSIONS" in one(objs, "ConfigMap", template)["data"]["basic_auth.ini"]
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "medseg-mlflow-db", "key": "backend_store_uri"}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "medseg-s3"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "medseg-s3"

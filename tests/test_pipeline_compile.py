@@ -129,13 +129,19 @@ def test_secrets_by_name_and_no_literal_credentials(compiled):
         return {s["secretName"]: {k["envVar"]: k["secretKey"] for k in s["keyToEnv"]} for s in k8s[executor].get("secretAsEnv", [])}
 
     expected = {s["name"]: {env: key for key, env in s["keys"].items()} for s in secrets.values()}
-    assert mounted("exec-tune-worker") == {n: expected[n] for n in ("medseg-mlflow", "medseg-s3", "medseg-optuna")}
+    assert mounted("exec-tune-worker") == {n: expected[n] for n in ("medseg-mlflow", "medseg-mlflow-pipeline", "medseg-s3", "medseg-optuna")}
     assert mounted("exec-tune") == mounted("exec-tune-shards") == {"medseg-optuna": expected["medseg-optuna"]}
     for executor in ("exec-train", "exec-register", "exec-promote", "exec-serve", "exec-deploy"):
-        assert mounted(executor) == {n: expected[n] for n in ("medseg-mlflow", "medseg-s3")}, executor
-    # the InferenceService gets the same Secrets, by name and key, through the deploy config
+        assert mounted(executor) == {n: expected[n] for n in ("medseg-mlflow", "medseg-mlflow-pipeline", "medseg-s3")}, executor
+    # the predictor's MLflow account is never mounted into a step; the deployer token on the deploy step only
+    assert not any("medseg-mlflow-predictor" in mounted(e) for e in k8s)
+    volumes = {e: [v["secretName"] for v in k8s[e].get("secretAsVolume", [])] for e in k8s}
+    assert {e: v for e, v in volumes.items() if v} == {"exec-deploy": [params["cluster"]["deployer_token"]["name"]]}
+    # the InferenceService gets the registry URL and the predictor's own (READ) account, by name and key
     config = spec["root"]["inputDefinitions"]["parameters"]["deploy_config"]["defaultValue"]
     assert config["secret_env"]["MLFLOW_TRACKING_URI"] == ["medseg-mlflow", "tracking_uri"]
+    assert config["secret_env"]["MLFLOW_TRACKING_USERNAME"] == ["medseg-mlflow-predictor", "username"]
+    assert config["secret_env"]["MLFLOW_TRACKING_PASSWORD"] == ["medseg-mlflow-predictor", "password"]
     assert "s3cr3t-pw" not in text and "wJalrXUtnFEMI" not in text and "AKIA" not in text
     assert not re.search(r"[a-z+]+://[^/\s:@'\"]+:[^/\s@'\"]+@", text), "a URL with user:password@"
     for name in ("mlflow_tracking_uri", "optuna_storage"):

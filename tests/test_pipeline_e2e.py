@@ -128,8 +128,8 @@ def test_compile_and_load_back(tmp_path):
     docs = list(platform)
     k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     secrets = {s["secretName"] for s in k8s["exec-train"]["secretAsEnv"]}
-    assert secrets == {"medseg-mlflow", "medseg-s3"}
-    assert {s["secretName"] for s in k8s["exec-tune-worker"]["secretAsEnv"]} == {"medseg-mlflow", "medseg-s3", "medseg-optuna"}
+    assert secrets == {"medseg-mlflow", "medseg-mlflow-pipeline", "medseg-s3"}
+    assert {s["secretName"] for s in k8s["exec-tune-worker"]["secretAsEnv"]} == {"medseg-mlflow", "medseg-mlflow-pipeline", "medseg-s3", "medseg-optuna"}
     assert k8s["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert "postgres" not in path.read_text() and "AKIA" not in path.read_text()  # no literal credentials
     assert spec["root"]["dag"]["tasks"]["ingest"]["cachingOptions"] == {}

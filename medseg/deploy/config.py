@@ -15,10 +15,14 @@ from typing import Any
 from medseg.errors import MedsegError
 
 TARGETS = ("local", "kserve")
-#: ``cluster.secrets`` entries the predictor gets: the registry URL only (the MLflow server proxies the
-#: artefacts, ``--serve-artifacts`` in k8s/base/mlflow.yaml, so no object-store credentials in the pod).
-#: Set ``deploy.secret_env`` to give it more.
-PREDICTOR_SECRETS = ("mlflow",)
+#: ``cluster.secrets`` entries the predictor gets: the registry URL and its own MLflow account (READ only;
+#: the MLflow server proxies the artefacts, ``--serve-artifacts`` in k8s/base/mlflow.yaml, so no object-store
+#: credentials in the pod). Set ``deploy.secret_env`` to give it more.
+PREDICTOR_SECRETS = ("mlflow", "predictor_mlflow_user")
+#: Without ``cluster.secrets``: the Secrets of k8s/base/inferenceservice.yaml.
+DEFAULT_PREDICTOR_SECRET_ENV = {"MLFLOW_TRACKING_URI": ("medseg-mlflow", "tracking_uri"),
+                                "MLFLOW_TRACKING_USERNAME": ("medseg-mlflow-predictor", "username"),
+                                "MLFLOW_TRACKING_PASSWORD": ("medseg-mlflow-predictor", "password")}
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -79,7 +83,7 @@ class DeployConfig:
     tmp_size: str = "2Gi"
     node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
     tolerations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    secret_env: dict[str, tuple[str, str]] = dataclasses.field(default_factory=lambda: {"MLFLOW_TRACKING_URI": ("medseg-mlflow", "tracking_uri")})
+    secret_env: dict[str, tuple[str, str]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_PREDICTOR_SECRET_ENV))
     port: int = 8080
     ready_timeout_s: float = 600.0
     field_manager: str = "medseg-deploy"

@@ -59,7 +59,9 @@ def deploy(model_name: str, version_or_alias: str, config: DeployConfig, trackin
     from medseg.deploy.apply import apply_and_wait, get_inferenceservice, load_api_client
     from medseg.deploy.inferenceservice import deployed_version, model_uri, render_inferenceservice
 
-    api = api_client or load_api_client()
+    from medseg.deploy.identity import deployer_api_client
+
+    api = api_client or deployer_api_client() or load_api_client()   # the deploy step: its own account's token
     name = resource_name(model_name)
     live = get_inferenceservice(api, name, config.namespace)
     previous = deployed_version(live)
