@@ -7,6 +7,7 @@ reader never sees a half-written file and a crash leaves what was stored before 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -31,20 +32,46 @@ AFFINE_ATOL_MM = 1e-3
 
 
 # --------------------------------------------------------------------------- atomic writes
+# A full disk or an exhausted quota: what the user must fix by freeing space, not a bug to trace.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the OS saying the disk (or the quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def disk_full_error(exc: OSError, path: str | Path) -> MedsegError:
+    """The one-line error for a full disk while writing ``path``."""
+    code = errno.errorcode.get(exc.errno or 0, "ENOSPC")
+    what = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    return MedsegError(f"{what} ({code}) while writing this file; nothing of the write was kept: free space and run again", path)
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; on success rename it to ``dest``, on error delete it."""
+    """Yield a temporary path beside ``dest``; on success rename it to ``dest``, on error delete it.
+
+    A full disk becomes a :class:`MedsegError` naming ``dest`` (the temporary file is removed first).
+    """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(exc, dest) from None
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the usual permissions
         os.replace(tmp_path, dest)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(exc, dest) from None  # type: ignore[arg-type]
         raise
 
 
@@ -52,13 +79,20 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
 def atomic_dir(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; on success it replaces ``dest`` as a whole.
 
-    The old content of ``dest`` (if any) is removed only after the new one is complete.
+    The old content of ``dest`` (if any) is removed only after the new one is complete. On any error the
+    temporary folder is removed; a full disk, or a :class:`MedsegError` naming a file inside the temporary
+    folder, is raised naming the file's place in ``dest`` instead (the temporary name is gone by then).
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and not overwrite:
-        raise MedsegError("exists already (pass --overwrite to replace it)", dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists() and not overwrite:
+            raise MedsegError("exists already (pass --overwrite to replace it)", dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(exc, dest) from None
+        raise
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
@@ -70,8 +104,14 @@ def atomic_dir(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            where = Path(str(getattr(exc, "filename", None) or dest).replace(str(tmp), str(dest)))
+            raise disk_full_error(exc, where) from None  # type: ignore[arg-type]
+        if type(exc) is MedsegError and str(tmp) in str(exc):
+            # e.g. from a worker process, where the error's path attribute does not survive pickling
+            raise MedsegError(str(exc).replace(str(tmp), str(dest))) from None
         raise
 
 
@@ -119,8 +159,16 @@ def save_npy(dest: str | Path, array: np.ndarray) -> Path:
     """Save an array as ``.npy`` atomically (readable later with ``mmap_mode='r'``)."""
     with atomic_path(dest) as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array))
+            np.save(_WriteOnly(fh), np.ascontiguousarray(array))
     return Path(dest)
+
+
+class _WriteOnly:
+    """A file seen by numpy through ``write`` only. On a real file numpy uses ``tofile``, whose error on a full
+    disk carries no errno ("N requested and M written"); through ``write`` the OS's ``ENOSPC`` comes back as it is."""
+
+    def __init__(self, fh: io.BufferedIOBase) -> None:
+        self.write = fh.write
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

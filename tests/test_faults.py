@@ -277,3 +277,109 @@ def test_s3_endpoint_killed_during_data_push(moto: MotoServer, tmp_path: Path, c
     assert f"pushed {n_files + 1} file(s)" in capsys.readouterr().out  # the files and the directory listing
     assert len(s3.list_objects(s3.make_client(), bucket, "store/")) == n_files + 1
     assert main(["data", "push", "--repo", str(repo)]) == 0 and "up to date" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the disk fills during preprocessing
+def _mount_tmpfs(folder: Path, size_bytes: int) -> str | None:
+    """Mount a tmpfs of ``size_bytes`` on ``folder``; ``None`` when it worked, else why not (not root, no mount,
+    or ``MEDSEG_FAULTS_SIMULATE_ENOSPC=1``, which tries the simulated path where root could mount)."""
+    if os.environ.get("MEDSEG_FAULTS_SIMULATE_ENOSPC") == "1":
+        return "MEDSEG_FAULTS_SIMULATE_ENOSPC=1"
+    if os.geteuid() != 0:
+        return "not root"
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)], capture_output=True, text=True)
+    return None if done.returncode == 0 else f"mount failed: {done.stderr.strip()[:200]}"
+
+
+class _FillingDisk:
+    """The simulated disk where a real tmpfs cannot be mounted: ``numpy.save`` (the preprocessed arrays, the bulk
+    of the bytes) writes into the file until ``capacity`` bytes are used, then fails with ``ENOSPC``."""
+
+    def __init__(self, capacity: int, real_save: Any) -> None:
+        self.capacity, self.used, self.real_save = capacity, 0, real_save
+
+    def save(self, file: Any, arr: Any, *args: Any, **kwargs: Any) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        self.real_save(buffer, arr, *args, **kwargs)
+        data = buffer.getvalue()
+        room = max(0, self.capacity - self.used)
+        file.write(data[:room])  # what fits is written, as the kernel would, then the disk is full
+        self.used += min(room, len(data))
+        if len(data) > room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``(folder, mode, grow)``: a folder that fills up, with ``mode`` "tmpfs" (a real tmpfs that is too small,
+    when root may mount one) or "simulated ENOSPC"; ``grow()`` gives it room for a re-run. Unmounted afterwards."""
+    import numpy
+
+    from tests.test_preprocessing import build_tiny_dataset
+
+    holder: dict[str, Path] = {}
+
+    class _Factory:  # build_tiny_dataset wants a TempPathFactory; one folder of this test will do
+        @staticmethod
+        def mktemp(name: str) -> Path:
+            holder[name] = tmp_path / name
+            holder[name].mkdir()
+            return holder[name]
+
+    tiny = build_tiny_dataset(_Factory())  # type: ignore[arg-type]
+    clean_bytes = sum(p.stat().st_size for p in tiny["pre"].rglob("*") if p.is_file())
+    capacity = (clean_bytes // 2) // 4096 * 4096  # room for about half of the preprocessed output
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    why_not = _mount_tmpfs(folder, capacity)
+    if why_not is None:
+        mode = "tmpfs"
+
+        def grow() -> None:
+            subprocess.run(["mount", "-o", f"remount,size={clean_bytes * 4}", str(folder)], check=True)
+    else:
+        mode = f"simulated ENOSPC ({why_not})"
+        disk = _FillingDisk(capacity, numpy.save)
+        monkeypatch.setattr(numpy, "save", disk.save)
+
+        def grow() -> None:
+            monkeypatch.setattr(numpy, "save", disk.real_save)
+    logging.getLogger(__name__).warning("disk-full test uses %s: %d bytes for %d bytes of output", mode, capacity, clean_bytes)
+    try:
+        yield folder, mode, grow, tiny
+    finally:
+        if mode == "tmpfs":
+            subprocess.run(["umount", str(folder)], check=False)
+            if os.path.ismount(folder):
+                subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_disk_fills_during_preprocessing(small_disk: tuple[Path, str, Any, dict[str, Path]], capsys: pytest.CaptureFixture[str]) -> None:
+    folder, mode, grow, tiny = small_disk
+    out = folder / "pre"
+    # two worker processes on the real tmpfs (the error crosses a process boundary); one where the disk is simulated
+    # (the byte count of the patched numpy.save lives in one process)
+    argv = ["preprocess", "--dataset", str(tiny["dataset"]), "--out", str(out), "--workers", "2" if mode == "tmpfs" else "1"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    with capsys.disabled():
+        print(f"\ndisk full during preprocessing, {mode}:\n" + "\n".join(line for line in err.splitlines() if "error" in line))
+
+    # a clear error naming the output file (its final name, not the vanished temporary one) and the full disk
+    assert code == 2
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # stderr also holds tqdm's bar, closed first
+    assert len(errors) == 1
+    line = errors[0]
+    assert line.startswith(f"error: {out}/3d_fullres/") and ".npy: no space left on device (ENOSPC)" in line, line
+    assert ".tmp" not in line
+    # nothing half-written: no preprocessed folder, no temporary file or folder, no plan
+    assert list(folder.iterdir()) == []
+
+    # with room again the re-run completes, with the clean run's files
+    grow()
+    assert main(argv) == 0
+    assert _tree(out) == _tree(tiny["pre"])
+    assert _leftovers(folder) == []

@@ -30,14 +30,17 @@ def run_cases(fn: Callable[[J], R], jobs: list[J], workers: int | None, desc: st
     runs in this process, which keeps tracebacks and profiles simple.
     """
     n = max(1, min(int(workers or default_workers()), len(jobs) or 1))
+    # the bars are closed on an error too, so that the error message starts on a line of its own
     if n == 1:
-        return [fn(j) for j in tqdm(jobs, desc=desc, unit="case", disable=not progress)]
+        with tqdm(jobs, desc=desc, unit="case", disable=not progress) as bar:
+            return [fn(j) for j in bar]
     results: list[Any] = [None] * len(jobs)
     with ProcessPoolExecutor(n) as pool:
         futures = {pool.submit(fn, j): i for i, j in enumerate(jobs)}
         try:
-            for fut in tqdm(as_completed(futures), total=len(jobs), desc=desc, unit="case", disable=not progress):
-                results[futures[fut]] = fut.result()
+            with tqdm(as_completed(futures), total=len(jobs), desc=desc, unit="case", disable=not progress) as bar:
+                for fut in bar:
+                    results[futures[fut]] = fut.result()
         except BaseException:
             for fut in futures:
                 fut.cancel()
