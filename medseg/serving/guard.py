@@ -46,7 +46,7 @@ from medseg.errors import MedsegError
 from medseg.serving.decode import printable
 from medseg.serving.limits import CURRENT_TICKET, PARSE_GROWTH, Gate, ServeLimits, Ticket
 from medseg.serving.memory import HeapTrimmer
-from medseg.serving.metrics import ADMITTED, REJECTED, REQUESTS
+from medseg.serving.metrics import ADMITTED, ADMITTED_BYTES, REJECTED, REQUESTS
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ class ServingGuard:
         self.describe = describe
         self.heap_trimmer = HeapTrimmer()
         budget, source = limits.memory_budget()
-        self.gate = Gate(limits.capacity, on_change=ADMITTED.set, on_release=self.heap_trimmer.request, budget_bytes=budget)
+        self.gate = Gate(limits.capacity, on_change=ADMITTED.set, on_release=self.heap_trimmer.request, budget_bytes=budget,
+                         on_bytes=ADMITTED_BYTES.set)
         log.info("parse-memory budget for admitted bodies: %.0f MiB (%s)", budget / 2**20, source)
         self._handlers_installed = False
 

@@ -225,10 +225,10 @@ class Gate:
     """Admission control: at most ``capacity`` tickets out at once, holding at most ``budget_bytes`` of parse memory."""
 
     def __init__(self, capacity: int, on_change: Callable[[int], None] | None = None, on_release: Callable[[], None] | None = None,
-                 budget_bytes: int | None = None):
+                 budget_bytes: int | None = None, on_bytes: Callable[[int], None] | None = None):
         """``on_change(admitted)`` after every admission and release; ``on_release()`` after a release (a request,
         its threads included, has left the server: the guard gives freed heap memory back then). ``budget_bytes``:
-        the parse memory all admitted requests may hold (None: unbounded)."""
+        the parse memory all admitted requests may hold (None: unbounded); ``on_bytes(reserved)`` after it changes."""
         self.capacity = capacity
         self.budget_bytes = budget_bytes
         self._reserved = 0
@@ -237,6 +237,7 @@ class Gate:
         self._mean_seconds: float | None = None  # moving average of how long an admitted request holds its slot
         self._on_change = on_change
         self._on_release = on_release
+        self._on_bytes = on_bytes
 
     @property
     def admitted(self) -> int:
@@ -258,9 +259,11 @@ class Gate:
                 return None
             self._admitted += 1
             self._reserved += cost
-            count = self._admitted
+            count, reserved = self._admitted, self._reserved
         if self._on_change:
             self._on_change(count)
+        if self._on_bytes:
+            self._on_bytes(reserved)
         return Ticket(self, cost=cost)
 
     def try_reserve(self, ticket: Ticket, more: int) -> bool:
@@ -270,6 +273,9 @@ class Gate:
                 return False
             self._reserved += more
             ticket.cost += more
+            reserved = self._reserved
+        if self._on_bytes:
+            self._on_bytes(reserved)
         return True
 
     def _fits(self, cost: int) -> bool:
@@ -279,10 +285,12 @@ class Gate:
         with self._lock:
             self._admitted -= 1
             self._reserved -= cost
-            count = self._admitted
+            count, reserved = self._admitted, self._reserved
             self._mean_seconds = seconds if self._mean_seconds is None else 0.8 * self._mean_seconds + 0.2 * seconds
         if self._on_change:
             self._on_change(count)
+        if self._on_bytes:
+            self._on_bytes(reserved)
         if self._on_release:
             self._on_release()
 

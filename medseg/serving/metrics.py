@@ -66,6 +66,8 @@ MODEL_RELOADS = Counter(
 )
 INFLIGHT = Gauge("medseg_inflight_requests", "Inference requests being processed by the model.", ["model"])
 ADMITTED = Gauge("medseg_admitted_requests", "Inference requests admitted by the server (running + queued; capped by --max-concurrent + --max-queue).")
+ADMITTED_BYTES = Gauge("medseg_admitted_parse_bytes", "Parse memory reserved by the admitted requests: body bytes × growth of their encoding "
+                                                      "(capped by --memory-budget-mb).")
 
-__all__ = ["ADMITTED", "DRIFT_LAST_ZSCORE", "DRIFT_ZSCORE", "INFERENCE_SECONDS", "INFLIGHT", "INPUT_VOXELS", "MODEL_INFO",
+__all__ = ["ADMITTED", "ADMITTED_BYTES", "DRIFT_LAST_ZSCORE", "DRIFT_ZSCORE", "INFERENCE_SECONDS", "INFLIGHT", "INPUT_VOXELS", "MODEL_INFO",
            "MODEL_RELOADS", "REJECTED", "REQUESTS", "STAGE_SECONDS"]
