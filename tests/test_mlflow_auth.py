@@ -190,6 +190,19 @@ def test_identities_and_their_permissions(server, as_user, monkeypatch, capsys, 
         client.get_model_version_by_alias(MODEL, "champion")
     assert _status(refused.value) == 403
 
+    # why the predictor also reads the experiment: READ on the model alone resolves the alias but cannot
+    # download the version (its artefacts belong to the experiment's run)
+    as_user(ADMIN)
+    model_only = ("model-only-reader", "mor-" + "f6" * 12)
+    admin = AuthAdmin(server, *ADMIN)
+    admin.ensure_user(*model_only)
+    admin.ensure_grant(model_only[0], "registered_model", MODEL, "READ")
+    as_user(model_only)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == version
+    with pytest.raises(MlflowException) as refused:
+        mlflow.artifacts.download_artifacts(f"models:/{MODEL}@champion", dst_path=str(tmp_path / "dl2"))
+    assert _status(refused.value) == 403
+
 
 def test_setup_refuses_short_passwords_and_the_admin_as_workload(server):
     from medseg.errors import MedsegError
