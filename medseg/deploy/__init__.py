@@ -7,6 +7,7 @@ Modules:
 - :mod:`~medseg.deploy.inferenceservice`: render the ``serving.kserve.io/v1beta1`` InferenceService pinned to
   ``models:/NAME/VERSION``;
 - :mod:`~medseg.deploy.apply`: server-side apply with the ``kubernetes`` client, wait for ``Ready``;
+- :mod:`~medseg.deploy.identity`: the deploy step's own account (a mounted token of ``medseg/medseg-deployer``);
 - :mod:`~medseg.deploy.canary`: canary share, Prometheus checks, full promotion or registry rollback;
 - :mod:`~medseg.deploy.local`: the local target;
 - :mod:`~medseg.deploy.rollout`: :func:`~medseg.deploy.rollout.deploy`, which picks among them.
