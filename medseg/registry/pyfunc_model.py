@@ -9,7 +9,10 @@ wrapper rebuilds the network from ``model_package.json`` and loads ``weights.pt`
     artifacts/model_package/model_package.json   (+ weights.pt, plans.json, dataset.json)
 
 Input: a pandas DataFrame, one row per case, one column per channel of the model (its ``dataset.json``
-channel names, e.g. BraTS's four MR sequences) holding NIfTI file paths, and an optional ``case_id`` column.
+channel names, e.g. BraTS's four MR sequences) holding NIfTI file paths or the files themselves inline as
+``data:`` URIs (base64 of a ``.nii.gz``/``.nii``), and an optional ``case_id`` column. The input example stored
+with a logged model (:func:`synthetic_input_example`) is of the inline kind: one synthetic network window, a few
+kB, valid wherever the model is loaded (a path would name a file of the run that logged it).
 What else, and what comes out, follows the model's task (:class:`medseg.task.Task`):
 
 - segmentation (3D volumes, and 2D slice sets as stacks): optional ``output`` (where to write the segmentation
@@ -20,6 +23,8 @@ What else, and what comes out, follows the model's task (:class:`medseg.task.Tas
 """
 
 # No ``from __future__ import annotations``: MLflow reads predict's type hint at class creation.
+import base64
+import binascii
 import math
 import shutil
 import tempfile
@@ -39,7 +44,30 @@ OUTPUT_COLUMN = "output"
 CASE_ID_COLUMN = "case_id"
 AGE_COLUMN = "age"  # a classifier's covariate: the subject's age in years
 LABEL_COLUMN = "label"  # a classifier's answer: the most probable class
-DEFAULT_PIP_REQUIREMENTS = ("medseg-ops",)
+#: The distribution (and its extra) a logged model needs to load; pinned to the installed version (:func:`model_requirements`).
+DISTRIBUTION, SERVE_EXTRA = "medseg-ops", "serve"
+#: A channel given inline: ``data:[<media type>];base64,<the NIfTI file>``.
+DATA_URI_PREFIX = "data:"
+NIFTI_MEDIA_TYPE = "application/gzip"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def installed_version() -> str:
+    """The installed ``medseg-ops`` version (the package's own version when running from a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        import medseg
+
+        return medseg.__version__
+
+
+def model_requirements() -> list[str]:
+    """``medseg-ops[serve]==<installed version>``: the code that wrote the model is the code that loads it (the
+    pyfunc rebuilds the network from medseg's own classes); MLflow adds its own pin."""
+    return [f"{DISTRIBUTION}[{SERVE_EXTRA}]=={installed_version()}"]
 
 
 class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
@@ -52,8 +80,6 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor.from_package(context.artifacts[MODEL_PACKAGE_ARTIFACT])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from medseg.io import save_nifti
-
         predictor = getattr(self, "predictor", None)
         if predictor is None:  # used directly, without mlflow.pyfunc.load_model
             self.load_context(context)
@@ -62,31 +88,54 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         channels = predictor.channels
         missing = [c for c in channels if c not in frame.columns]
         if missing:
-            raise MedsegError(f"model input lacks column(s) {missing}: expected one NIfTI path per channel ({', '.join(channels)})")
+            raise MedsegError(f"model input lacks column(s) {missing}: expected one NIfTI path (or data: URI) per channel ({', '.join(channels)})")
         classifier = predictor.output == "classes"
         if classifier and predictor.uses_age and AGE_COLUMN not in frame.columns:
             raise MedsegError(f"model input lacks the column {AGE_COLUMN!r}: this classifier takes each subject's age in years")
         rows = []
-        for i, (_, rec) in enumerate(frame.iterrows()):
-            paths = [rec[c] for c in channels]
-            for c, p in zip(channels, paths):
-                if not isinstance(p, (str, Path)) or not str(p):
-                    raise MedsegError(f"row {i}: column {c!r} must hold a NIfTI file path, got {p!r}")
-            row: dict[str, Any] = {}
-            if CASE_ID_COLUMN in frame.columns and _given(rec[CASE_ID_COLUMN]):
-                row[CASE_ID_COLUMN] = str(rec[CASE_ID_COLUMN])
-            if classifier:
-                row.update(_classify(predictor, [str(p) for p in paths], rec, i))
-                rows.append(row)
-                continue
-            pred = predictor.predict_files([str(p) for p in paths])
-            if OUTPUT_COLUMN in frame.columns and _given(rec[OUTPUT_COLUMN]):
-                out = Path(str(rec[OUTPUT_COLUMN]))
-                save_nifti(out, pred.segmentation.astype("uint8"), pred.affine)
-                row[OUTPUT_COLUMN] = str(out)
-            row.update({f"{name}_ml": float(v) for name, v in pred.volumes_ml.items()})
-            rows.append(row)
+        with tempfile.TemporaryDirectory(prefix="medseg-pyfunc-in-") as inline_dir:
+            for i, (_, rec) in enumerate(frame.iterrows()):
+                given = [rec[c] for c in channels]
+                for c, p in zip(channels, given):
+                    if not isinstance(p, (str, Path)) or not str(p):
+                        raise MedsegError(f"row {i}: column {c!r} must hold a NIfTI file path or a data: URI, got {p!r}")
+                paths = [_inline_file(str(p), Path(inline_dir) / f"row{i}_{k}", i, c) if str(p).startswith(DATA_URI_PREFIX) else p
+                         for k, (c, p) in enumerate(zip(channels, given))]
+                rows.append(_predict_row(predictor, frame, rec, paths, classifier, i))
         return pd.DataFrame(rows)
+
+
+def _predict_row(predictor: Any, frame: pd.DataFrame, rec: Any, paths: list[Any], classifier: bool, i: int) -> dict[str, Any]:
+    """The output row of one input row whose channels are files (``paths``)."""
+    from medseg.io import save_nifti
+
+    row: dict[str, Any] = {}
+    if CASE_ID_COLUMN in frame.columns and _given(rec[CASE_ID_COLUMN]):
+        row[CASE_ID_COLUMN] = str(rec[CASE_ID_COLUMN])
+    if classifier:
+        row.update(_classify(predictor, [str(p) for p in paths], rec, i))
+        return row
+    pred = predictor.predict_files([str(p) for p in paths])
+    if OUTPUT_COLUMN in frame.columns and _given(rec[OUTPUT_COLUMN]):
+        out = Path(str(rec[OUTPUT_COLUMN]))
+        save_nifti(out, pred.segmentation.astype("uint8"), pred.affine)
+        row[OUTPUT_COLUMN] = str(out)
+    row.update({f"{name}_ml": float(v) for name, v in pred.volumes_ml.items()})
+    return row
+
+
+def _inline_file(uri: str, stem: Path, row: int, column: str) -> Path:
+    """Write a channel given as ``data:...;base64,<NIfTI>`` to ``stem`` + ``.nii.gz``/``.nii`` (by its magic bytes)."""
+    head, sep, payload = uri.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise MedsegError(f"row {row}: column {column!r}: a data: URI must be base64 (data:[<media type>];base64,<NIfTI bytes>)")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise MedsegError(f"row {row}: column {column!r}: the data: URI is not valid base64") from None
+    path = stem.with_name(stem.name + (".nii.gz" if data[:2] == _GZIP_MAGIC else ".nii"))
+    path.write_bytes(data)
+    return path
 
 
 def _classify(predictor: Any, paths: list[str], rec: Any, i: int) -> dict[str, Any]:
@@ -154,14 +203,60 @@ def model_signature(model_dir: str | Path) -> Any:
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
+#: The synthetic example's case id and, for a classifier taking it, age.
+SYNTHETIC_CASE_ID, SYNTHETIC_AGE = "synthetic-window", 60.0
+
+
+def _nifti_data_uri(array: Any, spacing: list[float]) -> str:
+    """``array`` as a gzipped NIfTI (spacing on the affine's diagonal) in a ``data:`` URI; deterministic bytes."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.Nifti1Image(np.asarray(array), np.diag([*map(float, spacing), 1.0]))
+    data = gzip.compress(image.to_bytes(), compresslevel=9, mtime=0)  # mtime 0: the same example every time
+    return f"{DATA_URI_PREFIX}{NIFTI_MEDIA_TYPE};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def synthetic_input_example(model_dir: str | Path) -> pd.DataFrame:
+    """A one-row input example that needs no file: every channel inline (a ``data:`` URI) holding one network
+    window at the plan's spacing (one slice for a 2D configuration), a bright ball on a dim background (uint8:
+    a few kB gzipped), ``case_id`` and, for a classifier taking it, ``age``. Stored with the logged model, it is
+    valid wherever the model is loaded, and MLflow predicts it once while logging (a smoke test of the model)."""
+    import numpy as np
+
+    from medseg.inference.package import network_patch_size
+
+    model_dir = Path(model_dir)
+    _, channels, _, uses_age = _package_task(model_dir)
+    package, plans = schemas.ModelPackage.load(model_dir), schemas.Plans.load(model_dir)
+    config = plans.configuration(package.configuration)
+    shape, spacing = [int(p) for p in network_patch_size(package, plans)], [float(v) for v in config.spacing]
+    if len(shape) == 2:  # a 2D network: one slice along the slice axis
+        axis = next((int(a) for a in (package.network.get("slice_axis"), getattr(config, "slice_axis", None),
+                                      schemas.DatasetJson.load(model_dir).slice_axis) if a is not None), 2)
+        shape.insert(axis, 1)
+        if len(spacing) == 2:
+            spacing.insert(axis, 1.0)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in shape], indexing="ij"))
+    # nonzero everywhere: preprocessing crops to the nonzero box and must keep the whole window
+    volume = np.where((grid**2).sum(0) < 0.4, 200, 20).astype(np.uint8)
+    uri = _nifti_data_uri(volume, spacing)
+    row: dict[str, Any] = {**{c: uri for c in channels}, CASE_ID_COLUMN: SYNTHETIC_CASE_ID}
+    if uses_age:
+        row[AGE_COLUMN] = SYNTHETIC_AGE
+    return pd.DataFrame([row])
+
+
 def input_example_from_dataset(dataset_dir: str | Path, model_dir: str | Path) -> Any:
     """A one-row input example (DataFrame: one image path per channel, ``case_id``, and ``age`` for a classifier
     taking it, from the dataset's ``manifest.json`` ``cases[].covariates.age``) from a case of a canonical dataset:
     the first held-out test case, else the first validation case, that has every file (and its age when needed);
     None when it has none.
 
-    MLflow stores it beside the model and runs one prediction on it while logging (a smoke test of the
-    logged model); the paths document the input format, they need not exist where the model is used.
+    Its paths name files of this machine: for a local check of a model on real data. The example stored with a
+    logged model is :func:`synthetic_input_example` (valid wherever the model is loaded).
     """
     dataset_dir = Path(dataset_dir)
     _, channels, _, uses_age = _package_task(model_dir)
@@ -192,8 +287,8 @@ def log_model_package(model_dir: Path, artifact_path: str = "model", input_examp
     ``artifact_path`` is passed as MLflow 3's ``name=``. The folder is copied under the fixed name
     ``model_package`` first, so the layout inside the MLflow model does not depend on the source
     folder's name. No requirement inference (it would import and probe packages): ``pip_requirements``
-    defaults to ``["medseg-ops"]``. An ``input_example`` (DataFrame of existing files) makes MLflow
-    run a prediction while logging; leave it ``None`` in pipelines.
+    defaults to :func:`model_requirements` (``medseg-ops[serve]==<installed version>``). An ``input_example``
+    (:func:`synthetic_input_example`) makes MLflow run a prediction while logging.
     """
     model_dir = Path(model_dir)
     if not (model_dir / schemas.MODEL_PACKAGE_JSON).is_file():
@@ -207,7 +302,7 @@ def log_model_package(model_dir: Path, artifact_path: str = "model", input_examp
             artifacts={MODEL_PACKAGE_ARTIFACT: str(staged)},
             signature=model_signature(model_dir),
             input_example=input_example,
-            pip_requirements=list(pip_requirements or DEFAULT_PIP_REQUIREMENTS),
+            pip_requirements=list(pip_requirements or model_requirements()),
         )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from medseg import schemas
 from medseg.errors import MedsegError
-from medseg.tracking import mlflow_run
+from medseg.tracking import log_dataset_input, mlflow_run
 from medseg.training import ddp
 from medseg.training.trainer import TrainConfig, TrainResult, train
 from medseg.training.tuning import SEARCH_SPACE, tune
@@ -37,7 +37,10 @@ def run_tune(preprocessed_dir: Path, out_file: Path, train_params: dict[str, Any
     from medseg.task import Task
 
     metric = Task.from_folder(preprocessed_dir).validation_metric  # what each trial is scored by
-    with mlflow_run(tracking_uri, f"tune-{study_name}", tags) as run:
+    with mlflow_run(tracking_uri, f"tune-{study_name}", tags, system_metrics=True) as run:
+        if run is not None:
+            log_dataset_input(preprocessed_dir, "tuning")
+
         def on_trial(number: int, params: dict[str, Any], value: float, state: str) -> None:
             if run is None:
                 return
@@ -102,10 +105,11 @@ def run_train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, tracking_
         data = ddp.launch(spec, Path(out_dir).resolve(), nproc_per_node, nnodes)
         return TrainResult.from_dict(data) if data else TrainResult(best_val_dice=float("nan"), best_epoch=-1, epochs_run=0)
     main = ddp.env_rank() == 0
-    with mlflow_run(tracking_uri if main else None, f"train-fold{cfg.fold}", tags) as run:
+    with mlflow_run(tracking_uri if main else None, f"train-fold{cfg.fold}", tags, system_metrics=True) as run:
         if run is not None:
             import mlflow
 
+            log_dataset_input(dataset_dir if dataset_dir is not None else preprocessed_dir, "training")
             mlflow.log_params({**dataclasses.asdict(cfg), "world_size": ddp.env_world_size()})
             plans = schemas.Plans.load(preprocessed_dir)
             mlflow.log_dict(plans.to_dict(), schemas.PLANS_JSON)
