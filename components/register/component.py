@@ -17,12 +17,14 @@ def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Da
 
     from medseg import schemas
     from medseg.registry.lineage import build_lineage
-    from medseg.registry.pyfunc_model import input_example_from_dataset
+    from medseg.registry.pyfunc_model import synthetic_input_example
     from medseg.registry.registry import register_model
     from medseg.tracking import resolve_tracking_uri
 
     lineage = build_lineage(Path(model.path), Path(dataset.path), pipeline_run_id=pipeline_run_id)
     metrics = schemas.Metrics.load(Path(evaluation.path))
+    # a retried task finds the version an interrupted attempt created and completes it (register_model is idempotent);
+    # the input example is inline (no path of this pod), the dataset is the run's input
     out = register_model(Path(model.path), metrics, model_name, resolve_tracking_uri(mlflow_tracking_uri), lineage, thresholds, report_dir=Path(evaluation.path),
-                         input_example=input_example_from_dataset(Path(dataset.path), Path(model.path)))
+                         input_example=synthetic_input_example(Path(model.path)), dataset_dir=Path(dataset.path))
     return namedtuple("Registered", ["version", "challenger", "model_name"])(str(out["version"]), bool(out["challenger"]), str(out["name"]))

@@ -42,6 +42,10 @@ Two mechanisms, chosen by the tracking URI:
     * A holder stalled past ``ttl_s`` loses the lease silently; :meth:`~Held.check` catches it only
       if the stall happened before the check.
     * Release reads then deletes: a holder that had overrun its lease could delete its successor's.
+    A lease left behind because the tracking server went away before it could be released (its holder got an
+    error and ended) is taken over without waiting for it to expire when its holder is known to be gone: a process
+    of this host that no longer runs, or this very process (whose release failed: :data:`_ABANDONED`). Held by
+    another host, it expires after ``ttl_s``.
 
     With a SQL database reachable by every client, a database row lock (``SELECT ... FOR UPDATE``)
     would close these windows; the tracking server exposes no such primitive over REST.
@@ -93,6 +97,28 @@ def lock_file_for(tracking_uri: str) -> Path | None:
 
 def new_owner_token() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+#: Owner tokens of leases this process held but could not release (the server did not answer): they are its own.
+_ABANDONED: set[str] = set()
+
+
+def holder_gone(owner: str) -> bool:
+    """Whether the holder of a lease token (``host:pid:uuid``) certainly no longer holds it: a lease this process
+    abandoned, or one of a process of this host that has ended."""
+    if owner in _ABANDONED:
+        return True
+    host, _, rest = str(owner).partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists (another user's)
+        return False
+    return False
 
 
 @dataclass
@@ -210,7 +236,7 @@ def _lease(client: Any, name: str, timeout_s: float, ttl_s: float, settle_s: flo
     while True:
         now = time.time()
         lease = read_lease(client, name)
-        if lease is None or lease.get("owner") == owner or float(lease.get("expires", 0)) <= now:
+        if lease is None or lease.get("owner") == owner or float(lease.get("expires", 0)) <= now or holder_gone(str(lease.get("owner", ""))):
             if _write_lease(client, name, {"owner": owner, "expires": now + ttl_s, "acquired": now}):
                 time.sleep(settle_s)
                 lease = read_lease(client, name)
@@ -223,7 +249,9 @@ def _lease(client: Any, name: str, timeout_s: float, ttl_s: float, settle_s: flo
     try:
         yield Held("lease", owner, time.monotonic() - t0, name=name, _client=client, _ttl_s=ttl_s)
     finally:
-        with contextlib.suppress(Exception):  # best effort: an unreleased lease expires after ttl_s
+        try:  # best effort: an unreleased lease expires after ttl_s (or is taken over: holder_gone)
             lease = read_lease(client, name)
             if lease is not None and lease.get("owner") == owner:
                 client.delete_registered_model_tag(name, LEASE_TAG)
+        except Exception:  # noqa: BLE001 - the server did not answer: remember the lease as ours to take over
+            _ABANDONED.add(owner)

@@ -72,7 +72,51 @@ TASK_TAGS = ("task_kind", "primary_metric", "primary_group", "gate_groups", TASK
 def _client(tracking_uri: str) -> Any:
     from mlflow import MlflowClient
 
+    from medseg.tracking import bound_http_retries
+
+    bound_http_retries()  # a tracking server that is down: a bounded retry with backoff, then a clear error
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+#: Words of the errors MLflow's REST client raises when the tracking server does not answer (after its retries).
+_UNREACHABLE_MARKERS = ("max retries exceeded", "connection refused", "connectionerror", "failed to establish a new connection",
+                        "remotedisconnected", "connection aborted", "read timed out", "bad gateway", "service unavailable", "gateway timeout",
+                        "too many 502", "too many 503", "too many 504", "too many 500")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the tracking server could not be reached."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = f"{type(exc).__name__}: {exc}".lower()
+        if any(marker in text for marker in _UNREACHABLE_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+@contextmanager
+def _server_faults(tracking_uri: str, what: str, rerun: str) -> Iterator[None]:
+    """Turn "the tracking server did not answer" (after MLflow's bounded retries) into one clear :class:`MedsegError`
+    saying what was not completed and that a re-run completes it; other errors pass unchanged."""
+    try:
+        yield
+    except MedsegError:
+        raise
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        import os
+
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?")
+        raise MedsegError(f"the MLflow tracking server at {_redact(tracking_uri)} did not answer (after {retries} retries with backoff): "
+                          f"{what} not completed. Nothing half-done is kept as done: {rerun}") from None
+
+
+def _redact(uri: str) -> str:
+    """``uri`` without a password (``http://user:secret@host`` → ``http://user:***@host``)."""
+    return re.sub(r"(//[^:/@]+:)[^@/]+@", r"\1***@", str(uri))
 
 
 @contextmanager
@@ -311,16 +355,19 @@ def register_model(
     (``model_card.md``, and ``model_card.json`` it is rendered from; :mod:`medseg.registry.model_card`) and the
     version a one-line description.
 
-    Returns ``{"name", "version", "run_id", "model_uri", "challenger", "reason", "test_set_hash", "model_card"}``.
+    Returns ``{"name", "version", "run_id", "model_uri", "challenger", "reason", "test_set_hash", "model_card", "resumed",
+    "already_registered"}``.
 
     Raises:
-        MedsegError: ``name`` holds models of another task (signature), or a threshold names an unknown metric.
+        MedsegError: ``name`` holds models of another task (signature), a threshold names an unknown metric, or the
+            tracking server stopped answering (after MLflow's bounded retries).
+
+    Idempotent: a registration is identified by :func:`registration_key`. Run again after being cut off (the server
+    went away), it completes the version its first attempt created (``"resumed": true``) or, when none was created,
+    marks the first attempt's run FAILED and registers anew; run again after it completed, it returns that version
+    (``"already_registered": true``). The version carries ``registration_state`` ``incomplete`` until its alias, log
+    entry and model card are in place; :func:`promote` refuses such a version.
     """
-    import mlflow
-
-    from medseg.registry.pyfunc_model import log_model_package
-    from medseg.tracking import ensure_experiment
-
     model_dir = Path(model_dir)
     package = schemas.ModelPackage.load(model_dir)
     task = Task.from_folder(model_dir)
@@ -331,24 +378,126 @@ def register_model(
     passed, reason = check_thresholds(metrics, resolved, task)
     tags = merge_lineage(build_lineage(model_dir, dataset_dir), lineage)
     set_hash = hash_test_set(metrics.per_case)
+    key = registration_key(model_dir, metrics, name, resolved, tags.get("pipeline_run_id", UNKNOWN))
     client = _client(tracking_uri)
-    _check_signature(client, name, task)  # fail before logging anything
-    card = model_card.build_card(model_dir, metrics, name, resolved, passed, reason, tags, test_set_hash=set_hash)  # likewise: before logging
+    rerun = "run the same registration again: it completes the version this one left, or registers anew if none was created"
+    with _server_faults(tracking_uri, f"registration of {name!r}", rerun):
+        _check_signature(client, name, task)  # fail before logging anything
+        card = model_card.build_card(model_dir, metrics, name, resolved, passed, reason, tags, test_set_hash=set_hash)  # likewise: before logging
+        found = _find_registration(client, name, key)
+        if found is not None and (found.tags or {}).get(REGISTRATION_STATE_TAG) == REGISTRATION_COMPLETE:
+            with promotion_lock(client, name, tracking_uri, lock_timeout):
+                _check_signature(client, name, task, adopt=True)  # what a registration does besides its version
+            return _registration_result(name, found, passed, reason, set_hash, resumed=False, already=True)
+        if found is None:
+            _fail_interrupted_runs(client, tracking_uri, experiment, key)
+            run_id, model_uri, model_id = _log_registration_run(model_dir, package, metrics, task, tags, key, tracking_uri, experiment, run_name or f"register-{name}",
+                                                                report_dir, input_example, dataset_dir)
+        else:  # an earlier attempt created the version and was cut off: complete that one (same number as a clean run)
+            run_id, model_uri, model_id = found.run_id, None, None
+        with _tracking(tracking_uri):  # MLflow resolves the logged model (models:/m-...) via the fluent URI
+            _ensure_registered_model(client, name, task)
+            primary = {g: round(float(v), 6) for g in task.gate_groups
+                       if (v := gate._number((metrics.mean.get(g) or {}).get(task.primary_metric))) is not None}
+            version_tags = {
+                **tags,
+                **info.tags(),
+                "threshold_passed": "true" if passed else "false",
+                "threshold_reason": reason,
+                "thresholds": json.dumps(resolved, sort_keys=True),
+                "test_primary": json.dumps(primary, sort_keys=True),
+                "test_n_cases": str(metrics.n_cases),
+                "test_set_hash": set_hash,
+                REGISTRATION_KEY_TAG: key,
+                REGISTRATION_STATE_TAG: REGISTRATION_INCOMPLETE,  # until the alias, the log entry and the card are in place
+            }
+            with promotion_lock(client, name, tracking_uri, lock_timeout) as lock:
+                _check_signature(client, name, task, adopt=True)
+                if found is None:
+                    found = _find_registration(client, name, key)  # a concurrent identical registration got here first
+                resumed = found is not None
+                if found is None:
+                    mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=version_tags, model_id=model_id)
+                    version = str(mv.version)
+                else:
+                    version, run_id = str(found.version), found.run_id
+                _finish_registration(client, name, version, run_id, passed, reason, task, set_hash, lock, resumed)
+        model_card.publish_card(client, name, version, run_id, card)
+        client.set_model_version_tag(name, version, REGISTRATION_STATE_TAG, REGISTRATION_COMPLETE)  # last: the version is whole
+    return _registration_result(name, _get_version(client, name, version), passed, reason, set_hash, resumed=resumed, already=False)
+
+
+#: Version tags of an idempotent registration: what it registered (:func:`registration_key`) and whether it completed.
+REGISTRATION_KEY_TAG, REGISTRATION_STATE_TAG = "registration_key", "registration_state"
+REGISTRATION_INCOMPLETE, REGISTRATION_COMPLETE = "incomplete", "complete"
+#: Run tag naming the registration a run belongs to (an interrupted attempt's run is marked FAILED by the re-run).
+RUN_KEY_TAG = "medseg.registration_key"
+
+
+def registration_key(model_dir: Path, metrics: schemas.Metrics, name: str, thresholds: Mapping[str, float], pipeline_run_id: str) -> str:
+    """The identity of one registration: sha256 over the registered model's name, every file of the package (path
+    and content), the test metrics, the resolved thresholds and the pipeline run. Registering the same again finds
+    the version it made (and completes it if an earlier attempt was cut off) instead of adding another."""
+    from medseg.io import sha256_file
+
+    files = sorted((p.relative_to(model_dir).as_posix(), sha256_file(p)) for p in Path(model_dir).rglob("*") if p.is_file())
+    return sha256_json({"name": name, "files": files, "metrics": metrics.to_dict(), "thresholds": dict(sorted(thresholds.items())),
+                        "pipeline_run_id": str(pipeline_run_id)})
+
+
+def _versions(client: Any, name: str) -> list[Any]:
+    """Every version of ``name`` (none when the model does not exist yet)."""
+    escaped = name.replace("'", "\\'")
+    out, token = [], None
+    while True:
+        page = client.search_model_versions(f"name='{escaped}'", max_results=200, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _find_registration(client: Any, name: str, key: str) -> Any | None:
+    """The version an earlier registration with ``key`` created (the oldest, should there be two), else None."""
+    found = [mv for mv in _versions(client, name) if (mv.tags or {}).get(REGISTRATION_KEY_TAG) == key]
+    return min(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def _fail_interrupted_runs(client: Any, tracking_uri: str, experiment: str, key: str) -> None:
+    """Mark FAILED the runs of an earlier attempt of this registration that never created its version (the server
+    went away while they logged): they stay for the record but are not left RUNNING."""
+    from medseg.tracking import ensure_experiment
+
+    exp_id = ensure_experiment(tracking_uri, experiment)
+    for run in client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'", max_results=50):
+        client.set_tag(run.info.run_id, "medseg.interrupted", "true: the registration was cut off before its version was created; a re-run registered it")
+        client.set_terminated(run.info.run_id, "FAILED")
+
+
+def _log_registration_run(model_dir: Path, package: schemas.ModelPackage, metrics: schemas.Metrics, task: Task, tags: Mapping[str, str], key: str,
+                          tracking_uri: str, experiment: str, run_name: str, report_dir: Path | None, input_example: Any,
+                          dataset_dir: Path | None) -> tuple[str, str, str | None]:
+    """The registration's run: params, test metrics, evaluation files, the dataset input and the pyfunc model.
+    Returns (run id, logged model URI, logged model id)."""
+    import mlflow
+
+    from medseg.registry.pyfunc_model import log_model_package
+    from medseg.tracking import ensure_experiment, log_dataset_input
 
     with _tracking(tracking_uri):
         exp_id = ensure_experiment(tracking_uri, experiment)
         nested = mlflow.active_run() is not None
-        with mlflow.start_run(experiment_id=exp_id, run_name=run_name or f"register-{name}", tags={**tags, "medseg.stage": "register"}, nested=nested) as run:
-            run_id = run.info.run_id
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags={**tags, "medseg.stage": "register", RUN_KEY_TAG: key}, nested=nested) as run:
             params = _flat_params(package.training.get("config") or {})
             params["configuration"] = package.configuration
             mlflow.log_params(params)
             values = {"test_n_cases": float(metrics.n_cases)}
-            values.update({_metric_key(f"test_{key}"): value for key, value in task.reported_metrics(metrics.mean).items()})
-            for key, value in (package.training or {}).items():
-                if key.startswith("best_val") and gate._number(value) is not None:
-                    values[_metric_key(key)] = float(value)
+            values.update({_metric_key(f"test_{key_}"): value for key_, value in task.reported_metrics(metrics.mean).items()})
+            for key_, value in (package.training or {}).items():
+                if key_.startswith("best_val") and gate._number(value) is not None:
+                    values[_metric_key(key_)] = float(value)
             mlflow.log_metrics(values)
+            log_dataset_input(dataset_dir, "testing")
             mlflow.log_dict(metrics.to_dict(), f"{EVAL_DIR}/{schemas.METRICS_JSON}")
             mlflow.log_dict(list(metrics.per_case), f"{EVAL_DIR}/{schemas.PER_CASE_JSON}")
             if report_dir is not None:
@@ -356,41 +505,43 @@ def register_model(
                     if (Path(report_dir) / fname).is_file():
                         mlflow.log_artifact(str(Path(report_dir) / fname), EVAL_DIR)
             log_info = log_model_package(model_dir, input_example=input_example)
+            return run.info.run_id, log_info.model_uri, getattr(log_info, "model_id", None)
 
-        # still inside _tracking: MLflow resolves the logged model (models:/m-...) via the fluent URI
-        _ensure_registered_model(client, name, task)
-        primary = {g: round(float(v), 6) for g in task.gate_groups
-                   if (v := gate._number((metrics.mean.get(g) or {}).get(task.primary_metric))) is not None}
-        version_tags = {
-            **tags,
-            **info.tags(),
-            "threshold_passed": "true" if passed else "false",
-            "threshold_reason": reason,
-            "thresholds": json.dumps(resolved, sort_keys=True),
-            "test_primary": json.dumps(primary, sort_keys=True),
-            "test_n_cases": str(metrics.n_cases),
-            "test_set_hash": set_hash,
-        }
-        with promotion_lock(client, name, tracking_uri, lock_timeout) as lock:
-            _check_signature(client, name, task, adopt=True)
-            champion, previous = _alias_version(client, name, CHAMPION), _alias_version(client, name, PREVIOUS_CHAMPION)
-            challenger_before = _alias_version(client, name, CHALLENGER)
-            mv = client.create_model_version(name, source=log_info.model_uri, run_id=run_id, tags=version_tags, model_id=getattr(log_info, "model_id", None))
-            version = str(mv.version)
-            lock.check()
-            if passed:
-                client.set_registered_model_alias(name, CHALLENGER, version)
-            seq = _next_log_seq(client, name)
-            _log(client, name, seq, {
-                "seq": seq, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "action": "register", "version": version,
-                "decision": "challenger" if passed else "below thresholds", "reason": reason[:_REASON_MAX], "run_id": run_id,
-                "champion_before": champion, "champion_after": champion, "previous_champion_after": previous,
-                "challenger_before": challenger_before, "challenger_after": version if passed else challenger_before,
-                "task_kind": task.kind, "test_set_hash": set_hash, "lock": lock.to_dict(),
-            })
-    model_card.publish_card(client, name, version, run_id, card)
+
+def _logged(tags: Mapping[str, str], action: str, version: str) -> bool:
+    """Whether the promotion log already holds an ``action`` entry for ``version``."""
+    return any(e.get("action") == action and str(e.get("version")) == version for e in promotion_log(tags))
+
+
+def _finish_registration(client: Any, name: str, version: str, run_id: str, passed: bool, reason: str, task: Task, set_hash: str, lock: Held,
+                         resumed: bool) -> None:
+    """Under the lock: the ``challenger`` alias and the ``register`` log entry of ``version``, each only if missing
+    (a resumed registration repeats none of what its first attempt did)."""
+    champion, previous = _alias_version(client, name, CHAMPION), _alias_version(client, name, PREVIOUS_CHAMPION)
+    challenger_before = _alias_version(client, name, CHALLENGER)
+    lock.check()
+    # a resumed version takes challenger only if no newer version holds it meanwhile
+    newest = challenger_before is None or int(challenger_before) <= int(version)
+    challenger_after = version if passed and newest else challenger_before
+    if passed and newest and challenger_before != version:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    rm_tags = client.get_registered_model(name).tags or {}
+    if _logged(rm_tags, "register", version):
+        return
+    seq = _next_log_seq(client, name)
+    _log(client, name, seq, {
+        "seq": seq, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "action": "register", "version": version,
+        "decision": "challenger" if passed else "below thresholds", "reason": reason[:_REASON_MAX], "run_id": run_id,
+        "champion_before": champion, "champion_after": champion, "previous_champion_after": previous,
+        "challenger_before": challenger_before, "challenger_after": challenger_after,
+        "task_kind": task.kind, "test_set_hash": set_hash, "lock": lock.to_dict(), **({"resumed": True} if resumed else {}),
+    })
+
+
+def _registration_result(name: str, mv: Any, passed: bool, reason: str, set_hash: str, *, resumed: bool, already: bool) -> dict[str, Any]:
+    version, run_id = str(mv.version), mv.run_id
     return {"name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}", "challenger": passed, "reason": reason,
-            "test_set_hash": set_hash, "model_card": f"runs:/{run_id}/{schemas.MODEL_CARD_MD}"}
+            "test_set_hash": set_hash, "model_card": f"runs:/{run_id}/{schemas.MODEL_CARD_MD}", "resumed": resumed, "already_registered": already}
 
 
 def _registered_signature(client: Any, name: str) -> tuple[bool, dict[str, Any] | None]:
@@ -530,15 +681,18 @@ def promote(
     """
     client = _client(tracking_uri)
     version = str(version)
-    mv = _get_version(client, name, version)  # outside the lock: the version's own data do not change
-    info = version_task(client, name, mv, tracking_uri)
+    with _server_faults(tracking_uri, f"promotion of {name!r} v{version}", "nothing was changed; run the promotion again"):
+        mv = _get_version(client, name, version)  # outside the lock: the version's own data do not change
+        info = version_task(client, name, mv, tracking_uri)
     metric, higher = info.gate_metric(gate_metric)
     auc = metric == gate.AUC_METRIC
     params = {"groups": None if auc else list(info.gate_groups), "metric": metric, "higher_is_better": higher,
               "primary_group": gate.ALL if auc else info.primary_group, "margin": float(margin), "alpha": float(alpha),
               "n_bootstrap": int(n_bootstrap), "seed": int(seed)}
     fixed = _gate_params(params)
-    with promotion_lock(client, name, tracking_uri, lock_timeout) as lock:
+    rerun = f"run the same promotion again: it first undoes what this one changed, then decides v{version} again"
+    with _server_faults(tracking_uri, f"promotion of {name!r} v{version}", rerun), promotion_lock(client, name, tracking_uri, lock_timeout) as lock:
+        _undo_interrupted_promotion(client, name, lock)
         champion = _alias_version(client, name, CHAMPION)  # re-read inside the lock
         previous = _alias_version(client, name, PREVIOUS_CHAMPION)
         result: dict[str, Any] = {
@@ -553,6 +707,9 @@ def promote(
             return result  # nothing decided: the tags of the original promotion stay
 
         tags = mv.tags or {}
+        if tags.get(REGISTRATION_STATE_TAG) == REGISTRATION_INCOMPLETE:
+            raise MedsegError(f"registered model {name!r} v{version}: its registration did not complete (registration_state "
+                              f"{REGISTRATION_INCOMPLETE}): run the registration again before promoting it")
         if tags.get("threshold_passed") != "true":
             why = tags.get("threshold_reason") or "no threshold_passed tag (not registered by medseg?)"
             return _record(client, name, mv, lock, result, gate.GateDecision(False, f"did not pass the registration thresholds ({why})", **fixed))
@@ -608,8 +765,14 @@ def _record(client: Any, name: str, mv: Any, lock: Held, result: dict[str, Any],
     # ... and in the version's model card (re-rendered; before the aliases move, so a server loading the new champion reads
     # a card with this decision; a card failure is logged and never stops the decision)
     model_card.record_gate_decision(client, name, mv, record)
-    # 2. the aliases (after checking a lease is still ours)
+    # 2. the aliases (after checking a lease is still ours), behind a marker saying how to undo them: should the server go
+    # away before the decision is fully recorded, the next promotion or rollback puts the aliases back first
     lock.check()
+    if promoted:
+        challenger_before = _alias_version(client, name, CHALLENGER)
+        client.set_registered_model_tag(name, PENDING_TAG, json.dumps({
+            "seq": seq, "version": version, "champion_before": old, "previous_champion_before": result["previous_champion_version"],
+            "challenger_before": challenger_before, "time": now}))
     if promoted:
         if old is not None:
             client.set_registered_model_alias(name, PREVIOUS_CHAMPION, old)
@@ -649,7 +812,45 @@ def _record(client: Any, name: str, mv: Any, lock: Held, result: dict[str, Any],
                  primary_group=decision.primary_group, margin=decision.margin, alpha=decision.alpha, n_bootstrap=decision.n_bootstrap, seed=decision.seed,
                  n_common=decision.n_common, groups=per_group, record=result["record"])
     _log(client, name, seq, entry)
+    if promoted:
+        client.delete_registered_model_tag(name, PENDING_TAG)  # last: the decision is whole
     return result
+
+
+#: Registered-model tag present while a promotion moves the aliases: how to put them back (see :func:`_undo_interrupted_promotion`).
+PENDING_TAG = "medseg.promotion_pending"
+
+
+def _set_or_delete_alias(client: Any, name: str, alias: str, version: str | None) -> None:
+    if version is not None:
+        client.set_registered_model_alias(name, alias, str(version))
+    elif _alias_version(client, name, alias) is not None:
+        client.delete_registered_model_alias(name, alias)
+
+
+def _undo_interrupted_promotion(client: Any, name: str, lock: Held) -> dict[str, Any] | None:
+    """Under the lock: if a promotion was cut off after it began moving aliases (its :data:`PENDING_TAG` is still
+    there), put ``champion``, ``previous-champion`` and ``challenger`` back as they were before it, so the next decision
+    starts from a state some completed decision left. A promotion whose log entry was written had completed: only
+    its marker is removed. Returns the marker that was handled, else None."""
+    tags = client.get_registered_model(name).tags or {}
+    raw = tags.get(PENDING_TAG)
+    if not raw:
+        return None
+    try:
+        pending = json.loads(raw)
+    except ValueError:
+        pending = None
+    lock.check()
+    if isinstance(pending, dict) and f"{LOG_TAG_PREFIX}{int(pending.get('seq') or 0):06d}" not in tags:
+        _set_or_delete_alias(client, name, CHAMPION, pending.get("champion_before"))
+        _set_or_delete_alias(client, name, PREVIOUS_CHAMPION, pending.get("previous_champion_before"))
+        if pending.get("challenger_before") is not None:
+            client.set_registered_model_alias(name, CHALLENGER, str(pending["challenger_before"]))
+        if pending.get("version"):
+            client.set_model_version_tag(name, str(pending["version"]), "promotion_interrupted_at", str(pending.get("time") or ""))
+    client.delete_registered_model_tag(name, PENDING_TAG)
+    return pending if isinstance(pending, dict) else {}
 
 
 def _next_log_seq(client: Any, name: str) -> int:
@@ -683,7 +884,8 @@ def rollback(name: str, tracking_uri: str, *, lock_timeout: float = DEFAULT_TIME
     Runs under the same lock as :func:`promote` and is logged in the same ``promotion_log/<seq>`` tags.
     """
     client = _client(tracking_uri)
-    with promotion_lock(client, name, tracking_uri, lock_timeout) as lock:
+    with _server_faults(tracking_uri, f"rollback of {name!r}", "run the rollback again"), promotion_lock(client, name, tracking_uri, lock_timeout) as lock:
+        _undo_interrupted_promotion(client, name, lock)
         champion = _alias_version(client, name, CHAMPION)
         previous = _alias_version(client, name, PREVIOUS_CHAMPION)
         if previous is None:
