@@ -27,6 +27,12 @@ the same test cases with the paired bootstrap gate of :mod:`medseg.registry.gate
 (at registration) and ``champion`` / ``previous-champion`` (at promotion and rollback) move only under the
 lock of :mod:`medseg.registry.lock`, so concurrent registrations and promotions are serialised.
 
+When the tracking server stops answering (after MLflow's bounded HTTP retries: :func:`medseg.tracking.bound_http_retries`)
+register, promote and rollback end with one clear :class:`MedsegError`, and nothing half done counts as done: a version
+is ``registration_state`` ``incomplete`` until its alias, log entry and model card are written (promote refuses it, the
+same registration run again completes it: :func:`register_model` is idempotent), and promotion moves aliases behind the
+registered-model tag :data:`PENDING_TAG`, which the next promote or rollback undoes before it decides.
+
 Used by the pipeline (:func:`register_model`, :func:`promote`) and by ``medseg registry``
 (:func:`add_arguments` / :func:`run`). MLflow is imported inside the functions (CLI start-up time).
 Version numbers are strings everywhere here (the local store gives ints, REST gives strings).
@@ -340,10 +346,10 @@ def register_model(
         thresholds: ``{}``: none; ``{"auto": true}``: the task's defaults; ``GROUP`` / ``GROUP/METRIC`` keys
             (see :func:`resolve_thresholds`), each checked in its metric's direction.
         report_dir: the evaluation folder; its report files (:data:`REPORT_FILES`) are logged too.
-        input_example: a one-row DataFrame of image paths (see
-            :func:`~medseg.registry.pyfunc_model.input_example_from_dataset`), stored with the model; MLflow
-            predicts it once while logging.
-        dataset_dir: the canonical dataset (its manifest hash is the ``manifest_hash`` lineage tag).
+        input_example: a one-row DataFrame, stored with the model; MLflow predicts it once while logging. Use
+            :func:`~medseg.registry.pyfunc_model.synthetic_input_example` (inline, no path of this machine).
+        dataset_dir: the canonical dataset (its manifest hash is the ``manifest_hash`` lineage tag); also logged as
+            the run's MLflow dataset input (context ``testing``).
         lock_timeout: seconds to wait for the registry lock (the ``challenger`` alias moves under it).
 
     The run gets the training config as params, ``test_<GROUP>_<metric>`` metrics (every number
@@ -669,6 +675,10 @@ def promote(
     if it pointed at this version. Every decision (a refusal is an outcome, not an error) is recorded
     as version tags ``promotion_*``, as a JSON record ``promotion/<seq>-v<version>-<decision>.json`` in
     the version's run, and as registered-model tags ``promotion_log/<seq>`` and ``promotion_last``.
+
+    A promotion cut off after it began moving aliases (the server went away) is undone by the next promote or
+    rollback (:func:`_undo_interrupted_promotion`), so running the same promotion again decides it anew from the state
+    the last completed decision left. A version whose registration did not complete is refused with an error.
 
     Returns ``{"promoted", "reason", "version", "champion_version", "previous_champion_version",
     "task_kind", "metric", "higher_is_better", "primary_group", "challenger_value", "champion_value",
