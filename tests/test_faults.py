@@ -383,3 +383,193 @@ def test_disk_fills_during_preprocessing(small_disk: tuple[Path, str, Any, dict[
     assert main(argv) == 0
     assert _tree(out) == _tree(tiny["pre"])
     assert _leftovers(folder) == []
+
+
+# --------------------------------------------------------------------------- the model server is killed mid-request
+SERVED_NAME = "brats"
+
+
+def _start_server(package: Path, port: int, log_file: Path) -> subprocess.Popen:
+    from medseg.serving import server
+
+    proc = server.start_server_process(package, SERVED_NAME, port, log_file=log_file, env={"OMP_NUM_THREADS": "1"})
+    try:
+        server.wait_until_ready(f"http://127.0.0.1:{port}", SERVED_NAME, timeout_s=120, proc=proc)
+    except MedsegError:
+        server.stop_server(proc)
+        pytest.fail(f"model server did not start:\n{log_file.read_text()[-3000:]}")
+    return proc
+
+
+def _kill_mid_request(proc: subprocess.Popen, port: int, request: threading.Thread) -> None:
+    """SIGKILL the server once the client's request is on an established connection and the server works on it
+    (no answer yet); fails the test if the answer came first (the kill would not be mid-request)."""
+    import psutil
+
+    deadline = time.monotonic() + 30
+    server_proc = psutil.Process(proc.pid)
+    connections = getattr(server_proc, "net_connections", None) or server_proc.connections  # psutil < 6 (kserve's cap)
+    while not any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in connections(kind="tcp")):
+        if time.monotonic() > deadline or not request.is_alive():
+            pytest.fail("the request never reached the server")
+        time.sleep(0.01)
+    time.sleep(0.3)  # the body is in; the server is decoding or predicting
+    assert request.is_alive(), "the answer came before the kill: the case is too small to kill the server mid-request"
+    assert server_proc.children() == [], "the server is one process: killing it kills the model server"
+    proc.kill()  # SIGKILL: no graceful drain, as an OOM kill or a lost node
+    proc.wait(timeout=10)
+
+
+def _answer(result: dict[str, Any]) -> tuple[Any, ...]:
+    from medseg.io import load_nifti_bytes
+
+    array, affine, _ = load_nifti_bytes(result["segmentation_bytes"], name="answer")
+    return result["model_version"], result["model_name"], array.tobytes(), affine.tobytes(), result["volumes_ml"]
+
+
+@pytest.mark.slow
+def test_model_server_killed_mid_request_and_restarted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from medseg.serving import client, server
+    from tests.factories import make_model_package, write_case
+
+    package = make_model_package(tmp_path / "model")
+    case, _ = write_case(tmp_path / "case", shape=(64, 64, 64))  # a few seconds of sliding window on 1 thread: time to kill it
+    port = server.free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_file = tmp_path / "server.log"
+    proc = _start_server(package, port, log_file)
+    try:
+        info = client.model_info(url, SERVED_NAME)
+        clean = _answer(client.infer(url, SERVED_NAME, case, info.channels, timeout=120))
+
+        # 1. killed mid-request, not back: the request in flight ends in a clear error after a bounded retry
+        outcome: dict[str, Any] = {}
+        short = client.RetryPolicy(attempts=3, backoff_s=0.2)
+
+        def send(policy: client.RetryPolicy) -> None:
+            t0 = time.monotonic()
+            try:
+                outcome["answer"] = client.infer(url, SERVED_NAME, case, info.channels, timeout=120, retry=policy)
+            except MedsegError as exc:
+                outcome["error"] = exc
+            outcome["seconds"] = time.monotonic() - t0
+
+        request = threading.Thread(target=send, args=(short,))
+        caplog.set_level(logging.WARNING, logger="medseg.serving.client")
+        request.start()
+        _kill_mid_request(proc, port, request)
+        request.join(timeout=60)
+        assert not request.is_alive(), "the client hangs on a killed server"
+        error = str(outcome.get("error"))
+        print(f"\nmodel server killed mid-request: {error} ({outcome['seconds']:.1f} s)")
+        assert "answer" not in outcome
+        assert error.startswith(f"{url}/v2/models/{SERVED_NAME}/infer: cannot reach the model server after 3 attempts")
+        assert "RemoteProtocolError" in error or "ReadError" in error, "the connection was lost mid-request"
+        assert "last ConnectError" in error, "then refused while the server is down"
+        assert "Traceback" not in error
+        retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+        assert len(retries) == 2 and "attempt 3 of 3" in retries[-1]
+        assert outcome["seconds"] < 10
+
+        # 2. restarted: the same version, the same metadata, the same answer to the same request
+        proc = _start_server(package, port, log_file)
+        again = client.model_info(url, SERVED_NAME)
+        assert (again.version, again.metadata) == (info.version, info.metadata)
+        assert _answer(client.infer(url, SERVED_NAME, case, info.channels, timeout=120)) == clean
+
+        # 3. killed mid-request and restarted at once: a client retrying long enough rides over the restart
+        patient = client.RetryPolicy(attempts=12, backoff_s=1.0, max_backoff_s=4.0)  # >= 20 s of backoff in all
+        outcome.clear()
+        request = threading.Thread(target=send, args=(patient,))
+        request.start()
+        _kill_mid_request(proc, port, request)
+        proc = _start_server(package, port, log_file)
+        request.join(timeout=120)
+        print(f"killed mid-request, restarted at once: answered after {outcome.get('seconds', 0):.1f} s, {outcome.get('error', 'no error')}")
+        assert "error" not in outcome and _answer(outcome["answer"]) == clean
+    finally:
+        server.stop_server(proc)
+
+
+# --------------------------------------------------------------------------- the client's retry policy, against a real socket
+class _FlakyServer:
+    """A real HTTP server on 127.0.0.1 that drops the first ``drops`` connections without an answer (as a server
+    killed mid-request), then answers ``status`` with a V2 metadata body; it counts the requests it saw."""
+
+    def __init__(self, drops: int, status: int = 200) -> None:
+        import http.server
+        import json
+
+        owner = self
+        self.requests = 0
+        body = json.dumps({"name": "m", "versions": ["7"], "inputs": [{"name": "t1n", "datatype": "BYTES", "shape": [1]}], "outputs": []}).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                owner.requests += 1
+                if owner.requests <= drops:
+                    self.connection.shutdown(socket.SHUT_RDWR)  # gone without a word
+                    self.close_connection = True
+                    return
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_client_retry_is_bounded_configurable_and_only_for_lost_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg.serving import client
+
+    fast = client.RetryPolicy(attempts=3, backoff_s=0.05)
+    flaky = _FlakyServer(drops=2)
+    try:  # two connections lost before an answer, the third answered
+        assert client.model_info(flaky.url, "m", retry=fast).version == "7" and flaky.requests == 3
+    finally:
+        flaky.close()
+    flaky = _FlakyServer(drops=5)
+    try:  # never answered: bounded, then a clear error
+        with pytest.raises(MedsegError, match=r"/v2/models/m: cannot reach the model server after 3 attempts over [\d.]+ s \(RemoteProtocolError"):
+            client.model_info(flaky.url, "m", retry=fast)
+        assert flaky.requests == 3
+    finally:
+        flaky.close()
+    busy = _FlakyServer(drops=0, status=503)
+    try:  # an answer, even 503, is not retried here: the server said what it wants
+        with pytest.raises(MedsegError, match="model server answered 503"):
+            client.model_info(busy.url, "m", retry=fast)
+        assert busy.requests == 1
+    finally:
+        busy.close()
+
+    # configurable from the environment; 1 = no retry
+    monkeypatch.setenv("MEDSEG_CLIENT_RETRIES", "1")
+    monkeypatch.setenv("MEDSEG_CLIENT_BACKOFF_S", "0.01")
+    assert client.RetryPolicy.from_env() == client.RetryPolicy(attempts=1, backoff_s=0.01)
+    flaky = _FlakyServer(drops=1)
+    try:
+        with pytest.raises(MedsegError, match=r"cannot reach the model server \(RemoteProtocolError"):
+            client.model_info(flaky.url, "m")
+        assert flaky.requests == 1
+    finally:
+        flaky.close()
+    monkeypatch.setenv("MEDSEG_CLIENT_RETRIES", "many")
+    with pytest.raises(MedsegError, match="MEDSEG_CLIENT_RETRIES must be an integer"):
+        client.RetryPolicy.from_env()
+    with pytest.raises(MedsegError, match="attempts >= 1"):
+        client.RetryPolicy(attempts=0)
+    # the backoff doubles, capped, with jitter between half and all of it
+    policy = client.RetryPolicy(attempts=10, backoff_s=0.5, max_backoff_s=4.0)
+    for attempt, ceiling in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (9, 4.0)):
+        assert all(ceiling / 2 <= policy.delay(attempt) <= ceiling for _ in range(50))

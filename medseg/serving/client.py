@@ -15,6 +15,10 @@ import argparse
 import base64
 import gzip
 import json
+import logging
+import os
+import random
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,8 @@ from typing import Any
 from medseg.errors import MedsegError
 from medseg.io import write_bytes, write_json
 
+logger = logging.getLogger(__name__)
+
 IMAGE_INPUT = "image"
 VOLUME_INPUT = "volume"
 #: The model-level metadata parameter holding the served version's model card (Markdown; medseg's server sets it).
@@ -30,6 +36,44 @@ MODEL_CARD_PARAMETER = "model_card"
 NUMERIC = ("FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
 #: File name extensions of a 2D picture by the format the server names.
 PICTURE_EXTENSIONS = {"png": ("png",), "tiff": ("tif", "tiff")}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """A bounded retry of a request the server never answered: refused, reset or closed before an answer
+    (a server restarting, a pod replaced). ``attempts`` tries in all; before try n+1 the client sleeps
+    ``backoff_s * 2**(n-1)`` capped at ``max_backoff_s``, between half and all of it (jitter, so that many
+    clients do not come back at once). Every call of this module is idempotent (metadata reads, and inference,
+    which gives the same answer for the same case), so a retry is safe. An answer (4xx/5xx, 503 included) and a
+    read timeout are never retried: the server did answer, or may still be working on the case.
+
+    The default comes from ``MEDSEG_CLIENT_RETRIES`` (attempts, default 3) and ``MEDSEG_CLIENT_BACKOFF_S``
+    (default 0.5); ``medseg predict --url`` takes ``--retries``.
+    """
+
+    attempts: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise MedsegError(f"retry policy needs attempts >= 1 and backoffs >= 0, got {self}")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> RetryPolicy:
+        """From ``MEDSEG_CLIENT_RETRIES`` and ``MEDSEG_CLIENT_BACKOFF_S`` (unset: the defaults)."""
+        env = os.environ if environ is None else environ
+        try:
+            attempts = int(env.get("MEDSEG_CLIENT_RETRIES") or cls.attempts)
+            backoff = float(env.get("MEDSEG_CLIENT_BACKOFF_S") or cls.backoff_s)
+        except ValueError:
+            raise MedsegError("MEDSEG_CLIENT_RETRIES must be an integer and MEDSEG_CLIENT_BACKOFF_S a number of seconds") from None
+        return cls(attempts=attempts, backoff_s=backoff)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to sleep after failed try number ``attempt`` (1-based)."""
+        ceiling = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 @dataclass(frozen=True)
@@ -94,10 +138,12 @@ def _split(text: Any) -> list[str]:
     return [part for part in str(text).split(",") if part] if text else []
 
 
-def model_info(url: str, model_name: str, timeout: float = 30) -> ModelInfo:
-    """``GET /v2/models/NAME`` as a :class:`ModelInfo`; :class:`MedsegError` with the server's message otherwise."""
+def model_info(url: str, model_name: str, timeout: float = 30, retry: RetryPolicy | None = None) -> ModelInfo:
+    """``GET /v2/models/NAME`` as a :class:`ModelInfo`; :class:`MedsegError` with the server's message otherwise.
+
+    ``retry``: on connection errors (default: :meth:`RetryPolicy.from_env`)."""
     endpoint = f"{url.rstrip('/')}/v2/models/{model_name}"
-    response = _request("GET", endpoint, timeout)
+    response = _request("GET", endpoint, timeout, retry=retry)
     try:
         return ModelInfo.from_metadata(response.json())
     except (ValueError, TypeError, AttributeError) as exc:
@@ -174,57 +220,84 @@ def volume_request(images: Any, affine: Any, spacing: list[float] | None = None,
 
 # --------------------------------------------------------------------------- calls
 def infer_volume(url: str, model_name: str, images: Any, affine: Any, spacing: list[float] | None = None, binary: bool = True,
-                 timeout: float = 300, covariates: dict[str, float | None] | None = None) -> dict[str, Any]:
+                 timeout: float = 300, covariates: dict[str, float | None] | None = None, retry: RetryPolicy | None = None) -> dict[str, Any]:
     """Send a ``C×I×J×K`` array (see :func:`volume_request`); returns what :func:`infer` returns."""
     body, headers = volume_request(images, affine, spacing, binary=binary, covariates=covariates)
-    return _post(f"{url.rstrip('/')}/v2/models/{model_name}/infer", body, headers, timeout)
+    return _post(f"{url.rstrip('/')}/v2/models/{model_name}/infer", body, headers, timeout, retry)
 
 
 def infer(url: str, model_name: str, image_paths: list[Path], channels: list[str] | None = None, timeout: float = 300,
-          age: float | None = None, covariates: dict[str, float | None] | None = None) -> dict[str, Any]:
+          age: float | None = None, covariates: dict[str, float | None] | None = None, retry: RetryPolicy | None = None) -> dict[str, Any]:
     """POST ``/v2/models/NAME/infer`` with one NIfTI file per channel (``channels``: their names, in the order of
     ``image_paths``; default: the model's channels from ``GET /v2/models/NAME``) and the covariates (``age`` in years).
 
     Returns, for a segmentation model, ``{"segmentation_bytes" (a .nii.gz file's content), "format", "volumes_ml",
     ...}``; for a classifier ``{"probabilities": {class: p}, "label", ...}``; both with ``task``, ``model_version``,
     ``model_name`` and ``id``. Raises :class:`MedsegError` with the server's message on a 4xx/5xx answer, or when
-    the server cannot be reached.
+    the server cannot be reached after the ``retry`` policy's attempts (default: :meth:`RetryPolicy.from_env`).
     """
     covariates = dict(covariates or {})
     if age is not None:
         covariates["age"] = age
     if channels is None:
-        channels = model_info(url, model_name, timeout=min(timeout, 30)).channels
+        channels = model_info(url, model_name, timeout=min(timeout, 30), retry=retry).channels
     body = build_request(list(image_paths), list(channels), covariates=covariates)
     headers = {"x-request-id": body["id"], "content-type": "application/json"}  # KServe's latency log line shows the id
-    return _post(f"{url.rstrip('/')}/v2/models/{model_name}/infer", json.dumps(body).encode(), headers, timeout)
+    return _post(f"{url.rstrip('/')}/v2/models/{model_name}/infer", json.dumps(body).encode(), headers, timeout, retry)
 
 
-def infer_image(url: str, model_name: str, picture: Path | bytes, timeout: float = 300, covariates: dict[str, float | None] | None = None) -> dict[str, Any]:
+def infer_image(url: str, model_name: str, picture: Path | bytes, timeout: float = 300, covariates: dict[str, float | None] | None = None,
+                retry: RetryPolicy | None = None) -> dict[str, Any]:
     """POST one 2D picture (PNG/TIFF) to a slice-set model; ``segmentation_bytes`` is the mask in the same format."""
     body = image_request(picture, covariates=covariates)
     headers = {"x-request-id": body["id"], "content-type": "application/json"}
-    return _post(f"{url.rstrip('/')}/v2/models/{model_name}/infer", json.dumps(body).encode(), headers, timeout)
+    return _post(f"{url.rstrip('/')}/v2/models/{model_name}/infer", json.dumps(body).encode(), headers, timeout, retry)
 
 
-def _request(method: str, endpoint: str, timeout: float, **kwargs: Any) -> Any:
-    """One HTTP call to the model server; a timeout, an unreachable server or a 4xx/5xx answer is a MedsegError
-    naming the endpoint (and the server's own message)."""
+def _retryable(exc: Exception) -> bool:
+    """A connection the server refused, reset or closed before answering (not a read timeout: it may be working)."""
     import httpx
 
-    try:
-        response = httpx.request(method, endpoint, timeout=timeout, **kwargs)
-    except httpx.TimeoutException:
-        raise MedsegError(f"no answer within {timeout:.0f} s", endpoint) from None
-    except httpx.HTTPError as exc:
-        raise MedsegError(f"cannot reach the model server ({type(exc).__name__}: {exc})", endpoint) from None
+    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError))
+
+
+def _request(method: str, endpoint: str, timeout: float, retry: RetryPolicy | None = None, **kwargs: Any) -> Any:
+    """One HTTP call to the model server, tried again on connection errors as ``retry`` says (default:
+    :meth:`RetryPolicy.from_env`); a timeout, a server still unreachable after the last attempt or a 4xx/5xx
+    answer is a MedsegError naming the endpoint (and the server's own message)."""
+    import httpx
+
+    policy = retry or RetryPolicy.from_env()
+    started = time.monotonic()
+    attempt = 0
+    first: Exception | None = None
+    while True:
+        attempt += 1
+        try:
+            response = httpx.request(method, endpoint, timeout=timeout, **kwargs)
+            break
+        except httpx.HTTPError as exc:
+            if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+                raise MedsegError(f"no answer within {timeout:.0f} s", endpoint) from None
+            first = first or exc
+            if not _retryable(exc) or attempt >= policy.attempts:
+                tried = f" after {attempt} attempts over {time.monotonic() - started:.1f} s" if attempt > 1 else ""
+                cause = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
+                if type(first) is not type(exc):  # e.g. the connection lost mid-request, then refused while the server is down
+                    cause = f"first {type(first).__name__}: {str(first).rstrip('.')}; last {cause}"
+                raise MedsegError(f"cannot reach the model server{tried} ({cause})", endpoint) from None
+            pause = policy.delay(attempt)
+            logger.warning("model server %s: %s (%s); trying again in %.1f s (attempt %d of %d)", endpoint,
+                           "no connection" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else "connection lost before an answer",
+                           type(exc).__name__, pause, attempt + 1, policy.attempts)
+            time.sleep(pause)
     if response.status_code >= 400:
         raise MedsegError(f"model server answered {response.status_code}: {_error_text(response)}", endpoint)
     return response
 
 
-def _post(endpoint: str, body: bytes, headers: dict[str, str], timeout: float) -> dict[str, Any]:
-    response = _request("POST", endpoint, timeout, content=body, headers=headers)
+def _post(endpoint: str, body: bytes, headers: dict[str, str], timeout: float, retry: RetryPolicy | None = None) -> dict[str, Any]:
+    response = _request("POST", endpoint, timeout, retry=retry, content=body, headers=headers)
     try:
         return parse_response(response.json())
     except (ValueError, KeyError, TypeError, IndexError) as exc:
@@ -295,6 +368,9 @@ def add_case_arguments(parser: argparse.ArgumentParser, out_help: str = "") -> N
     parser.add_argument("--image", type=Path, default=None, help="a 2D slice-set model: one PNG or TIFF slice (colour channels = the model's channels)")
     parser.add_argument("--channels", nargs="+", default=None, help="channel names of --images (default: the model's, asked from the server)")
     parser.add_argument("--age", type=float, default=None, help="a classifier taking the age: the subject's age in years")
+    parser.add_argument("--retries", type=int, default=None,
+                        help="with --url: tries per request when the connection is refused or lost before an answer, with backoff "
+                             "(default: $MEDSEG_CLIENT_RETRIES or 3; 1 = no retry)")
     parser.add_argument("--out", type=Path, default=None,
                         help="segmentation to write (.nii.gz or .nii; for --image a .png/.tif mask); a classifier: a .json of the probabilities (optional)"
                              + out_help)
@@ -307,7 +383,10 @@ def run(args: argparse.Namespace) -> int:
     for path in ([args.image] if args.image is not None else list(args.images)):
         if not Path(path).is_file():
             raise MedsegError("file not found", path)
-    info = model_info(args.url, args.model, timeout=min(float(args.timeout), 30))
+    retry = RetryPolicy.from_env()
+    if getattr(args, "retries", None) is not None:
+        retry = RetryPolicy(attempts=int(args.retries), backoff_s=retry.backoff_s, max_backoff_s=retry.max_backoff_s)
+    info = model_info(args.url, args.model, timeout=min(float(args.timeout), 30), retry=retry)
     if args.image is not None and not info.takes_image:
         raise MedsegError(f"model {args.model} takes no 2D picture (it is not a 2D slice-set model): send --images, one NIfTI file per channel "
                           f"({', '.join(info.channels)})")
@@ -328,9 +407,9 @@ def run(args: argparse.Namespace) -> int:
     elif out is not None and _extension(out) != "json":
         raise MedsegError("a classifier answers probabilities: name --out ….json (or leave it out)", args.out)
     if args.image is not None:
-        result = infer_image(args.url, args.model, args.image, timeout=args.timeout, covariates=covariates)
+        result = infer_image(args.url, args.model, args.image, timeout=args.timeout, covariates=covariates, retry=retry)
     else:
-        result = infer(args.url, args.model, args.images, args.channels or info.channels, timeout=args.timeout, covariates=covariates)
+        result = infer(args.url, args.model, args.images, args.channels or info.channels, timeout=args.timeout, covariates=covariates, retry=retry)
     print(f"model:        {result['model_name']} (version {result['model_version']})")
     if result["task"] == "classification":
         for name, p in result["probabilities"].items():
