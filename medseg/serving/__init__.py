@@ -8,13 +8,15 @@
 - :mod:`medseg.serving.decode`: request → case (BYTES NIfTI per channel, one FP32 ``[C,Z,Y,X]`` volume, or one
   2D picture; covariates such as ``age``), every client mistake a message naming the input.
 - :mod:`medseg.serving.image2d`: a PNG/TIFF slice as a case of a 2D model, and its mask in the same format.
-- :mod:`medseg.serving.guard`: the ASGI guard in front of KServe's app (size limit, admission with 503,
-  timeout with 504, binary tensor extension, JSON errors); :mod:`medseg.serving.limits` its numbers and tickets.
+- :mod:`medseg.serving.guard`: the ASGI guard in front of KServe's app (size limit, admission by count and parse
+  memory with 503, timeout with 504, binary tensor extension, version routes, repository routes refused, JSON
+  errors); :mod:`medseg.serving.limits` its numbers, tickets and the cgroup memory budget.
+- :mod:`medseg.serving.grpc_server`: KServe's gRPC V2 service on the same host, gate and limits (``--grpc-port``).
 - :mod:`medseg.serving.reload`: versions loaded beside each other and swapped atomically, alias polling, the
-  model repository behind ``POST /v2/repository/models/NAME/load``.
+  model repository (its load() reloads in process; the server refuses the repository routes).
 - :mod:`medseg.serving.drift`: input drift z-scores against the package's training statistics.
-- :mod:`medseg.serving.server`: ``serve()`` (the real KServe ``ModelServer``, REST only, bound to one host,
-  127.0.0.1 by default) and helpers to run it as a subprocess (tests, local runs).
+- :mod:`medseg.serving.server`: ``serve()`` (the real KServe ``ModelServer``, REST and optionally gRPC, bound to
+  one host, 127.0.0.1 by default) and helpers to run it as a subprocess (tests, local runs).
 - :mod:`medseg.serving.client`: ``model_info()``, ``infer()``, ``infer_image()``, ``infer_volume()`` and ``medseg predict``.
 - :mod:`medseg.serving.smoke`: serve-and-check one held-out case in the form its task takes (the pipeline's serve step).
 - :mod:`medseg.serving.metrics`: the ``medseg_*`` Prometheus metrics shown on ``/metrics``.

@@ -61,7 +61,7 @@ MODEL_INFO = Info(
 )
 MODEL_RELOADS = Counter(
     "medseg_model_reloads",  # exported as medseg_model_reloads_total
-    "Model version changes while serving (alias moved, or POST /v2/repository/models/NAME/load), by outcome.",
+    "Model version changes while serving (alias moved, or the repository's load() in process), by outcome.",
     ["model", "outcome"],
 )
 INFLIGHT = Gauge("medseg_inflight_requests", "Inference requests being processed by the model.", ["model"])

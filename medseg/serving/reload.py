@@ -10,9 +10,10 @@ Reload triggers:
 
 - :class:`AliasPoller`: for ``models:/NAME@ALIAS``, every ``reload_interval_s`` seconds one registry lookup;
   when the alias points to another version, ``model.load()`` loads it and swaps.
-- ``POST /v2/repository/models/NAME/load``: KServe's model repository extension calls the repository's
-  ``load(name)``; the stock repository does nothing there, :func:`make_repository`'s calls ``model.load()``
-  (in a worker thread) — a no-op when the version has not moved (for a package folder: always re-read).
+- the model repository's ``load(name)`` (:func:`make_repository`): ``model.load()`` in a worker thread — a
+  no-op when the version has not moved (for a package folder: always re-read). In-process callers only: the
+  server refuses KServe's repository routes (REST 403, gRPC PERMISSION_DENIED, see :mod:`medseg.serving.guard`),
+  so nobody on the data plane can unload the model or switch versions.
 """
 
 from __future__ import annotations

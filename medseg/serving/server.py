@@ -9,7 +9,7 @@ multi-process server was configured (those would bind every interface); gRPC is 
 same admission gate as REST. Default host: 127.0.0.1.
 The same hook hands uvicorn the :class:`~medseg.serving.guard.ServingGuard` wrapping KServe's app (limits,
 admission, timeout, binary extension), and the model repository is :func:`~medseg.serving.reload.make_repository`'s
-(``POST /v2/repository/models/NAME/load`` reloads).
+(its load() reloads in process; the guard refuses the repository routes: 403).
 
 ``medseg serve --model URI --name NAME [--host 127.0.0.1] [--port 8080] [--grpc-port 0] [--max-request-mb 200]
 [--max-voxels N] [--max-concurrent 1] [--max-queue 4] [--timeout 300] [--reload-interval 60] [--memory-budget-mb 0]``; each limit also reads a
