@@ -52,6 +52,9 @@ def registered_version(uri: str) -> str:
 def _lookup_version(uri: str) -> str:
     import mlflow
 
+    from medseg.tracking import bound_http_retries
+
+    bound_http_retries()  # a registry that is down: an error within about half a minute, not after minutes of retries
     name, alias, version = parse_models_uri(uri)
     client = mlflow.MlflowClient()
     if alias is not None:
