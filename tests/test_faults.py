@@ -20,6 +20,7 @@ import errno
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,7 +66,7 @@ class MotoServer:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
                                          stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # ~2 s when idle; far more on a loaded 2-core machine
         while True:
             if self.proc.poll() is not None:
                 pytest.fail(f"moto_server exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
@@ -76,7 +77,7 @@ class MotoServer:
                 return  # it answers
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not answer on {self.url} within 30 s")
+                    pytest.fail(f"moto_server did not answer on {self.url} within 90 s")
                 time.sleep(0.2)
 
     def kill(self) -> None:
@@ -202,6 +203,35 @@ def test_s3_endpoint_killed_during_ingest(moto: MotoServer, tmp_path: Path, monk
     assert _leftovers(work) == []
 
 
+def test_s3_endpoint_killed_mid_body(moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Killed while an object's body streams (headers in, body not): the object is downloaded again from the start,
+    which meets the dead endpoint, and the download ends in the clear error; nothing is left in ``dest``'s folder."""
+    bucket = f"faults-{uuid.uuid4().hex[:8]}"
+    client = s3.make_client()
+    client.create_bucket(Bucket=bucket)
+    big = os.urandom(48 << 20)  # larger than the loopback socket buffers: most of it is still in moto when it dies
+    client.put_object(Bucket=bucket, Key="raw/a/big.bin", Body=big)
+    client.put_object(Bucket=bucket, Key="raw/b/small.bin", Body=b"small")
+
+    def kill_once_headers_are_in(http_response: Any, parsed: dict[str, Any], model: Any, **_: Any) -> None:
+        if model.name == "GetObject" and parsed.get("ContentLength") == len(big):
+            moto.kill()
+
+    client.meta.events.register("after-call.s3.GetObject", kill_once_headers_are_in)
+    caplog.set_level(logging.WARNING, logger="medseg.data.s3")
+    (tmp_path / "out").mkdir()
+    dest = tmp_path / "out" / "dl"
+    with pytest.raises(MedsegError) as info:
+        s3.download_prefix(f"s3://{bucket}/raw", dest, progress=False, client=client)
+    message = str(info.value)
+    print(f"\nkilled mid-body: {[r.getMessage() for r in caplog.records]}\n{message}")
+    assert message.startswith(f"s3://{bucket}/raw/a/big.bin: ")
+    assert f"cannot reach the S3 endpoint {moto.url}" in message and "(3 attempts with backoff)" in message
+    cuts = [r.getMessage() for r in caplog.records if "transfer interrupted" in r.getMessage()]
+    assert len(cuts) == 1 and "downloading it again" in cuts[0]
+    assert list((tmp_path / "out").iterdir()) == []  # no dest, no temporary folder, no partial file
+
+
 # --------------------------------------------------------------------------- S3 endpoint stops during `medseg data push`
 def _dvc(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -210,13 +240,13 @@ def _dvc(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def _kill_on_first_upload(moto: MotoServer, bucket: str, stop: threading.Event) -> threading.Thread:
-    """A thread that kills the endpoint as soon as its request log shows the first upload of a DVC object."""
-    marker = f"PUT /{bucket}/store/files/"
+def _kill_on_request(moto: MotoServer, marker: str, stop: threading.Event) -> threading.Thread:
+    """A thread that kills the endpoint as soon as its request log shows ``marker`` (from now on)."""
+    start = len(moto.log_text())
 
     def watch() -> None:
         while not stop.is_set():
-            if marker in moto.log_text():
+            if marker in moto.log_text()[start:]:
                 moto.kill()
                 return
             time.sleep(0.005)
@@ -245,7 +275,7 @@ def test_s3_endpoint_killed_during_data_push(moto: MotoServer, tmp_path: Path, c
     capsys.readouterr()
 
     stop = threading.Event()
-    watcher = _kill_on_first_upload(moto, bucket, stop)
+    watcher = _kill_on_request(moto, f"PUT /{bucket}/store/files/", stop)  # the first upload of a DVC object
     t0 = time.monotonic()
     code = main(["data", "push", "--repo", str(repo)])
     elapsed = time.monotonic() - t0
@@ -277,6 +307,37 @@ def test_s3_endpoint_killed_during_data_push(moto: MotoServer, tmp_path: Path, c
     assert f"pushed {n_files + 1} file(s)" in capsys.readouterr().out  # the files and the directory listing
     assert len(s3.list_objects(s3.make_client(), bucket, "store/")) == n_files + 1
     assert main(["data", "push", "--repo", str(repo)]) == 0 and "up to date" in capsys.readouterr().out
+
+    # `medseg data pull` into a workspace without the data (as a fresh clone), the endpoint killed at the first download
+    expected = _tree(data)
+    cache = repo / ".dvc" / "cache"
+    cache.rename(tmp_path / "cache-aside")
+    for path in sorted(data.iterdir()):
+        path.unlink()
+    data.rmdir()
+    stop = threading.Event()
+    watcher = _kill_on_request(moto, f"GET /{bucket}/store/files/", stop)
+    code = main(["data", "pull", "--repo", str(repo)])
+    stop.set()
+    watcher.join(timeout=5)
+    captured = capsys.readouterr()
+    error = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    with capsys.disabled():
+        print(f"data pull with the endpoint killed at the first download:\n{error}")
+    assert code == 2 and moto.proc is not None and moto.proc.poll() is not None
+    assert "Traceback" not in captured.err and len(error) == 1
+    assert f"dvc pull from s3://{bucket}/store failed" in error[0] and f"cannot reach the S3 endpoint {moto.url}" in error[0]
+    assert not data.exists() or _tree(data).items() <= expected.items(), "no half-written file in the workspace"
+
+    # back (empty): the data pushed again from the copy aside, then the pull completes with the same files
+    moto.start()
+    s3.make_client().create_bucket(Bucket=bucket)
+    shutil.rmtree(cache, ignore_errors=True)
+    (tmp_path / "cache-aside").rename(cache)
+    assert main(["data", "push", "--repo", str(repo)]) == 0
+    shutil.rmtree(cache)
+    assert main(["data", "pull", "--repo", str(repo)]) == 0
+    assert _tree(data) == expected
 
 
 # --------------------------------------------------------------------------- the disk fills during preprocessing
@@ -413,7 +474,7 @@ def _kill_mid_request(proc: subprocess.Popen, port: int, request: threading.Thre
         if time.monotonic() > deadline or not request.is_alive():
             pytest.fail("the request never reached the server")
         time.sleep(0.01)
-    time.sleep(0.3)  # the body is in; the server is decoding or predicting
+    time.sleep(0.1)  # the body is (mostly) in; the server is decoding or predicting
     assert request.is_alive(), "the answer came before the kill: the case is too small to kill the server mid-request"
     assert server_proc.children() == [], "the server is one process: killing it kills the model server"
     proc.kill()  # SIGKILL: no graceful drain, as an OOM kill or a lost node

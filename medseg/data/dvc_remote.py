@@ -249,6 +249,15 @@ def _summarised_transfer_failures() -> Iterator[list[str]]:
             handler.removeFilter(keep)
 
 
+def _transfer_exceptions() -> tuple[type[BaseException], ...]:
+    """What a push or pull raises when the remote fails: DVC's own errors, and botocore's or the OS's, which DVC
+    lets through from some steps (a ``.dir`` listing fetched before the files, seen with the endpoint stopped)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from dvc.exceptions import DvcException
+
+    return (DvcException, BotoCoreError, ClientError, OSError)
+
+
 def _transfer_error(verb: str, settings: dict[str, Any], exc: Exception, failures: list[str], repo: Any) -> MedsegError:
     """One line for a failed push/pull: DVC's count, the first file's error, and whether the endpoint answers now."""
     text = f"dvc {verb} {'to' if verb == 'push' else 'from'} {settings['url']} failed: {exc}"
@@ -283,14 +292,12 @@ def push(repo: str | Path = ".", targets: str | Path | Sequence[str | Path] | No
     Raises:
         MedsegError: no remote, remote unreachable or refusing, or some files failed to upload.
     """
-    from dvc.exceptions import DvcException
-
     with open_repo(repo) as r:
         settings = check_remote(r, remote)
         with _bounded_retries(max_attempts), _summarised_transfer_failures() as failures:
             try:
                 count = r.push(targets=_targets(targets), remote=settings["name"], jobs=jobs)
-            except DvcException as exc:
+            except _transfer_exceptions() as exc:
                 raise _transfer_error("push", settings, exc, failures, r) from None
     logger.info("pushed %d file(s) to %s", count, settings["url"])
     return int(count)
@@ -306,7 +313,7 @@ def pull(repo: str | Path = ".", targets: str | Path | Sequence[str | Path] | No
     Raises:
         MedsegError: no remote, remote unreachable or refusing, or data missing from the remote.
     """
-    from dvc.exceptions import CheckoutError, DvcException
+    from dvc.exceptions import CheckoutError
 
     with open_repo(repo) as r:
         settings = check_remote(r, remote)
@@ -316,7 +323,7 @@ def pull(repo: str | Path = ".", targets: str | Path | Sequence[str | Path] | No
             except CheckoutError as exc:
                 missing = ", ".join(sorted(map(str, getattr(exc, "target_infos", []) or [])))[:500]
                 raise MedsegError(f"dvc pull from {settings['url']}: data missing on the remote (pushed from the other clone?) {missing}".rstrip(), r.root_dir) from None
-            except DvcException as exc:
+            except _transfer_exceptions() as exc:
                 raise _transfer_error("pull", settings, exc, failures, r) from None
     return dict(result.get("stats", {}))
 

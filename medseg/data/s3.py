@@ -10,7 +10,10 @@ Credentials and the endpoint come from the environment only, never from a file o
 
 :func:`download_prefix` streams every object under ``s3://bucket/prefix/`` into a local folder, hashing
 while it writes (sha256 for the records, MD5 to check the ETag of single-part uploads) and checking each
-object's size; the folder appears only once every object is in it and verified. :func:`stage_source`
+object's size; the folder appears only once every object is in it and verified. A request to an endpoint
+that stops is retried by botocore (3 attempts, exponential backoff with jitter, connect/read timeouts), a body
+cut mid-way is downloaded again from its start as many times; then one clear error names the endpoint and
+the object. :func:`stage_source`
 turns a ``--source`` argument (local folder or ``s3://`` URI) into a local folder.
 
 boto3 is imported on first use, so importing this module (e.g. from ``medseg ingest`` on a local
@@ -24,6 +27,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -342,8 +346,36 @@ def _check_no_clashes(relative: list[PurePosixPath], uri: str) -> None:
                 raise MedsegError(f"object {parent} is also a folder of {rel}: cannot write both", uri)
 
 
+class _Interrupted(Exception):
+    """The body of a GET stopped mid-way (``size`` bytes received): the request itself is retried by botocore,
+    the body is not."""
+
+    def __init__(self, size: int, reason: str) -> None:
+        super().__init__(reason)
+        self.size, self.reason = size, reason
+
+
 def _download_object(client: BaseClient, bucket: str, obj: dict[str, Any], target: Path, name: str, endpoint: str, bar: tqdm,
                      attempts: int | None = None) -> tuple[int, str]:
+    """GET one object into ``target``; a body cut mid-way is downloaded again from the start, up to ``attempts``
+    times in all with exponential backoff (then a clear error), as botocore does for the request itself."""
+    tries = max(1, attempts or 1)
+    for attempt in range(1, tries + 1):
+        try:
+            return _download_once(client, bucket, obj, target, name, endpoint, bar, attempts)
+        except _Interrupted as cut:
+            bar.update(-cut.size)
+            if attempt == tries:
+                raise MedsegError(f"transfer interrupted after {cut.size} bytes ({cut.reason}), {tries} attempt(s)", name) from None
+            pause = min(20.0, 0.5 * 2 ** (attempt - 1))
+            logger.warning("%s: transfer interrupted after %d bytes (%s); downloading it again in %.1f s (attempt %d of %d)",
+                           name, cut.size, cut.reason, pause, attempt + 1, tries)
+            time.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _download_once(client: BaseClient, bucket: str, obj: dict[str, Any], target: Path, name: str, endpoint: str, bar: tqdm,
+                   attempts: int | None) -> tuple[int, str]:
     from botocore.exceptions import BotoCoreError
 
     sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
@@ -354,7 +386,7 @@ def _download_object(client: BaseClient, bucket: str, obj: dict[str, Any], targe
     with s3_errors(name, endpoint, attempts):
         response = client.get_object(**request)
         try:
-            with open(target, "wb") as fh:
+            with open(target, "wb") as fh:  # "wb": a new attempt starts the file again
                 for chunk in response["Body"].iter_chunks(CHUNK_BYTES):
                     fh.write(chunk)
                     sha256.update(chunk)
@@ -362,7 +394,7 @@ def _download_object(client: BaseClient, bucket: str, obj: dict[str, Any], targe
                     size += len(chunk)
                     bar.update(len(chunk))
         except BotoCoreError as exc:  # IncompleteReadError, ResponseStreamingError, ReadTimeoutError mid-body
-            raise MedsegError(f"transfer interrupted after {size} bytes ({type(exc).__name__})", name) from None
+            raise _Interrupted(size, type(exc).__name__) from None
         except OSError as exc:
             raise MedsegError(f"cannot write {target.name}: {exc.strerror or exc}", name) from None
         finally:
