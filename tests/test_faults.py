@@ -1,14 +1,15 @@
 """Faults injected into the real local parts (issue 15, point 7), and what must survive them.
 
-* The S3 endpoint (a real ``moto_server``) is killed during ``medseg ingest --source s3://…`` and during
-  ``medseg data push``: a bounded retry with backoff, then one clear line naming the endpoint and the object;
-  no half-written dataset; after a restart a re-run completes (same manifest hash as a clean run, the push
-  uploads everything).
+* The S3 endpoint (a real ``moto_server``) is killed during ``medseg ingest --source s3://…`` (between objects and
+  mid-body) and during ``medseg data push`` / ``pull``: a bounded retry with backoff, then one clear line naming
+  the endpoint and the object; no half-written dataset or workspace; after a restart a re-run completes (same
+  manifest hash as a clean run, the push uploads everything, the pull brings the same files).
 * The disk fills during ``medseg preprocess``: a real tmpfs that is too small when the tests run as root and
   may mount, else a simulated ``ENOSPC`` (the test says which in its output); a clear error naming the file,
   nothing half-written left, a re-run with space gives the clean run's files.
 * The model server is killed mid-request and restarted: the client's bounded retry ends in a clear error, the
-  restarted server serves the same version, and the same request gives the same answer.
+  restarted server serves the same version, and the same request gives the same answer; a client retrying long
+  enough rides over a restart. The retry policy itself is checked against a real socket server.
 
 moto keeps its data in memory: a restarted endpoint is empty, so the tests upload the source again (a real
 S3 or MinIO keeps it; the retry and rerun paths are the same).
@@ -36,7 +37,7 @@ from typing import Any
 import pytest
 
 from medseg.cli import main
-from medseg.data import dvc_remote, s3
+from medseg.data import s3
 from medseg.errors import MedsegError
 
 VENV_BIN = Path(sys.executable).parent
@@ -135,6 +136,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- S3 endpoint stops during ingest
+@pytest.mark.slow
 def test_s3_endpoint_killed_during_ingest(moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from medseg.ingest import ingest
     from medseg.schemas import Manifest
@@ -407,7 +409,7 @@ def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
         def grow() -> None:
             monkeypatch.setattr(numpy, "save", disk.real_save)
-    logging.getLogger(__name__).warning("disk-full test uses %s: %d bytes for %d bytes of output", mode, capacity, clean_bytes)
+    log.warning("disk-full test uses %s: %d bytes for %d bytes of output", mode, capacity, clean_bytes)
     try:
         yield folder, mode, grow, tiny
     finally:
