@@ -87,6 +87,15 @@ class MotoServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the port still accepts connections (the kernel's backlog) but nothing answers, as a hung server."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -203,6 +212,59 @@ def test_s3_endpoint_killed_during_ingest(moto: MotoServer, tmp_path: Path, monk
     assert Manifest.load(out).content_hash == clean.content_hash
     assert {k: v for k, v in _tree(out).items() if k != "manifest.json"} == {k: v for k, v in clean_tree.items() if k != "manifest.json"}
     assert _leftovers(work) == []
+
+
+@pytest.mark.slow
+def test_s3_endpoint_frozen_during_ingest(moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A hung endpoint (accepts, never answers) must not hang ingest: the read timeout and the attempts bound it
+    (set short here through MEDSEG_S3_READ_TIMEOUT / MEDSEG_S3_MAX_ATTEMPTS); once it answers again the re-run
+    completes with the clean run's version."""
+    from medseg.ingest import ingest
+    from medseg.schemas import Manifest
+    from tests.test_ingest import make_source
+
+    source = make_source(tmp_path, patients=2)
+    bucket, prefix = f"faults-{uuid.uuid4().hex[:8]}", "raw"
+    _upload(bucket, prefix, source)
+    uri = f"s3://{bucket}/{prefix}"
+    work = tmp_path / "work"
+    clean = ingest(uri, work / "clean", progress=False)
+
+    monkeypatch.setenv("MEDSEG_S3_READ_TIMEOUT", "1")
+    monkeypatch.setenv("MEDSEG_S3_MAX_ATTEMPTS", "2")
+    gets: list[str] = []
+    real_make_client = s3.make_client
+
+    def make_client(*args: Any, **kwargs: Any) -> Any:
+        client = real_make_client(*args, **kwargs)
+
+        def on_call(params: dict[str, Any], **_: Any) -> None:
+            gets.append(params["Key"])
+            if len(gets) == 3:
+                moto.freeze()
+
+        client.meta.events.register("before-parameter-build.s3.GetObject", on_call)
+        return client
+
+    monkeypatch.setattr(s3, "make_client", make_client)
+    t0 = time.monotonic()
+    try:
+        code = main(["ingest", "--source", uri, "--out", str(work / "dataset"), "--no-progress"])
+    finally:
+        moto.thaw()
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    with capsys.disabled():
+        print(f"\ningest with the endpoint frozen at object 3: failed after {elapsed:.1f} s\n{err.strip()}")
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: s3://{bucket}/{gets[2]}: the S3 endpoint {moto.url} accepted the connection but sent no answer")
+    assert "(2 attempts with backoff)" in line
+    assert elapsed < 20, "bounded by the read timeout and the attempts"
+    assert sorted(p.name for p in work.iterdir()) == ["clean"]  # no dataset, no temporary or staging folder
+
+    monkeypatch.setattr(s3, "make_client", real_make_client)
+    assert ingest(uri, work / "dataset", progress=False).content_hash == clean.content_hash  # it answers again
 
 
 def test_s3_endpoint_killed_mid_body(moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

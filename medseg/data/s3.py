@@ -74,6 +74,20 @@ def region_from_env(environ: dict[str, str] | None = None) -> str | None:
     return None
 
 
+def _env_number(name: str, default: float) -> float:
+    """A positive number from the environment variable ``name`` (unset or empty: ``default``)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise MedsegError(f"{name} must be a positive number, got {text!r}")
+    return value
+
+
 def make_client(
     endpoint_url: str | None = None,
     region: str | None = None,
@@ -81,9 +95,9 @@ def make_client(
     access_key_id: str | None = None,
     secret_access_key: str | None = None,
     session_token: str | None = None,
-    max_attempts: int = 3,
-    connect_timeout: float = 10.0,
-    read_timeout: float = 60.0,
+    max_attempts: int | None = None,
+    connect_timeout: float | None = None,
+    read_timeout: float | None = None,
 ) -> BaseClient:
     """A boto3 S3 client; every argument left ``None`` is read from the environment.
 
@@ -94,19 +108,22 @@ def make_client(
         profile: a profile of the AWS config files (default: ``AWS_PROFILE`` as boto3 reads it).
         access_key_id, secret_access_key, session_token: explicit credentials; normally left ``None`` so
             that boto3 takes them from the environment.
-        max_attempts: attempts per request including the first (connection errors and 5xx are retried, with
-            botocore's exponential backoff and jitter), so a stopped endpoint fails after a few seconds.
-        connect_timeout, read_timeout: seconds.
+        max_attempts: attempts per request including the first (connection errors, timeouts and 5xx are
+            retried, with botocore's exponential backoff and jitter), so a stopped endpoint fails after a few
+            seconds (default: ``MEDSEG_S3_MAX_ATTEMPTS`` or 3).
+        connect_timeout, read_timeout: seconds (default: ``MEDSEG_S3_CONNECT_TIMEOUT`` or 10,
+            ``MEDSEG_S3_READ_TIMEOUT`` or 60): an endpoint that accepts but never answers (frozen) fails too.
     """
     import boto3
     from botocore.config import Config
 
     endpoint_url = endpoint_url or endpoint_url_from_env()
+    attempts = int(max_attempts if max_attempts is not None else _env_number("MEDSEG_S3_MAX_ATTEMPTS", 3))
     config = Config(
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
+        connect_timeout=connect_timeout if connect_timeout is not None else _env_number("MEDSEG_S3_CONNECT_TIMEOUT", 10.0),
+        read_timeout=read_timeout if read_timeout is not None else _env_number("MEDSEG_S3_READ_TIMEOUT", 60.0),
         # total_max_attempts counts the first request; botocore's "max_attempts" would count retries only (one more)
-        retries={"total_max_attempts": max(1, int(max_attempts)), "mode": "standard"},
+        retries={"total_max_attempts": max(1, attempts), "mode": "standard"},
         s3={"addressing_style": "path"} if endpoint_url else None,
     )
     try:
@@ -203,13 +220,18 @@ def s3_errors(target: str, endpoint: str = "AWS S3", attempts: int | None = None
         HTTPClientError,
         NoCredentialsError,
         PartialCredentialsError,
+        ReadTimeoutError,
     )
 
     try:
         yield
     except (NoCredentialsError, PartialCredentialsError):
         raise MedsegError("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment", target) from None
-    except (BotoConnectionError, HTTPClientError) as exc:  # EndpointConnectionError, timeouts, closed connections
+    except ReadTimeoutError:
+        tried = f" ({attempts} attempts with backoff)" if attempts else ""
+        raise MedsegError(f"the S3 endpoint {endpoint} accepted the connection but sent no answer within the read timeout (ReadTimeoutError): "
+                          f"is the server stuck or overloaded?{tried}", target) from None
+    except (BotoConnectionError, HTTPClientError) as exc:  # EndpointConnectionError, connect timeouts, closed connections
         tried = f" ({attempts} attempts with backoff)" if attempts else ""
         raise MedsegError(f"cannot reach the S3 endpoint {endpoint} ({type(exc).__name__}): is the server up and the endpoint URL right?{tried}", target) from None
     except ClientError as exc:
