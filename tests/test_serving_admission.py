@@ -183,28 +183,22 @@ def test_body_beyond_the_whole_budget_is_413(served):
     assert httpx.post(f"{url}{V2}", content=body, headers=headers, timeout=60).status_code == 200
 
 
-def test_grpc_shares_the_gate(served):
-    grpcclient = pytest.importorskip("tritonclient.grpc")
-    from tritonclient.utils import InferenceServerException
+def test_grpc_shares_the_gate(served, tmp_path):
+    import importlib.util
 
-    def volume() -> Any:
-        tensor = grpcclient.InferInput("volume", [4, 24, 24, 24], "FP32")
-        tensor.set_data_from_numpy(np.ascontiguousarray(served["images"].transpose(0, 3, 2, 1), dtype=np.float32))
-        return tensor
+    if importlib.util.find_spec("tritonclient.grpc") is None:
+        pytest.skip("tritonclient[grpc] not installed")
+    from tests.test_serving_clients import run_grpc_client  # tritonclient.grpc runs in a child process (see there)
 
-    affine = " ".join(f"{v:g}" for v in served["affine"].ravel())
-    grpc = grpcclient.InferenceServerClient(served["grpc"])
+    case = {"images": served["images"], "affine": served["affine"], "files": {c: b"" for c in ("t1n", "t1c", "t2w", "t2f")}}
     sock = _stalled_json_upload(served["port"], int(3.05 * MIB))  # 39.65 MiB of the 40 held over REST; the volume needs 0.55
     try:
         _wait_metric(served["url"], "medseg_admitted_parse_bytes", int(3.05 * MIB) * PARSE_GROWTH["json"])
-        with pytest.raises(InferenceServerException) as busy:
-            grpc.infer(NAME, [volume()], parameters={"affine": affine})
-        assert str(busy.value.status()) == "StatusCode.UNAVAILABLE" and "retry after" in busy.value.message()
+        busy = run_grpc_client(served["grpc"], case, tmp_path, mode="volume")["volume"]
+        assert busy.get("status") == "StatusCode.UNAVAILABLE" and "retry after" in busy["message"], busy
     finally:
         sock.close()
     _wait_metric(served["url"], "medseg_admitted_parse_bytes", 0)
-    try:
-        assert grpc.infer(NAME, [volume()], parameters={"affine": affine}).as_numpy("volumes_ml").shape == (3,)
-    finally:
-        grpc.close()
+    answered = run_grpc_client(served["grpc"], case, tmp_path, mode="volume")["volume"]
+    assert len(answered["ok"]["volumes_ml"]) == 3, answered
     assert "Traceback" not in served["log"].read_text()

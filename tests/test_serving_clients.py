@@ -2,7 +2,9 @@
 
 Each client is its real package: ``tritonclient.http`` (JSON, which it sends without a Content-Type, and the
 binary extension), ``tritonclient.grpc`` (KServe's gRPC V2 service, raw contents) and kserve's
-``InferenceRESTClient``. One server for the module (``--grpc-port``, small limits: 8 MiB requests). Also: the
+``InferenceRESTClient``. ``tritonclient.grpc`` and kserve run in child processes: their generated protobuf modules
+both register the package ``inference`` in protobuf's default descriptor pool, so whichever is imported second
+in a process fails (and other test modules import kserve in the pytest process). One server for the module (``--grpc-port``, small limits: 8 MiB requests). Also: the
 metadata route lists the real inputs and outputs, the ``/versions/N`` routes answer for the version serving and
 404 for others, gRPC errors carry the codes a gRPC client expects, and the model repository routes are refused.
 """
@@ -10,7 +12,6 @@ metadata route lists the real inputs and outputs, the ``/versions/N`` routes ans
 from __future__ import annotations
 
 import base64
-import gzip
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from medseg.task import BRATS2023
 from tests.factories import make_model_package, write_case
 
 httpclient = pytest.importorskip("tritonclient.http")
-grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 NAME = "brats"
@@ -74,10 +74,7 @@ def _bytes_inputs(module: Any, files: dict[str, bytes], base64_text: bool = Fals
     for channel, data in files.items():
         tensor = module.InferInput(channel, [1], "BYTES")
         value = np.array([base64.b64encode(data) if base64_text else data], dtype=object)
-        if module is httpclient:
-            tensor.set_data_from_numpy(value, binary_data=binary)
-        else:
-            tensor.set_data_from_numpy(value)
+        tensor.set_data_from_numpy(value, binary_data=binary)
         inputs.append(tensor)
     return inputs
 
@@ -95,24 +92,26 @@ def _affine_text(affine: np.ndarray) -> str:
 def _check_segmentation(result: Any, affine: np.ndarray, shape: tuple[int, ...]) -> None:
     raw = result.as_numpy("segmentation")
     assert raw.shape == (1,)
-    encoded = raw[0]
-    data = base64.b64decode(encoded)  # base64 text of a .nii.gz, whatever the transport
-    seg, seg_affine, _ = load_nifti_bytes(gzip.compress(gzip.decompress(data)))
+    text = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
+    _check_segmentation_text(text, affine, shape)
+
+
+def _check_segmentation_text(text: str, affine: np.ndarray, shape: tuple[int, ...]) -> None:
+    """The answer's segmentation: base64 text of a .nii.gz in the input's geometry, whatever the transport."""
+    seg, seg_affine, _ = load_nifti_bytes(base64.b64decode(text))
     assert seg.shape == shape and np.allclose(seg_affine, affine)
 
 
 # --------------------------------------------------------------------------- metadata and versions
-def test_metadata_lists_real_inputs_and_outputs(served):
+def test_metadata_lists_real_inputs_and_outputs(served, grpc_calls):
     meta = httpx.get(f"{served['url']}/v2/models/{NAME}", timeout=30).json()
     triton = httpclient.InferenceServerClient(served["http"])
-    grpc = grpcclient.InferenceServerClient(served["grpc"])
     try:
         via_http = triton.get_model_metadata(NAME)
         via_http_version = triton.get_model_metadata(NAME, model_version=VERSION)
-        via_grpc = grpc.get_model_metadata(NAME, as_json=True)
     finally:
         triton.close()
-        grpc.close()
+    via_grpc = grpc_calls["metadata"]
     names = [i["name"] for i in meta["inputs"]]
     assert names == [*CHANNELS, "volume"] and [o["name"] for o in meta["outputs"]] == ["segmentation", "volumes_ml"]
     assert meta["versions"] == [VERSION] and via_http == meta and via_http_version == meta
@@ -169,62 +168,115 @@ def test_tritonclient_http_binary(served, case, reference):
     assert bad.value.status() == "400" and "t1c" in bad.value.message()
 
 
-# --------------------------------------------------------------------------- tritonclient.grpc
-def test_tritonclient_grpc(served, case, reference):
-    grpc = grpcclient.InferenceServerClient(served["grpc"])
+# --------------------------------------------------------------------------- tritonclient.grpc (in a child process)
+GRPC_CLIENT = r"""
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+address, name, version, path, mode = sys.argv[1:6]
+case = np.load(path)
+files = {k: bytes(case[k]) for k in ("t1n", "t1c", "t2w", "t2f")}
+affine = str(case["affine"])
+g = grpcclient.InferenceServerClient(address)
+
+def bytes_inputs(f):
+    out = []
+    for channel, data in f.items():
+        t = grpcclient.InferInput(channel, [1], "BYTES")
+        t.set_data_from_numpy(np.array([data], dtype=object))
+        out.append(t)
+    return out
+
+def volume(array):
+    t = grpcclient.InferInput("volume", list(array.shape), "FP32")
+    t.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return t
+
+def answer(r):
+    seg = r.as_numpy("segmentation")
+    return {"volumes_ml": r.as_numpy("volumes_ml").tolist(), "segmentation": seg[0].decode(), "model_version": r.get_response().model_version}
+
+def attempt(fn):
     try:
-        assert grpc.is_server_live() and grpc.is_server_ready() and grpc.is_model_ready(NAME)
-        assert grpc.is_model_ready(NAME, VERSION) and not grpc.is_model_ready(NAME, "2")
-        files = grpc.infer(NAME, _bytes_inputs(grpcclient, case["files"]), model_version=VERSION)
-        volume = grpc.infer(NAME, [_volume_input(grpcclient, case["images"])], parameters={"affine": _affine_text(case["affine"])})
-    finally:
-        grpc.close()
-    np.testing.assert_allclose(files.as_numpy("volumes_ml"), reference, rtol=1e-5)
-    np.testing.assert_allclose(volume.as_numpy("volumes_ml"), reference, rtol=1e-4)
-    _check_segmentation(files, case["affine"], (24, 24, 24))
-    assert files.get_response().model_version == VERSION
+        return {"ok": fn()}
+    except InferenceServerException as e:
+        return {"status": str(e.status()), "message": e.message()}
+
+out = {}
+if mode == "all":
+    out["ready"] = [g.is_server_live(), g.is_server_ready(), g.is_model_ready(name), g.is_model_ready(name, version), g.is_model_ready(name, "2")]
+    out["metadata"] = g.get_model_metadata(name, as_json=True)
+    out["files"] = attempt(lambda: answer(g.infer(name, bytes_inputs(files), model_version=version)))
+    out["volume"] = attempt(lambda: answer(g.infer(name, [volume(case["volume"])], parameters={"affine": affine})))
+    out["garbage"] = attempt(lambda: answer(g.infer(name, bytes_inputs({**files, "t1c": b"hello, not a NIfTI file" * 20}))))
+    out["complex"] = attempt(lambda: answer(g.infer(name, bytes_inputs({**files, "t1n": bytes(case["complex"])}))))
+    out["singular"] = attempt(lambda: answer(g.infer(name, [volume(np.ones((4, 2, 2, 2)))], parameters={"affine": "0 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1"})))
+    out["too_big"] = attempt(lambda: answer(g.infer(name, [volume(np.zeros((4, 64, 64, 160)))], parameters={"affine": affine})))
+    out["wrong_version"] = attempt(lambda: answer(g.infer(name, bytes_inputs(files), model_version="9")))
+    out["unknown_model"] = attempt(lambda: answer(g.infer("nope", bytes_inputs(files))))
+    out["load"] = attempt(lambda: g.load_model(name))
+    out["unload"] = attempt(lambda: g.unload_model(name))
+    out["after"] = attempt(lambda: answer(g.infer(name, bytes_inputs(files))))
+    out["ready_after"] = g.is_model_ready(name)
+else:
+    out["volume"] = attempt(lambda: answer(g.infer(name, [volume(case["volume"])], parameters={"affine": affine})))
+g.close()
+print(json.dumps(out))
+"""
 
 
-def _grpc_error(served: dict[str, Any], call: Any) -> tuple[str, str]:
-    grpc = grpcclient.InferenceServerClient(served["grpc"])
-    try:
-        with pytest.raises(InferenceServerException) as err:
-            call(grpc)
-    finally:
-        grpc.close()
-    return str(err.value.status()), err.value.message()
+def run_grpc_client(address: str, case: dict[str, Any], folder: Path, mode: str = "all") -> dict[str, Any]:
+    """Run :data:`GRPC_CLIENT` against ``address`` with the case; its JSON results (``mode``: all, or volume only)."""
+    import json
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    complex_file = nib.Nifti1Image(np.ones((24, 24, 24), np.complex64), case["affine"]).to_bytes()
+    np.savez(folder / "case.npz", volume=np.ascontiguousarray(case["images"].transpose(0, 3, 2, 1), dtype=np.float32),
+             affine=np.array(_affine_text(case["affine"])), complex=np.frombuffer(complex_file, np.uint8),
+             **{c: np.frombuffer(b, np.uint8) for c, b in case["files"].items()})
+    done = subprocess.run([sys.executable, "-c", GRPC_CLIENT, address, NAME, VERSION, str(folder / "case.npz"), mode], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_grpc_errors_match_rest(served, case):
+@pytest.fixture(scope="module")
+def grpc_calls(served, case, tmp_path_factory) -> dict[str, Any]:
+    import importlib.util
+
+    if importlib.util.find_spec("tritonclient.grpc") is None:  # find_spec: importing it here would break kserve's protobuf
+        pytest.skip("tritonclient[grpc] not installed")
+    return run_grpc_client(served["grpc"], case, tmp_path_factory.mktemp("grpc"))
+
+
+def test_tritonclient_grpc(grpc_calls, case, reference):
+    assert grpc_calls["ready"] == [True, True, True, True, False]  # live, ready, model ready, served version ready, version 2 not
+    for key in ("files", "volume"):
+        answer = grpc_calls[key].get("ok")
+        assert answer is not None, grpc_calls[key]
+        np.testing.assert_allclose(np.asarray(answer["volumes_ml"], np.float32), reference, rtol=1e-4)
+        assert answer["model_version"] == VERSION
+        _check_segmentation_text(answer["segmentation"], case["affine"], (24, 24, 24))
+
+
+def test_grpc_errors_match_rest(served, grpc_calls):
     """The same mistakes as REST, with gRPC's codes: INVALID_ARGUMENT (400), RESOURCE_EXHAUSTED (413),
     NOT_FOUND (404), PERMISSION_DENIED (403); the server keeps serving."""
-    garbage = {**case["files"], "t1c": b"hello, not a NIfTI file" * 20}
-    code, message = _grpc_error(served, lambda g: g.infer(NAME, _bytes_inputs(grpcclient, garbage)))
-    assert code == "StatusCode.INVALID_ARGUMENT" and "input 't1c'" in message and "not a NIfTI-1 file" in message
-    complex_file = __import__("nibabel").Nifti1Image(np.ones((24, 24, 24), np.complex64), case["affine"]).to_bytes()
-    code, message = _grpc_error(served, lambda g: g.infer(NAME, _bytes_inputs(grpcclient, {**case["files"], "t1n": complex_file})))
-    assert code == "StatusCode.INVALID_ARGUMENT" and "complex64" in message
-    short = grpcclient.InferInput("volume", [4, 2, 2, 2], "FP32")
-    short.set_data_from_numpy(np.ones((4, 2, 2, 2), np.float32))
-    code, message = _grpc_error(served, lambda g: g.infer(NAME, [short], parameters={"affine": "0 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1"}))
-    assert code == "StatusCode.INVALID_ARGUMENT" and "singular" in message
-    big = grpcclient.InferInput("volume", [4, 64, 64, 160], "FP32")  # 10 MiB > --max-request-mb 8
-    big.set_data_from_numpy(np.zeros((4, 64, 64, 160), np.float32))
-    code, message = _grpc_error(served, lambda g: g.infer(NAME, [big], parameters={"affine": _affine_text(case["affine"])}))
-    assert code == "StatusCode.RESOURCE_EXHAUSTED", message
-    code, message = _grpc_error(served, lambda g: g.infer(NAME, _bytes_inputs(grpcclient, case["files"]), model_version="9"))
-    assert code == "StatusCode.NOT_FOUND" and "version 9 is not served" in message
-    code, message = _grpc_error(served, lambda g: g.infer("nope", _bytes_inputs(grpcclient, case["files"])))
-    assert code == "StatusCode.NOT_FOUND" and "nope" in message
-    for call in (lambda g: g.load_model(NAME), lambda g: g.unload_model(NAME)):
-        code, message = _grpc_error(served, call)
-        assert code == "StatusCode.PERMISSION_DENIED" and "disabled" in message
-    grpc = grpcclient.InferenceServerClient(served["grpc"])
-    try:
-        assert grpc.is_model_ready(NAME)
-        assert grpc.infer(NAME, _bytes_inputs(grpcclient, case["files"])).as_numpy("volumes_ml").shape == (3,)
-    finally:
-        grpc.close()
+    expected = {"garbage": ("INVALID_ARGUMENT", ("input 't1c'", "not a NIfTI-1 file")), "complex": ("INVALID_ARGUMENT", ("input 't1n'", "complex64")),
+                "singular": ("INVALID_ARGUMENT", ("singular",)), "too_big": ("RESOURCE_EXHAUSTED", ()),
+                "wrong_version": ("NOT_FOUND", ("version 9 is not served",)), "unknown_model": ("NOT_FOUND", ("nope",)),
+                "load": ("PERMISSION_DENIED", ("disabled",)), "unload": ("PERMISSION_DENIED", ("disabled",))}
+    for key, (code, words) in expected.items():
+        result = grpc_calls[key]
+        assert result.get("status") == f"StatusCode.{code}", (key, result)
+        for word in words:
+            assert word in result["message"], (key, result)
+    assert grpc_calls["ready_after"] and grpc_calls["after"]["ok"]["volumes_ml"]
     assert "Traceback" not in served["log"].read_text()
 
 

@@ -52,7 +52,7 @@ def make_servicer(data_plane: Any, repository_extension: Any, gate: Gate, limits
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc.servicer import InferenceServicer
 
-    from medseg.serving.guard import _binary_tensor
+    from medseg.serving.guard import binary_tensor
 
     def serving_version(name: str) -> str | None:
         body = describe(name) if name in known_models() else None
@@ -114,7 +114,7 @@ def make_servicer(data_plane: Any, repository_extension: Any, gate: Gate, limits
                             if inp.name in ticket.binary:
                                 raise InvalidArgument(f"{where}: given more than once")
                             try:
-                                ticket.binary[inp.name] = _binary_tensor(data, 0, len(data), {"datatype": inp.datatype, "shape": list(inp.shape)}, where)
+                                ticket.binary[inp.name] = binary_tensor(data, 0, len(data), {"datatype": inp.datatype, "shape": list(inp.shape)}, where)
                             except MedsegError as exc:
                                 raise InvalidArgument(f"raw_input_contents: {exc}") from None
                         del request.raw_input_contents[:]  # the tensors are in the ticket; KServe's parser would copy them again

@@ -277,7 +277,7 @@ def rewrite_binary_request(body: bytes, json_length: str, ticket: Ticket) -> byt
                 raise MedsegError(f"{where}: binary_data_size {size}, but only {len(body) - offset} bytes remain in the body")
             if name in ticket.binary:
                 raise MedsegError(f"{where}: given more than once")
-            ticket.binary[name] = _binary_tensor(body, offset, size, inp, where)
+            ticket.binary[name] = binary_tensor(body, offset, size, inp, where)
             inp["data"] = []
             offset += size
         inp["parameters"] = _scalar_parameters(params)
@@ -288,7 +288,10 @@ def rewrite_binary_request(body: bytes, json_length: str, ticket: Ticket) -> byt
     return json.dumps(header).encode("utf-8")
 
 
-def _binary_tensor(body: bytes, offset: int, size: int, inp: dict[str, Any], where: str) -> Any:
+def binary_tensor(body: bytes, offset: int, size: int, inp: dict[str, Any], where: str) -> Any:
+    """The tensor in ``body[offset:offset + size]`` of input ``inp`` (its ``datatype`` and ``shape``): a read-only
+    float32 view for FP32, a list of ``bytes`` for BYTES (4-byte little-endian length prefixes). Shared by the REST
+    binary extension and gRPC's ``raw_input_contents``; raises :class:`MedsegError` naming ``where``."""
     datatype = inp["datatype"].upper()
     shape = inp.get("shape")
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
