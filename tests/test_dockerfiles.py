@@ -260,3 +260,74 @@ def test_hadolint(dockerfile):
     out = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(dockerfile)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------- building the serve image for real
+# No container engine and no registry image here: buildah (Debian, vfs storage, chroot isolation, no daemon)
+# builds from a Debian bookworm root made with debootstrap (its python3 is 3.11), given to `buildah build
+# --from` in place of the python:3.11 slim base. This machine's pip configuration and local wheels are
+# mounted into the RUN steps so the CPU torch wheel on disk is the one installed (TORCH_VARIANT=local).
+def _pip_mounts() -> list[str]:
+    """This machine's pip configuration files and the local folders and CA file they name (read-only mounts)."""
+    home = Path.home()
+    paths = {Path(p) for p in ("/etc/pip.conf", "/etc/xdg/pip", home / ".config" / "pip", home / ".pip")}
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60).stdout
+    for value in re.findall(r"=\s*'([^']*)'", listed):
+        for item in value.split():
+            item = item.removeprefix("file://")
+            if item.startswith("/"):
+                path = Path(item)
+                paths.add(path.parent if path.name == "simple" else path)
+    existing = {p for p in paths if p.exists()}
+    return sorted(str(p) for p in existing if not any(q in p.parents for q in existing))
+
+
+def _buildah(storage: Path, *args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    cmd = ["buildah", "--root", str(storage / "root"), "--runroot", str(storage / "run"), "--storage-driver", "vfs", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(5400)
+def test_the_serve_image_builds_without_a_daemon_and_runs_medseg(tmp_path):
+    missing = [tool for tool in ("buildah", "debootstrap") if shutil.which(tool) is None]
+    if missing or os.geteuid() != 0:
+        pytest.skip(f"needs root and Debian's buildah and debootstrap (missing: {missing or 'root'}): apt-get install buildah debootstrap")
+    rootfs = tmp_path / "rootfs"
+    boot = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates",
+                           "bookworm", str(rootfs), "http://deb.debian.org/debian"], capture_output=True, text=True, timeout=1800)
+    if boot.returncode != 0:
+        pytest.skip(f"debootstrap could not reach Debian: {boot.stderr[-500:]}")
+    # like the python image: pip may install into the system interpreter (no PEP 668 marker)
+    for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
+        marker.unlink()
+    storage = tmp_path / "storage"
+    env = {**os.environ, "BUILDAH_ISOLATION": "chroot"}
+    try:
+        ctr = _buildah(storage, "from", "scratch", env=env).stdout.strip()
+        mount = _buildah(storage, "mount", ctr, env=env)
+        assert mount.returncode == 0, mount.stderr
+        subprocess.run(["cp", "-a", f"{rootfs}/.", mount.stdout.strip()], check=True, timeout=600)
+        _buildah(storage, "umount", ctr, env=env)
+        assert _buildah(storage, "commit", ctr, "localhost/bookworm-python:12", env=env).returncode == 0
+        mounts = [a for m in _pip_mounts() for a in ("--volume", f"{m}:{m}:ro")]
+        base = _buildah(storage, "build", "--from", "localhost/bookworm-python:12", "-f", "components/Dockerfile.base",
+                        "-t", "localhost/medseg-base:test", ".", cwd=ROOT, env=env, timeout=1800)
+        assert base.returncode == 0, base.stderr[-3000:]
+        serve = _buildah(storage, "build", *mounts, "--network", "host", "--build-arg", "BASE_IMAGE=localhost/medseg-base:test",
+                         "--build-arg", "TORCH_VARIANT=local", "-f", "components/serve/Dockerfile", "-t", "localhost/medseg-serve:test", ".",
+                         cwd=ROOT, env=env, timeout=3600)
+        assert serve.returncode == 0, (serve.stdout + serve.stderr)[-3000:]
+        run = _buildah(storage, "from", "localhost/medseg-serve:test", env=env).stdout.strip()
+        helped = _buildah(storage, "run", run, "--", "medseg", "serve", "--help", env=env, timeout=300)
+        assert helped.returncode == 0 and "--model" in helped.stdout, helped.stdout + helped.stderr[-2000:]
+        listed = _buildah(storage, "run", run, "--", "python", "-m", "pip", "list", "--format", "freeze", env=env, timeout=300)
+        names = {install_extras.requirement_name(line) for line in listed.stdout.splitlines() if "==" in line}
+        assert {"torch", "kserve", "medseg-ops"} <= names
+        assert not names & (TEST_TOOLS | {"kfp", "optuna", "dvc", "mlflow", "matplotlib"}), sorted(names & (TEST_TOOLS | {"kfp", "optuna", "dvc"}))
+        user = _buildah(storage, "run", run, "--", "id", "-u", env=env, timeout=120)
+        assert user.stdout.strip() == "1000", "the image runs as the non-root user"
+    finally:
+        _buildah(storage, "rm", "--all", env=env)
+        _buildah(storage, "rmi", "--all", "--force", env=env)
+        shutil.rmtree(storage, ignore_errors=True)
