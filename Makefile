@@ -51,9 +51,10 @@ demo: $(STAMP)
 	$(BIN)/medseg demo
 
 # Tools some tests drive from outside Python: headless Chromium renders the HTML report and the viewer;
-# promtool (Debian's prometheus) checks and unit-tests the alert rules. Installed from Debian when missing
+# promtool (Debian's prometheus) checks and unit-tests the alert rules; buildah and debootstrap build the serve
+# image without a daemon from a Debian root (tests/test_dockerfiles.py). Installed from Debian when missing
 # and we may (root, apt); otherwise those tests skip and say why.
-APT_TEST_TOOLS := chromium:chromium prometheus:promtool
+APT_TEST_TOOLS := chromium:chromium prometheus:promtool buildah:buildah debootstrap:debootstrap
 test-tools:
 	@missing=""; for pair in $(APT_TEST_TOOLS); do command -v $${pair#*:} >/dev/null 2>&1 || missing="$$missing $${pair%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
@@ -62,7 +63,7 @@ test-tools:
 	  echo "not available:$$missing (tests that need them will be skipped)"; fi
 
 test: $(STAMP) test-tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
