@@ -49,14 +49,22 @@ def _run_preprocess(a: argparse.Namespace) -> int:
 
 def _add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preprocessed", required=True, type=Path, help="preprocessed folder (output of preprocess)")
-    p.add_argument("--params", type=Path, default=Path(PARAMS_YAML), help="parameter file (its 'train' section)")
+    p.add_argument("--params", type=Path, default=None, metavar="FILE",
+                   help="parameter file, e.g. params-production.yaml (its 'train' and 'tune' sections; default: params.yaml, if present)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI; 'none' disables)")
 
 
-def _train_params(a: argparse.Namespace) -> dict:
+def _params(a: argparse.Namespace) -> dict:
+    """The parameter file ``--params`` names (an error if it is missing), else ``params.yaml`` if present, else none."""
     from medseg.pipeline.runner import load_params
 
-    return dict(load_params(a.params).get("train", {})) if a.params and a.params.exists() else {}
+    if a.params is None:
+        return load_params(PARAMS_YAML) if Path(PARAMS_YAML).is_file() else {}
+    return load_params(a.params)  # named explicitly: a typo must not fall back to the defaults
+
+
+def _train_params(a: argparse.Namespace) -> dict:
+    return dict(_params(a).get("train", {}))
 
 
 def _tracking(a: argparse.Namespace) -> str | None:
@@ -76,12 +84,11 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
 
 
 def _run_tune(a: argparse.Namespace) -> int:
-    from medseg.pipeline.runner import load_params
     from medseg.task import configuration_stages
     from medseg.training.stage import run_tune
     from medseg.training.tuning import sqlite_url
 
-    params = load_params(a.params) if a.params.exists() else {}
+    params = _params(a)
     tune_cfg = params.get("tune", {})
     storage = a.storage or sqlite_url(Path(params.get("work_dir", "work")) / OPTUNA_DB)
     Path(params.get("work_dir", "work")).mkdir(parents=True, exist_ok=True)

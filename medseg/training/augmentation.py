@@ -34,6 +34,9 @@ U(a, 1), else from U(1, b), so shrinking and growing are equally likely. Differe
 low-resolution simulation upsamples (tri)linearly, not cubically; spatial resampling of images is
 (tri)linear.
 
+Every probability and range above is a knob of ``train.augmentation`` in the parameter file
+(:class:`~medseg.training.config.AugmentationConfig`, built by :func:`build_augmentation`).
+
 The spatial transform turns a larger crop into the patch: :func:`default_augmentation` reports
 ``input_size``, the crop the sampler must take around the patch's centre so that rotated and scaled patches
 stay inside real data (nnU-Net's "initial patch size").
@@ -48,6 +51,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from medseg.errors import MedsegError
+from medseg.training.config import AUTO, AugmentationConfig
 
 Pair = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -438,10 +444,41 @@ def default_augmentation(patch_size: Sequence[int], dim: int | None = None, slic
     Returns:
         A :class:`Compose`; crop ``.input_size`` around the patch centre and pass the batch through it.
     """
+    config = AugmentationConfig()
+    config.groups["elastic"]["p"] = float(p_elastic)
+    return _build(patch_size, config, dim, slice_axis)
+
+
+def build_augmentation(patch_size: Sequence[int], config: AugmentationConfig) -> Compose:
+    """The training augmentation for ``patch_size`` with the knobs of ``config`` (``train.augmentation``);
+    ``AugmentationConfig()`` (``augmentation: true``) gives exactly :func:`default_augmentation`.
+
+    Raises:
+        MedsegError: a knob that does not fit this patch (an axis it does not have, ``dim: 3`` for a 2D patch).
+    """
+    patch = [int(p) for p in patch_size]
+    dim = None if config.dim == AUTO else int(config.dim)
+    if dim is not None and dim > len(patch):
+        raise MedsegError(f"augmentation.dim {dim} needs a patch with at least {dim} axes, the training patch is {patch}")
+    for group in ("rotation", "scaling", "mirror"):
+        axes = config.groups[group]["axes"]
+        if axes is not None and any(a >= len(patch) for a in axes):
+            raise MedsegError(f"augmentation.{group}.axes {axes} names an axis the {len(patch)}-axis training patch {patch} does not have")
+    if config.slice_axis != AUTO and int(config.slice_axis) >= len(patch):
+        raise MedsegError(f"augmentation.slice_axis {config.slice_axis} is not an axis of the training patch {patch}")
+    if config.slice_axis != AUTO and dim is None and len(patch) == 3 and 1 in patch and patch.index(1) != int(config.slice_axis):
+        raise MedsegError(f"augmentation.slice_axis {config.slice_axis} contradicts the one-slice training patch {patch} (its slice axis is {patch.index(1)})")
+    return _build(patch, config, dim, None if config.slice_axis == AUTO else int(config.slice_axis))
+
+
+def _build(patch_size: Sequence[int], config: AugmentationConfig, dim: int | None, slice_axis: int | None) -> Compose:
+    """The pipeline of the module table with ``config``'s knobs; ``dim``/``slice_axis`` as in :func:`default_augmentation`
+    (``slice_axis`` ``None``: the singleton axis of a one-slice patch, else 2)."""
     patch = [int(p) for p in patch_size]
     dims = len(patch)
-    if dim is None and dims == 3 and 1 in patch:
+    if dim is None and dims == 3 and 1 in patch:  # a one-slice patch: its singleton axis is the slice axis
         dim, slice_axis = 2, patch.index(1)
+    slice_axis = 2 if slice_axis is None else slice_axis
     dim = dims if dim is None else int(dim)
     if dims not in (2, 3) or dim not in (2, 3) or dim > dims:
         raise ValueError(f"dim must be 2 or 3 and at most the patch's axes, got dim={dim} for patch {patch}")
@@ -454,15 +491,24 @@ def default_augmentation(patch_size: Sequence[int], dim: int | None = None, slic
         rot_axes = [slice_axis] if dims == 3 else [0]  # 3D patch: turn about the slice axis, i.e. in-plane
         scale_axes = [a for a in range(dims) if dims == 2 or a != slice_axis]
         ignore = [slice_axis] if dims == 3 else []
+    g = config.groups
+    # knobs left at None keep the patch-derived nnU-Net values above, so `augmentation: true` builds the same pipeline as before
+    if g["rotation"]["degrees"] is not None:
+        rotation = (math.radians(g["rotation"]["degrees"][0]), math.radians(g["rotation"]["degrees"][1]))
+    rot_axes = list(g["rotation"]["axes"]) if g["rotation"]["axes"] is not None else rot_axes
+    scale_axes = list(g["scaling"]["axes"]) if g["scaling"]["axes"] is not None else scale_axes
+    alpha = g["elastic"]["alpha"] if g["elastic"]["alpha"] is not None else ((0.0, 900.0) if dim == 3 else (0.0, 200.0))
+    mirror_axes = list(g["mirror"]["axes"]) if g["mirror"]["axes"] is not None else list(range(dims))
     return Compose([
-        SpatialTransform(patch, rotation=rotation, rotation_axes=rot_axes, p_rotation=0.2, scaling=(0.7, 1.4), p_scaling=0.2,
-                         scale_axes=scale_axes, p_elastic=p_elastic, elastic_alpha=(0.0, 900.0) if dim == 3 else (0.0, 200.0)),
-        GaussianNoise((0.0, 0.1), p=0.1),
-        GaussianBlur((0.5, 1.0), p=0.2, p_per_channel=0.5, axes=[a for a in range(dims) if a not in ignore]),
-        MultiplicativeBrightness((0.75, 1.25), p=0.15),
-        Contrast((0.75, 1.25), preserve_range=True, p=0.15),
-        SimulateLowResolution((0.5, 1.0), p=0.25, p_per_channel=0.5, ignore_axes=ignore),
-        Gamma((0.7, 1.5), invert=True, retain_stats=True, p=0.1),
-        Gamma((0.7, 1.5), invert=False, retain_stats=True, p=0.3),
-        Mirror(axes=list(range(dims)), p=0.5),
+        SpatialTransform(patch, rotation=rotation, rotation_axes=rot_axes, p_rotation=g["rotation"]["p"], scaling=tuple(g["scaling"]["range"]),
+                         p_scaling=g["scaling"]["p"], scale_axes=scale_axes, p_elastic=g["elastic"]["p"], elastic_alpha=tuple(alpha),
+                         elastic_sigma=tuple(g["elastic"]["sigma"])),
+        GaussianNoise(tuple(g["noise"]["variance"]), p=g["noise"]["p"]),
+        GaussianBlur(tuple(g["blur"]["sigma"]), p=g["blur"]["p"], p_per_channel=g["blur"]["p_per_channel"], axes=[a for a in range(dims) if a not in ignore]),
+        MultiplicativeBrightness(tuple(g["brightness"]["range"]), p=g["brightness"]["p"]),
+        Contrast(tuple(g["contrast"]["range"]), preserve_range=g["contrast"]["preserve_range"], p=g["contrast"]["p"]),
+        SimulateLowResolution(tuple(g["low_resolution"]["zoom"]), p=g["low_resolution"]["p"], p_per_channel=g["low_resolution"]["p_per_channel"], ignore_axes=ignore),
+        Gamma(tuple(g["gamma_inverted"]["range"]), invert=True, retain_stats=g["gamma_inverted"]["retain_stats"], p=g["gamma_inverted"]["p"]),
+        Gamma(tuple(g["gamma"]["range"]), invert=False, retain_stats=g["gamma"]["retain_stats"], p=g["gamma"]["p"]),
+        Mirror(axes=mirror_axes, p=g["mirror"]["p"]),
     ], patch)

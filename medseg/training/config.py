@@ -38,7 +38,7 @@ class TrainConfig:
     loss_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"class_weights": [...]}
     network: str = "auto"  # medseg.networks.registry.NETWORKS; auto: the task's (unet, unet2d for the 2d configuration, classifier3d for a classifier)
     network_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"deep_supervision": true}
-    augmentation: bool = False  # nnU-Net's default augmentation pipeline; False: random mirroring only
+    augmentation: bool | dict[str, Any] = False  # True: nnU-Net's default pipeline; a mapping: its knobs (AugmentationConfig); False: random mirroring only
     foreground_share: float = 1 / 3
     loader_prefetch: int = 2  # batches drawn ahead by a loader thread (0: draw in the training thread)
     batch_size: int = 0  # per process; 0: the plan's
@@ -68,6 +68,16 @@ class TrainConfig:
             raise MedsegError(f"time_budget_minutes must be >= 0 (0: no budget), got {self.time_budget_minutes}")
         if self.epochs < 1 or self.iterations_per_epoch < 1:
             raise MedsegError(f"epochs and iterations_per_epoch must be >= 1, got {self.epochs} and {self.iterations_per_epoch}")
+        if isinstance(self.augmentation, str):  # a CLI or KFP string "true"/"false"
+            try:
+                self.augmentation = _as_bool(self.augmentation)
+            except ValueError:
+                raise MedsegError(f"augmentation must be true, false or a mapping of knobs, got {self.augmentation!r}") from None
+        AugmentationConfig.from_value(self.augmentation)  # refuses a bad knob now, not at the first batch
+
+    def augmentation_config(self) -> AugmentationConfig | None:
+        """The parsed ``augmentation`` setting: ``None`` for false (random mirroring only)."""
+        return AugmentationConfig.from_value(self.augmentation)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -84,6 +94,144 @@ class TrainConfig:
             return cls(**{k: casts[kinds[k]](v) if kinds[k] in casts else v for k, v in data.items()})
         except (TypeError, ValueError) as exc:
             raise MedsegError(f"invalid training parameter: {exc}") from None
+
+
+# --------------------------------------------------------------------------- augmentation knobs
+#: group → knob → nnU-Net v2's default (``None``: derived from the patch, see :class:`AugmentationConfig`).
+AUGMENTATION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "rotation": {"p": 0.2, "degrees": None, "axes": None},
+    "scaling": {"p": 0.2, "range": (0.7, 1.4), "axes": None},
+    "elastic": {"p": 0.0, "alpha": None, "sigma": (9.0, 13.0)},
+    "noise": {"p": 0.1, "variance": (0.0, 0.1)},
+    "blur": {"p": 0.2, "sigma": (0.5, 1.0), "p_per_channel": 0.5},
+    "brightness": {"p": 0.15, "range": (0.75, 1.25)},
+    "contrast": {"p": 0.15, "range": (0.75, 1.25), "preserve_range": True},
+    "low_resolution": {"p": 0.25, "zoom": (0.5, 1.0), "p_per_channel": 0.5},
+    "gamma_inverted": {"p": 0.1, "range": (0.7, 1.5), "retain_stats": True},
+    "gamma": {"p": 0.3, "range": (0.7, 1.5), "retain_stats": True},
+    "mirror": {"p": 0.5, "axes": None},
+}
+#: ``GROUP: true`` switches a group on with this probability where its default is 0 (elastic: nnU-Net v1's 0.2).
+AUGMENTATION_ON_P: dict[str, float] = {"elastic": 0.2}
+#: top-level knobs besides the groups: the augmentation's dimensionality and the slice axis of 2D-style augmentation.
+AUGMENTATION_LAYOUT: dict[str, Any] = {"dim": AUTO, "slice_axis": AUTO}
+
+# what each knob must be: (kind, bounds), checked by _knob
+_RANGES_POSITIVE = {"scaling.range", "brightness.range", "contrast.range", "gamma_inverted.range", "gamma.range", "blur.sigma", "elastic.sigma"}
+_RANGES_NONNEGATIVE = {"noise.variance", "elastic.alpha"}
+
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    """Every knob of the training augmentation (``train.augmentation`` as a mapping), validated.
+
+    ``train.augmentation`` is ``false`` (random mirroring only), ``true`` (nnU-Net v2's default set: exactly
+    :data:`AUGMENTATION_DEFAULTS`) or a mapping that overrides some of those defaults::
+
+        augmentation:
+          elastic: true                    # or {p: 0.2, alpha: [0, 900], sigma: [9, 13]}; false: off
+          rotation: {p: 0.3, degrees: [-15, 15], axes: [2]}
+          mirror: {axes: [0, 1]}
+          gamma: false                     # a group set to false: probability 0
+          dim: 2                           # auto | 2 | 3; slice_axis: auto | 0 | 1 | 2
+
+    Knobs: ``p`` (probability per sample), ``range``/``variance``/``zoom``/``sigma``/``alpha``/``degrees``
+    (``[low, high]``), ``axes`` (spatial axes), ``p_per_channel``, ``preserve_range``, ``retain_stats``.
+    ``None`` defaults follow the patch as nnU-Net does: rotation ±30° (3D) or ±180° (2D; ±15° for elongated
+    patches), elastic α (0, 900) in 3D and (0, 200) in 2D, every spatial axis for scaling and mirroring.
+    An unknown or ill-typed knob raises :class:`~medseg.errors.MedsegError` naming it (``augmentation.GROUP.KNOB``).
+    """
+
+    groups: dict[str, dict[str, Any]] = field(default_factory=lambda: {g: dict(k) for g, k in AUGMENTATION_DEFAULTS.items()})
+    dim: int | str = AUTO
+    slice_axis: int | str = AUTO
+
+    @classmethod
+    def from_value(cls, value: Any) -> AugmentationConfig | None:
+        """``false`` → ``None``; ``true`` → the defaults; a mapping → the defaults with its overrides."""
+        if value is False or value is None:
+            return None
+        if value is True:
+            return cls()
+        if not isinstance(value, dict):
+            raise MedsegError(f"augmentation must be true, false or a mapping of knobs, got {value!r}")
+        known = [*AUGMENTATION_DEFAULTS, *AUGMENTATION_LAYOUT]
+        groups = {g: dict(k) for g, k in AUGMENTATION_DEFAULTS.items()}
+        layout = dict(AUGMENTATION_LAYOUT)
+        for name, setting in value.items():
+            if name not in known:
+                raise MedsegError(f"unknown augmentation knob {f'augmentation.{name}'!r} (known: {', '.join(known)})")
+            if name in AUGMENTATION_LAYOUT:
+                layout[name] = _layout_knob(name, setting)
+            elif isinstance(setting, bool):
+                groups[name]["p"] = (AUGMENTATION_ON_P.get(name, AUGMENTATION_DEFAULTS[name]["p"]) or 0.0) if setting else 0.0
+            elif isinstance(setting, dict):
+                for knob, v in setting.items():
+                    if knob not in groups[name]:
+                        raise MedsegError(f"unknown augmentation knob {f'augmentation.{name}.{knob}'!r} "
+                                          f"(known: {', '.join(f'{name}.{k}' for k in AUGMENTATION_DEFAULTS[name])})")
+                    groups[name][knob] = _knob(f"{name}.{knob}", v)
+            else:
+                raise MedsegError(f"augmentation.{name} must be true, false or a mapping of {', '.join(AUGMENTATION_DEFAULTS[name])}, got {setting!r}")
+        return cls(groups=groups, **layout)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every knob, explicit (a mapping :meth:`from_value` reads back to the same config)."""
+        return {**{g: {k: (list(v) if isinstance(v, tuple) else v) for k, v in knobs.items()} for g, knobs in self.groups.items()},
+                "dim": self.dim, "slice_axis": self.slice_axis}
+
+
+def _layout_knob(name: str, value: Any) -> int | str:
+    if value == AUTO:
+        return AUTO
+    allowed = (2, 3) if name == "dim" else (0, 1, 2)
+    try:
+        v = _as_int(value)
+    except (TypeError, ValueError):
+        v = None
+    if v not in allowed or isinstance(value, bool):
+        raise MedsegError(f"augmentation.{name} must be auto or one of {', '.join(map(str, allowed))}, got {value!r}")
+    return v
+
+
+def _knob(key: str, value: Any) -> Any:
+    """One validated knob value (KFP may hand numbers over as floats: whole numbers become ints where needed)."""
+    knob = key.split(".")[1]
+    if knob in ("p", "p_per_channel"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) <= 1:
+            raise MedsegError(f"augmentation.{key} must be a probability in [0, 1], got {value!r}")
+        return float(value)
+    if knob in ("preserve_range", "retain_stats"):
+        if not isinstance(value, bool):
+            raise MedsegError(f"augmentation.{key} must be true or false, got {value!r}")
+        return value
+    if knob == "axes":
+        if value is None:
+            return None
+        try:
+            axes = [_as_int(a) for a in value] if isinstance(value, (list, tuple)) and not any(isinstance(a, bool) for a in value) else None
+        except (TypeError, ValueError):
+            axes = None
+        if axes is None or any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise MedsegError(f"augmentation.{key} must be a list of distinct spatial axes among 0, 1, 2, got {value!r}")
+        return axes
+    # a [low, high] range
+    if value is None and knob in ("degrees", "alpha"):
+        return None
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+          and float(value[0]) <= float(value[1]))
+    if not ok:
+        raise MedsegError(f"augmentation.{key} must be a range [low, high] with low <= high, got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    if key in _RANGES_POSITIVE and lo <= 0:
+        raise MedsegError(f"augmentation.{key} must be above 0, got {value!r}")
+    if key in _RANGES_NONNEGATIVE and lo < 0:
+        raise MedsegError(f"augmentation.{key} must be >= 0, got {value!r}")
+    if knob == "zoom" and not (0 < lo and hi <= 1):
+        raise MedsegError(f"augmentation.{key} must lie in (0, 1] (a downsampling factor), got {value!r}")
+    if knob == "degrees" and not (-180 <= lo and hi <= 180):
+        raise MedsegError(f"augmentation.{key} must lie in [-180, 180] degrees, got {value!r}")
+    return (lo, hi)
 
 
 def _as_int(value: Any) -> int:
@@ -133,4 +281,4 @@ class TrainResult:
         return cls(**d)
 
 
-__all__ = ["AUTO", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "TrainConfig", "TrainResult"]
+__all__ = ["AUGMENTATION_DEFAULTS", "AUGMENTATION_LAYOUT", "AUGMENTATION_ON_P", "AUTO", "AugmentationConfig", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "TrainConfig", "TrainResult"]

@@ -238,11 +238,22 @@ def volume_cases(folder: Path, ids: list[str], target: TrainingTarget, targets: 
 def make_sampler(cases: list[PreprocessedCase], patch_size: list[int], batch_size: int, cfg: TrainConfig, seed: int) -> PatchSampler:
     """The patch sampler of one rank for one epoch (the one place that knows the sampler's constructor).
     Patch positions, mirroring and augmentation all draw from its one generator, seeded with ``seed``."""
-    return PatchSampler(cases, patch_size, batch_size, cfg.foreground_share, seed=seed, augmentation=True if cfg.augmentation else None)
+    settings = cfg.augmentation_config()
+    if settings is None:
+        return PatchSampler(cases, patch_size, batch_size, cfg.foreground_share, seed=seed, augmentation=None)
+    from medseg.training.augmentation import build_augmentation
+
+    return PatchSampler(cases, patch_size, batch_size, cfg.foreground_share, seed=seed, augmentation=build_augmentation(patch_size, settings))
 
 
 def make_volume_sampler(cases: list[VolumeCase], target: TrainingTarget, batch_size: int, cfg: TrainConfig, seed: int) -> VolumeSampler:
-    """The whole-volume sampler of one rank for one epoch (classification); ``augmentation``: left-right mirroring."""
+    """The whole-volume sampler of one rank for one epoch (classification); ``augmentation``: left-right mirroring.
+
+    Raises:
+        MedsegError: ``augmentation`` is a mapping of knobs, which the whole-volume sampler cannot honour."""
+    if isinstance(cfg.augmentation, dict):  # refused rather than reduced to mirroring without a word
+        raise MedsegError("a classifier trains on whole volumes with augmentation true (left-right mirroring) or false; the knobs of an "
+                          f"augmentation mapping ({', '.join(sorted(cfg.augmentation))}) apply to segmentation patches only")
     return VolumeSampler(cases, target.input_size, target.input_scale, batch_size, seed=seed, mirror_axes=(0,) if cfg.augmentation else (), ages=target.use_age)
 
 
