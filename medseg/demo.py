@@ -68,6 +68,28 @@ def _run_pipeline_logged(params_file: Path, paths: dict[str, Path], log_file: Pa
     return json.loads(last)
 
 
+def served_alias(tracking_uri: str, model_name: str, version: str | None) -> str | None:
+    """The registry alias that points at the served ``version`` now (``champion`` first if several do), ``None``
+    when nothing was served or no alias points at it: the summary reports what the registry says, not what was asked."""
+    if not version:
+        return None
+    from medseg.registry.registry import CHAMPION, show_model
+
+    found = sorted(a for a, v in show_model(model_name, tracking_uri)["aliases"].items() if v == str(version))
+    return CHAMPION if CHAMPION in found else (found[0] if found else None)
+
+
+def build_summary(task: Task, metrics: schemas.Metrics, model_name: str, smoke: dict | None, tracking_uri: str, wall_s: float) -> dict:
+    """The demo's last line: the new version's held-out scores, and the version that answered (``smoke``, ``None``
+    when no model has passed the gate) with the alias the registry holds for it."""
+    groups = list(task.reported_groups) or list(task.gate_groups)
+    scores = ({f"{r.lower()}_dice": round(metrics.mean.get(r, {}).get("dice", float("nan")), 4) for r in groups} if task.is_segmentation else
+              {k: round(float(v), 4) for k, v in task.reported_metrics({"all": metrics.mean.get("all", {})}).items()})
+    version = smoke["model_version"] if smoke else None
+    return {**scores, "model_name": model_name, "model_version": version, "alias": served_alias(tracking_uri, model_name, version),
+            "endpoint_ok": bool(smoke and smoke["endpoint_ok"]), "wall_s": wall_s}
+
+
 def run_demo(params_file: Path, out_dir: Path) -> int:
     t_start = time.perf_counter()
     params = runner.load_params(params_file)
@@ -129,19 +151,15 @@ def run_demo(params_file: Path, out_dir: Path) -> int:
     if smoke:
         answer = (f"volumes (ml) {json.dumps({k: round(v, 1) for k, v in smoke['volumes_ml'].items()})}" if smoke.get("volumes_ml") is not None
                   else f"label {smoke.get('label')} {json.dumps({k: round(v, 3) for k, v in (smoke.get('probabilities') or {}).items()})}")
-        print(f"      served case {smoke['case_id']} (champion v{smoke['model_version']}): {answer}, request {smoke['request_seconds']} s")
+        alias = served_alias(tracking, model_name, smoke["model_version"])
+        print(f"      served case {smoke['case_id']} ({alias or 'no alias'} v{smoke['model_version']}): {answer}, request {smoke['request_seconds']} s")
     else:
         print("      nothing served: no model has passed the promotion gate yet (see the registry tags for why)")
     print(f"      answer and report: {out_dir.resolve()}/")
     print("      wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in stage_s.items()))
     print(f"\nOpen the MLflow UI on these results:\n  .venv/bin/mlflow ui --backend-store-uri {tracking} --host 127.0.0.1 --port 5000\n  then browse http://127.0.0.1:5000 (experiment 'medseg', model '{model_name}')")
     print(f"Serve the champion yourself:\n  .venv/bin/medseg serve --model models:/{model_name}@champion --name {model_name} --port 8080   (with MLFLOW_TRACKING_URI={tracking})\n")
-    summary = {
-        **({f"{r.lower()}_dice": round(dice[r], 4) for r in groups} if task.is_segmentation else
-           {k: round(float(v), 4) for k, v in task.reported_metrics({"all": metrics.mean.get("all", {})}).items()}),
-        "model_name": model_name, "model_version": smoke["model_version"] if smoke else None, "alias": "champion",
-        "endpoint_ok": bool(smoke and smoke["endpoint_ok"]), "wall_s": round(time.perf_counter() - t_start, 1),
-    }
+    summary = build_summary(task, metrics, model_name, smoke, tracking, round(time.perf_counter() - t_start, 1))
     # the Dice values are the newly trained version's; model_version is the champion that answered
     write_json(out_dir / schemas.DEMO_SUMMARY_JSON, {**summary, "registered_version": decision.get("version"), "promoted": bool(decision.get("promoted")),
                                           "promotion_reason": decision.get("reason"), "stage_seconds": stage_s, "run_dir": str(run_dir)})
