@@ -189,6 +189,9 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///WORK/mlflow.db)")
     c = sub.add_parser("compile", help="compile to versioned YAML for a Kubeflow cluster", description="Compile the pipeline to pipelines/compiled/<name>-<version>.yaml.")
     c.add_argument("--out-dir", type=Path, default=None)
+    c.add_argument("--params", type=Path, default=None, metavar="FILE",
+                   help="parameter file whose values become the compiled defaults and cluster settings, e.g. params-production.yaml "
+                        "(default: $MEDSEG_PARAMS, else params.yaml); give each profile its own --out-dir")
     u = sub.add_parser("upload", help="upload to a Kubeflow Pipelines server as a new pipeline or version", description="Upload the compiled pipeline (a new pipeline, or a new version) and optionally start a run.")
     u.add_argument("--host", required=True, help="Kubeflow Pipelines API URL, e.g. http://ml-pipeline-ui.kubeflow:80")
     u.add_argument("--pipeline", choices=["training", "batch-inference"], default="training")
@@ -213,6 +216,11 @@ def _run_pipeline(a: argparse.Namespace) -> int:
         print(json.dumps(upload(a.host, a.pipeline, a.package, a.run, a.experiment, arguments)))
         return 0
     if a.pipeline_cmd == "compile":
+        if a.params is not None:
+            import os
+
+            runner.load_params(a.params)  # a missing or broken file is refused here, not as an import error of the pipeline module
+            os.environ["MEDSEG_PARAMS"] = str(a.params.resolve())  # what pipelines/training_pipeline.py reads its defaults from
         for which in runner.PIPELINES:
             print(runner.compile_pipeline(a.out_dir, which))
         return 0

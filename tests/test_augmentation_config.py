@@ -109,6 +109,8 @@ def test_every_knob_reaches_the_transforms() -> None:
     assert (gamma_inv.p, gamma_inv.gamma, gamma_inv.invert, gamma_inv.retain_stats) == (0.14, (0.8, 1.3), True, False)
     assert (gamma.p, gamma.gamma, gamma.invert, gamma.retain_stats) == (0.15, (0.6, 1.6), False, False)
     assert (mirror.p, mirror.axes) == (0.25, [0, 2])
+    # patch-derived knobs: auto (the form a KFP dict parameter can carry) or null, both the default
+    assert AugmentationConfig.from_value({"rotation": {"degrees": None, "axes": "auto"}, "elastic": {"alpha": "auto"}}) == AugmentationConfig()
     # the explicit form reads back to the same configuration (what MLflow and the checkpoint record)
     config = AugmentationConfig.from_value(knobs)
     assert AugmentationConfig.from_value(config.to_dict()) == config
@@ -148,6 +150,7 @@ def test_elastic_on_deforms_the_sample_and_off_does_not() -> None:
     ({"contrast": {"preserve_range": "yes"}}, "augmentation.contrast.preserve_range"),
     ({"gamma": 0.3}, "augmentation.gamma"),
     ({"dim": 4}, "augmentation.dim"),
+    ({"noise": {"variance": None}}, "augmentation.noise.variance"),  # only patch-derived knobs have an automatic value
     ("sometimes", "augmentation"),
 ])
 def test_bad_knobs_are_refused_by_name(value: object, named: str) -> None:

@@ -462,7 +462,7 @@ def build_augmentation(patch_size: Sequence[int], config: AugmentationConfig) ->
         raise MedsegError(f"augmentation.dim {dim} needs a patch with at least {dim} axes, the training patch is {patch}")
     for group in ("rotation", "scaling", "mirror"):
         axes = config.groups[group]["axes"]
-        if axes is not None and any(a >= len(patch) for a in axes):
+        if axes != AUTO and any(a >= len(patch) for a in axes):
             raise MedsegError(f"augmentation.{group}.axes {axes} names an axis the {len(patch)}-axis training patch {patch} does not have")
     if config.slice_axis != AUTO and int(config.slice_axis) >= len(patch):
         raise MedsegError(f"augmentation.slice_axis {config.slice_axis} is not an axis of the training patch {patch}")
@@ -492,13 +492,13 @@ def _build(patch_size: Sequence[int], config: AugmentationConfig, dim: int | Non
         scale_axes = [a for a in range(dims) if dims == 2 or a != slice_axis]
         ignore = [slice_axis] if dims == 3 else []
     g = config.groups
-    # knobs left at None keep the patch-derived nnU-Net values above, so `augmentation: true` builds the same pipeline as before
-    if g["rotation"]["degrees"] is not None:
+    # knobs left at auto keep the patch-derived nnU-Net values above, so `augmentation: true` builds the same pipeline as before
+    if g["rotation"]["degrees"] != AUTO:
         rotation = (math.radians(g["rotation"]["degrees"][0]), math.radians(g["rotation"]["degrees"][1]))
-    rot_axes = list(g["rotation"]["axes"]) if g["rotation"]["axes"] is not None else rot_axes
-    scale_axes = list(g["scaling"]["axes"]) if g["scaling"]["axes"] is not None else scale_axes
-    alpha = g["elastic"]["alpha"] if g["elastic"]["alpha"] is not None else ((0.0, 900.0) if dim == 3 else (0.0, 200.0))
-    mirror_axes = list(g["mirror"]["axes"]) if g["mirror"]["axes"] is not None else list(range(dims))
+    rot_axes = list(g["rotation"]["axes"]) if g["rotation"]["axes"] != AUTO else rot_axes
+    scale_axes = list(g["scaling"]["axes"]) if g["scaling"]["axes"] != AUTO else scale_axes
+    alpha = g["elastic"]["alpha"] if g["elastic"]["alpha"] != AUTO else ((0.0, 900.0) if dim == 3 else (0.0, 200.0))
+    mirror_axes = list(g["mirror"]["axes"]) if g["mirror"]["axes"] != AUTO else list(range(dims))
     return Compose([
         SpatialTransform(patch, rotation=rotation, rotation_axes=rot_axes, p_rotation=g["rotation"]["p"], scaling=tuple(g["scaling"]["range"]),
                          p_scaling=g["scaling"]["p"], scale_axes=scale_axes, p_elastic=g["elastic"]["p"], elastic_alpha=tuple(alpha),

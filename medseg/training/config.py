@@ -97,11 +97,12 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- augmentation knobs
-#: group → knob → nnU-Net v2's default (``None``: derived from the patch, see :class:`AugmentationConfig`).
+#: group → knob → nnU-Net v2's default (``auto``: derived from the patch, see :class:`AugmentationConfig`; a string, not
+#: null, because a KFP dict parameter cannot carry a null).
 AUGMENTATION_DEFAULTS: dict[str, dict[str, Any]] = {
-    "rotation": {"p": 0.2, "degrees": None, "axes": None},
-    "scaling": {"p": 0.2, "range": (0.7, 1.4), "axes": None},
-    "elastic": {"p": 0.0, "alpha": None, "sigma": (9.0, 13.0)},
+    "rotation": {"p": 0.2, "degrees": AUTO, "axes": AUTO},
+    "scaling": {"p": 0.2, "range": (0.7, 1.4), "axes": AUTO},
+    "elastic": {"p": 0.0, "alpha": AUTO, "sigma": (9.0, 13.0)},
     "noise": {"p": 0.1, "variance": (0.0, 0.1)},
     "blur": {"p": 0.2, "sigma": (0.5, 1.0), "p_per_channel": 0.5},
     "brightness": {"p": 0.15, "range": (0.75, 1.25)},
@@ -109,7 +110,7 @@ AUGMENTATION_DEFAULTS: dict[str, dict[str, Any]] = {
     "low_resolution": {"p": 0.25, "zoom": (0.5, 1.0), "p_per_channel": 0.5},
     "gamma_inverted": {"p": 0.1, "range": (0.7, 1.5), "retain_stats": True},
     "gamma": {"p": 0.3, "range": (0.7, 1.5), "retain_stats": True},
-    "mirror": {"p": 0.5, "axes": None},
+    "mirror": {"p": 0.5, "axes": AUTO},
 }
 #: ``GROUP: true`` switches a group on with this probability where its default is 0 (elastic: nnU-Net v1's 0.2).
 AUGMENTATION_ON_P: dict[str, float] = {"elastic": 0.2}
@@ -137,7 +138,7 @@ class AugmentationConfig:
 
     Knobs: ``p`` (probability per sample), ``range``/``variance``/``zoom``/``sigma``/``alpha``/``degrees``
     (``[low, high]``), ``axes`` (spatial axes), ``p_per_channel``, ``preserve_range``, ``retain_stats``.
-    ``None`` defaults follow the patch as nnU-Net does: rotation ±30° (3D) or ±180° (2D; ±15° for elongated
+    ``auto`` (or null) follows the patch as nnU-Net does: rotation ±30° (3D) or ±180° (2D; ±15° for elongated
     patches), elastic α (0, 900) in 3D and (0, 200) in 2D, every spatial axis for scaling and mirroring.
     An unknown or ill-typed knob raises :class:`~medseg.errors.MedsegError` naming it (``augmentation.GROUP.KNOB``).
     """
@@ -205,9 +206,11 @@ def _knob(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise MedsegError(f"augmentation.{key} must be true or false, got {value!r}")
         return value
+    if value is None or value == AUTO:  # degrees, alpha and axes may follow the patch
+        if knob in ("degrees", "alpha", "axes"):
+            return AUTO
+        raise MedsegError(f"augmentation.{key} has no automatic value, give it explicitly (default {AUGMENTATION_DEFAULTS[key.split('.')[0]][knob]!r})")
     if knob == "axes":
-        if value is None:
-            return None
         try:
             axes = [_as_int(a) for a in value] if isinstance(value, (list, tuple)) and not any(isinstance(a, bool) for a in value) else None
         except (TypeError, ValueError):
@@ -216,8 +219,6 @@ def _knob(key: str, value: Any) -> Any:
             raise MedsegError(f"augmentation.{key} must be a list of distinct spatial axes among 0, 1, 2, got {value!r}")
         return axes
     # a [low, high] range
-    if value is None and knob in ("degrees", "alpha"):
-        return None
     ok = (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
           and float(value[0]) <= float(value[1]))
     if not ok:
