@@ -3,7 +3,7 @@
 from kfp import dsl
 
 from components.predict.component import predict
-from pipelines.training_pipeline import _mount_secrets
+from pipelines.training_pipeline import DEFAULTS, _gpu_tolerations, _gpus, _mount_secrets
 
 PIPELINE_NAME = "medseg-batch-inference"
 
@@ -15,6 +15,8 @@ def batch_inference_pipeline(
     mlflow_tracking_uri: str = "",
     overlap: float = 0.5,
     mirror: bool = False,
+    gpus: int = 0,
+    accelerator_type: str = DEFAULTS["accelerator_type"],
 ):
     """Predict a folder of cases.
 
@@ -24,8 +26,12 @@ def batch_inference_pipeline(
         mlflow_tracking_uri: MLflow tracking server URL; empty = MLFLOW_TRACKING_URI from the medseg-mlflow Secret.
         overlap: Sliding-window overlap (0 to <1).
         mirror: Mirroring test-time augmentation (8× the compute).
+        gpus: GPUs of the predict pod (inference on cuda when > 0); 0 predicts on the CPU.
+        accelerator_type: Kubernetes resource name of the GPUs (nvidia.com/gpu, amd.com/gpu); empty = no GPU.
     """
-    task = predict(model_uri=model_uri, input_dir=input_dir, overlap=overlap, mirror=mirror, mlflow_tracking_uri=mlflow_tracking_uri)
+    task = predict(model_uri=model_uri, input_dir=input_dir, overlap=overlap, mirror=mirror, mlflow_tracking_uri=mlflow_tracking_uri, gpus=gpus)
     task.set_display_name("Batch predict")
     task.set_caching_options(False)  # the registry alias may point elsewhere by the next run
+    _gpus(task, accelerator_type, gpus)
+    _gpu_tolerations(task)
     _mount_secrets(task, "mlflow", "mlflow_user", "s3")

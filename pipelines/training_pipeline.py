@@ -8,6 +8,11 @@ deploy_target=kserve).
 
 The compiled defaults, resources, node selector, tolerations and Secret names come from ``params.yaml``
 at the project root, or from the file named by ``MEDSEG_PARAMS`` (one parameter file per cluster).
+
+GPUs are chosen per run (parameters in the Kubeflow UI's run form, defaults from ``cluster.accelerator``): ``train_gpus``
+(one DDP process per GPU), ``tune_gpus``, ``evaluate_gpus``, ``accelerator_type`` (the GPU's resource name, "" = none),
+``gpu_memory_gib`` and ``train_node_selector`` (e.g. the GPU model); ``device_budget: auto`` plans for the CPU or the GPU
+the run asks for. Tolerations and CPU/memory stay compile-time (``cluster``).
 """
 
 import os
@@ -23,7 +28,7 @@ from components.preprocess.component import preprocess
 from components.promote.component import promote
 from components.register.component import register
 from components.serve.component import serve
-from components.train.component import train
+from components.train.component import plan_budget, train
 from components.tune.component import tune, tune_shards, tune_worker
 
 from medseg.pipeline.runner import load_params, pipeline_arguments
@@ -66,8 +71,25 @@ def _mount_source_data(task: dsl.PipelineTask) -> None:
         kubernetes.mount_pvc(task, pvc_name=pvc["name"], mount_path=pvc.get("mount_path", "/data"))
 
 
-def _training_resources(task: dsl.PipelineTask) -> None:
-    """CPU/memory, GPU, node selector and tolerations for the tune and train steps (``params.yaml`` → cluster)."""
+def _gpu_tolerations(task: dsl.PipelineTask) -> None:
+    """``cluster.tolerations`` (the GPU nodes' taints), fixed at compile time: a toleration only allows a pod onto a tainted
+    node and never requires it, so a run that asks 0 GPUs is not affected. (kfp-kubernetes 2.17 could take them from a
+    parameter, ``add_toleration_json``, but KFP's init-container driver mode skips parameter tolerations: static ones
+    work in every backend mode.)"""
+    for tol in CLUSTER.get("tolerations") or []:
+        kubernetes.add_toleration(task, **tol)
+
+
+def _gpus(task: dsl.PipelineTask, accelerator_type, gpus) -> None:
+    """The step's GPU limit from run parameters: KFP 2.17 compiles a parameter into the IR's ``resourceType`` /
+    ``resourceCount`` placeholders and the backend's driver resolves them when the run starts (no limit when the type
+    is ""; a count of 0 asks no GPU)."""
+    task.set_accelerator_type(accelerator_type).set_accelerator_limit(gpus)
+
+
+def _training_resources(task: dsl.PipelineTask, accelerator_type, gpus, node_selector) -> None:
+    """CPU/memory (``params.yaml`` → cluster, compile-time), GPUs and node selector (run parameters) and tolerations
+    for the tune and train steps."""
     res = CLUSTER.get("train_resources", {})
     if res.get("cpu_request"):
         task.set_cpu_request(str(res["cpu_request"]))
@@ -77,13 +99,10 @@ def _training_resources(task: dsl.PipelineTask) -> None:
         task.set_memory_request(str(res["memory_request"]))
     if res.get("memory_limit"):
         task.set_memory_limit(str(res["memory_limit"]))
-    accelerator = CLUSTER.get("accelerator", {})
-    if accelerator.get("type"):
-        task.set_accelerator_type(accelerator["type"]).set_accelerator_limit(int(accelerator.get("limit", 1)))
-    for key, value in (CLUSTER.get("node_selector") or {}).items():
-        kubernetes.add_node_selector(task, label_key=key, label_value=str(value))
-    for tol in CLUSTER.get("tolerations") or []:
-        kubernetes.add_toleration(task, **tol)
+    _gpus(task, accelerator_type, gpus)
+    # a run parameter (the GPU model goes with the run's GPU choice); an empty dict selects any node
+    kubernetes.add_node_selector_json(task, node_selector)
+    _gpu_tolerations(task)
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Self-configuring segmentation and classification: ingest, plan, tune in parallel, train, evaluate, register, promote, smoke-serve and deploy a model for the dataset's task.")
@@ -108,6 +127,12 @@ def training_pipeline(
     gate_metric: str = DEFAULTS["gate_metric"],
     deploy_target: str = DEFAULTS["deploy_target"],
     deploy_config: dict = DEFAULTS["deploy_config"],
+    train_gpus: int = DEFAULTS["train_gpus"],
+    tune_gpus: int = DEFAULTS["tune_gpus"],
+    evaluate_gpus: int = DEFAULTS["evaluate_gpus"],
+    accelerator_type: str = DEFAULTS["accelerator_type"],
+    gpu_memory_gib: float = DEFAULTS["gpu_memory_gib"],
+    train_node_selector: dict = DEFAULTS["train_node_selector"],
 ):
     """Train, evaluate, register and promote a model for the dataset's task, smoke-test it behind KServe, deploy the champion.
 
@@ -120,7 +145,7 @@ def training_pipeline(
         n_folds: Cross-validation folds, split by patient.
         test_fraction: Share of patients held out for the test set that gates promotion.
         seed: Seed of the patient-level splits.
-        device_budget: Planning budget: cpu, or gpu:<GiB> to size the patch for a GPU's memory.
+        device_budget: Planning budget: auto (cpu when train_gpus is 0, else gpu:<GiB> of the run's GPU), cpu, or gpu:<GiB> to size the patch for a GPU's memory.
         configuration: What to train: auto (2d for slice sets and strongly anisotropic data, else 3d_fullres, as nnU-Net), 2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres.
         train_params: Training parameters (epochs, iterations_per_epoch, learning_rate, optimizer, network and loss: auto follows the task, ...).
         tune_params: Overrides of train_params for each short Optuna trial.
@@ -132,12 +157,21 @@ def training_pipeline(
         gate_metric: Per-case metric the gate compares: auto (the task's primary metric: Dice, IoU for slice sets that name it, log-loss for classifiers) or auc_macro (classifiers).
         deploy_target: Where the champion is deployed: kserve (InferenceService in deploy_config's namespace) or local (127.0.0.1, kfp.local runs).
         deploy_config: medseg.deploy.DeployConfig fields (namespace, replicas, resources, gpu, canary, Prometheus URL, Secrets by name).
+        train_gpus: GPUs per train pod; one DDP process per GPU (torchrun, NCCL); 0 trains on the CPU.
+        tune_gpus: GPUs per tune worker pod (its trials run one at a time: 1 is enough); 0 tunes on the CPU.
+        evaluate_gpus: GPUs of the evaluation pod (inference on cuda when > 0); 0 evaluates on the CPU.
+        accelerator_type: Kubernetes resource name of the GPUs (nvidia.com/gpu, amd.com/gpu); empty = no GPU for any step.
+        gpu_memory_gib: Memory of one GPU for device_budget auto; 0 = the GPU model named by train_node_selector (T4, L4, A100, H100, ...).
+        train_node_selector: Node labels the tune and train pods must match, e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}; {} = any node.
     """
     ingested = ingest(source=source, source_format=source_format, n_folds=n_folds, test_fraction=test_fraction, seed=seed)
     ingested.set_display_name("Ingest and validate")
     ingested.set_caching_options(False)  # the same source path may hold new data: always re-read it
     _mount_source_data(ingested)
-    pre = preprocess(dataset=ingested.outputs["dataset"], device_budget=device_budget, configuration=configuration)
+    budget = plan_budget(device_budget=device_budget, gpus=train_gpus, gpu_memory_gib=gpu_memory_gib, node_selector=train_node_selector)
+    budget.set_display_name("Device budget for the requested GPU")
+    budget.set_caching_options(False)  # a few milliseconds; the preprocess step after it is the one worth caching
+    pre = preprocess(dataset=ingested.outputs["dataset"], device_budget=budget.output, configuration=configuration)
     pre.set_display_name("Fingerprint, plan, preprocess")
     pre.set_caching_options(True)  # deterministic given the dataset and the budget
     shards = tune_shards(n_workers=tune_workers, n_trials=n_trials, optuna_storage=optuna_storage, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
@@ -146,18 +180,20 @@ def training_pipeline(
     with dsl.ParallelFor(shards.output, name="tune-workers") as worker_index:
         worker = tune_worker(preprocessed=pre.outputs["preprocessed"], worker_index=worker_index, n_workers=tune_workers, train_params=train_params,
                              tune_params=tune_params, n_trials=n_trials, optuna_storage=optuna_storage, mlflow_tracking_uri=mlflow_tracking_uri,
-                             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+                             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, gpus=tune_gpus, accelerator_type=accelerator_type)
         worker.set_display_name("Tune worker (Optuna)")
-        _training_resources(worker)
+        _training_resources(worker, accelerator_type, tune_gpus, train_node_selector)
         _mount_secrets(worker, "mlflow", "mlflow_user", "s3", "optuna")
     tuned = tune(workers=dsl.Collected(worker.outputs["Output"]), train_params=train_params, tune_params=tune_params, optuna_storage=optuna_storage,
                  pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     tuned.set_display_name("Tune: best parameters of the study")
     trained = train(preprocessed=pre.outputs["preprocessed"], best_params=tuned.outputs["best_params"], train_params=train_params,
-                    configuration=pre.outputs["configuration"], mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+                    configuration=pre.outputs["configuration"], mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, gpus=train_gpus)
     trained.set_display_name("Train")
-    evaluated = evaluate(model=trained.outputs["model"], dataset=ingested.outputs["dataset"], overlap=overlap)
+    evaluated = evaluate(model=trained.outputs["model"], dataset=ingested.outputs["dataset"], overlap=overlap, gpus=evaluate_gpus)
     evaluated.set_display_name("Evaluate on held-out cases")
+    _gpus(evaluated, accelerator_type, evaluate_gpus)
+    _gpu_tolerations(evaluated)  # no node selector: any GPU node will do for inference, and a CPU evaluation goes anywhere
     evaluated.set_caching_options(True)  # deterministic given the model and the dataset
     registered = register(model=trained.outputs["model"], evaluation=evaluated.outputs["evaluation"], dataset=ingested.outputs["dataset"],
                           model_name=model_name, thresholds=thresholds,
@@ -182,7 +218,7 @@ def training_pipeline(
                       serve_image=SERVE_IMAGE, mlflow_tracking_uri=mlflow_tracking_uri)
     deployed.set_display_name("Deploy (KServe InferenceService)")
     deployed.set_caching_options(False)  # acts on the cluster and the registry: never replay an old answer
-    _training_resources(trained)
+    _training_resources(trained, accelerator_type, train_gpus, train_node_selector)
     _mount_secrets(ingested, "s3")
     _mount_secrets(shards, "optuna")
     _mount_secrets(tuned, "optuna")

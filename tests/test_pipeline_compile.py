@@ -68,19 +68,96 @@ def test_tune_workers_fan_out_with_parallel_for(compiled):
     assert tasks["train"]["inputs"]["artifacts"]["best_params"]["taskOutputArtifact"] == {"outputArtifactKey": "best_params", "producerTask": "tune"}
 
 
-def test_resources_node_selector_and_tolerations_on_train_and_tune(compiled):
+def _param(name: str) -> str:
+    """How KFP 2.17 writes a run parameter into a task's resources: a placeholder of the task's own input."""
+    return "{{$.inputs.parameters['pipelinechannel--%s']}}" % name
+
+
+def test_gpus_accelerator_and_node_selector_are_run_parameters(compiled):
+    """GPU counts, accelerator type and the train pods' node selector are chosen per run (the Kubeflow UI's run form):
+    the IR's resources and node selector name pipeline parameters, whose defaults come from ``cluster``."""
     spec, k8s, _, params = compiled
     executors = spec["deploymentSpec"]["executors"]
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    acc = params["cluster"]["accelerator"]
+    assert defaults["accelerator_type"] == acc["type"] and defaults["train_gpus"] == acc["limit"]
+    assert defaults["tune_gpus"] == acc.get("tune_limit", 1) and defaults["evaluate_gpus"] == acc.get("evaluate_limit", 0)
+    assert defaults["gpu_memory_gib"] == acc.get("memory_gib", 0) and defaults["train_node_selector"] == NODE_SELECTOR
+    assert defaults["device_budget"] == params["cluster"]["device_budget"]
     res = params["cluster"]["train_resources"]
+    for name, count in (("exec-tune-worker", "tune_gpus"), ("exec-train", "train_gpus"), ("exec-evaluate", "evaluate_gpus")):
+        resources = executors[name]["container"]["resources"]
+        assert resources["accelerator"] == {"resourceType": _param("accelerator_type"), "resourceCount": _param(count)}, name
+        assert k8s[name]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}], name  # compile-time
     for name in ("exec-tune-worker", "exec-train"):
         resources = executors[name]["container"]["resources"]
         assert resources["resourceCpuRequest"] == res["cpu_request"] and resources["resourceMemoryLimit"] == res["memory_limit"], name
-        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu" and resources["accelerator"]["resourceCount"] == "1", name
-        assert k8s[name]["nodeSelector"]["labels"] == NODE_SELECTOR, name
-        assert k8s[name]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}], name
-    for name in ("exec-tune-shards", "exec-tune", "exec-deploy", "exec-promote"):  # small steps: no GPU, no GPU node
+        assert "nodeSelectorJson" in k8s[name]["nodeSelector"] and "labels" not in k8s[name]["nodeSelector"], name
+    tasks = spec["root"]["dag"]["tasks"]
+    assert k8s["exec-train"]["nodeSelector"]["nodeSelectorJson"] == {"componentInputParameter": "train_node_selector"}
+    assert "nodeSelector" not in k8s["exec-evaluate"]  # inference takes any GPU node; a CPU evaluation goes anywhere
+    # the components get the same counts: the train step launches one process per GPU, evaluate runs on cuda
+    assert tasks["train"]["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "train_gpus"}
+    assert tasks["evaluate"]["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "evaluate_gpus"}
+    loop = next(t for t in tasks.values() if "parameterIterator" in t)
+    worker = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]["tune-worker"]
+    assert worker["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "pipelinechannel--tune_gpus"}
+    # the plan follows the requested GPU: preprocess takes its budget from the step that resolves device_budget
+    assert tasks["preprocess"]["inputs"]["parameters"]["device_budget"]["taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "plan-budget"}
+    budget_inputs = tasks["plan-budget"]["inputs"]["parameters"]
+    assert budget_inputs["gpus"] == {"componentInputParameter": "train_gpus"} and budget_inputs["device_budget"] == {"componentInputParameter": "device_budget"}
+    assert budget_inputs["node_selector"] == {"componentInputParameter": "train_node_selector"}
+    for name in ("exec-tune-shards", "exec-tune", "exec-deploy", "exec-promote", "exec-plan-budget", "exec-preprocess"):  # small steps: no GPU, no GPU node
         assert "accelerator" not in executors[name]["container"].get("resources", {}), name
         assert "nodeSelector" not in k8s.get(name, {}) and "tolerations" not in k8s.get(name, {}), name
+
+
+def _placeholders(value) -> set:
+    return set(re.findall(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}", json.dumps(value)))
+
+
+def _check_resolvable(spec: dict) -> int:
+    """Every parameter a task's resources or inputs refer to reaches it: each resource placeholder is an input of the
+    task, and each input taken from the enclosing DAG is declared by that DAG (a ParallelFor body included).
+    Returns the number of resource placeholders checked."""
+    executors = spec["deploymentSpec"]["executors"]
+    dags = [(spec["root"], "root")] + [(c, n) for n, c in spec["components"].items() if "dag" in c]
+    checked = 0
+    for dag, dag_name in dags:
+        declared = set(dag.get("inputDefinitions", {}).get("parameters", {}))
+        for task_name, task in dag["dag"]["tasks"].items():
+            inputs = task.get("inputs", {}).get("parameters", {})
+            for key, value in inputs.items():
+                if "componentInputParameter" in value:
+                    assert value["componentInputParameter"] in declared, (dag_name, task_name, key)
+            executor = spec["components"][task["componentRef"]["name"]].get("executorLabel")
+            if executor:
+                for name in _placeholders(executors[executor]["container"].get("resources", {})):
+                    assert name in inputs, (task_name, name)
+                    checked += 1
+    return checked
+
+
+def test_every_run_parameter_reaches_its_task(compiled):
+    """Regression: KFP 2.17 builds a ParallelFor body's inputs from its tasks' arguments only, so a parameter used only by
+    ``set_accelerator_type`` inside the loop was missing there (the run failed at the tune workers)."""
+    spec, _, _, _ = compiled
+    assert _check_resolvable(spec) == 6  # type and count of tune-worker, train, evaluate
+
+
+def test_batch_inference_asks_for_gpus_per_run(tmp_path):
+    from medseg.pipeline.runner import compile_pipeline
+
+    docs = list(yaml.safe_load_all(compile_pipeline(tmp_path, "batch-inference").read_text()))
+    spec, k8s = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["gpus"]["defaultValue"] == 0 and params["accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
+    resources = spec["deploymentSpec"]["executors"]["exec-predict"]["container"]["resources"]
+    assert resources["accelerator"] == {"resourceType": "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}",
+                                        "resourceCount": "{{$.inputs.parameters['pipelinechannel--gpus']}}"}
+    assert spec["root"]["dag"]["tasks"]["predict"]["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "gpus"}
+    assert k8s["exec-predict"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert _check_resolvable(spec) == 2
 
 
 def test_images_are_the_configured_registry_and_tag(compiled):

@@ -122,8 +122,12 @@ def test_compile_and_load_back(tmp_path):
     assert {"exec-ingest", "exec-preprocess", "exec-tune-worker", "exec-train", "exec-evaluate", "exec-register", "exec-promote", "exec-serve"} <= set(executors)
     train_resources = executors["exec-train"]["container"]["resources"]
     assert train_resources["cpuRequest"] == 4 and train_resources["memoryLimit"] == 32
-    assert train_resources["accelerator"]["resourceType"] == "nvidia.com/gpu" and train_resources["accelerator"]["resourceCount"] == "1"
-    assert executors["exec-tune-worker"]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    # GPUs are run parameters (defaults: params.yaml cluster.accelerator): the resources name them
+    assert train_resources["accelerator"] == {"resourceType": "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}",
+                                              "resourceCount": "{{$.inputs.parameters['pipelinechannel--train_gpus']}}"}
+    assert executors["exec-tune-worker"]["container"]["resources"]["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--tune_gpus']}}"
+    run_params = spec["root"]["inputDefinitions"]["parameters"]
+    assert run_params["accelerator_type"]["defaultValue"] == "nvidia.com/gpu" and run_params["train_gpus"]["defaultValue"] == 1
     platform = yaml.safe_load_all(path.read_text())
     docs = list(platform)
     k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]

@@ -5,15 +5,18 @@ from components.image import COMPONENT_OPTIONS, image
 
 
 @dsl.component(base_image=image("predict"), **COMPONENT_OPTIONS)
-def predict(model_uri: str, input_dir: str, overlap: float, mirror: bool, mlflow_tracking_uri: str, predictions: Output[Dataset]):
-    """Segment every case in a folder with a registered (models:/NAME@ALIAS) or packaged model."""
+def predict(model_uri: str, input_dir: str, overlap: float, mirror: bool, mlflow_tracking_uri: str, predictions: Output[Dataset], gpus: int = 0):
+    """Segment every case in a folder with a registered (models:/NAME@ALIAS) or packaged model. ``gpus`` (the pod's GPU
+    limit) > 0: inference on CUDA (device ``cuda``); 0: the CPU."""
     import os
     from pathlib import Path
 
     from medseg.inference.batch import predict_folder
+    from medseg.pipeline.gpu import step_device
     from medseg.tracking import resolve_tracking_uri
 
+    device = step_device(int(gpus))
     if model_uri.startswith("models:/"):
         os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(mlflow_tracking_uri)
-    rows = predict_folder(model_uri, Path(input_dir), Path(predictions.path), overlap=overlap, mirror=mirror, progress=False)
-    predictions.metadata.update({"n_cases": len(rows), "model_version": rows[0]["model_version"] if rows else ""})
+    rows = predict_folder(model_uri, Path(input_dir), Path(predictions.path), overlap=overlap, mirror=mirror, device=device, progress=False)
+    predictions.metadata.update({"device": device, "n_cases": len(rows), "model_version": rows[0]["model_version"] if rows else ""})

@@ -6,26 +6,31 @@ from components.image import COMPONENT_OPTIONS, image
 
 @dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)
 def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_params: dict, configuration: str, mlflow_tracking_uri: str, pipeline_run_id: str,
-          model: Output[Model], nproc_per_node: int = 1, nnodes: int = 1):
+          model: Output[Model], gpus: int = 0, nproc_per_node: int = 1, nnodes: int = 1):
     """Final training of the chosen configuration with the tuned parameters; writes the model package. Network and
     loss follow the dataset's task unless ``train_params`` name them; ``3d_cascade_fullres`` trains both stages.
 
-    Multi-process (DDP) training: ``nproc_per_node`` > 1 runs torchrun with that many workers in this
-    container, one per GPU (give the task as many GPUs) or sharing the CPU cores. ``nnodes`` > 1 is for this
-    image running as the replicas of a Kubeflow ``PyTorchJob``, whose operator sets ``MASTER_ADDR``,
-    ``MASTER_PORT`` and ``RANK`` in every pod (see medseg/training/ddp.py); rank 0's pod writes the model.
+    ``gpus`` (the run's ``train_gpus``, also the pod's GPU limit) > 0: torchrun with one process per GPU on CUDA
+    (NCCL; 1 GPU = one plain process), failing if the container sees fewer GPUs. ``gpus`` 0: the CPU, with
+    ``nproc_per_node`` processes (DDP on gloo sharing the cores; 1 = plain training). ``nnodes`` > 1 is for this image
+    running as the replicas of a Kubeflow ``PyTorchJob``, whose operator sets ``MASTER_ADDR``, ``MASTER_PORT`` and
+    ``RANK`` in every pod (see medseg/training/ddp.py); rank 0's pod writes the model.
     """
+    import dataclasses
     import shutil
     from pathlib import Path
 
     from medseg import schemas
+    from medseg.pipeline.gpu import train_launch
     from medseg.tracking import resolve_tracking_uri
     from medseg.training.stage import merged_params, run_train_configuration
 
-    cfg = merged_params(train_params, Path(best_params.path))
+    launch = train_launch(int(gpus), int(nproc_per_node))
+    cfg = dataclasses.replace(merged_params(train_params, Path(best_params.path)), device=launch.device)
     work = Path(model.path + ".work")
     result = run_train_configuration(Path(preprocessed.path), work, cfg, configuration, tracking_uri=resolve_tracking_uri(mlflow_tracking_uri),
-                                     tags={"pipeline_run_id": pipeline_run_id, "stage": "train"}, progress=True, nproc_per_node=nproc_per_node, nnodes=nnodes)
+                                     tags={"pipeline_run_id": pipeline_run_id, "stage": "train", "gpus": str(int(gpus))}, progress=True,
+                                     nproc_per_node=launch.nproc_per_node, nnodes=nnodes)
     if result.model_dir is None:  # a node other than rank 0's: the master replica writes the model
         return
     shutil.move(str(result.model_dir), model.path)
@@ -33,4 +38,14 @@ def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_para
     trained = schemas.ModelPackage.load(Path(model.path)).training.get("config") or {}
     model.metadata.update({"val_metric": result.metric, "best_val_score": result.best_val_dice, "best_epoch": result.best_epoch,
                            "seconds_per_step": result.seconds_per_step, "world_size": result.world_size, "configuration": configuration,
-                           "network": trained.get("network"), "loss": trained.get("loss")})
+                           "device": launch.device, "gpus": int(gpus), "network": trained.get("network"), "loss": trained.get("loss")})
+
+
+@dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)
+def plan_budget(device_budget: str, gpus: int, gpu_memory_gib: float, node_selector: dict) -> str:
+    """The planner's budget for this run: ``auto`` → ``cpu`` when the run trains on 0 GPUs, else ``gpu:<GiB>`` of
+    its GPU (``gpu_memory_gib``, or the GPU model named by the train pods' node selector); ``cpu`` / ``gpu:<GiB>`` as given.
+    A step of its own because the GPU count is a run parameter, known only when the run starts."""
+    from medseg.pipeline.gpu import resolve_device_budget
+
+    return resolve_device_budget(device_budget, int(gpus), float(gpu_memory_gib), node_selector)

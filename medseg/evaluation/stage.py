@@ -26,15 +26,16 @@ from medseg.task import Task
 from medseg.visualize import overlay_png
 
 
-def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_dir: Path | None = None, case_ids: list[str] | None = None, overlap: float = 0.5, mirror: bool = False, progress: bool = True) -> schemas.Metrics:
+def run_evaluate(model_dir: Path, dataset_dir: Path, out_dir: Path, predictions_dir: Path | None = None, case_ids: list[str] | None = None, overlap: float = 0.5, mirror: bool = False, progress: bool = True,
+                 device: str = "auto") -> schemas.Metrics:
     """Predict ``case_ids`` (default: the held-out test split), write NIfTI predictions in the original
     geometry to ``predictions_dir`` and the metrics/report to ``out_dir`` (``report.html`` shows the
     best, median and worst case over the first image channel, and the model's training curves when its package
-    has them: :func:`training_curves`)."""
+    has them: :func:`training_curves`). ``device``: ``auto`` (CUDA when present) | ``cpu`` | ``cuda`` | ``cuda:N``."""
     from medseg.inference.predictor import Predictor  # torch and MONAI: only when predicting
 
     model_dir, dataset_dir, out_dir = Path(model_dir), Path(dataset_dir), Path(out_dir)
-    predictor = Predictor.from_package(model_dir, overlap=overlap, mirror=mirror)
+    predictor = Predictor.from_package(model_dir, device=device, overlap=overlap, mirror=mirror)
     dataset = schemas.DatasetJson.load(dataset_dir)
     task = Task.from_dataset(dataset)
     if task.is_classification != (predictor.output == "classes"):

@@ -52,6 +52,9 @@ def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri:
     file and the machine has few cores) and ``deploy_target="local"`` (the model server on 127.0.0.1).
     ``target="cluster"`` (the compiled pipeline's defaults): ``cluster.tune_workers`` parallel workers and
     ``deploy.target`` (``kserve``).
+
+    GPUs: a local run asks none (``train_gpus``/``tune_gpus``/``evaluate_gpus`` 0: the CPU, as before); the compiled
+    defaults come from ``cluster.accelerator`` and ``cluster.device_budget`` (see :func:`gpu_arguments`).
     """
     if target not in RUN_TARGETS:
         raise MedsegError(f"pipeline target must be one of {', '.join(RUN_TARGETS)}, got {target!r}")
@@ -61,6 +64,7 @@ def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri:
     deploy_config = config_values(params)
     deploy_default = deploy_config.pop("target", "kserve")
     deploy_config.pop("image", None)  # the pipeline passes the serve image it was compiled with
+    gpu = gpu_arguments(params, target)
     return {
         "source": str(source),
         "mlflow_tracking_uri": tracking_uri,
@@ -70,7 +74,7 @@ def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri:
         "n_folds": int(ing.get("n_folds", 5)),
         "test_fraction": float(ing.get("test_fraction", 0.2)),
         "seed": int(ing.get("seed", 0)),
-        "device_budget": params.get("preprocess", {}).get("device_budget", "cpu"),
+        "device_budget": gpu.pop("device_budget"),
         "configuration": str(params.get("preprocess", {}).get("configuration", "auto")),
         "train_params": dict(params.get("train", {})),
         "tune_params": dict(tune.get("trial_params", {})),
@@ -82,7 +86,34 @@ def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri:
         "tune_workers": 1 if target == "local" else max(1, int((params.get("cluster") or {}).get("tune_workers", 1))),
         "deploy_target": "local" if target == "local" else str(deploy_default),
         "deploy_config": deploy_config,
+        **gpu,
     }
+
+
+def gpu_arguments(params: dict[str, Any], target: str = "local") -> dict[str, Any]:
+    """The GPU parameters of the training pipeline: ``train_gpus``, ``tune_gpus``, ``evaluate_gpus``, ``accelerator_type``,
+    ``gpu_memory_gib``, ``train_node_selector`` and ``device_budget``.
+
+    ``local``: no GPU and ``preprocess.device_budget`` (what the DVC stage plans with). ``cluster``: ``cluster.accelerator``
+    (``type``, ``limit`` = GPUs per train pod, ``tune_limit`` (default 1 when ``limit`` > 0), ``evaluate_limit``
+    (default 0), ``memory_gib``), ``cluster.node_selector`` and ``cluster.device_budget`` (default: ``preprocess.device_budget``).
+    An empty ``type`` means no GPU for any step.
+    """
+    cluster = params.get("cluster") or {}
+    acc = cluster.get("accelerator") or {}
+    kind = str(acc.get("type") or "")
+    local_budget = str((params.get("preprocess") or {}).get("device_budget", "cpu"))
+    args: dict[str, Any] = {"accelerator_type": kind, "gpu_memory_gib": float(acc.get("memory_gib", 0) or 0),
+                            "train_node_selector": {str(k): str(v) for k, v in (cluster.get("node_selector") or {}).items()}}
+    if target == "local" or not kind:
+        return {**args, "train_gpus": 0, "tune_gpus": 0, "evaluate_gpus": 0, "device_budget": local_budget if target == "local" else
+                str(cluster.get("device_budget") or local_budget)}
+    train_gpus = int(acc.get("limit", 1))
+    counts = {"train_gpus": train_gpus, "tune_gpus": int(acc.get("tune_limit", min(train_gpus, 1))), "evaluate_gpus": int(acc.get("evaluate_limit", 0))}
+    bad = {k: v for k, v in counts.items() if v < 0}
+    if bad:
+        raise MedsegError(f"cluster.accelerator: GPU counts must be >= 0, got {bad}")
+    return {**args, **counts, "device_budget": str(cluster.get("device_budget") or local_budget)}
 
 
 def _thresholds(value: Any) -> dict[str, Any]:

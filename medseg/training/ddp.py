@@ -14,8 +14,10 @@ One process per device (one per GPU; on CPU, processes sharing the cores), start
 
 How a cluster runs it:
 
-- one pod, P GPUs: the train component with ``nproc_per_node=P`` (and a GPU limit of P) runs torchrun
-  with P workers inside its container (rendezvous on 127.0.0.1).
+- one pod, P GPUs: the run parameter ``train_gpus=P`` is both the train pod's GPU limit and the train
+  component's ``gpus``, which runs torchrun with P workers on CUDA (NCCL) inside its container (rendezvous on
+  127.0.0.1; :func:`medseg.pipeline.gpu.train_launch`); ``train_gpus=0`` trains on the CPU (gloo when the
+  component's ``nproc_per_node`` > 1).
 - N pods: the same container image as the N replicas of a ``PyTorchJob`` (Kubeflow Training Operator).
   The operator gives every pod ``MASTER_ADDR``/``MASTER_PORT`` (the master replica's service) and its
   index in ``RANK``; each pod runs ``medseg train ... --nnodes N --nproc-per-node P`` (or
