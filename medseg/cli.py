@@ -115,12 +115,28 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None, help="default: params (auto: bf16/fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--deterministic", action="store_true", default=None, help="bitwise repeatable run (deterministic kernels)")
+    p.add_argument("--augmentation", type=_augmentation_arg, default=None, metavar="SETTING",
+                   help="overrides train.augmentation: false, true (nnU-Net's default set) or a YAML/JSON mapping of knobs, "
+                        "e.g. '{elastic: true, mirror: {axes: [0, 1]}}' (medseg.training.config.AugmentationConfig)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_latest.pt (several folds: finished folds are skipped)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="DDP training processes on this machine, started with torchrun (one per GPU)")
     p.add_argument("--nnodes", type=int, default=1, help="machines of a multi-node DDP job (rendezvous from MASTER_ADDR, MASTER_PORT, RANK: a PyTorchJob sets them)")
     p.add_argument("--cascade-from", type=Path, default=None, metavar="LOWRES_MODEL",
                    help="train the 3d_fullres stage of a 3d_lowres→3d_fullres cascade on top of this 3d_lowres model package (or its training folder; "
                         "a --fold all ensemble gives out-of-fold previous-stage maps); the package carries the low-res stage along")
+
+
+def _augmentation_arg(text: str) -> bool | dict:
+    """``--augmentation``: YAML (so JSON too) giving true, false or a mapping; the knobs are checked by TrainConfig."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"not YAML/JSON ({exc})") from None
+    if not isinstance(value, (bool, dict)):
+        raise argparse.ArgumentTypeError(f"expected true, false or a mapping of knobs, got {text!r}")
+    return value
 
 
 def _run_train(a: argparse.Namespace) -> int:
@@ -131,7 +147,7 @@ def _run_train(a: argparse.Namespace) -> int:
     from medseg.training.stage import merged_params, parse_folds, run_train, run_train_folds
 
     cfg = merged_params(_train_params(a), a.best_params)
-    overrides = {k: getattr(a, k) for k in ("configuration", "epochs", "seed", "precision", "deterministic") if getattr(a, k) is not None}
+    overrides = {k: getattr(a, k) for k in ("configuration", "epochs", "seed", "precision", "deterministic", "augmentation") if getattr(a, k) is not None}
     chosen = schemas.Plans.load(a.preprocessed).chosen_configuration
     if "configuration" not in overrides and chosen:  # what `medseg preprocess --configuration` chose (auto: from the task)
         if len(configuration_stages(chosen)) > 1 and a.cascade_from is None:

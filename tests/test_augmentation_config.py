@@ -225,3 +225,27 @@ def test_the_cli_refuses_a_parameter_file_it_cannot_find(tmp_path: Path) -> None
     args = argparse.Namespace(params=tmp_path / "params-typo.yaml")
     with pytest.raises(MedsegError, match="not found"):
         cli._train_params(args)
+
+
+def test_train_command_overrides_the_augmentation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`medseg train --augmentation '{...}'` replaces the file's setting in the config handed to training."""
+    from medseg import cli
+    from medseg.training import stage
+    from tests.test_training_loop import build_mini_preprocessed
+
+    pre = build_mini_preprocessed(tmp_path / "pre", n_cases=4)
+    params_file = tmp_path / "p.yaml"
+    params_file.write_text(yaml.safe_dump({"train": {"epochs": 1, "augmentation": False}}))
+    seen = []
+    monkeypatch.setattr(stage, "run_train", lambda pre_dir, out, cfg, tracking, **launch: seen.append(cfg) or type("R", (), {"model_dir": None})())
+    base = ["train", "--preprocessed", str(pre), "--params", str(params_file), "--out", str(tmp_path / "o"), "--tracking-uri", "none"]
+    assert cli.main([*base, "--augmentation", "{elastic: {p: 1.0}, gamma: false}"]) == 0
+    assert cli.main([*base, "--augmentation", "true"]) == 0
+    assert cli.main(base) == 0
+    with_knobs, default_set, from_file = (c.augmentation_config() for c in seen)
+    assert with_knobs.groups["elastic"]["p"] == 1.0 and with_knobs.groups["gamma"]["p"] == 0.0
+    assert default_set == AugmentationConfig() and from_file is None
+    assert cli.main([*base, "--augmentation", "{elastik: true}"]) == 2 and len(seen) == 3  # refused before training ...
+    assert "'augmentation.elastik'" in capsys.readouterr().err  # ... with the knob named
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--augmentation", "3"])
