@@ -1,0 +1,182 @@
+"""The torch-free inference backend: a package's ``network.onnx`` in ONNX Runtime against the torch predictor.
+
+Tiny on purpose (an untrained U-Net of the default CPU plan, 24³/12³ cases at 2 mm): what is checked is that the
+two backends compute the same thing (windows, Gaussian weights, padding, mirroring, activation, restoring,
+postprocessing), not how good the network is. The served path runs ``medseg serve`` with torch and MONAI hidden
+by an import blocker, so it cannot fall back to torch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg import schemas
+from medseg.errors import MedsegError
+from medseg.inference.onnx_backend import ONNX_FILE, OnnxNetwork, onnx_logits
+from medseg.inference.onnx_export import MAX_ABS_DIFF, refusal
+from medseg.inference.predictor import Predictor, grid_probabilities, resolve_backend
+from medseg.io import load_nifti, load_nifti_bytes
+from tests.factories import make_model_package, write_case
+
+ROOT = Path(__file__).resolve().parents[1]
+PROB_TOLERANCE = 1e-4  # float32 rounding of two runtimes; the U-Net's logits differ by ~1e-5
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    """An untrained package of the plan's U-Net (16³ windows), written by the trainer's save_model_package: the
+    export runs there, as in training."""
+    return make_model_package(tmp_path_factory.mktemp("onnx") / "model", patch=(16, 16, 16))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    both = float(a.sum() + b.sum())
+    return 1.0 if both == 0 else 2.0 * float((a & b).sum()) / both
+
+
+def test_packaging_writes_network_onnx_checked_against_torch(package: Path) -> None:
+    info = schemas.ModelPackage.load(package).onnx
+    assert info["file"] == ONNX_FILE and (package / ONNX_FILE).is_file(), info
+    assert info["opset"] >= 17 and info["patch_size"] == [16, 16, 16]
+    assert info["max_abs_diff"] is not None and info["max_abs_diff"] < MAX_ABS_DIFF, info
+    net = OnnxNetwork(package / ONNX_FILE)
+    assert net.spatial == [16, 16, 16] and net.in_channels == 4
+    for batch in (1, 3):  # the batch axis is dynamic: a window batch of any size
+        assert net(np.zeros((batch, 4, 16, 16, 16), np.float32)).shape == (batch, 4, 16, 16, 16)
+
+
+def test_networks_not_checked_for_onnx_are_refused_with_a_reason() -> None:
+    for network, words in (({"name": "unetr", "in_channels": 4, "out_channels": 4}, "unetr"),
+                           ({"name": "classifier3d", "output": "classes", "classes": ["CN", "AD"]}, "classifiers"),
+                           ({"name": "unet", "kernel_sizes": [[3, 3], [3, 3]]}, "3D")):
+        reason = refusal(schemas.ModelPackage(configuration="3d_fullres", network=network, medseg_version="0"))
+        assert reason and words in reason and "torch backend" in reason, reason
+    assert refusal(schemas.ModelPackage(configuration="3d_fullres", network={"name": "resunet", "kernel_sizes": [[3, 3, 3]]}, medseg_version="0")) is None
+
+
+def test_a_package_without_network_onnx_names_the_torch_backend(package: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(package, copy)
+    (copy / ONNX_FILE).unlink()
+    with pytest.raises(MedsegError, match="no network.onnx.*--backend torch"):
+        Predictor.from_package(copy, device="cpu", backend="onnx")
+    with pytest.raises(MedsegError, match="unknown inference backend"):
+        resolve_backend("tensorrt")
+
+
+@pytest.mark.parametrize("shape, mirror", [((24, 24, 24), True), ((12, 12, 12), False)], ids=["overlapping-windows-mirrored", "padded-to-one-window"])
+def test_onnx_backend_matches_torch_probabilities_and_segmentation(package: Path, tmp_path: Path, shape: tuple[int, ...], mirror: bool) -> None:
+    paths, _ = write_case(tmp_path / "case", shape=shape)
+    torch_predictor = Predictor.from_package(package, device="cpu", mirror=mirror, backend="torch")
+    onnx_predictor = Predictor.from_package(package, device="cpu", mirror=mirror, backend="onnx")
+    assert (torch_predictor.backend, onnx_predictor.backend) == ("torch", "onnx")
+    images, affine, _ = load_nifti(paths[0])
+    stacked = np.stack([load_nifti(p)[0] for p in paths]).astype(np.float32)
+    data, _ = torch_predictor.network_input(stacked, affine, [2.0, 2.0, 2.0])
+    patch = torch_predictor.patch_size
+    if shape == (24, 24, 24):
+        assert any(s > p for s, p in zip(data.shape[1:], patch)), "the case should need several windows"
+    else:
+        assert all(s < p for s, p in zip(data.shape[1:], patch)), "the case should need padding"
+    p_torch = grid_probabilities(torch_predictor.network, data, patch, torch_predictor.output, mirror=mirror, device=torch_predictor.device)
+    p_onnx = grid_probabilities(onnx_predictor.network, data, patch, onnx_predictor.output, mirror=mirror)
+    assert p_onnx.shape == p_torch.shape and p_onnx.dtype == np.float32
+    difference = float(np.abs(p_onnx - p_torch).max())
+    print(f"max abs difference of probabilities ({shape}, mirror={mirror}): {difference:.2e}")
+    assert difference < PROB_TOLERANCE
+    np.testing.assert_allclose(p_onnx.sum(0), 1.0, atol=1e-5)  # a softmax over labels
+
+    seg_torch = torch_predictor.predict_files(paths).segmentation
+    seg_onnx = onnx_predictor.predict_files(paths).segmentation
+    assert seg_onnx.shape == images.shape == seg_torch.shape
+    for label in np.union1d(np.unique(seg_torch), np.unique(seg_onnx)):
+        assert dice(seg_torch == label, seg_onnx == label) >= 0.999, (label, dice(seg_torch == label, seg_onnx == label))
+
+
+def test_onnx_logits_of_a_sigmoid_free_identity_match_the_torch_window_weights(tmp_path: Path) -> None:
+    """The accumulation alone (an identity 'network'): the Gaussian-weighted average of identical windows gives the
+    input back wherever it is covered, padded or not; catches any window/weight/crop mismatch independently of a runtime."""
+
+    class Identity(OnnxNetwork):
+        def __init__(self) -> None:  # no session: the accumulation is what is checked
+            self.spatial = [8, 8, 8]
+
+        def __call__(self, batch: np.ndarray) -> np.ndarray:
+            return batch
+
+    rng = np.random.default_rng(0)
+    for shape in ((2, 13, 8, 21), (1, 5, 6, 7)):
+        data = rng.normal(size=shape).astype(np.float32)
+        for mirror in (False, True):
+            np.testing.assert_allclose(onnx_logits(Identity(), data, [8, 8, 8], overlap=0.5, mirror=mirror), data, atol=1e-5)
+
+
+# a meta path finder hiding torch and MONAI, as in a [serve] install without them; then the CLI
+_HIDE_TORCH = """
+import sys
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "monai", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+from medseg.cli import main
+code = main(sys.argv[1:])
+assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "monai")]
+sys.exit(code)
+"""
+
+
+def test_the_serving_stack_imports_without_torch() -> None:
+    """What ``medseg serve`` imports (server, model, predictor, preprocessing, registry lookup) loads with torch and
+    MONAI hidden, and picks the ONNX backend by itself."""
+    check = _HIDE_TORCH.split("from medseg.cli")[0] + (
+        "import medseg.serving.server, medseg.serving.model, medseg.inference.predictor as p, medseg.registry.resolve\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'monai')]\n"
+        "print(p.resolve_backend('auto'))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MEDSEG_INFERENCE_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "onnx"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_medseg_serve_without_torch_answers_v2_with_the_torch_segmentation(package: Path, tmp_path: Path) -> None:
+    from medseg.serving import client, server
+    from medseg.task import BRATS2023
+
+    paths, _ = write_case(tmp_path / "case", shape=(24, 24, 24))
+    port = server.free_port()
+    log_file = tmp_path / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("MEDSEG_INFERENCE_BACKEND", None)  # auto: the ONNX backend must be chosen because torch is absent
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _HIDE_TORCH, "serve", "--model", str(package), "--name", "brats", "--host", "127.0.0.1",
+                                 "--port", str(port), "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            server.wait_until_ready(url, "brats", timeout_s=300, proc=proc)
+        except MedsegError:
+            pytest.fail(f"the torch-free model server did not start:\n{log_file.read_text()[-3000:]}")
+        result = client.infer(url, "brats", paths, list(BRATS2023.channels), timeout=300)
+    finally:
+        server.stop_server(proc)
+    served, _, _ = load_nifti_bytes(result["segmentation_bytes"], dtype=np.uint8)
+    expected = Predictor.from_package(package, device="cpu", backend="torch").predict_files(paths)
+    assert served.shape == expected.segmentation.shape
+    for label in np.union1d(np.unique(served), np.unique(expected.segmentation)):
+        assert dice(served == label, expected.segmentation == label) >= 0.999, label
+    assert set(result["volumes_ml"]) == set(expected.volumes_ml)
+    for group, ml in expected.volumes_ml.items():  # a voxel at 2 mm is 0.008 ml: equal segmentations, equal volumes
+        assert abs(result["volumes_ml"][group] - ml) <= 0.01 * max(ml, 1.0), (group, result["volumes_ml"][group], ml)
