@@ -151,6 +151,8 @@ def test_the_serving_stack_imports_without_torch() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_medseg_serve_without_torch_answers_v2_with_the_torch_segmentation(package: Path, tmp_path: Path) -> None:
+    import httpx
+
     from medseg.serving import client, server
     from medseg.task import BRATS2023
 
@@ -170,8 +172,10 @@ def test_medseg_serve_without_torch_answers_v2_with_the_torch_segmentation(packa
         except MedsegError:
             pytest.fail(f"the torch-free model server did not start:\n{log_file.read_text()[-3000:]}")
         result = client.infer(url, "brats", paths, list(BRATS2023.channels), timeout=300)
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
     finally:
         server.stop_server(proc)
+    assert 'backend="onnx"' in metrics, [line for line in metrics.splitlines() if "medseg_model_info" in line]
     served, _, _ = load_nifti_bytes(result["segmentation_bytes"], dtype=np.uint8)
     expected = Predictor.from_package(package, device="cpu", backend="torch").predict_files(paths)
     assert served.shape == expected.segmentation.shape
