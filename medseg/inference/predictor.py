@@ -157,8 +157,11 @@ class Predictor:
             network = OnnxNetwork(model_dir / ONNX_FILE, device)
             network.check_patch(network_patch_size(package, plans))
         else:
-            from medseg.inference.package import load_network
-            from medseg.inference.sliding_window import select_device
+            from medseg.optional import needs_extra
+
+            with needs_extra("serve-torch", "the torch inference backend"):  # [serve] alone has ONNX Runtime only
+                from medseg.inference.package import load_network
+                from medseg.inference.sliding_window import select_device
 
             dev = select_device(device)
             # one network, or an ensemble package's folds averaging their probabilities; weights_only loading (never pickled code)
