@@ -101,7 +101,31 @@ def test_onnx_backend_matches_torch_probabilities_and_segmentation(package: Path
         assert dice(seg_torch == label, seg_onnx == label) >= 0.999, (label, dice(seg_torch == label, seg_onnx == label))
 
 
-def test_onnx_logits_of_a_sigmoid_free_identity_match_the_torch_window_weights(tmp_path: Path) -> None:
+def test_a_fold_ensemble_is_exported_as_one_graph_of_its_mean(package: Path, tmp_path: Path) -> None:
+    """An ensemble package (two folds of different weights) exports EnsembleNetwork as one graph: same probabilities as torch."""
+    import shutil
+
+    import torch
+
+    from medseg.training.ensemble import save_ensemble_package
+
+    other = tmp_path / "fold1"
+    shutil.copytree(package, other)
+    state = torch.load(other / schemas.WEIGHTS_FILE, weights_only=True)
+    generator = torch.Generator().manual_seed(1)
+    torch.save({k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v for k, v in state.items()}, other / schemas.WEIGHTS_FILE)
+    ensemble = save_ensemble_package(tmp_path / "ensemble", [package, other])
+    info = schemas.ModelPackage.load(ensemble).onnx
+    assert info["file"] == ONNX_FILE and info["max_abs_diff"] < MAX_ABS_DIFF, info
+    paths, _ = write_case(tmp_path / "case", shape=(24, 24, 24))
+    predictors = [Predictor.from_package(ensemble, device="cpu", backend=b) for b in ("torch", "onnx")]
+    stacked = np.stack([load_nifti(p)[0] for p in paths]).astype(np.float32)
+    data, _ = predictors[0].network_input(stacked, load_nifti(paths[0])[1], [2.0, 2.0, 2.0])
+    probs = [grid_probabilities(p.network, data, p.patch_size, p.output, device=p.device) for p in predictors]
+    assert float(np.abs(probs[0] - probs[1]).max()) < PROB_TOLERANCE
+
+
+def test_onnx_window_accumulation_of_an_identity_network_gives_the_input_back(tmp_path: Path) -> None:
     """The accumulation alone (an identity 'network'): the Gaussian-weighted average of identical windows gives the
     input back wherever it is covered, padded or not; catches any window/weight/crop mismatch independently of a runtime."""
 
