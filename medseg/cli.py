@@ -266,6 +266,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300, help="with --url: seconds to wait for the answer")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (local prediction)")
     p.add_argument("--mirror", action="store_true", help="mirroring test-time augmentation (local prediction, 8× slower)")
+    p.add_argument("--backend", default=None, choices=("auto", "torch", "onnx"),
+                   help="local prediction: torch, onnx (the package's network.onnx in ONNX Runtime) or auto: torch when installed "
+                        "(default: $MEDSEG_INFERENCE_BACKEND, else auto)")
 
 
 def _run_predict(a: argparse.Namespace) -> int:
@@ -283,7 +286,8 @@ def _run_predict(a: argparse.Namespace) -> int:
         raise MedsegError("give --out, the output folder")
     from medseg.schemas import PREDICTIONS_CSV
 
-    rows = _stage("medseg.inference.batch").predict_folder(a.model, a.input, a.out, overlap=a.overlap, mirror=a.mirror, covariates=a.covariates)
+    rows = _stage("medseg.inference.batch").predict_folder(a.model, a.input, a.out, overlap=a.overlap, mirror=a.mirror, covariates=a.covariates,
+                                                              backend=a.backend)
     classified = bool(rows) and "label" in rows[0]
     what, table = ("labels and probabilities", PREDICTIONS_CSV) if classified else ("volumes", VOLUMES_CSV)
     print(f"{len(rows)} case(s) predicted → {a.out} ({what} in {a.out / table})")

@@ -143,6 +143,27 @@ def test_onnx_window_accumulation_of_an_identity_network_gives_the_input_back(tm
             np.testing.assert_allclose(onnx_logits(Identity(), data, [8, 8, 8], overlap=0.5, mirror=mirror), data, atol=1e-5)
 
 
+def test_medseg_predict_backend_onnx_writes_the_torch_segmentation(package: Path, tmp_path: Path) -> None:
+    """``medseg predict --backend onnx`` (local, a folder) writes what ``--backend torch`` writes."""
+    import shutil
+
+    paths, _ = write_case(tmp_path / "raw", shape=(20, 22, 18))
+    case = tmp_path / "in" / "CASE-000"
+    case.mkdir(parents=True)
+    channels = schemas.Plans.load(package).channel_names
+    for path, channel in zip(paths, channels):
+        shutil.copy(path, case / f"CASE-000-{channel}.nii.gz")
+    segs = {}
+    for backend in ("torch", "onnx"):
+        out = subprocess.run([sys.executable, "-m", "medseg.cli", "predict", "--model", str(package), "--input", str(case.parent),
+                              "--out", str(tmp_path / backend), "--backend", backend], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0, out.stderr[-3000:]
+        segs[backend] = load_nifti(tmp_path / backend / "CASE-000.nii.gz")[0].astype(np.uint8)
+    for label in np.union1d(np.unique(segs["torch"]), np.unique(segs["onnx"])):
+        assert dice(segs["torch"] == label, segs["onnx"] == label) >= 0.999, label
+
+
 # a meta path finder hiding torch and MONAI, as in a [serve] install without them; then the CLI
 _HIDE_TORCH = """
 import sys
