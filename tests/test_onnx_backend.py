@@ -125,6 +125,40 @@ def test_a_fold_ensemble_is_exported_as_one_graph_of_its_mean(package: Path, tmp
     assert float(np.abs(probs[0] - probs[1]).max()) < PROB_TOLERANCE
 
 
+def test_a_region_package_gets_the_sigmoid_and_the_same_label_map(package: Path, tmp_path: Path) -> None:
+    """Region outputs (one sigmoid per overlapping region): the ONNX backend takes the task's activation and the same
+    regions → labels conversion, so probabilities and segmentations match the torch backend's."""
+    import shutil
+
+    import torch
+
+    from medseg.inference.onnx_export import write_onnx
+    from medseg.networks import build_network
+    from medseg.task import BRATS2023
+
+    regions = tmp_path / "regions"
+    shutil.copytree(package, regions)
+    (regions / ONNX_FILE).unlink()
+    meta = schemas.ModelPackage.load(regions)
+    meta.network = {**meta.network, "out_channels": 3, "output": "regions", "regions": BRATS2023.regions_dict()}
+    meta.save(regions)
+    torch.manual_seed(0)
+    torch.save(build_network(meta.network).state_dict(), regions / schemas.WEIGHTS_FILE)
+    info = write_onnx(regions)
+    assert info["file"] == ONNX_FILE and schemas.ModelPackage.load(regions).onnx == info
+    paths, _ = write_case(tmp_path / "case", shape=(24, 24, 24))
+    predictors = [Predictor.from_package(regions, device="cpu", backend=b) for b in ("torch", "onnx")]
+    assert predictors[1].output == "regions"
+    stacked = np.stack([load_nifti(p)[0] for p in paths]).astype(np.float32)
+    data, _ = predictors[0].network_input(stacked, load_nifti(paths[0])[1], [2.0, 2.0, 2.0])
+    probs = [grid_probabilities(p.network, data, p.patch_size, p.output, device=p.device) for p in predictors]
+    assert probs[1].shape[0] == 3 and float(np.abs(probs[0] - probs[1]).max()) < PROB_TOLERANCE
+    assert not np.allclose(probs[1].sum(0), 1.0, atol=1e-3)  # sigmoids per region, not a softmax
+    segs = [p.predict_files(paths).segmentation for p in predictors]
+    for label in np.union1d(np.unique(segs[0]), np.unique(segs[1])):
+        assert dice(segs[0] == label, segs[1] == label) >= 0.999, label
+
+
 def test_onnx_window_accumulation_of_an_identity_network_gives_the_input_back(tmp_path: Path) -> None:
     """The accumulation alone (an identity 'network'): the Gaussian-weighted average of identical windows gives the
     input back wherever it is covered, padded or not; catches any window/weight/crop mismatch independently of a runtime."""
