@@ -125,6 +125,28 @@ def test_a_fold_ensemble_is_exported_as_one_graph_of_its_mean(package: Path, tmp
     assert float(np.abs(probs[0] - probs[1]).max()) < PROB_TOLERANCE
 
 
+def test_a_deep_supervised_unet_exports_its_full_resolution_head(package: Path, tmp_path: Path) -> None:
+    """GPU plans train with deep supervision: the export (eval mode) has one output, the full-resolution logits."""
+    import shutil
+
+    import torch
+
+    from medseg.inference.onnx_export import write_onnx
+    from medseg.networks import build_network
+
+    folder = tmp_path / "ds"
+    shutil.copytree(package, folder)
+    meta = schemas.ModelPackage.load(folder)
+    meta.network = {**meta.network, "deep_supervision": True}
+    meta.save(folder)
+    torch.manual_seed(0)
+    torch.save(build_network(meta.network).state_dict(), folder / schemas.WEIGHTS_FILE)
+    info = write_onnx(folder)
+    assert info["file"] == ONNX_FILE and info["max_abs_diff"] < MAX_ABS_DIFF, info
+    net = OnnxNetwork(folder / ONNX_FILE)
+    assert len(net.session.get_outputs()) == 1 and net(np.zeros((1, 4, 16, 16, 16), np.float32)).shape == (1, 4, 16, 16, 16)
+
+
 def test_a_region_package_gets_the_sigmoid_and_the_same_label_map(package: Path, tmp_path: Path) -> None:
     """Region outputs (one sigmoid per overlapping region): the ONNX backend takes the task's activation and the same
     regions → labels conversion, so probabilities and segmentations match the torch backend's."""
