@@ -11,7 +11,8 @@ mode, so deep-supervision heads are off and instance norm uses each window's own
 - torch's ``torch.export``-based exporter (``dynamo=True``; it needs the ``onnx`` and ``onnxscript`` packages of
   the ``train`` extra), opset :data:`OPSET`, weights inside the one file (no external data file to lose).
 - Instance normalisation rewritten as plain ONNX ops (:func:`precise_instance_norm`): ONNX Runtime's
-  ``InstanceNormalization`` sums a whole window's voxels in one float32 accumulator, which on the default plan's
+  ``InstanceNormalization`` loses float32 precision over a whole window (measured: its error grows with the window; a
+  single-pass reduction is the likely cause), which on the default plan's
   64³ windows put its logits 6e-4 away from float64 (torch: 4e-5); means taken one axis at a time, and the
   variance as the mean of squared deviations, bring it to 2e-5 for ~10 % more time.
 - Checked where it is written: when ONNX Runtime is installed, the file is run on a random window batch and
