@@ -135,7 +135,7 @@ class Predictor:
         if self.previous_stage and previous is None:
             raise MedsegError("this model package is a cascade's full-resolution stage: give its previous stage (Predictor.from_package loads it)")
         self.previous = previous
-        # which runtime runs the network (from_package sets it; a Predictor built by hand from a module is torch)
+        # which runtime runs the network: told by its type (a Predictor built by hand from a torch module is torch)
         self.backend = "onnx" if isinstance(network, OnnxNetwork) else "torch"
 
     @classmethod
