@@ -158,7 +158,12 @@ def test_serve_venv_serves_a_model_package_over_v2(serve_venv: Path, tmp_path: P
     from medseg.task import BRATS2023
     from tests.factories import make_model_package, write_case
 
-    package = make_model_package(tmp_path / "model")  # built with the full install; served by the slim one
+    # built with the full install (the suite packages without the export), then exported as a user of an old
+    # package would; the slim install serves it with ONNX Runtime
+    package = make_model_package(tmp_path / "model")
+    assert not (package / "network.onnx").exists()
+    exported = subprocess.run([sys.executable, "-m", "medseg", "export-onnx", str(package)], capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0 and "network.onnx written" in exported.stdout, exported.stdout + exported.stderr[-3000:]
     case, _ = write_case(tmp_path / "case")
     port = server.free_port()
     log_file = tmp_path / "server.log"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.inference.onnx_backend import ONNX_FILE, OnnxNetwork, onnx_logits
-from medseg.inference.onnx_export import MAX_ABS_DIFF, refusal
+from medseg.inference.onnx_export import EXPORT_ENV, MAX_ABS_DIFF, refusal
 from medseg.inference.predictor import Predictor, grid_probabilities, resolve_backend
 from medseg.io import load_nifti, load_nifti_bytes
 from tests.factories import make_model_package, write_case
@@ -28,8 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PROB_TOLERANCE = 1e-4  # float32 rounding of two runtimes; the U-Net's logits differ by ~1e-5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def export_at_packaging() -> Iterator[None]:
+    """The suite switches the export off (tests/conftest.py); here every packaging exports, as in training."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(EXPORT_ENV, "1")
+        yield
+
+
 @pytest.fixture(scope="module")
-def package(tmp_path_factory) -> Path:
+def package(tmp_path_factory, export_at_packaging: None) -> Path:
     """An untrained package of the plan's U-Net (16³ windows), written by the trainer's save_model_package: the
     export runs there, as in training."""
     return make_model_package(tmp_path_factory.mktemp("onnx") / "model", patch=(16, 16, 16))
@@ -322,3 +331,42 @@ def test_medseg_serve_without_torch_answers_v2_with_the_torch_segmentation(packa
     assert set(result["volumes_ml"]) == set(expected.volumes_ml)
     for group, ml in expected.volumes_ml.items():  # a voxel at 2 mm is 0.008 ml: equal segmentations, equal volumes
         assert abs(result["volumes_ml"][group] - ml) <= 0.01 * max(ml, 1.0), (group, result["volumes_ml"][group], ml)
+
+
+def test_export_switched_off_at_packaging_is_recorded_and_medseg_export_onnx_adds_it(tmp_path: Path) -> None:
+    """MEDSEG_ONNX_EXPORT=0: the package says why it has no file, its logged model pins serve-torch; `medseg
+    export-onnx` then writes the file (through a temporary name: nothing else is left in the folder) and the pin
+    becomes serve."""
+    from medseg.cli import main
+    from medseg.registry.pyfunc_model import model_requirements
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(EXPORT_ENV, "0")
+        old = make_model_package(tmp_path / "old", patch=(16, 16, 16))
+    info = schemas.ModelPackage.load(old).onnx
+    assert info["file"] is None and "medseg export-onnx" in info["reason"] and not (old / ONNX_FILE).exists()
+    assert model_requirements(old)[0].startswith("medseg-ops[serve-torch]==")
+    before = sorted(p.name for p in old.iterdir())
+
+    assert main(["export-onnx", str(old)]) == 0
+    info = schemas.ModelPackage.load(old).onnx
+    assert info["file"] == ONNX_FILE and info["max_abs_diff"] <= MAX_ABS_DIFF
+    assert sorted(p.name for p in old.iterdir()) == sorted([*before, ONNX_FILE])  # no temporary file left
+    assert model_requirements(old)[0].startswith("medseg-ops[serve]==")
+    paths, _ = write_case(tmp_path / "case", shape=(24, 24, 24))
+    seg_torch = Predictor.from_package(old, device="cpu", backend="torch").predict_files(paths).segmentation
+    seg_onnx = Predictor.from_package(old, device="cpu", backend="onnx").predict_files(paths).segmentation
+    for label in np.union1d(np.unique(seg_torch), np.unique(seg_onnx)):
+        assert dice(seg_torch == label, seg_onnx == label) >= 0.999
+
+
+def test_medseg_export_onnx_refuses_a_folder_that_is_not_a_package_and_reports_refused_networks(tmp_path: Path, capsys) -> None:
+    from medseg.cli import main
+    from tests.factories import make_classifier_package
+
+    assert main(["export-onnx", str(tmp_path)]) == 2
+    assert "model_package.json" in capsys.readouterr().err
+    classifier = make_classifier_package(tmp_path / "clf")
+    assert main(["export-onnx", str(classifier)]) == 1
+    assert "not exported: classifiers are served by the torch backend" in capsys.readouterr().out
+    assert not (classifier / ONNX_FILE).exists()

@@ -17,6 +17,11 @@ mode, so deep-supervision heads are off and instance norm uses each window's own
   variance as the mean of squared deviations, bring it to 2e-5 for ~10 % more time.
 - Checked where it is written: when ONNX Runtime is installed, the file is run on a random window batch and
   compared with torch; a larger difference than :data:`MAX_ABS_DIFF` removes the file.
+- Written under a temporary name and renamed, so re-exporting a package in place (``medseg export-onnx``) never
+  leaves a half-written ``network.onnx`` beside a served package.
+- ``MEDSEG_ONNX_EXPORT=0`` skips the export at packaging (it costs 5-10 s per package on a CPU; the test suite sets
+  it, except where the ONNX backend is under test); such packages are served by the torch backend until
+  ``medseg export-onnx`` adds the file.
 
 Networks checked here: the plan's U-Net family in 3D (``unet``, ``resunet``) and ensembles of them. Others
 (transformers, the 2D slice-wise U-Net, classifiers) are refused with the reason recorded in
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,14 @@ log = logging.getLogger(__name__)
 OPSET = 18  # supported by ONNX Runtime ≥ 1.14 and by torch's exporter; InstanceNormalization and ConvTranspose are unchanged since 6/11
 SUPPORTED_NETWORKS = ("unet", "resunet")
 MAX_ABS_DIFF = 1e-3  # logits; the U-Net in float32 differs by ~1e-5 (tests/test_onnx_backend.py)
+EXPORT_ENV = "MEDSEG_ONNX_EXPORT"  # "0": packaging skips the export (see the module docstring)
+
+
+def export_enabled() -> bool:
+    """Whether packaging exports ``network.onnx`` (``$MEDSEG_ONNX_EXPORT`` is not ``0``/``false``/``no``/``off``)."""
+    import os
+
+    return os.environ.get(EXPORT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def refusal(package: schemas.ModelPackage) -> str | None:
@@ -135,29 +149,40 @@ def export_onnx(model_dir: str | Path, opset: int = OPSET, verify: bool = True) 
     # a fixed seed: the check's input (and so the recorded difference) is the same on every export of one package
     example = torch.randn(2, in_channels, *patch, generator=torch.Generator().manual_seed(0))
     path = model_dir / ONNX_FILE
+    tmp = model_dir / f".tmp-{os.getpid()}-{ONNX_FILE}"  # renamed onto `path` only once written and checked
+    try:
+        info = _export_to(tmp, network, example, patch, opset, verify, model_dir)
+        if info.get("file") is not None:
+            os.replace(tmp, path)
+        return info
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _export_to(tmp: Path, network: Any, example: Any, patch: list[int], opset: int, verify: bool, model_dir: Path) -> dict[str, Any]:
+    """Export ``network`` to ``tmp``, rewrite its instance norms and check it; the ``onnx`` record (file None: refused)."""
+    import onnx
+    import torch
+
     captured = io.StringIO()
     try:
         # the exporter prints its progress on stdout; keep it out of the trainer's output (logged on failure)
         with contextlib.redirect_stdout(captured), torch.no_grad():
-            torch.onnx.export(network, (example,), str(path), dynamo=True, external_data=False, opset_version=opset,
+            torch.onnx.export(network, (example,), str(tmp), dynamo=True, external_data=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), verbose=False)
     except Exception as exc:  # the exporter raises many types; the package must still be written
-        path.unlink(missing_ok=True)
         log.warning("ONNX export of %s failed: %s\n%s", model_dir, exc, captured.getvalue()[-2000:])
         return {"file": None, "reason": f"ONNX export failed: {str(exc).splitlines()[0][:300]}"}
-    import onnx
-
-    model = onnx.load(str(path))
+    model = onnx.load(str(tmp))
     rewritten = precise_instance_norm(model, len(patch))
     onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    onnx.save(model, str(tmp))
     info: dict[str, Any] = {"file": ONNX_FILE, "opset": opset, "patch_size": patch, "torch": torch.__version__.split("+")[0],
                             "input": INPUT_NAME, "output": OUTPUT_NAME, "instance_norms_rewritten": rewritten, "max_abs_diff": None}
     if verify:
-        diff = _check_against_torch(path, network, example)
+        diff = _check_against_torch(tmp, network, example)
         if diff is not None and not diff <= MAX_ABS_DIFF:  # `not <=`: a NaN difference fails too
-            path.unlink(missing_ok=True)
             return {"file": None, "reason": f"the exported network differs from torch by {diff:.3g} (> {MAX_ABS_DIFF}) in its logits"}
         info["max_abs_diff"] = diff
     return info
@@ -178,9 +203,15 @@ def _check_against_torch(path: Path, network: Any, example: Any) -> float | None
     return float(np.abs(onnx_network(example.numpy()) - reference).max())
 
 
-def write_onnx(model_dir: str | Path) -> dict[str, Any]:
-    """:func:`export_onnx` into a package folder and record the result as ``onnx`` in its ``model_package.json``."""
-    info = export_onnx(model_dir)
+def write_onnx(model_dir: str | Path, force: bool = False) -> dict[str, Any]:
+    """:func:`export_onnx` into a package folder and record the result as ``onnx`` in its ``model_package.json``.
+
+    Packaging calls it with ``force=False``: ``MEDSEG_ONNX_EXPORT=0`` then records why there is no file instead.
+    ``medseg export-onnx`` forces it."""
+    if not force and not export_enabled():
+        info: dict[str, Any] = {"file": None, "reason": f"export switched off at packaging ({EXPORT_ENV}=0): add it with medseg export-onnx"}
+    else:
+        info = export_onnx(model_dir)
     package = schemas.ModelPackage.load(model_dir)
     package.onnx = info
     package.save(model_dir)
@@ -189,4 +220,4 @@ def write_onnx(model_dir: str | Path) -> dict[str, Any]:
     return info
 
 
-__all__ = ["MAX_ABS_DIFF", "OPSET", "SUPPORTED_NETWORKS", "export_onnx", "refusal", "write_onnx"]
+__all__ = ["EXPORT_ENV", "MAX_ABS_DIFF", "OPSET", "SUPPORTED_NETWORKS", "export_enabled", "export_onnx", "refusal", "write_onnx"]
