@@ -21,7 +21,7 @@ IMAGES := ingest preprocess train evaluate register promote serve predict deploy
 # torch wheel per image: cpu (PyTorch's CPU index) or cuda (PyPI's wheel with the NVIDIA runtime)
 TORCH_VARIANT ?= cpu
 TRAIN_TORCH_VARIANT ?= cuda
-NO_TORCH_IMAGES := ingest deploy tracking
+NO_TORCH_IMAGES := ingest serve deploy tracking
 # docker when an engine answers, else buildah; with neither, `make images` prints the commands to run elsewhere
 BUILDER := $(shell (docker info >/dev/null 2>&1 && echo docker) || (command -v buildah >/dev/null 2>&1 && echo buildah) || echo none)
 BUILD := $(if $(filter none,$(BUILDER)),@echo docker,$(BUILDER))

@@ -253,7 +253,7 @@ def profile_predictor(package: Path, paths: list[Path], repeats: int = 1) -> dic
     import medseg.inference.predictor as predictor_module
 
     spent = {"forward": 0.0}
-    original = predictor_module.predict_probabilities
+    original = predictor_module.grid_probabilities
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -263,7 +263,7 @@ def profile_predictor(package: Path, paths: list[Path], repeats: int = 1) -> dic
             spent["forward"] += time.perf_counter() - start
 
     predictor = predictor_module.Predictor.from_package(package, device="cpu")
-    predictor_module.predict_probabilities = timed
+    predictor_module.grid_probabilities = timed
     try:
         totals = []
         for _ in range(repeats):
@@ -273,7 +273,7 @@ def profile_predictor(package: Path, paths: list[Path], repeats: int = 1) -> dic
                 predictor.predict_files(paths)
                 totals.append(time.perf_counter() - start)
     finally:
-        predictor_module.predict_probabilities = original
+        predictor_module.grid_probabilities = original
     total = totals[-1]
     return {"predict_s": round(total, 3), "forward_s": round(spent["forward"], 3), "forward_fraction": round(spent["forward"] / total, 4) if total else 0.0}
 

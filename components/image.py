@@ -27,7 +27,7 @@ IMAGE_EXTRAS: dict[str, tuple[str, ...]] = {
     "register": ("train", "pipelines"),
     "promote": ("train", "pipelines"),
     "serve": ("serve",),                  # the InferenceService's predictor: no kfp
-    "predict": ("serve", "pipelines"),    # batch inference and the pipeline's serve step (KFP's executor needs kfp)
+    "predict": ("serve-torch", "pipelines"),  # batch inference (on GPUs too: torch) and the pipeline's serve step (KFP's executor needs kfp)
     "deploy": ("pipelines",),
     "tracking": ("tracking",),            # the MLflow server of k8s/
 }

@@ -266,6 +266,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300, help="with --url: seconds to wait for the answer")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (local prediction)")
     p.add_argument("--mirror", action="store_true", help="mirroring test-time augmentation (local prediction, 8× slower)")
+    p.add_argument("--backend", default=None, choices=("auto", "torch", "onnx"),
+                   help="local prediction: torch, onnx (the package's network.onnx in ONNX Runtime) or auto: torch when installed "
+                        "(default: $MEDSEG_INFERENCE_BACKEND, else auto)")
 
 
 def _run_predict(a: argparse.Namespace) -> int:
@@ -283,11 +286,35 @@ def _run_predict(a: argparse.Namespace) -> int:
         raise MedsegError("give --out, the output folder")
     from medseg.schemas import PREDICTIONS_CSV
 
-    rows = _stage("medseg.inference.batch").predict_folder(a.model, a.input, a.out, overlap=a.overlap, mirror=a.mirror, covariates=a.covariates)
+    rows = _stage("medseg.inference.batch").predict_folder(a.model, a.input, a.out, overlap=a.overlap, mirror=a.mirror, covariates=a.covariates,
+                                                              backend=a.backend)
     classified = bool(rows) and "label" in rows[0]
     what, table = ("labels and probabilities", PREDICTIONS_CSV) if classified else ("volumes", VOLUMES_CSV)
     print(f"{len(rows)} case(s) predicted → {a.out} ({what} in {a.out / table})")
     return 0
+
+
+def _add_export_onnx(p: argparse.ArgumentParser) -> None:
+    p.add_argument("packages", nargs="+", type=Path, metavar="PACKAGE", help="model package folder(s) (with model_package.json)")
+
+
+def _run_export_onnx(a: argparse.Namespace) -> int:
+    """``medseg export-onnx PACKAGE...``: write (or rewrite) ``network.onnx`` into packages written before the export
+    existed or with it switched off; the result is recorded in each ``model_package.json``. Exit 1 if any was refused."""
+    from medseg import schemas
+
+    export = _stage("medseg.inference.onnx_export")
+    refused = 0
+    for package in a.packages:
+        schemas.ModelPackage.load(package)  # not a package: a clear error before the exporter loads anything
+        info = export.write_onnx(package, force=True)
+        if info.get("file"):
+            print(f"{package}: {info['file']} written (opset {info['opset']}, windows {info['patch_size']}, "
+                  f"max |logit difference| to torch {info['max_abs_diff']})")
+        else:
+            refused += 1
+            print(f"{package}: not exported: {info.get('reason')}")
+    return 1 if refused else 0
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -355,6 +382,8 @@ COMMANDS: dict[str, tuple[str, object]] = {
     "registry": ("MLflow registry: list, show, promote, rollback", "medseg.registry.registry"),
     "serve": ("start the KServe model server on 127.0.0.1", "medseg.serving.server"),
     "predict": ("predict a folder of cases with a model here, or send one case to a model server (--url)", (_add_predict, _run_predict)),
+    "export-onnx": ("write network.onnx into model packages for the torch-free model server (packages from before the export)",
+                    (_add_export_onnx, _run_export_onnx)),
     "pipeline": ("run the Kubeflow pipeline locally (kfp.local) or compile it", (_add_pipeline, _run_pipeline)),
     "deploy": ("deploy a registered version: a KServe InferenceService (server-side apply, optional canary) or the model server on 127.0.0.1", "medseg.deploy"),
     "viewer": ("a small web viewer on 127.0.0.1: upload the four modalities, see the overlay slice by slice, download the segmentation", "medseg.viewer.cli"),
@@ -366,7 +395,7 @@ COMMANDS: dict[str, tuple[str, object]] = {
 # the extra of medseg-ops each command needs beyond the core install (pyproject.toml)
 COMMAND_EXTRAS: dict[str, str] = {
     "synth": "data", "ingest": "data", "data": "data",
-    "preprocess": "train", "tune": "train", "train": "train", "evaluate-model": "train", "evaluate": "train", "registry": "train",
+    "preprocess": "train", "tune": "train", "train": "train", "evaluate-model": "train", "evaluate": "train", "registry": "train", "export-onnx": "train",
     "serve": "serve", "predict": "serve", "viewer": "serve",
     "pipeline": "pipelines", "deploy": "pipelines", "demo": "all",
 }

@@ -20,7 +20,7 @@ from types import ModuleType
 
 from medseg.errors import MedsegError
 
-EXTRAS = ("serve", "train", "data", "pipelines", "tracking", "all")
+EXTRAS = ("serve", "serve-torch", "train", "data", "pipelines", "tracking", "all")
 
 
 class MissingExtraError(MedsegError, ImportError):

@@ -43,6 +43,7 @@ PLANS_JSON = "plans.json"
 BEST_PARAMS_JSON = "best_params.json"
 MODEL_PACKAGE_JSON = "model_package.json"
 WEIGHTS_FILE = "weights.pt"
+ONNX_NETWORK_FILE = "network.onnx"  # the network exported for the torch-free backend (medseg.inference.onnx_export)
 TRAINING_CURVES_PNG = "training_curves.png"  # loss and validation metrics per epoch (model package, training run, report)
 MODEL_CARD_MD = "model_card.md"  # a registered version's model card, in its run
 MODEL_CARD_JSON = "model_card.json"  # what the card is rendered from (re-rendered with the gate decision at promotion)
@@ -386,6 +387,9 @@ class ModelPackage(Artifact):
     # a cascade's full-resolution stage: {configuration, package (folder inside this one), labels, image_channels, ...}
     # (medseg.inference.cascade); empty for a single-stage model
     previous_stage: dict[str, Any] = field(default_factory=dict)
+    # the network exported for the torch-free backend (medseg.inference.onnx_export): {file: "network.onnx", opset,
+    # patch_size, torch, max_abs_diff} or {file: None, reason}; empty in packages written before the export existed
+    onnx: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -29,7 +29,7 @@ HELP_TEXT_ALLOWED = ("cli.py", "demo.py")
 TASK_WORDS = re.compile(r"(?<![A-Za-z0-9])(WT|TC|ET|RC|NETC|SNFH|NCR)(?![A-Za-z0-9])|[Bb][Rr][Aa][Tt][Ss]")
 #: Source-layout file names (the adapters read them, they are not artefacts) and generators' outputs.
 FILE_NAME_ALLOWED = {"schemas.py", "synth.py", "synth_layouts.py", "ingest/adapters/classification.py"}
-FILE_NAME = re.compile(r"^[\w.\-]+\.(json|csv|md|html|pt|png|npy|log|db|yaml)$")
+FILE_NAME = re.compile(r"^[\w.\-]+\.(json|csv|md|html|pt|onnx|png|npy|log|db|yaml)$")
 
 
 def _modules() -> list[Path]:

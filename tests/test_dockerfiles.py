@@ -171,9 +171,9 @@ def test_torch_variant_is_a_build_argument_and_train_runs_the_tested_torch():
     train = arg_defaults(instructions(ROOT / "components" / "train" / "Dockerfile"))
     assert train["TORCH_VARIANT"] == "cuda"
     assert f"TORCH := torch=={install_extras.TORCH_VERSION}" in (ROOT / "Makefile").read_text(), "images and make install: one torch"
-    assert "--build-arg TORCH_VARIANT=cuda" in builds["train"] and "--build-arg TORCH_VARIANT=cpu" in builds["serve"]
+    assert "--build-arg TORCH_VARIANT=cuda" in builds["train"] and "--build-arg TORCH_VARIANT=cpu" in builds["predict"]
     swapped = make_images("TRAIN_TORCH_VARIANT=cpu", "TORCH_VARIANT=cuda")
-    assert "--build-arg TORCH_VARIANT=cpu" in swapped["train"] and "--build-arg TORCH_VARIANT=cuda" in swapped["serve"]
+    assert "--build-arg TORCH_VARIANT=cpu" in swapped["train"] and "--build-arg TORCH_VARIANT=cuda" in swapped["predict"]
 
 
 # --------------------------------------------------------------------------- one tag scheme

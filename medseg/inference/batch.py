@@ -100,12 +100,13 @@ def _number(value: Any) -> float | None:
 
 
 def predict_folder(model: str | Path, input_dir: Path, out_dir: Path, overlap: float = 0.5, mirror: bool = False, device: str = "auto", progress: bool = True,
-                   covariates: Path | None = None) -> list[dict]:
+                   covariates: Path | None = None, backend: str | None = None) -> list[dict]:
     """Predict every case of ``input_dir`` with ``model`` (a package folder or ``models:/…``). Segmentation: writes
     ``out_dir/CASE.nii.gz`` and ``out_dir/volumes.csv``; classification: ``out_dir/predictions.csv`` (see the module
-    docstring; ``covariates``: the CSV of the subjects' ages). Returns one row per case."""
+    docstring; ``covariates``: the CSV of the subjects' ages; ``backend``: torch, onnx or auto, see
+    :meth:`~medseg.inference.predictor.Predictor.from_package`). Returns one row per case."""
     package_dir, version = resolve_model_source(model)
-    predictor = Predictor.from_package(package_dir, device=device, overlap=overlap, mirror=mirror)
+    predictor = Predictor.from_package(package_dir, device=device, overlap=overlap, mirror=mirror, backend=backend)
     cases = find_cases(input_dir, predictor.channels)
     out_dir = Path(out_dir)
     if predictor.output == "classes":

@@ -17,33 +17,74 @@ A cascade package (``previous_stage`` in ``model_package.json``, :mod:`medseg.in
 low-resolution stage too: :meth:`Predictor.predict` runs that stage on the input first, brings its
 segmentation onto the full-resolution grid as at training time and gives it to the network as extra input
 channels; restoring, postprocessing and volumes are those of any package.
+
+Two backends run the network (``backend`` of :meth:`Predictor.from_package`, ``MEDSEG_INFERENCE_BACKEND``):
+``torch`` (the package's weights in PyTorch; every network, GPUs) and ``onnx`` (the package's ``network.onnx`` in
+ONNX Runtime, :mod:`medseg.inference.onnx_backend`; segmentation U-Nets, no torch installed). ``auto`` takes torch
+when it can be imported, else ONNX. Everything around the network (preprocessing, windows, activation,
+restoring, postprocessing) is the same numpy code for both; this module imports torch only for the torch backend.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
-import torch
 
 from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.inference.cascade import previous_stage_on_grid, previous_stage_spec, with_previous_stage
-from medseg.inference.package import load_network, network_output, network_patch_size
+from medseg.inference.onnx_backend import ONNX_FILE, OnnxNetwork, onnx_probabilities
+from medseg.inference.package_info import network_output, network_patch_size
 from medseg.inference.postprocess import relabel_small_enhancing, remove_small_components
-from medseg.inference.sliding_window import predict_logits, predict_probabilities, select_device
 from medseg.io import load_nifti, nifti_spacing, stack_channels
 from medseg.preprocessing.classifier_input import fit_volume
 from medseg.preprocessing.preprocess import preprocess_case, restore_labels_to_original, restore_to_original
 from medseg.task import Task, regions_to_labels
 
+if TYPE_CHECKING:  # annotations only: the ONNX backend runs without torch
+    import torch
 
-def grid_probabilities(network: torch.nn.Module, data: np.ndarray, patch_size: list[int], output: str = "labels", overlap: float = 0.5, mirror: bool = False,
-                       device: torch.device | None = None) -> np.ndarray:
+BACKENDS = ("auto", "torch", "onnx")
+BACKEND_ENV = "MEDSEG_INFERENCE_BACKEND"
+
+
+def torch_available() -> bool:
+    """Whether torch can be imported here (the ``auto`` backend's choice). Imported, not only looked up: a broken or
+    hidden torch must count as absent."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """``torch`` or ``onnx``: ``backend`` (default ``MEDSEG_INFERENCE_BACKEND``, else ``auto``), ``auto`` resolved to
+    torch when it imports, else ONNX."""
+    choice = (backend or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
+    if choice not in BACKENDS:
+        raise MedsegError(f"unknown inference backend {choice!r} (one of {', '.join(BACKENDS)})")
+    if choice == "auto":
+        return "torch" if torch_available() else "onnx"
+    return choice
+
+
+def grid_probabilities(network: torch.nn.Module | OnnxNetwork, data: np.ndarray, patch_size: list[int], output: str = "labels", overlap: float = 0.5,
+                       mirror: bool = False, device: torch.device | None = None) -> np.ndarray:
     """Sliding-window probabilities K×(spatial) float32 of a preprocessed volume: the softmax over the labels,
-    or for ``output="regions"`` a sigmoid per region channel."""
+    or for ``output="regions"`` a sigmoid per region channel. ``network``: a torch module, or an
+    :class:`~medseg.inference.onnx_backend.OnnxNetwork` (then ``device`` is its session's and ignored here)."""
+    if isinstance(network, OnnxNetwork):
+        return onnx_probabilities(network, data, patch_size, output, overlap=overlap, mirror=mirror)
+    import torch
+
+    from medseg.inference.sliding_window import predict_logits, predict_probabilities
+
     if output == "regions":
         return torch.sigmoid(predict_logits(network, data, patch_size, overlap=overlap, mirror=mirror, device=device)).numpy()
     return predict_probabilities(network, data, patch_size, overlap=overlap, mirror=mirror, device=device)
@@ -57,15 +98,17 @@ def grid_labels(probs: np.ndarray, regions: dict[str, list[int]] | None = None, 
     return np.argmax(probs, axis=0).astype(np.uint8)
 
 
-@torch.inference_mode()
 def class_probabilities(network: torch.nn.Module, images: np.ndarray, ages: np.ndarray | None = None, device: torch.device | None = None) -> np.ndarray:
     """Softmax class probabilities N×K of a classifier for inputs N×C×X×Y×Z (:func:`~medseg.preprocessing.classifier_input.fit_volume`),
-    with the subjects' ages N (years) when the network takes them."""
-    device = device or next(network.parameters()).device
-    network.eval()
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
-    out = network(x) if ages is None else network(x, torch.from_numpy(np.asarray(ages, dtype=np.float32)).to(device))
-    return torch.softmax(out.float(), dim=1).cpu().numpy()
+    with the subjects' ages N (years) when the network takes them (torch backend: classifiers are not exported)."""
+    import torch
+
+    with torch.inference_mode():
+        device = device or next(network.parameters()).device
+        network.eval()
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
+        out = network(x) if ages is None else network(x, torch.from_numpy(np.asarray(ages, dtype=np.float32)).to(device))
+        return torch.softmax(out.float(), dim=1).cpu().numpy()
 
 
 @dataclass
@@ -79,8 +122,8 @@ class Prediction:
 class Predictor:
     """Load once, predict many. ``Predictor.from_package(dir)``; ``predict(images, affine, spacing)``."""
 
-    def __init__(self, network: torch.nn.Module, plans: schemas.Plans, dataset: schemas.DatasetJson, package: schemas.ModelPackage, device: torch.device, overlap: float = 0.5, mirror: bool = False,
-                 previous: Predictor | None = None):
+    def __init__(self, network: torch.nn.Module | OnnxNetwork, plans: schemas.Plans, dataset: schemas.DatasetJson, package: schemas.ModelPackage, device: Any,
+                 overlap: float = 0.5, mirror: bool = False, previous: Predictor | None = None):
         self.network, self.plans, self.dataset, self.package = network, plans, dataset, package
         self.task = Task.from_dataset(dataset)
         self.device, self.overlap, self.mirror = device, overlap, mirror
@@ -92,25 +135,44 @@ class Predictor:
         if self.previous_stage and previous is None:
             raise MedsegError("this model package is a cascade's full-resolution stage: give its previous stage (Predictor.from_package loads it)")
         self.previous = previous
+        # which runtime runs the network: told by its type (a Predictor built by hand from a torch module is torch)
+        self.backend = "onnx" if isinstance(network, OnnxNetwork) else "torch"
 
     @classmethod
-    def from_package(cls, model_dir: str | Path, device: str = "auto", overlap: float = 0.5, mirror: bool = False) -> Predictor:
+    def from_package(cls, model_dir: str | Path, device: str = "auto", overlap: float = 0.5, mirror: bool = False, backend: str | None = None) -> Predictor:
+        """Load a package. ``backend``: ``torch``, ``onnx`` or ``auto`` (default: ``MEDSEG_INFERENCE_BACKEND``, else
+        ``auto``: torch when it imports, else the package's ``network.onnx`` in ONNX Runtime)."""
         model_dir = Path(model_dir)
         if not (model_dir / schemas.MODEL_PACKAGE_JSON).is_file():
             raise MedsegError(f"not a model package (no {schemas.MODEL_PACKAGE_JSON})", model_dir)
         package = schemas.ModelPackage.load(model_dir)
         plans = schemas.Plans.load(model_dir)
         dataset = schemas.DatasetJson.load(model_dir)
-        dev = select_device(device)
-        # one network, or an ensemble package's folds averaging their probabilities; weights_only loading (never pickled code)
-        network = load_network(model_dir, package, dev)
+        backend = resolve_backend(backend)
+        network: Any
+        if backend == "onnx":
+            if network_output(package.network) == "classes":
+                raise MedsegError("classifier packages are not exported to ONNX: serve them with the torch backend (medseg-ops[serve-torch])", model_dir)
+            dev: Any = device
+            network = OnnxNetwork(model_dir / ONNX_FILE, device)
+            network.check_patch(network_patch_size(package, plans))
+        else:
+            from medseg.optional import needs_extra
+
+            with needs_extra("serve-torch", "the torch inference backend"):  # [serve] alone has ONNX Runtime only
+                from medseg.inference.package import load_network
+                from medseg.inference.sliding_window import select_device
+
+            dev = select_device(device)
+            # one network, or an ensemble package's folds averaging their probabilities; weights_only loading (never pickled code)
+            network = load_network(model_dir, package, dev)
         previous = None
         spec = previous_stage_spec(package)
         if spec:  # a cascade: the low-resolution stage travels inside the package
             folder = model_dir / str(spec["package"])
             if not (folder / schemas.MODEL_PACKAGE_JSON).is_file():
                 raise MedsegError(f"the cascade's previous stage ({spec['configuration']}) is missing from the package", folder)
-            previous = cls.from_package(folder, device, overlap, mirror)
+            previous = cls.from_package(folder, device, overlap, mirror, backend)
             if previous.previous is not None:
                 raise MedsegError("cascades of more than two stages are not supported", folder)
         return cls(network, plans, dataset, package, dev, overlap, mirror, previous)

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg.inference.windows import window_starts  # noqa: F401  (re-exported; shared with the ONNX backend)
+
 DEFAULT_MAX_ACCUMULATOR_BYTES = 2 * 1024**3
 
 
@@ -45,26 +47,6 @@ def autocast(device: torch.device):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast("cpu", enabled=False)
-
-
-def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Start indices of the windows along one axis of length ``size`` (≥ ``patch``).
-
-    Step ``int(patch × (1 − overlap))`` (at least 1; one window when ``patch == size``); the last window
-    is shifted back so it ends at ``size``.
-    """
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if patch >= size:
-        return [0]
-    step = max(int(patch * (1.0 - overlap)), 1)
-    starts: list[int] = []
-    start = 0
-    while True:
-        starts.append(min(start, size - patch))
-        if start + patch >= size:
-            return starts
-        start += step
 
 
 def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 0.125, device: torch.device | None = None) -> torch.Tensor:

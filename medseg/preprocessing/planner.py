@@ -46,7 +46,6 @@ from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.preprocessing.normalization import scheme_for_channel
 from medseg.preprocessing.resampling import ANISOTROPY_THRESHOLD, shape_for_spacing
-from medseg.networks.unet import count_parameters, estimate_training_memory_gib
 
 MIN_FEATURE_MAP = 4
 MAX_STAGES = {"3d": 6, "2d": 7}
@@ -155,6 +154,10 @@ def plan_patch(median_shape: list[int], spacing: list[float], in_channels: int, 
     Raises:
         MedsegError: for a budget that is not understood or too small for any patch.
     """
+    # the networks module imports torch: imported here, so that preprocessing a case for inference (the torch-free
+    # model server imports this module through medseg.preprocessing.preprocess) never needs it
+    from medseg.networks.unet import count_parameters, estimate_training_memory_gib
+
     kind, gib = parse_budget(budget)
     dim = "2d" if slice_axis is not None else "3d"
     base, cap = (32, 320 if dim == "3d" else 512) if kind == "gpu" else (16, 128)
@@ -193,6 +196,8 @@ def plan_patch(median_shape: list[int], spacing: list[float], in_channels: int, 
 def _batch_size(kind: str, gib: float, dim: str, topo: dict[str, Any], patch: list[int], bytes_per_activation: int) -> int:
     if kind == "cpu":
         return REFERENCE_BATCH[dim]
+    from medseg.networks.unet import estimate_training_memory_gib  # torch: see plan_patch
+
     batch = MIN_BATCH
     while batch < 512 and estimate_training_memory_gib(topo, patch, batch + 1, bytes_per_activation) <= gib:
         batch += 1

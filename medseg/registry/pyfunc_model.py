@@ -45,7 +45,7 @@ CASE_ID_COLUMN = "case_id"
 AGE_COLUMN = "age"  # a classifier's covariate: the subject's age in years
 LABEL_COLUMN = "label"  # a classifier's answer: the most probable class
 #: The distribution (and its extra) a logged model needs to load; pinned to the installed version (:func:`model_requirements`).
-DISTRIBUTION, SERVE_EXTRA = "medseg-ops", "serve"
+DISTRIBUTION, SERVE_EXTRA, SERVE_TORCH_EXTRA = "medseg-ops", "serve", "serve-torch"
 #: A channel given inline: ``data:[<media type>];base64,<the NIfTI file>``.
 DATA_URI_PREFIX = "data:"
 NIFTI_MEDIA_TYPE = "application/gzip"
@@ -64,10 +64,16 @@ def installed_version() -> str:
         return medseg.__version__
 
 
-def model_requirements() -> list[str]:
+def model_requirements(model_dir: str | Path | None = None) -> list[str]:
     """``medseg-ops[serve]==<installed version>``: the code that wrote the model is the code that loads it (the
-    pyfunc rebuilds the network from medseg's own classes); MLflow adds its own pin."""
-    return [f"{DISTRIBUTION}[{SERVE_EXTRA}]=={installed_version()}"]
+    pyfunc rebuilds the network from medseg's own classes); MLflow adds its own pin.
+
+    ``[serve]`` runs a package's ``network.onnx`` without torch; a package without one (a network the export
+    refuses, or the export switched off) needs torch, so it pins ``[serve-torch]``."""
+    extra = SERVE_EXTRA
+    if model_dir is not None and not (schemas.ModelPackage.load(model_dir).onnx or {}).get("file"):
+        extra = SERVE_TORCH_EXTRA
+    return [f"{DISTRIBUTION}[{extra}]=={installed_version()}"]
 
 
 class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
@@ -302,7 +308,7 @@ def log_model_package(model_dir: Path, artifact_path: str = "model", input_examp
             artifacts={MODEL_PACKAGE_ARTIFACT: str(staged)},
             signature=model_signature(model_dir),
             input_example=input_example,
-            pip_requirements=list(pip_requirements or model_requirements()),
+            pip_requirements=list(pip_requirements or model_requirements(model_dir)),
         )
 
 

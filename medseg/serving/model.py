@@ -77,10 +77,11 @@ class MedsegModel(kserve.Model):
     """
 
     def __init__(self, name: str, model_uri: str | Path, device: str = "auto", download_dir: str | Path | None = None,
-                 limits: ServeLimits | None = None):
+                 limits: ServeLimits | None = None, backend: str | None = None):
         super().__init__(name, return_response_headers=True)
         self.model_uri = str(model_uri)
         self.device = device
+        self.backend = backend  # torch | onnx | auto; None: MEDSEG_INFERENCE_BACKEND, else auto (medseg.inference.predictor)
         self.download_dir = download_dir
         self.limits = limits or ServeLimits(reload_interval_s=0.0)
         self.served: ServedVersion | None = None  # swapped as a whole; a request reads it once
@@ -98,7 +99,7 @@ class MedsegModel(kserve.Model):
             current = self.served
             try:
                 if needs_reload(self.model_uri, current):
-                    new = load_served_version(self.model_uri, self.device, self.download_dir)
+                    new = load_served_version(self.model_uri, self.device, self.download_dir, self.backend)
                     self.served = new  # the swap: requests that started before keep the bundle they read
                     self.model_version, self.package_dir, self.channels, self.regions = new.version, new.package_dir, new.channels, new.regions
                     publish_version(self.name, new)

@@ -65,8 +65,9 @@ class ServedVersion:
         return meta
 
 
-def load_served_version(model_uri: str, device: str, download_dir: str | Path | None) -> ServedVersion:
-    """Resolve ``model_uri`` (package folder or ``models:/...``), download if registered, build the predictor."""
+def load_served_version(model_uri: str, device: str, download_dir: str | Path | None, backend: str | None = None) -> ServedVersion:
+    """Resolve ``model_uri`` (package folder or ``models:/...``), download if registered, build the predictor (``backend``:
+    torch, onnx or auto, see :meth:`~medseg.inference.predictor.Predictor.from_package`)."""
     root: Path | None = None
     if model_uri.startswith(MODELS_URI_PREFIX):
         if download_dir is not None:
@@ -74,7 +75,7 @@ def load_served_version(model_uri: str, device: str, download_dir: str | Path | 
         root = Path(tempfile.mkdtemp(prefix="medseg-serve-", dir=download_dir))  # one folder per load: versions never mix
     try:
         package_dir, version = resolve_model_source(model_uri, root)
-        predictor = Predictor.from_package(package_dir, device=device)
+        predictor = Predictor.from_package(package_dir, device=device, backend=backend)
         contract = Contract.of(predictor)
         drift = load_drift_reference(package_dir, predictor.channels)
         card = version_card(model_uri, version, package_dir)
@@ -109,9 +110,11 @@ def needs_reload(model_uri: str, current: ServedVersion | None) -> bool:
 def publish_version(model_name: str, served: ServedVersion) -> None:
     """Export the version serving now as ``medseg_model_info`` and log it."""
     MODEL_INFO.labels(model=model_name).info({"version": served.version, "configuration": served.predictor.package.configuration,
-                                              "drift_reference": served.drift.statistic if served.drift else "none"})
-    log.info("model %s version %s serving from %s (%s; channels %s; drift reference: %s)", model_name, served.version, served.package_dir,
-             served.predictor.task, ",".join(served.channels), f"{served.drift.statistic} from {served.drift.source}" if served.drift else "none")
+                                              "drift_reference": served.drift.statistic if served.drift else "none",
+                                              "backend": served.predictor.backend})
+    log.info("model %s version %s serving from %s (%s; channels %s; drift reference: %s; backend: %s)", model_name, served.version, served.package_dir,
+             served.predictor.task, ",".join(served.channels), f"{served.drift.statistic} from {served.drift.source}" if served.drift else "none",
+             served.predictor.backend)
 
 
 def retire(served: ServedVersion | None) -> None:

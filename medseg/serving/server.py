@@ -95,8 +95,9 @@ def make_model_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, limits
 
 
 def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto", limits: Any = None,
-          grpc_port: int = DEFAULT_GRPC_PORT) -> None:
-    """Load the model (package folder or ``models:/NAME@ALIAS``) and serve it until SIGTERM/SIGINT (gRPC too if ``grpc_port`` > 0)."""
+          grpc_port: int = DEFAULT_GRPC_PORT, backend: str | None = None) -> None:
+    """Load the model (package folder or ``models:/NAME@ALIAS``) and serve it until SIGTERM/SIGINT (gRPC too if ``grpc_port`` > 0).
+    ``backend``: torch, onnx or auto (None: ``MEDSEG_INFERENCE_BACKEND``, else auto; see :mod:`medseg.inference.predictor`)."""
     from medseg.serving.limits import ServeLimits
     from medseg.serving.memory import configure_allocator
     from medseg.serving.model import MedsegModel
@@ -106,7 +107,7 @@ def serve(model_uri: str, name: str, host: str = DEFAULT_HOST, port: int = DEFAU
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("model server listening on %s: reachable from other machines (no authentication)", host)
     server = make_model_server(host, port, limits, grpc_port=grpc_port)  # configures KServe logging first, so load() logs show
-    model = MedsegModel(name, model_uri, device=device, limits=limits)
+    model = MedsegModel(name, model_uri, device=device, limits=limits, backend=backend)
     model.load()
     server.start([model])
 
@@ -122,7 +123,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default: {DEFAULT_PORT})")
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT,
                         help="also serve KServe's gRPC V2 inference service on this port, same host and limits (default: 0 = off)")
-    parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, mps (default: auto)")
+    parser.add_argument("--device", default="auto", help="device: auto, cpu, cuda (torch also mps) (default: auto)")
+    parser.add_argument("--backend", default=None, choices=("auto", "torch", "onnx"),
+                        help="what runs the network: torch (the weights; every network), onnx (the package's network.onnx in ONNX Runtime; "
+                             "segmentation U-Nets, no torch needed) or auto: torch when installed, else onnx "
+                             "(default: $MEDSEG_INFERENCE_BACKEND, else auto)")
     parser.add_argument("--max-request-mb", type=float, default=None, help=f"largest request body in MiB; larger → 413 {env_help('max_request_mb')}")
     parser.add_argument("--max-voxels", type=int, default=None,
                         help=f"largest volume in voxels per channel, as sent and after resampling to the model's spacing; larger → 400 {env_help('max_voxels')}")
@@ -150,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``medseg serve`` (blocks until the server stops); returns the exit code."""
     limits = limits_from_args(args)
     serve(args.model, args.name, host=args.host, port=args.port, device=getattr(args, "device", "auto"), limits=limits,
-          grpc_port=getattr(args, "grpc_port", DEFAULT_GRPC_PORT) or 0)
+          grpc_port=getattr(args, "grpc_port", DEFAULT_GRPC_PORT) or 0, backend=getattr(args, "backend", None))
     return 0
 
 

@@ -202,6 +202,10 @@ def save_model_package(model_dir: Path, state_dict: dict[str, torch.Tensor], pre
             from medseg.training.cascade import copy_previous_stage
 
             copy_previous_stage(previous_stage_dir, tmp)
+        # network.onnx for the torch-free model server, written with the weights so every package has it
+        from medseg.inference.onnx_export import write_onnx
+
+        write_onnx(tmp)
     return model_dir
 
 

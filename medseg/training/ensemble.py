@@ -97,6 +97,10 @@ def save_ensemble_package(model_dir: str | Path, members: list[str | Path], trai
 
             best = {f"fold {f}": int(p.training["best_epoch"]) for f, p in zip(folds, packages) if isinstance(p.training.get("best_epoch"), int)}
             write_training_curves(tmp, {**info, "val_metric": first.training.get("val_metric")}, histories, best)
+        # the ensemble as one ONNX graph (its members' mean, as EnsembleNetwork computes it) for the torch-free server
+        from medseg.inference.onnx_export import write_onnx
+
+        write_onnx(tmp)
     return Path(model_dir)
 
 
