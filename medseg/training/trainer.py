@@ -14,8 +14,9 @@ this module, the loop itself.
 - Deterministic mode (``deterministic``): deterministic algorithms (strict on CPU), no cuDNN autotuning;
   together with the seeding below a run is bitwise repeatable on the same machine and thread count.
 - Seeding: python, numpy and torch are seeded from ``seed`` once; the patch sampler is rebuilt every epoch
-  with a seed derived from (seed, epoch, rank) (like ``DistributedSampler.set_epoch``), so the data a
-  rank sees in an epoch does not depend on what happened before.
+  with a seed derived from (seed, epoch, rank) (like ``DistributedSampler.set_epoch``), and batch i of the
+  epoch is drawn from (that seed, i) alone (``sample_at``), so the data a rank sees does not depend on what
+  happened before, nor on who draws it: the training thread, the loader thread or ``loader_workers`` processes.
 - Every epoch ends with validation (Dice per reported group, or a classifier's balanced accuracy) and an
   atomic checkpoint; ``resume=True`` continues after the last complete epoch of a killed run and ends with the
   same weights as an uninterrupted run (deterministic mode, same thread count).
