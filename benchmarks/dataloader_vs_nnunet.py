@@ -126,6 +126,7 @@ NNUNET_RUNNER = MEASURE + textwrap.dedent("""
 
     dataset_folder, workers, seconds, patch, batch = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     plans = load_json(join(dataset_folder, "nnUNetPlans.json"))
+    plans["continue_training"] = False  # what nnUNetv2_train sets (run_training.get_trainer_from_args) for a fresh run
     plans["configurations"]["3d_fullres"].update(patch_size=[patch] * 3, batch_size=batch)  # the same input as ours
     trainer = nnUNetTrainer(plans, "3d_fullres", "all", load_json(join(dataset_folder, "dataset.json")), device=torch.device("cpu"))
     trainer._set_batch_size_and_oversample()

@@ -33,7 +33,6 @@ Design choices (why):
 
 from __future__ import annotations
 
-import logging
 import multiprocessing as mp
 import pickle
 import queue
@@ -47,7 +46,6 @@ import numpy as np
 
 from medseg.errors import MedsegError
 
-log = logging.getLogger(__name__)
 
 #: how often an idle worker checks that the training process is still there, and how often the training process
 #: checks its workers while it waits for a batch (seconds)
