@@ -199,12 +199,13 @@ def test_workers_are_gone_after_close_and_after_an_interrupted_run(mini: Path, t
 
 
 class _FailingSampler:
-    """Fails on batch 1 (picklable: the workers import this module to unpickle it)."""
+    """Fails on batch 1 at once; batch 0 takes longer (picklable: the workers import this module to unpickle it)."""
 
     def sample_at(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
         if iteration == 1:
             raise ValueError("case mini_007: unreadable block")
-        return np.zeros((1, 2), np.float32), np.zeros((1, 1), np.int64)
+        time.sleep(1.0)  # the error arrives first: it must still wait for batch 0 to be handed out
+        return np.full((1, 2), iteration, np.float32), np.zeros((1, 1), np.int64)
 
 
 class _DyingSampler:
@@ -218,7 +219,7 @@ class _DyingSampler:
 def test_a_worker_exception_and_a_dead_worker_are_raised_with_what_happened() -> None:
     with LoaderPool(2, pin_memory=False) as pool:
         batches = pool.epoch(_FailingSampler(), 3)
-        assert batches.sample()[0].shape == (1, 2)
+        assert batches.sample()[0].tolist() == [[0.0, 0.0]]
         with pytest.raises(LoaderWorkerError, match=r"(?s)worker 1 failed on batch 1.*ValueError: case mini_007: unreadable block") as info:
             batches.sample()
         assert isinstance(info.value, MedsegError)

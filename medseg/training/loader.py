@@ -256,14 +256,15 @@ class EpochBatches:
     """One epoch's batches from a :class:`LoaderPool`, in iteration order (whatever order the workers finish in).
 
     :meth:`sample` returns the next batch (numpy arrays, or pinned torch tensors with ``pin_memory``); exactly
-    ``n_batches`` are drawn. A worker's exception is raised as :class:`LoaderWorkerError` with its traceback.
+    ``n_batches`` are drawn. A worker's exception is raised as :class:`LoaderWorkerError` with its traceback, in
+    its batch's turn; a worker that died is reported at once.
     """
 
     def __init__(self, pool: LoaderPool, epoch: int, n_batches: int):
         self._pool, self._epoch, self._n = pool, epoch, n_batches
         self._next = 0  # the next iteration handed out
         self._issued = 0  # iterations sent to the workers so far
-        self._ready: dict[int, tuple] = {}  # results that arrived before their turn
+        self._ready: dict[int, tuple] = {}  # results (and errors) that arrived before their turn: (kind, block or message, meta)
         self._fill()
 
     def _fill(self) -> None:
@@ -281,19 +282,22 @@ class EpochBatches:
                 if kind == "batch":
                     _discard(body)
                 continue
-            if kind == "error":
-                raise LoaderWorkerError(body)
-            self._ready[iteration] = (body, meta)
-        name, meta = self._ready.pop(self._next)
-        batch = _unpack(name, meta, self._pool.pin_memory)
+            # an error waits for its batch's turn, like a result: the batches before it are still handed out, so
+            # where a run stops does not depend on which worker was faster
+            self._ready[iteration] = (kind, body, meta)
+        kind, body, meta = self._ready.pop(self._next)
+        if kind == "error":
+            raise LoaderWorkerError(body)
+        batch = _unpack(body, meta, self._pool.pin_memory)
         self._next += 1
         self._fill()
         return batch
 
     def close(self) -> None:
         """Nothing to stop (the pool's workers serve the next epoch); unclaimed blocks are unlinked."""
-        for name, _ in self._ready.values():
-            _discard(name)
+        for kind, body, _ in self._ready.values():
+            if kind == "batch":
+                _discard(body)
         self._ready.clear()
 
 
