@@ -106,13 +106,15 @@ def _images_of(case: PreprocessedCase) -> np.ndarray:
     return case.images if isinstance(case, CascadeCase) else case.data
 
 
-def _padded_crop(array: np.ndarray, start: np.ndarray, size: list[int], fill: float) -> np.ndarray:
-    """Crop ``size`` voxels from ``start`` (may be negative / beyond the end) out of the last 3 axes, padding."""
+def _padded_crop(array: np.ndarray, start: np.ndarray, size: list[int], fill: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Crop ``size`` voxels from ``start`` (may be negative / beyond the end) out of the last 3 axes, padding.
+    ``out``: write into this array instead (already holding ``fill``; its dtype converts the values)."""
     shape = np.array(array.shape[-3:])
     lo = np.maximum(start, 0)
     hi = np.minimum(start + np.array(size), shape)
     lead = array.shape[:-3]
-    out = np.full(tuple(lead) + tuple(size), fill, dtype=array.dtype)
+    if out is None:
+        out = np.full(tuple(lead) + tuple(size), fill, dtype=array.dtype)
     dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start))
     src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     out[(Ellipsis,) + dst] = array[(Ellipsis,) + src]
@@ -171,7 +173,7 @@ class PatchSampler:
             previous = getattr(case, "prev", None)  # cascade: the previous stage's map (CascadeCase only)
             if self.augmentation is not None:  # the larger crop around the same centre; the pipeline mirrors
                 start = start - (np.array(self.crop_size) - np.array(self.patch_size)) // 2
-                images.append(_padded_crop(_images_of(case), start, self.crop_size, 0.0))
+                images.append((_images_of(case), start))  # cropped below, straight into the batch array
                 labels.append(_padded_crop(case.seg, start, self.crop_size, 0))
                 if previous is not None:
                     prevs.append(_padded_crop(previous, start, self.crop_size, 0))
@@ -191,7 +193,15 @@ class PatchSampler:
                 prevs.append(np.ascontiguousarray(prev))
         if prevs and len(prevs) != len(images):
             raise MedsegError("a batch mixes cascade cases (with a previous-stage segmentation) and plain ones")
-        batch_img, batch_seg = np.stack(images).astype(np.float32), np.stack(labels)[:, None]
+        if self.augmentation is not None:
+            # one float32 batch array filled in place: with 128³ patches the augmentation's input is ~250³ voxels a
+            # sample and channel, and stacking then converting would copy all of it twice more (same values)
+            batch_img = np.zeros((len(images), images[0][0].shape[0], *self.crop_size), dtype=np.float32)
+            for b, (array, start) in enumerate(images):
+                _padded_crop(array, start, self.crop_size, 0.0, out=batch_img[b])
+        else:
+            batch_img = np.stack(images).astype(np.float32)
+        batch_seg = np.stack(labels)[:, None]
         batch_prev = np.stack(prevs)[:, None] if prevs else None
         if self.augmentation is not None:
             if batch_prev is None:
