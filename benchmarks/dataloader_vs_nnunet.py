@@ -177,6 +177,33 @@ def run_nnunet_loader(venv: Path, work: Path, dataset_folder: Path, workers: int
                 f"nnU-Net's loader (K={workers})", seconds * 20 + 600)
 
 
+def _prepare(work: Path, args: argparse.Namespace, venv: Path | None, report: dict[str, Any]) -> Path | None:
+    """Generate, ingest and preprocess the cases with both tools into ``work``; returns nnU-Net's preprocessed dataset
+    folder (None without nnU-Net). A ``--work-dir`` prepared before for the same cases and shape is reused (repeat runs
+    then time the loaders only)."""
+    marker, wanted = work / "prepared.json", {"cases": args.cases, "shape": list(args.shape), "nnunet": venv is not None}
+    nn_folder = work / "nnUNet_preprocessed" / "Dataset950_loader"
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        print(f"reusing the cases prepared in {work}", file=sys.stderr)
+        report["prepare_s"] = "reused"
+        return nn_folder if venv is not None else None
+    for stale in ("raw", "datasets", "ours", "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        shutil.rmtree(work / stale, ignore_errors=True)
+    print(f"preparing {args.cases} cases {tuple(args.shape)} ...", file=sys.stderr)
+    dataset, gen_s = make_dataset(work, "loader", args.cases, tuple(args.shape))
+    t0 = time.perf_counter()
+    run_ours(dataset, work / "ours", 2, "gpu:8")
+    report["prepare_s"] = {"generate": round(gen_s, 1), "ours_preprocess": round(time.perf_counter() - t0, 1)}
+    if venv is not None:
+        folder_name, _ = nnunet_raw_dataset(dataset, work / "nnUNet_raw", 950, "loader")
+        t0 = time.perf_counter()
+        run_nnunet(venv, work, 950, 2, work / "nnunet-preprocess.log")
+        report["prepare_s"]["nnunet_preprocess"] = round(time.perf_counter() - t0, 1)
+        nn_folder = work / "nnUNet_preprocessed" / folder_name
+    marker.write_text(json.dumps(wanted))
+    return nn_folder if venv is not None else None
+
+
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the repeats of one tool at one K."""
     per_core = [r["samples_per_cpu_s"] for r in runs if r["samples_per_cpu_s"]]
@@ -196,7 +223,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="timed window per run, after the warm-up")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep the data here (default: a temporary folder, removed)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep the data here and reuse it next time (default: a temporary folder, removed)")
     parser.add_argument("--skip-nnunet", action="store_true", help="time ours only")
     args = parser.parse_args()
 
@@ -214,18 +241,7 @@ def main() -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="medseg-loader-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        print(f"preparing {args.cases} cases {tuple(args.shape)} ...", file=sys.stderr)
-        dataset, gen_s = make_dataset(work, "loader", args.cases, tuple(args.shape))
-        t0 = time.perf_counter()
-        run_ours(dataset, work / "ours", 2, "gpu:8")
-        report["prepare_s"] = {"generate": round(gen_s, 1), "ours_preprocess": round(time.perf_counter() - t0, 1)}
-        nn_folder = None
-        if venv is not None:
-            folder_name, _ = nnunet_raw_dataset(dataset, work / "nnUNet_raw", 950, "loader")
-            t0 = time.perf_counter()
-            run_nnunet(venv, work, 950, 2, work / "nnunet-preprocess.log")
-            report["prepare_s"]["nnunet_preprocess"] = round(time.perf_counter() - t0, 1)
-            nn_folder = work / "nnUNet_preprocessed" / folder_name
+        nn_folder = _prepare(work, args, venv, report)
         runs: dict[str, dict[int, list[dict[str, Any]]]] = {"ours": {}, "nnunet": {}}
         for rep in range(args.repeats):
             for k in args.workers:  # alternating: a drift in the machine's load hits both tools alike
