@@ -77,9 +77,12 @@ def _pack(batch: tuple[Any, ...]) -> tuple[str, _Meta]:
         for a, m in zip(arrays, meta):
             if a is not None and m is not None:
                 np.ndarray(m[0], dtype=m[1], buffer=block.buf, offset=m[2])[...] = a
-        return block.name, meta
-    finally:
-        block.close()  # unmap here; the block lives on until the training process unlinks it
+    except BaseException:
+        block.close()
+        block.unlink()  # nobody will hear of this block
+        raise
+    block.close()  # unmap here; the block lives on until the training process unlinks it
+    return block.name, meta
 
 
 def _worker_main(index: int, tasks: Any, results: Any) -> None:
@@ -105,7 +108,7 @@ def _worker_main(index: int, tasks: Any, results: Any) -> None:
             if parent is not None and not parent.is_alive():  # the training process was killed: no orphans
                 return
             continue
-        if task is None:
+        if task is None or (parent is not None and not parent.is_alive()):  # stop, or nobody left to take the batches
             return
         kind, epoch, payload = task
         if kind == "epoch":

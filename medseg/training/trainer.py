@@ -353,7 +353,9 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
     loop_started, budget_s = time.monotonic(), cfg.time_budget_minutes * 60.0
     # loader processes live for the whole run (spawning one costs a torch import); closed however the loop ends
     with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(LoaderPool(cfg.loader_workers, max(cfg.loader_prefetch, 1))) if cfg.loader_workers > 0 and start_epoch < cfg.epochs else None
+        # pinned batches only help a copy to a GPU
+        pool = (stack.enter_context(LoaderPool(cfg.loader_workers, max(cfg.loader_prefetch, 1), pin_memory=device.type == "cuda"))
+                if cfg.loader_workers > 0 and start_epoch < cfg.epochs else None)
         for epoch in range(start_epoch, cfg.epochs):
             metrics = _run_epoch(engine, cfg, epoch, train_cases, val_cases, plans, config, batch_size, ctx, progress, step_times, task, pool)
             history.append({"epoch": epoch, **metrics})
