@@ -17,7 +17,8 @@ Design choices (why):
 - ``spawn``, not ``fork``: the training process has started OpenMP/MKL thread pools and possibly CUDA, neither of
   which survives ``fork``. Spawning costs an interpreter and a torch import per worker (a few seconds), so the
   workers live for the whole run (:class:`LoaderPool`), receiving each epoch's sampler as a pickle (cases pickle as
-  their paths and are reopened memory-mapped, once per worker: ``sampler._REOPENED``).
+  their paths and are reopened memory-mapped, once per worker: ``sampler._REOPENED``). The trainer starts the next
+  epoch when the training steps end (``LoaderPool.ahead``), so the workers draw its first batches during validation.
 - A bounded number of batches in flight (``depth`` per worker, nnU-Net's ``num_cached_per_queue`` is 2): the main
   process issues iteration i + in_flight only after handing out i, so memory stays bounded however slow the step.
 - Batches travel through POSIX shared memory (one block per batch, created by the worker, copied out and unlinked
@@ -180,6 +181,8 @@ class LoaderPool:
                        for k in range(self.workers)]
         self._epoch = -1
         self._closed = False
+        #: epochs started ahead of their turn (the trainer starts the next one before validating), by epoch number
+        self.ahead: dict[int, EpochBatches] = {}
         for proc in self._procs:
             proc.start()
 
@@ -227,6 +230,7 @@ class LoaderPool:
         if self._closed:
             return
         self._closed = True
+        self.ahead.clear()
         for q in self._tasks:
             try:
                 q.put(None)

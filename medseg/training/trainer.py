@@ -440,17 +440,13 @@ def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[
     set_epoch = getattr(engine.loss_fn, "set_epoch", None)
     if callable(set_epoch):  # a loss whose weights follow training progress (the ramped Hausdorff term)
         set_epoch(epoch, cfg.epochs)
-    shard, seed = ddp.shard(train_cases, ctx, epoch, cfg.seed), ddp.epoch_seed(cfg.seed, epoch, ctx.rank)
-    if task.output == "classes":
-        sampler: Any = make_volume_sampler(shard, task, batch_size, cfg, seed)
-    else:
-        sampler = make_sampler(shard, list(engine.patch_size), batch_size, cfg, seed)
-    if pool is not None:  # batches prepared by loader processes while the network trains
-        sampler = pool.epoch(sampler, cfg.iterations_per_epoch)
+    sampler: Any
+    if pool is not None:  # batches prepared by loader processes while the network trains (maybe since the last validation)
+        sampler = pool.ahead.pop(epoch, None) or pool.epoch(_epoch_sampler(engine, cfg, epoch, train_cases, batch_size, ctx, task), cfg.iterations_per_epoch)
     elif cfg.loader_prefetch > 0:  # batches prepared by a loader thread while the network trains
-        sampler = PrefetchSampler(sampler, cfg.iterations_per_epoch, cfg.loader_prefetch)
+        sampler = PrefetchSampler(_epoch_sampler(engine, cfg, epoch, train_cases, batch_size, ctx, task), cfg.iterations_per_epoch, cfg.loader_prefetch)
     else:
-        sampler = _InOrder(sampler)
+        sampler = _InOrder(_epoch_sampler(engine, cfg, epoch, train_cases, batch_size, ctx, task))
     engine.train_model.train()
     # summed on the device (no synchronisation per step); non-finite losses are counted apart: with fp16 the
     # scaler skips those steps, in fp32/bf16 they would poison the weights
@@ -473,6 +469,10 @@ def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[
     close = getattr(sampler, "close", None)
     if callable(close):
         close()
+    if pool is not None and epoch + 1 < cfg.epochs:
+        # the workers would idle through validation: they start on the next epoch, whose batches depend on
+        # (seed, epoch + 1, rank) only (dropped unclaimed if the run stops after this epoch)
+        pool.ahead[epoch + 1] = pool.epoch(_epoch_sampler(engine, cfg, epoch + 1, train_cases, batch_size, ctx, task), cfg.iterations_per_epoch)
     engine.scheduler.step()
     train_s = time.perf_counter() - t_epoch
 
@@ -502,6 +502,14 @@ def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[
                           "lower the learning rate, or use precision fp32")
     return {"train_loss": reduced["train_loss"], **val_metrics, "lr": lr, "epoch_seconds": reduced["train_seconds"] + reduced["val_seconds"],
             "train_seconds": reduced["train_seconds"], "val_seconds": reduced["val_seconds"], "data_wait_share": reduced["data_wait_share"]}
+
+
+def _epoch_sampler(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[Any], batch_size: int, ctx: ddp.DistContext, task: TrainingTarget) -> Any:
+    """This rank's sampler for ``epoch``: its shard of the cases and its seed are functions of (seed, epoch, rank) only."""
+    shard, seed = ddp.shard(train_cases, ctx, epoch, cfg.seed), ddp.epoch_seed(cfg.seed, epoch, ctx.rank)
+    if task.output == "classes":
+        return make_volume_sampler(shard, task, batch_size, cfg, seed)
+    return make_sampler(shard, list(engine.patch_size), batch_size, cfg, seed)
 
 
 class _InOrder:
