@@ -235,3 +235,47 @@ def test_loader_settings_are_checked() -> None:
     assert TrainConfig.from_dict({"loader_workers": 2.0}).loader_workers == 2  # KFP hands numbers as floats
     with pytest.raises(ValueError, match="at least one worker"):
         LoaderPool(0)
+
+
+def test_cases_travel_to_workers_as_paths_and_come_back_memory_mapped(mini: Path, tmp_path: Path) -> None:
+    """A sampler goes to every worker each epoch: its cases must pickle as where they live, not as their voxels."""
+    import pickle
+
+    from medseg import schemas
+    from medseg.training.sampler import CascadeCase, VolumeCase
+
+    folder = mini / "3d_fullres"
+    plain = PreprocessedCase(folder, "mini_000")
+    np.save(tmp_path / f"mini_000{schemas.CASE_PREVIOUS_STAGE_SUFFIX}", np.asarray(plain.seg))
+    cascade = CascadeCase(folder, "mini_000", tmp_path, [1])
+    volume = VolumeCase(folder, "mini_000", target=1, age=63.5)
+    for case in (plain, cascade, volume):
+        blob = pickle.dumps(case)
+        assert len(blob) < 2_000 < case.data.nbytes, f"{type(case).__name__} pickles its voxels ({len(blob)} bytes)"
+        back = pickle.loads(blob)
+        assert type(back) is type(case) and back.case_id == case.case_id
+        assert np.array_equal(np.asarray(back.data), np.asarray(case.data))
+    assert isinstance(pickle.loads(pickle.dumps(plain)).seg, np.memmap)
+    back = pickle.loads(pickle.dumps(cascade))
+    assert back.prev_labels == [1] and np.array_equal(back.prev, cascade.prev)
+    back = pickle.loads(pickle.dumps(volume))
+    assert (back.target, back.age) == (1, 63.5)
+
+
+def test_whole_volume_batches_with_and_without_ages_through_a_worker(mini: Path) -> None:
+    """The classifier's sampler through a worker: (images, classes, ages or None), as sample_at draws them."""
+    from medseg.training.sampler import VolumeCase, VolumeSampler
+
+    folder = mini / "3d_fullres"
+    cases = [VolumeCase(folder, f"mini_{i:03d}", target=i % 2, age=40.0 + i) for i in range(5)]
+    with LoaderPool(1, pin_memory=False) as pool:
+        for ages in (True, False):
+            sampler = VolumeSampler(cases, [8, 8, 8], 0.5, batch_size=2, seed=9, mirror_axes=(0,), ages=ages)
+            reference = [VolumeSampler(cases, [8, 8, 8], 0.5, batch_size=2, seed=9, mirror_axes=(0,), ages=ages).sample_at(i) for i in range(3)]
+            batches = pool.epoch(sampler, 3)
+            got = [batches.sample() for _ in range(3)]
+            for want, have in zip(reference, got):
+                assert (have[2] is None) is (not ages)
+                _assert_same_batches([tuple(a for a in want if a is not None)], [tuple(a for a in have if a is not None)])
+            if ages:  # every case once in the first pass (5 cases: slots 0-4 of batches 0-2; the age tells the case)
+                assert sorted(np.concatenate([g[2] for g in got])[:5].tolist()) == [40.0, 41.0, 42.0, 43.0, 44.0]
