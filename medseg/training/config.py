@@ -40,7 +40,8 @@ class TrainConfig:
     network_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"deep_supervision": true}
     augmentation: bool | dict[str, Any] = False  # True: nnU-Net's default pipeline; a mapping: its knobs (AugmentationConfig); False: random mirroring only
     foreground_share: float = 1 / 3
-    loader_prefetch: int = 2  # batches drawn ahead by a loader thread (0: draw in the training thread)
+    loader_prefetch: int = 2  # batches drawn ahead by a loader thread (0: draw in the training thread); with loader_workers: per worker
+    loader_workers: int = 0  # > 0: this many loader processes sample and augment (medseg.training.loader); 0: the loader thread
     batch_size: int = 0  # per process; 0: the plan's
     configuration: str = "3d_fullres"  # a planned configuration (the pipeline resolves auto before training)
     fold: int = 0
@@ -66,6 +67,8 @@ class TrainConfig:
                 raise MedsegError(f"{name} must be a mapping of option names to values, got {getattr(self, name)!r}")
         if self.time_budget_minutes < 0:
             raise MedsegError(f"time_budget_minutes must be >= 0 (0: no budget), got {self.time_budget_minutes}")
+        if self.loader_workers < 0 or self.loader_prefetch < 0:
+            raise MedsegError(f"loader_workers and loader_prefetch must be >= 0, got {self.loader_workers} and {self.loader_prefetch}")
         if self.epochs < 1 or self.iterations_per_epoch < 1:
             raise MedsegError(f"epochs and iterations_per_epoch must be >= 1, got {self.epochs} and {self.iterations_per_epoch}")
         if isinstance(self.augmentation, str):  # a CLI or KFP string "true"/"false"

@@ -32,14 +32,35 @@ from medseg.preprocessing.classifier_input import fit_volume
 from medseg.training.augmentation import Compose, default_augmentation
 
 
+#: Cases opened in this process by unpickling, keyed by how they were opened. Loader workers receive a sampler
+#: every epoch; the cache keeps them from re-reading every case's properties (class locations) each time.
+#: Only :mod:`medseg.training.loader`'s workers switch it on, so pickling elsewhere keeps its usual meaning.
+_REOPENED: dict[tuple, object] | None = None
+
+
+def _reopen(cls: type, args: tuple) -> object:
+    """Unpickle a case by opening it again from its files (the arrays are memory-mapped: sending them would copy
+    whole volumes to every loader worker every epoch)."""
+    key = (cls, args)
+    if _REOPENED is not None and key in _REOPENED:
+        return _REOPENED[key]
+    case = cls(*args)
+    if _REOPENED is not None:
+        _REOPENED[key] = case
+    return case
+
+
 class PreprocessedCase:
-    """One preprocessed case, memory-mapped: ``data`` C×I×J×K float32, ``seg`` I×J×K int8."""
+    """One preprocessed case, memory-mapped: ``data`` C×I×J×K float32, ``seg`` I×J×K int8.
+
+    Pickles as its folder and id (reopened, still memory-mapped, on the other side)."""
 
     prev: np.ndarray | None = None  # a cascade's previous-stage segmentation (CascadeCase)
     prev_labels: tuple[int, ...] | list[int] = ()
 
     def __init__(self, folder: Path, case_id: str):
         self.case_id = case_id
+        self._opened_with: tuple = (Path(folder), case_id)
         for suffix in (schemas.CASE_IMAGE_SUFFIX, schemas.CASE_SEG_SUFFIX):
             if not (folder / f"{case_id}{suffix}").is_file():
                 raise MedsegError(f"preprocessed case {case_id} is missing (rerun preprocess?)", folder / f"{case_id}{suffix}")
@@ -47,6 +68,9 @@ class PreprocessedCase:
         self.seg = np.load(folder / f"{case_id}{schemas.CASE_SEG_SUFFIX}", mmap_mode="r")
         self.props = schemas.CaseProperties.load(folder / f"{case_id}{schemas.CASE_PROPERTIES_SUFFIX}")
         self.locations = {k: np.asarray(v, dtype=int) for k, v in self.props.class_locations.items() if v}
+
+    def __reduce__(self) -> tuple:
+        return _reopen, (type(self), self._opened_with)
 
 
 class CascadeCase(PreprocessedCase):
@@ -57,6 +81,7 @@ class CascadeCase(PreprocessedCase):
 
     def __init__(self, folder: Path, case_id: str, prev_folder: Path, prev_labels: list[int]):
         super().__init__(folder, case_id)
+        self._opened_with = (Path(folder), case_id, Path(prev_folder), tuple(int(v) for v in prev_labels))
         path = Path(prev_folder) / f"{case_id}{schemas.CASE_PREVIOUS_STAGE_SUFFIX}"
         if not path.is_file():
             raise MedsegError(f"previous-stage segmentation of case {case_id} is missing (rerun the cascade preparation)", path)
@@ -81,13 +106,15 @@ def _images_of(case: PreprocessedCase) -> np.ndarray:
     return case.images if isinstance(case, CascadeCase) else case.data
 
 
-def _padded_crop(array: np.ndarray, start: np.ndarray, size: list[int], fill: float) -> np.ndarray:
-    """Crop ``size`` voxels from ``start`` (may be negative / beyond the end) out of the last 3 axes, padding."""
+def _padded_crop(array: np.ndarray, start: np.ndarray, size: list[int], fill: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Crop ``size`` voxels from ``start`` (may be negative / beyond the end) out of the last 3 axes, padding.
+    ``out``: write into this array instead (already holding ``fill``; its dtype converts the values)."""
     shape = np.array(array.shape[-3:])
     lo = np.maximum(start, 0)
     hi = np.minimum(start + np.array(size), shape)
     lead = array.shape[:-3]
-    out = np.full(tuple(lead) + tuple(size), fill, dtype=array.dtype)
+    if out is None:
+        out = np.full(tuple(lead) + tuple(size), fill, dtype=array.dtype)
     dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start))
     src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     out[(Ellipsis,) + dst] = array[(Ellipsis,) + src]
@@ -107,6 +134,7 @@ class PatchSampler:
             raise ValueError("no cases to sample from")
         self.cases, self.patch_size, self.batch_size = cases, list(patch_size), batch_size
         self.foreground_share, self.mirror = foreground_share, mirror
+        self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
         if augmentation is True:
             augmentation = default_augmentation(self.patch_size)
@@ -127,7 +155,15 @@ class PatchSampler:
         hi = np.maximum(shape - patch, lo) + 1
         return np.array([self.rng.integers(a, b) for a, b in zip(lo, hi)])
 
+    def sample_at(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch number ``iteration`` of the epoch: drawn from a generator seeded with (seed, iteration) only, so
+        the batch does not depend on which batches were drawn before, in which process or in which order
+        (what lets K loader workers share an epoch and a resumed run repeat it; see :mod:`medseg.training.loader`)."""
+        self.rng = iteration_rng(self.seed, iteration)
+        return self.sample()
+
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next batch from the sampler's running generator (:meth:`sample_at` restarts it per batch)."""
         images, labels, prevs = [], [], []
         for b in range(self.batch_size):
             case = self.cases[self.rng.integers(len(self.cases))]
@@ -137,7 +173,7 @@ class PatchSampler:
             previous = getattr(case, "prev", None)  # cascade: the previous stage's map (CascadeCase only)
             if self.augmentation is not None:  # the larger crop around the same centre; the pipeline mirrors
                 start = start - (np.array(self.crop_size) - np.array(self.patch_size)) // 2
-                images.append(_padded_crop(_images_of(case), start, self.crop_size, 0.0))
+                images.append((_images_of(case), start))  # cropped below, straight into the batch array
                 labels.append(_padded_crop(case.seg, start, self.crop_size, 0))
                 if previous is not None:
                     prevs.append(_padded_crop(previous, start, self.crop_size, 0))
@@ -157,7 +193,15 @@ class PatchSampler:
                 prevs.append(np.ascontiguousarray(prev))
         if prevs and len(prevs) != len(images):
             raise MedsegError("a batch mixes cascade cases (with a previous-stage segmentation) and plain ones")
-        batch_img, batch_seg = np.stack(images).astype(np.float32), np.stack(labels)[:, None]
+        if self.augmentation is not None:
+            # one float32 batch array filled in place: with 128³ patches the augmentation's input is ~250³ voxels a
+            # sample and channel, and stacking then converting would copy all of it twice more (same values)
+            batch_img = np.zeros((len(images), images[0][0].shape[0], *self.crop_size), dtype=np.float32)
+            for b, (array, start) in enumerate(images):
+                _padded_crop(array, start, self.crop_size, 0.0, out=batch_img[b])
+        else:
+            batch_img = np.stack(images).astype(np.float32)
+        batch_seg = np.stack(labels)[:, None]
         batch_prev = np.stack(prevs)[:, None] if prevs else None
         if self.augmentation is not None:
             if batch_prev is None:
@@ -184,10 +228,14 @@ class VolumeCase:
 
     def __init__(self, folder: Path, case_id: str, target: int, age: float | None = None):
         self.case_id, self.target, self.age = case_id, int(target), (None if age is None else float(age))
+        self._opened_with: tuple = (Path(folder), case_id, self.target, self.age)
         path = folder / f"{case_id}{schemas.CASE_IMAGE_SUFFIX}"
         if not path.is_file():
             raise MedsegError(f"preprocessed case {case_id} is missing (rerun preprocess?)", path)
         self.data = np.load(path, mmap_mode="r")
+
+    def __reduce__(self) -> tuple:
+        return _reopen, (type(self), self._opened_with)
 
 
 class VolumeSampler:
@@ -208,18 +256,28 @@ class VolumeSampler:
                 raise MedsegError(f"the network takes the age, which case(s) {missing[:10]} do not have (manifest.json covariates.age)")
         self.cases, self.size, self.scale, self.batch_size = cases, list(size), float(scale), int(batch_size)
         self.mirror_axes, self.ages = tuple(mirror_axes), ages
+        self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
-        self._order: list[int] = []
+        self._drawn = 0  # batches drawn by sample(): the next one is sample_at(_drawn)
+        self._pass: tuple[int, list[int]] = (-1, [])  # the last pass's case order (a pass spans several batches)
 
-    def _next(self) -> VolumeCase:
-        if not self._order:
-            self._order = list(self.rng.permutation(len(self.cases)))
-        return self.cases[self._order.pop()]
+    def _order_of(self, n_pass: int) -> list[int]:
+        """The case order of pass ``n_pass`` over the cases: a permutation seeded with (seed, pass) alone."""
+        if self._pass[0] != n_pass:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, 1, int(n_pass)]))
+            self._pass = (n_pass, rng.permutation(len(self.cases)).tolist())
+        return self._pass[1]
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def sample_at(self, iteration: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Batch number ``iteration``: its cases are the slots ``iteration·batch_size …`` of the concatenated
+        per-pass permutations (each case once per pass), its mirroring drawn from (seed, iteration) alone, so
+        the batch is the same whichever process draws it and whatever was drawn before."""
+        n = len(self.cases)
+        picks = [self._order_of(slot // n)[slot % n] for slot in range(iteration * self.batch_size, (iteration + 1) * self.batch_size)]
+        self.rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0, int(iteration)]))
         images, targets, ages = [], [], []
-        for _ in range(self.batch_size):
-            case = self._next()
+        for index in picks:
+            case = self.cases[index]
             img = fit_volume(case.data, self.size, self.scale)
             for axis in self.mirror_axes:
                 if self.rng.random() < 0.5:
@@ -229,6 +287,18 @@ class VolumeSampler:
             ages.append(case.age if case.age is not None else np.nan)
         return np.stack(images), np.asarray(targets, dtype=np.int64)[:, None], (np.asarray(ages, dtype=np.float32) if self.ages else None)
 
+    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The next batch: :meth:`sample_at` of the number of batches drawn so far."""
+        batch = self.sample_at(self._drawn)
+        self._drawn += 1
+        return batch
+
+
+def iteration_rng(seed: int, iteration: int) -> np.random.Generator:
+    """The generator of batch ``iteration`` of a sampler seeded with ``seed`` (already a function of the run's
+    seed, the epoch and the rank: :func:`medseg.training.ddp.epoch_seed`)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(iteration)]))
+
 
 class PrefetchSampler:
     """Draw the batches of ``sampler`` in a background thread, up to ``depth`` ahead of the training step.
@@ -237,7 +307,8 @@ class PrefetchSampler:
     thread overlaps them with the network's forward and backward pass; the step then rarely waits (the
     trainer logs the share of time it still does). One thread draws the batches in order from the
     sampler's single generator, so the batches, and therefore training, are exactly those of the plain
-    sampler (resume and DDP stay bit-exact). Exactly ``n_batches`` are drawn.
+    sampler (resume and DDP stay bit-exact). Exactly ``n_batches`` are drawn: batch i is ``sample_at(i)``
+    when the sampler has it (the loader workers' batches), else the i-th ``sample()``.
 
     An error in the loader thread is raised by the next :meth:`sample`. Call :meth:`close` when done.
     """
@@ -257,9 +328,11 @@ class PrefetchSampler:
     def _load(self) -> None:
         import queue
 
-        for _ in range(self._remaining):
+        # by index where the sampler can (the batches then match the loader workers'); plain samplers in order
+        draw = getattr(self._sampler, "sample_at", None)
+        for i in range(self._remaining):
             try:
-                item = ("batch", self._sampler.sample())
+                item = ("batch", draw(i) if callable(draw) else self._sampler.sample())
             except BaseException as exc:  # handed to the training thread
                 item = ("error", exc)
             while not self._stop.is_set():

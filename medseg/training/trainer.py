@@ -14,8 +14,9 @@ this module, the loop itself.
 - Deterministic mode (``deterministic``): deterministic algorithms (strict on CPU), no cuDNN autotuning;
   together with the seeding below a run is bitwise repeatable on the same machine and thread count.
 - Seeding: python, numpy and torch are seeded from ``seed`` once; the patch sampler is rebuilt every epoch
-  with a seed derived from (seed, epoch, rank) (like ``DistributedSampler.set_epoch``), so the data a
-  rank sees in an epoch does not depend on what happened before.
+  with a seed derived from (seed, epoch, rank) (like ``DistributedSampler.set_epoch``), and batch i of the
+  epoch is drawn from (that seed, i) alone (``sample_at``), so the data a rank sees does not depend on what
+  happened before, nor on who draws it: the training thread, the loader thread or ``loader_workers`` processes.
 - Every epoch ends with validation (Dice per reported group, or a classifier's balanced accuracy) and an
   atomic checkpoint; ``resume=True`` continues after the last complete epoch of a killed run and ends with the
   same weights as an uninterrupted run (deterministic mode, same thread count).
@@ -57,6 +58,7 @@ from medseg.task import Task
 from medseg.training import ddp
 from medseg.training.checkpointing import CHECKPOINT, CHECKPOINT_FORMAT, load_checkpoint, restore, rng_state, save_checkpoint, save_model_package
 from medseg.training.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, TrainConfig, TrainResult
+from medseg.training.loader import LoaderPool
 from medseg.training.sampler import PreprocessedCase, PrefetchSampler
 from medseg.training.setup import (TrainingTarget, classification_target, classification_targets, make_sampler, make_volume_sampler, resolve_loss,
                                    segmentation_target, volume_cases)
@@ -206,12 +208,19 @@ def _build_engine(cfg: TrainConfig, topology: dict[str, Any], ctx: ddp.DistConte
                    tuple(int(p) for p in topology.get("patch_size") or ()))
 
 
-def _train_step(engine: _Engine, images: np.ndarray, labels: np.ndarray, device: torch.device, grad_clip: float, ages: np.ndarray | None = None) -> torch.Tensor:
+def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A batch array as a tensor; loader workers hand pinned tensors, kept as they are so the copy to the GPU is
+    asynchronous and the pinned block is held until that copy is done."""
+    return array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
+
+
+def _train_step(engine: _Engine, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, device: torch.device, grad_clip: float,
+                ages: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
     """One optimiser step. ``labels``: N×1×… label maps (segmentation; region losses make their targets from
     them) or N×1 class indices; ``ages``: N years, a classifier's second input."""
-    x = torch.from_numpy(images).to(device, non_blocking=True).contiguous(memory_format=engine.memory_format)
-    y = torch.from_numpy(labels).to(device, non_blocking=True)
-    extra = () if ages is None else (torch.from_numpy(ages).to(device, non_blocking=True),)
+    x = _as_tensor(images).to(device, non_blocking=True).contiguous(memory_format=engine.memory_format)
+    y = _as_tensor(labels).to(device, non_blocking=True)
+    extra = () if ages is None else (_as_tensor(ages).to(device, non_blocking=True),)
     engine.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=engine.amp_dtype, enabled=engine.amp_dtype is not None):
         out = engine.train_model(x, *extra)
@@ -342,43 +351,48 @@ def _train(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, plans: schem
     step_times: list[float] = []
     stopped_by_main = False
     loop_started, budget_s = time.monotonic(), cfg.time_budget_minutes * 60.0
-    for epoch in range(start_epoch, cfg.epochs):
-        metrics = _run_epoch(engine, cfg, epoch, train_cases, val_cases, plans, config, batch_size, ctx, progress, step_times, task)
-        history.append({"epoch": epoch, **metrics})
-        if best_state is None or not math.isfinite(best) or metrics[metric] > best:  # no validation cases: the last epoch
-            best, best_epoch = metrics[metric], epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in engine.network.state_dict().items()} if ctx.is_main else {}
-        if progress and task.output == "classes":
-            log.info("epoch %d/%s: loss %.4f  val accuracy %.3f  balanced accuracy %.3f  val loss %.4f  best %.3f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)",
-                     epoch + 1, _of_total(cfg, loop_started), metrics["train_loss"], metrics["val_accuracy"], metrics["val_balanced_accuracy"], metrics["val_loss"], best, best_epoch + 1,
-                     metrics["lr"], metrics["epoch_seconds"], 100 * metrics["data_wait_share"])
-        elif progress:
-            val_text = " ".join(f"{k[len('val_dice_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith("val_dice_") and k != "val_dice_mean")
-            log.info("epoch %d/%s: loss %.4f  val dice %.4f (%s)  best %.4f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)", epoch + 1, _of_total(cfg, loop_started),
-                     metrics["train_loss"], metrics["val_dice_mean"], val_text, best, best_epoch + 1, metrics["lr"], metrics["epoch_seconds"], 100 * metrics["data_wait_share"])
-        rng_states = ddp.all_gather_object(rng_state(device), ctx)
-        if ctx.is_main:
-            save_checkpoint(out_dir / CHECKPOINT, {
-                "format": CHECKPOINT_FORMAT, "model": engine.network.state_dict(), "optimizer": engine.optimizer.state_dict(),
-                "scheduler": engine.scheduler.state_dict(), "scaler": engine.scaler.state_dict(), "epoch": epoch, "best": best,
-                "best_epoch": best_epoch, "history": history, "best_state": best_state, "rng": rng_states, "world_size": ctx.world_size,
-                "config": dataclasses.asdict(cfg), "medseg_version": medseg.__version__,
-            })
-        stop: BaseException | None = None
-        if on_epoch is not None and ctx.is_main:
-            try:
-                on_epoch(epoch, metrics)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
-                stop = exc
-        if ddp.broadcast_object(stop is not None, ctx):  # every rank learns whether rank 0's callback stopped the run
-            if stop is not None:
-                raise stop
-            stopped_by_main = True
-            break
-        if budget_s > 0 and _budget_spent(loop_started, budget_s, epoch + 1 - start_epoch, ctx):
-            if progress:
-                log.info("time budget of %.1f min: stopping after epoch %d (the next would not fit)", cfg.time_budget_minutes, epoch + 1)
-            break
+    # loader processes live for the whole run (spawning one costs a torch import); closed however the loop ends
+    with contextlib.ExitStack() as stack:
+        # pinned batches only help a copy to a GPU
+        pool = (stack.enter_context(LoaderPool(cfg.loader_workers, max(cfg.loader_prefetch, 1), pin_memory=device.type == "cuda"))
+                if cfg.loader_workers > 0 and start_epoch < cfg.epochs else None)
+        for epoch in range(start_epoch, cfg.epochs):
+            metrics = _run_epoch(engine, cfg, epoch, train_cases, val_cases, plans, config, batch_size, ctx, progress, step_times, task, pool)
+            history.append({"epoch": epoch, **metrics})
+            if best_state is None or not math.isfinite(best) or metrics[metric] > best:  # no validation cases: the last epoch
+                best, best_epoch = metrics[metric], epoch
+                best_state = {k: v.detach().cpu().clone() for k, v in engine.network.state_dict().items()} if ctx.is_main else {}
+            if progress and task.output == "classes":
+                log.info("epoch %d/%s: loss %.4f  val accuracy %.3f  balanced accuracy %.3f  val loss %.4f  best %.3f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)",
+                         epoch + 1, _of_total(cfg, loop_started), metrics["train_loss"], metrics["val_accuracy"], metrics["val_balanced_accuracy"], metrics["val_loss"], best, best_epoch + 1,
+                         metrics["lr"], metrics["epoch_seconds"], 100 * metrics["data_wait_share"])
+            elif progress:
+                val_text = " ".join(f"{k[len('val_dice_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith("val_dice_") and k != "val_dice_mean")
+                log.info("epoch %d/%s: loss %.4f  val dice %.4f (%s)  best %.4f @ epoch %d  lr %.2e  %.1f s (data wait %.0f%%)", epoch + 1, _of_total(cfg, loop_started),
+                         metrics["train_loss"], metrics["val_dice_mean"], val_text, best, best_epoch + 1, metrics["lr"], metrics["epoch_seconds"], 100 * metrics["data_wait_share"])
+            rng_states = ddp.all_gather_object(rng_state(device), ctx)
+            if ctx.is_main:
+                save_checkpoint(out_dir / CHECKPOINT, {
+                    "format": CHECKPOINT_FORMAT, "model": engine.network.state_dict(), "optimizer": engine.optimizer.state_dict(),
+                    "scheduler": engine.scheduler.state_dict(), "scaler": engine.scaler.state_dict(), "epoch": epoch, "best": best,
+                    "best_epoch": best_epoch, "history": history, "best_state": best_state, "rng": rng_states, "world_size": ctx.world_size,
+                    "config": dataclasses.asdict(cfg), "medseg_version": medseg.__version__,
+                })
+            stop: BaseException | None = None
+            if on_epoch is not None and ctx.is_main:
+                try:
+                    on_epoch(epoch, metrics)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                    stop = exc
+            if ddp.broadcast_object(stop is not None, ctx):  # every rank learns whether rank 0's callback stopped the run
+                if stop is not None:
+                    raise stop
+                stopped_by_main = True
+                break
+            if budget_s > 0 and _budget_spent(loop_started, budget_s, epoch + 1 - start_epoch, ctx):
+                if progress:
+                    log.info("time budget of %.1f min: stopping after epoch %d (the next would not fit)", cfg.time_budget_minutes, epoch + 1)
+                break
 
     final_state = engine.network.state_dict()
     digests = ddp.check_in_sync(final_state, ctx) if not stopped_by_main else [ddp.state_digest(final_state)]
@@ -415,21 +429,24 @@ def _budget_spent(started: float, budget_s: float, epochs_done: int, ctx: ddp.Di
 
 
 def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[Any], val_cases: list[Any], plans: schemas.Plans,
-               config: schemas.Configuration, batch_size: int, ctx: ddp.DistContext, progress: bool, step_times: list[float], task: TrainingTarget | None = None) -> dict[str, float]:
-    """One epoch on this rank: training steps, validation, metrics reduced over the ranks."""
+               config: schemas.Configuration, batch_size: int, ctx: ddp.DistContext, progress: bool, step_times: list[float], task: TrainingTarget | None = None,
+               pool: LoaderPool | None = None) -> dict[str, float]:
+    """One epoch on this rank: training steps, validation, metrics reduced over the ranks. ``pool``: loader
+    workers drawing the batches (else the loader thread, or the training thread with ``loader_prefetch`` 0).
+    Whoever draws them, batch i is the sampler's ``sample_at(i)``: the same batches for every loader setting."""
     task = task or TrainingTarget()
     device = ctx.device
     lr = float(engine.optimizer.param_groups[0]["lr"])
     set_epoch = getattr(engine.loss_fn, "set_epoch", None)
     if callable(set_epoch):  # a loss whose weights follow training progress (the ramped Hausdorff term)
         set_epoch(epoch, cfg.epochs)
-    shard, seed = ddp.shard(train_cases, ctx, epoch, cfg.seed), ddp.epoch_seed(cfg.seed, epoch, ctx.rank)
-    if task.output == "classes":
-        sampler: Any = make_volume_sampler(shard, task, batch_size, cfg, seed)
+    sampler: Any
+    if pool is not None:  # batches prepared by loader processes while the network trains (maybe since the last validation)
+        sampler = pool.ahead.pop(epoch, None) or pool.epoch(_epoch_sampler(engine, cfg, epoch, train_cases, batch_size, ctx, task), cfg.iterations_per_epoch)
+    elif cfg.loader_prefetch > 0:  # batches prepared by a loader thread while the network trains
+        sampler = PrefetchSampler(_epoch_sampler(engine, cfg, epoch, train_cases, batch_size, ctx, task), cfg.iterations_per_epoch, cfg.loader_prefetch)
     else:
-        sampler = make_sampler(shard, list(engine.patch_size), batch_size, cfg, seed)
-    if cfg.loader_prefetch > 0:  # batches prepared by a loader thread while the network trains
-        sampler = PrefetchSampler(sampler, cfg.iterations_per_epoch, cfg.loader_prefetch)
+        sampler = _InOrder(_epoch_sampler(engine, cfg, epoch, train_cases, batch_size, ctx, task))
     engine.train_model.train()
     # summed on the device (no synchronisation per step); non-finite losses are counted apart: with fp16 the
     # scaler skips those steps, in fp32/bf16 they would poison the weights
@@ -452,6 +469,10 @@ def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[
     close = getattr(sampler, "close", None)
     if callable(close):
         close()
+    if pool is not None and epoch + 1 < cfg.epochs:
+        # the workers would idle through validation: they start on the next epoch, whose batches depend on
+        # (seed, epoch + 1, rank) only (dropped unclaimed if the run stops after this epoch)
+        pool.ahead[epoch + 1] = pool.epoch(_epoch_sampler(engine, cfg, epoch + 1, train_cases, batch_size, ctx, task), cfg.iterations_per_epoch)
     engine.scheduler.step()
     train_s = time.perf_counter() - t_epoch
 
@@ -481,6 +502,27 @@ def _run_epoch(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[
                           "lower the learning rate, or use precision fp32")
     return {"train_loss": reduced["train_loss"], **val_metrics, "lr": lr, "epoch_seconds": reduced["train_seconds"] + reduced["val_seconds"],
             "train_seconds": reduced["train_seconds"], "val_seconds": reduced["val_seconds"], "data_wait_share": reduced["data_wait_share"]}
+
+
+def _epoch_sampler(engine: _Engine, cfg: TrainConfig, epoch: int, train_cases: list[Any], batch_size: int, ctx: ddp.DistContext, task: TrainingTarget) -> Any:
+    """This rank's sampler for ``epoch``: its shard of the cases and its seed are functions of (seed, epoch, rank) only."""
+    shard, seed = ddp.shard(train_cases, ctx, epoch, cfg.seed), ddp.epoch_seed(cfg.seed, epoch, ctx.rank)
+    if task.output == "classes":
+        return make_volume_sampler(shard, task, batch_size, cfg, seed)
+    return make_sampler(shard, list(engine.patch_size), batch_size, cfg, seed)
+
+
+class _InOrder:
+    """Batches drawn in the training thread, by index (``sample_at``) like the loader thread and workers do."""
+
+    def __init__(self, sampler: Any):
+        self._sampler, self._next = sampler, 0
+
+    def sample(self) -> tuple:
+        draw = getattr(self._sampler, "sample_at", None)
+        batch = draw(self._next) if callable(draw) else self._sampler.sample()
+        self._next += 1
+        return batch
 
 
 def _deep_supervision_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
