@@ -203,6 +203,9 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     r.add_argument("--source", type=Path, default=None, help="raw dataset folder (default: WORK/raw, the synthetic data)")
     r.add_argument("--params", type=Path, default=Path(PARAMS_YAML))
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///WORK/mlflow.db)")
+    r.add_argument("--resume-run", default="", metavar="RUN",
+                   help="resume the train step from the checkpoints an interrupted run left in WORK/checkpoints/RUN (RUN: that "
+                        "folder's name, the interrupted run's id)")
     c = sub.add_parser("compile", help="compile to versioned YAML for a Kubeflow cluster", description="Compile the pipeline to pipelines/compiled/<name>-<version>.yaml.")
     c.add_argument("--out-dir", type=Path, default=None)
     c.add_argument("--params", type=Path, default=None, metavar="FILE",
@@ -248,6 +251,12 @@ def _run_pipeline(a: argparse.Namespace) -> int:
         source = a.source or paths["raw"]
         tracking = a.tracking_uri or f"sqlite:///{paths['mlflow_db']}"
         args = runner.pipeline_arguments(params, source, tracking, sqlite_url(paths["optuna_db"]))
+        if a.resume_run:
+            stored = Path(args["checkpoint_store"]) / a.resume_run
+            if not stored.is_dir():
+                raise MedsegError(f"no checkpoints of run {a.resume_run!r} (runs with stored checkpoints: "
+                                  f"{', '.join(sorted(p.name for p in stored.parent.glob('*') if p.is_dir())) or 'none'})", stored)
+            args["resume_run"] = a.resume_run
         result = runner.run_local(args, paths["kfp"])
     print(runner.summarize(result))
     return 0

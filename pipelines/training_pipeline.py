@@ -37,6 +37,7 @@ PIPELINE_NAME = "medseg-training"
 # params.yaml is the single place for defaults: the compiled pipeline's defaults are read from it
 PARAMS = load_params(os.environ.get("MEDSEG_PARAMS") or Path(__file__).resolve().parents[1] / "params.yaml")
 DEFAULTS = pipeline_arguments(PARAMS, source="", tracking_uri="", optuna_storage="", target="cluster")
+TRAIN_RETRIES = 3  # restarts of a failed train pod within one run, each resuming from the stored checkpoint
 CLUSTER = PARAMS.get("cluster", {})
 #: The predictor image of the InferenceService: the serve image of this build (same registry and tag).
 SERVE_IMAGE = image("serve")
@@ -127,6 +128,8 @@ def training_pipeline(
     gate_metric: str = DEFAULTS["gate_metric"],
     deploy_target: str = DEFAULTS["deploy_target"],
     deploy_config: dict = DEFAULTS["deploy_config"],
+    checkpoint_store: str = DEFAULTS["checkpoint_store"],
+    resume_run: str = "",
     train_gpus: int = DEFAULTS["train_gpus"],
     tune_gpus: int = DEFAULTS["tune_gpus"],
     evaluate_gpus: int = DEFAULTS["evaluate_gpus"],
@@ -157,6 +160,8 @@ def training_pipeline(
         gate_metric: Per-case metric the gate compares: auto (the task's primary metric: Dice, IoU for slice sets that name it, log-loss for classifiers) or auc_macro (classifiers).
         deploy_target: Where the champion is deployed: kserve (InferenceService in deploy_config's namespace) or local (127.0.0.1, kfp.local runs).
         deploy_config: medseg.deploy.DeployConfig fields (namespace, replicas, resources, gpu, canary, Prometheus URL, Secrets by name).
+        checkpoint_store: Where the train step keeps its checkpoints while it runs (s3://bucket/prefix, or a mounted folder), under <run>/<configuration>/fold_<k>: a restarted or retried train pod resumes from the last epoch; empty = none.
+        resume_run: The id of an earlier run whose stored checkpoints this run's train step resumes from (empty: this run's own id).
         train_gpus: GPUs per train pod; one DDP process per GPU (torchrun, NCCL); 0 trains on the CPU.
         tune_gpus: GPUs per tune worker pod (its trials run one at a time: 1 is enough); 0 tunes on the CPU.
         evaluate_gpus: GPUs of the evaluation pod (inference on cuda when > 0); 0 evaluates on the CPU.
@@ -188,8 +193,12 @@ def training_pipeline(
                  pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     tuned.set_display_name("Tune: best parameters of the study")
     trained = train(preprocessed=pre.outputs["preprocessed"], best_params=tuned.outputs["best_params"], train_params=train_params,
-                    configuration=pre.outputs["configuration"], mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, gpus=train_gpus)
+                    configuration=pre.outputs["configuration"], mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, gpus=train_gpus,
+                    checkpoint_store=checkpoint_store, resume_run=resume_run)
     trained.set_display_name("Train")
+    # a preempted or failed train pod is started again within the same run: it finds the run's checkpoints in
+    # checkpoint_store and resumes after the last complete epoch (kfp.local runs a task once; see resume_run)
+    trained.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
     evaluated = evaluate(model=trained.outputs["model"], dataset=ingested.outputs["dataset"], overlap=overlap, gpus=evaluate_gpus)
     evaluated.set_display_name("Evaluate on held-out cases")
     _gpus(evaluated, accelerator_type, evaluate_gpus)

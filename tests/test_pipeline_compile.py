@@ -309,3 +309,18 @@ def test_raw_data_pvc_is_mounted_on_ingest_only(tmp_path):
     mounted = {name: [m["mountPath"] for m in spec.get("pvcMount", [])] for name, spec in platform.items()}
     assert mounted["exec-ingest"] == ["/data"]
     assert not any(paths for name, paths in mounted.items() if name != "exec-ingest")
+
+
+def test_the_train_step_is_retried_and_resumes_from_the_checkpoint_store(compiled):
+    """A failed or preempted train pod is started again within the run (KFP's retry policy) and finds the run's
+    checkpoints in ``checkpoint_store`` (``cluster.checkpoint_store``, a run parameter, as is ``resume_run``)."""
+    from pipelines.training_pipeline import TRAIN_RETRIES
+
+    spec, _, _, params = compiled
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["checkpoint_store"] == params["cluster"]["checkpoint_store"] and defaults["resume_run"] == ""
+    train = spec["root"]["dag"]["tasks"]["train"]
+    assert train["inputs"]["parameters"]["checkpoint_store"] == {"componentInputParameter": "checkpoint_store"}
+    assert train["inputs"]["parameters"]["resume_run"] == {"componentInputParameter": "resume_run"}
+    assert train["retryPolicy"]["maxRetryCount"] == TRAIN_RETRIES >= 1
+    assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["register"]  # side effects are not blindly replayed

@@ -41,6 +41,12 @@ GENERIC_PARAMS: dict[str, Any] = {
     "registry": {"model_name": "auto", "thresholds": "none", "promotion_margin": 1.0, "gate_metric": "auto"},
 }
 
+#: layouts whose second run (the gate against the champion) is checked: one per kind of gate decision (regions of
+#: one BraTS layout, a 2D plan, a classifier, an nnU-Net-format label set with its reshuffled test split). The other
+#: layouts reach the same gate code with the same task kind (BraTS 2024 and METS are region tasks as BraTS 2023 is,
+#: DICOM's labels are gated as MSD's are); running them twice cost ~70 s each in make test, for no new path.
+GATED_LAYOUTS = ("brats2023", "lgg", "classification", "msd")
+
 #: layout → (cases, shape, expected task kind, registered model name, chosen configuration)
 LAYOUTS: dict[str, tuple[int, tuple[int, int, int], str, str, str]] = {
     "brats2023": (8, (32, 32, 32), "segmentation", "brats2023-segmentation", "3d_fullres"),
@@ -151,6 +157,8 @@ def test_every_task_runs_the_whole_loop_and_gates_a_second_run(layout: str, tmp_
     work = tmp_path / "work"
     first = _run_pipeline(work, source)
     checked = _check_first_run(layout, work, first)
+    if layout not in GATED_LAYOUTS:
+        return
     # the same data again, another training seed (the same seed trains the same model: an equal model is never
     # promoted): paired with the champion case by case on the task's metric
     second = _run_pipeline(work, source, {"train": {**GENERIC_PARAMS["train"], "seed": 1}})

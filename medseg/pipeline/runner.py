@@ -41,6 +41,8 @@ def work_paths(params: dict[str, Any]) -> dict[str, Path]:
     return {"work": work, "raw": work / "raw", "kfp": work / "kfp", "mlflow_db": work / schemas.MLFLOW_DB, "optuna_db": work / schemas.OPTUNA_DB}
 
 
+CHECKPOINTS_DIR = "checkpoints"  # under work_dir: the train step's checkpoint store in kfp.local runs
+
 #: ``pipeline_arguments(target=...)``: ``local`` for ``kfp.local`` runs, ``cluster`` for the compiled defaults.
 RUN_TARGETS = ("local", "cluster")
 
@@ -86,8 +88,18 @@ def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri:
         "tune_workers": 1 if target == "local" else max(1, int((params.get("cluster") or {}).get("tune_workers", 1))),
         "deploy_target": "local" if target == "local" else str(deploy_default),
         "deploy_config": deploy_config,
+        "checkpoint_store": checkpoint_store_argument(params, target),
         **gpu,
     }
+
+
+def checkpoint_store_argument(params: dict[str, Any], target: str = "local") -> str:
+    """Where the train step keeps its checkpoints: ``local`` → ``<work_dir>/checkpoints`` (a killed ``medseg
+    pipeline run`` resumes with ``--resume-run``); ``cluster`` → ``cluster.checkpoint_store`` (``s3://...`` or the
+    mount path of a volume the train pod has; empty: none)."""
+    if target == "local":
+        return str(work_paths(params)["work"] / CHECKPOINTS_DIR)
+    return str((params.get("cluster") or {}).get("checkpoint_store") or "")
 
 
 def gpu_arguments(params: dict[str, Any], target: str = "local") -> dict[str, Any]:
