@@ -64,7 +64,8 @@ def _params(a: argparse.Namespace) -> dict:
 
 
 def _train_params(a: argparse.Namespace) -> dict:
-    return dict(_params(a).get("train", {}))
+    """``train:`` of the parameter file as TrainConfig fields (``folds``, which folds to train, is the caller's)."""
+    return {k: v for k, v in (_params(a).get("train") or {}).items() if k != "folds"}
 
 
 def _tracking(a: argparse.Namespace) -> str | None:
@@ -110,7 +111,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="training folder (checkpoint; the model package in OUT/model; several folds: OUT/fold_N and their ensemble in OUT/model)")
     p.add_argument("--best-params", type=Path, default=None, help="best_params.json from tune (overrides params)")
     p.add_argument("--config", dest="configuration", default=None, help="configuration (default 3d_fullres; 3d_cascade_fullres: 3d_fullres with --cascade-from)")
-    p.add_argument("--fold", default=None, help="fold N (default: params), a list N,M,... or 'all': each fold into OUT/fold_N, one after the other, then their ensemble in OUT/model")
+    p.add_argument("--fold", default=None, help="fold N (default: the parameter file's train.folds, else train.fold), a list N,M,... or 'all': each fold into OUT/fold_N, one after the other, then their ensemble in OUT/model")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None, help="default: params (auto: bf16/fp16 on CUDA, fp32 on CPU)")
@@ -166,7 +167,8 @@ def _run_train(a: argparse.Namespace) -> int:
     if a.cascade_from is not None:
         overrides["cascade_from"] = str(a.cascade_from.resolve())
     cfg = dataclasses.replace(cfg, **overrides)
-    folds = parse_folds(a.fold, len(schemas.Splits.load(a.preprocessed).folds))
+    fold_choice = a.fold if a.fold is not None else (_params(a).get("train") or {}).get("folds")  # --fold, else the file's train.folds
+    folds = parse_folds(fold_choice, len(schemas.Splits.load(a.preprocessed).folds))
     launch = {"resume": a.resume, "nproc_per_node": a.nproc_per_node, "nnodes": a.nnodes}
     if folds is None or len(folds) == 1:
         cfg = dataclasses.replace(cfg, fold=folds[0]) if folds else cfg

@@ -23,6 +23,10 @@ from medseg.task import Task
 TASK_ORDER = ("ingest", "preprocess", "tune", "train", "evaluate", "register", "promote", "serve")
 
 
+# tasks reported as one stage: the tuning fan-out (study creation, workers, best-params collector) and the folds' list
+_STAGE_OF_TASK = {"tune-shards": "tune", "training-folds": "train"}
+
+
 def _stage_seconds(run_dir: Path, started: float) -> dict[str, float]:
     """Wall time per task from the outputs' modification times (kfp.local runs tasks one at a time);
     ``started`` is the pipeline's start (epoch seconds)."""
@@ -35,8 +39,9 @@ def _stage_seconds(run_dir: Path, started: float) -> dict[str, float]:
     out: dict[str, float] = {}
     prev = started
     for name, stamp in ordered:
-        # the tuning fan-out (study creation, ParallelFor workers, best-params collector) is one stage
-        stage = "tune" if name == "tune-shards" or name.startswith("for-loop-") else name
+        stage = _STAGE_OF_TASK.get(name, name)
+        if name.startswith("for-loop-"):  # a ParallelFor iteration: the tune workers', or the folds' training
+            stage = "train" if (Path(run_dir) / name / "train").is_dir() else "tune"
         out[stage] = round(out.get(stage, 0.0) + stamp - prev, 1)
         prev = stamp
     return out

@@ -28,7 +28,7 @@ from components.preprocess.component import preprocess
 from components.promote.component import promote
 from components.register.component import register
 from components.serve.component import serve
-from components.train.component import plan_budget, train
+from components.train.component import fold_ensemble, plan_budget, train, training_folds
 from components.tune.component import tune, tune_shards, tune_worker
 
 from medseg.pipeline.runner import load_params, pipeline_arguments
@@ -123,11 +123,13 @@ def training_pipeline(
     n_trials: int = DEFAULTS["n_trials"],
     tune_workers: int = DEFAULTS["tune_workers"],
     overlap: float = DEFAULTS["overlap"],
+    evaluate_mirror: bool = DEFAULTS["evaluate_mirror"],
     thresholds: dict = DEFAULTS["thresholds"],
     promotion_margin: float = DEFAULTS["promotion_margin"],
     gate_metric: str = DEFAULTS["gate_metric"],
     deploy_target: str = DEFAULTS["deploy_target"],
     deploy_config: dict = DEFAULTS["deploy_config"],
+    folds: str = DEFAULTS["folds"],
     checkpoint_store: str = DEFAULTS["checkpoint_store"],
     resume_run: str = "",
     train_gpus: int = DEFAULTS["train_gpus"],
@@ -155,11 +157,13 @@ def training_pipeline(
         n_trials: Number of Optuna trials, shared by the tune workers.
         tune_workers: Optuna workers running in parallel pods on the shared study (at most n_trials are used).
         overlap: Sliding-window overlap at evaluation (0 to <1).
+        evaluate_mirror: Mirroring test-time augmentation at evaluation (nnU-Net's default; 8x the inference compute in 3D).
         thresholds: Absolute thresholds for the challenger alias: {"auto": true} the task's own, {} none, or {"GROUP[/METRIC]": value} e.g. {"WT": 0.8} or {"all/log_loss": 0.9}.
         promotion_margin: How much worse than the champion a challenger may be and still count as non-inferior (in the gate metric's units).
         gate_metric: Per-case metric the gate compares: auto (the task's primary metric: Dice, IoU for slice sets that name it, log-loss for classifiers) or auc_macro (classifiers).
         deploy_target: Where the champion is deployed: kserve (InferenceService in deploy_config's namespace) or local (127.0.0.1, kfp.local runs).
         deploy_config: medseg.deploy.DeployConfig fields (namespace, replicas, resources, gpu, canary, Prometheus URL, Secrets by name).
+        folds: Folds to train, each in its own pod at the same time: a fold number, a list N,M,... or all; several folds are combined into one ensemble package with postprocessing chosen on their out-of-fold predictions.
         checkpoint_store: Where the train step keeps its checkpoints while it runs (s3://bucket/prefix, or a mounted folder), under <run>/<configuration>/fold_<k>: a restarted or retried train pod resumes from the last epoch; empty = none.
         resume_run: The id of an earlier run whose stored checkpoints this run's train step resumes from (empty: this run's own id).
         train_gpus: GPUs per train pod; one DDP process per GPU (torchrun, NCCL); 0 trains on the CPU.
@@ -192,19 +196,29 @@ def training_pipeline(
     tuned = tune(workers=dsl.Collected(worker.outputs["Output"]), train_params=train_params, tune_params=tune_params, optuna_storage=optuna_storage,
                  pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     tuned.set_display_name("Tune: best parameters of the study")
-    trained = train(preprocessed=pre.outputs["preprocessed"], best_params=tuned.outputs["best_params"], train_params=train_params,
-                    configuration=pre.outputs["configuration"], mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, gpus=train_gpus,
-                    checkpoint_store=checkpoint_store, resume_run=resume_run)
-    trained.set_display_name("Train")
-    # a preempted or failed train pod is started again within the same run: it finds the run's checkpoints in
-    # checkpoint_store and resumes after the last complete epoch (kfp.local runs a task once; see resume_run)
-    trained.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
-    evaluated = evaluate(model=trained.outputs["model"], dataset=ingested.outputs["dataset"], overlap=overlap, gpus=evaluate_gpus)
+    fold_list = training_folds(preprocessed=pre.outputs["preprocessed"], folds=folds)
+    fold_list.set_display_name("Folds to train")
+    fold_list.set_caching_options(False)  # milliseconds
+    with dsl.ParallelFor(fold_list.output, name="train-folds") as fold:
+        trained = train(preprocessed=pre.outputs["preprocessed"], best_params=tuned.outputs["best_params"], train_params=train_params,
+                        configuration=pre.outputs["configuration"], mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                        gpus=train_gpus, checkpoint_store=checkpoint_store, resume_run=resume_run, fold=fold, accelerator_type=accelerator_type)
+        trained.set_display_name("Train a fold")
+        # a preempted or failed train pod is started again within the same run: it finds the run's checkpoints in
+        # checkpoint_store and resumes after the last complete epoch (kfp.local runs a task once; see resume_run)
+        trained.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+        _training_resources(trained, accelerator_type, train_gpus, train_node_selector)
+        _mount_secrets(trained, "mlflow", "mlflow_user", "s3")
+    combined = fold_ensemble(preprocessed=pre.outputs["preprocessed"], fold_models=dsl.Collected(trained.outputs["model"]), train_params=train_params,
+                             mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    combined.set_display_name("Fold ensemble (out-of-fold postprocessing)")
+    _mount_secrets(combined, "mlflow", "mlflow_user")
+    evaluated = evaluate(model=combined.outputs["model"], dataset=ingested.outputs["dataset"], overlap=overlap, gpus=evaluate_gpus, mirror=evaluate_mirror)
     evaluated.set_display_name("Evaluate on held-out cases")
     _gpus(evaluated, accelerator_type, evaluate_gpus)
     _gpu_tolerations(evaluated)  # no node selector: any GPU node will do for inference, and a CPU evaluation goes anywhere
     evaluated.set_caching_options(True)  # deterministic given the model and the dataset
-    registered = register(model=trained.outputs["model"], evaluation=evaluated.outputs["evaluation"], dataset=ingested.outputs["dataset"],
+    registered = register(model=combined.outputs["model"], evaluation=evaluated.outputs["evaluation"], dataset=ingested.outputs["dataset"],
                           model_name=model_name, thresholds=thresholds,
                           mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     registered.set_display_name("Register (MLflow)")
@@ -227,10 +241,9 @@ def training_pipeline(
                       serve_image=SERVE_IMAGE, mlflow_tracking_uri=mlflow_tracking_uri)
     deployed.set_display_name("Deploy (KServe InferenceService)")
     deployed.set_caching_options(False)  # acts on the cluster and the registry: never replay an old answer
-    _training_resources(trained, accelerator_type, train_gpus, train_node_selector)
     _mount_secrets(ingested, "s3")
     _mount_secrets(shards, "optuna")
     _mount_secrets(tuned, "optuna")
-    for task in (trained, registered, promoted, served, deployed):
+    for task in (registered, promoted, served, deployed):
         _mount_secrets(task, "mlflow", "mlflow_user", "s3")
     _mount_deployer_token(deployed)

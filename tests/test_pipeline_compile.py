@@ -48,8 +48,8 @@ def test_tune_workers_fan_out_with_parallel_for(compiled):
     spec, _, _, params = compiled
     tasks = spec["root"]["dag"]["tasks"]
     loops = {name: t for name, t in tasks.items() if "parameterIterator" in t}
-    assert len(loops) == 1
-    loop_name, loop = next(iter(loops.items()))
+    assert len(loops) == 2  # the tune workers and the folds
+    loop_name, loop = _loop_of(spec, "tune-worker")
     assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--tune-shards-Output"}
     assert loop["inputs"]["parameters"]["pipelinechannel--tune-shards-Output"]["taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "tune-shards"}
     body = spec["components"][loop["componentRef"]["name"]]
@@ -65,7 +65,41 @@ def test_tune_workers_fan_out_with_parallel_for(compiled):
     tune = tasks["tune"]
     assert loop_name in tune["dependentTasks"]
     assert tune["inputs"]["parameters"]["workers"]["taskOutputParameter"] == {"outputParameterKey": "pipelinechannel--tune-worker-Output", "producerTask": loop_name}
-    assert tasks["train"]["inputs"]["artifacts"]["best_params"]["taskOutputArtifact"] == {"outputArtifactKey": "best_params", "producerTask": "tune"}
+    folds_name, folds_loop = _loop_of(spec, "train")
+    assert folds_loop["inputs"]["artifacts"]["pipelinechannel--tune-best_params"]["taskOutputArtifact"] == {"outputArtifactKey": "best_params", "producerTask": "tune"}
+
+
+def _loop_of(spec: dict, task: str) -> tuple[str, dict]:
+    """The root's ParallelFor task whose body runs ``task``: (its name, its spec)."""
+    for name, t in spec["root"]["dag"]["tasks"].items():
+        if "parameterIterator" in t and task in spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]:
+            return name, t
+    raise AssertionError(f"no ParallelFor runs {task}")
+
+
+def _in_loop(spec: dict, task: str) -> dict:
+    """The spec of ``task`` inside its ParallelFor body."""
+    _, loop = _loop_of(spec, task)
+    return spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"][task]
+
+
+def test_folds_train_in_parallel_pods_and_one_step_ensembles_them(compiled):
+    """The folds (the run parameter ``folds``: N, N,M,... or all) fan out as one train pod each; their models are
+    collected by the fold-ensemble step, whose model is what evaluate and register take."""
+    spec, _, _, params = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["folds"] == str(params["train"].get("folds", params["train"].get("fold", 0)))
+    assert "folds" not in defaults["train_params"]
+    name, loop = _loop_of(spec, "train")
+    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--training-folds-Output"}
+    assert tasks["training-folds"]["inputs"]["parameters"]["folds"] == {"componentInputParameter": "folds"}
+    train = _in_loop(spec, "train")
+    assert train["inputs"]["parameters"]["fold"] == {"componentInputParameter": loop["parameterIterator"]["itemInput"]}
+    collected = tasks["fold-ensemble"]["inputs"]["artifacts"]["fold_models"]["taskOutputArtifact"]
+    assert collected == {"outputArtifactKey": "pipelinechannel--train-model", "producerTask": name}
+    for consumer in ("evaluate", "register"):
+        assert tasks[consumer]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == {"outputArtifactKey": "model", "producerTask": "fold-ensemble"}
 
 
 def _param(name: str) -> str:
@@ -94,13 +128,12 @@ def test_gpus_accelerator_and_node_selector_are_run_parameters(compiled):
         assert resources["resourceCpuRequest"] == res["cpu_request"] and resources["resourceMemoryLimit"] == res["memory_limit"], name
         assert "nodeSelectorJson" in k8s[name]["nodeSelector"] and "labels" not in k8s[name]["nodeSelector"], name
     tasks = spec["root"]["dag"]["tasks"]
-    assert k8s["exec-train"]["nodeSelector"]["nodeSelectorJson"] == {"componentInputParameter": "train_node_selector"}
+    assert k8s["exec-train"]["nodeSelector"]["nodeSelectorJson"] == {"componentInputParameter": "pipelinechannel--train_node_selector"}  # inside the folds loop
     assert "nodeSelector" not in k8s["exec-evaluate"]  # inference takes any GPU node; a CPU evaluation goes anywhere
     # the components get the same counts: the train step launches one process per GPU, evaluate runs on cuda
-    assert tasks["train"]["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "train_gpus"}
+    assert _in_loop(spec, "train")["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "pipelinechannel--train_gpus"}
     assert tasks["evaluate"]["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "evaluate_gpus"}
-    loop = next(t for t in tasks.values() if "parameterIterator" in t)
-    worker = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]["tune-worker"]
+    worker = _in_loop(spec, "tune-worker")
     assert worker["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "pipelinechannel--tune_gpus"}
     # the plan follows the requested GPU: preprocess takes its budget from the step that resolves device_budget
     assert tasks["preprocess"]["inputs"]["parameters"]["device_budget"]["taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "plan-budget"}
@@ -178,7 +211,7 @@ def test_caching_off_for_side_effects_on_for_deterministic_steps(compiled):
         assert tasks[name]["cachingOptions"] == {}, name  # {} = enableCache false
     for name in ("preprocess", "evaluate"):
         assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
-    assert all(t["taskInfo"]["name"][0].isupper() or t["taskInfo"]["name"] == "tune-workers" for t in tasks.values())  # display names set
+    assert all(t["taskInfo"]["name"][0].isupper() or t["taskInfo"]["name"] in ("tune-workers", "train-folds") for t in tasks.values())  # display names set
 
 
 def test_deploy_follows_promote_with_the_champion_version(compiled):
@@ -319,8 +352,8 @@ def test_the_train_step_is_retried_and_resumes_from_the_checkpoint_store(compile
     spec, _, _, params = compiled
     defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert defaults["checkpoint_store"] == params["cluster"]["checkpoint_store"] and defaults["resume_run"] == ""
-    train = spec["root"]["dag"]["tasks"]["train"]
-    assert train["inputs"]["parameters"]["checkpoint_store"] == {"componentInputParameter": "checkpoint_store"}
-    assert train["inputs"]["parameters"]["resume_run"] == {"componentInputParameter": "resume_run"}
+    train = _in_loop(spec, "train")
+    assert train["inputs"]["parameters"]["checkpoint_store"] == {"componentInputParameter": "pipelinechannel--checkpoint_store"}
+    assert train["inputs"]["parameters"]["resume_run"] == {"componentInputParameter": "pipelinechannel--resume_run"}
     assert train["retryPolicy"]["maxRetryCount"] == TRAIN_RETRIES >= 1
     assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["register"]  # side effects are not blindly replayed

@@ -57,7 +57,7 @@ def _run(work: Path, source: Path, *extra: str) -> tuple[dict, str]:
 
 
 def _weights(summary: dict) -> dict[str, torch.Tensor]:
-    model = Path(summary["tasks"]["train"]["model"])
+    model = Path(summary["tasks"]["train-0"]["model"])
     package = schemas.ModelPackage.load(model)
     return torch.load(model / package.weights_file, map_location="cpu", weights_only=True)
 
@@ -93,7 +93,7 @@ def test_a_train_step_killed_mid_epoch_resumes_from_the_store_with_the_same_weig
     assert f"restored {CHECKPOINT_NAME}" in out, out[-3000:]
     assert "resumed from" in out and "changed settings" not in out, out[-3000:]
     assert not (store / run_key).exists(), "the stored checkpoints must be deleted once the model is written"
-    history = schemas.ModelPackage.load(Path(resumed["tasks"]["train"]["model"])).training["history"]
+    history = schemas.ModelPackage.load(Path(resumed["tasks"]["train-0"]["model"])).training["history"]
     assert [h["epoch"] for h in history] == list(range(PARAMS["train"]["epochs"]))  # the killed run's epochs, then the rest
 
     # 3. an uninterrupted run: the same weights, bit for bit

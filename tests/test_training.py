@@ -223,6 +223,22 @@ def test_tune_two_trials_on_sqlite(tiny: dict[str, Path], tmp_path: Path) -> Non
     study = optuna.load_study(study_name="unit", storage=storage)
     assert len(study.trials) == 2
     assert study.best_value == pytest.approx(best.best_value) and study.best_params == best.params
+    # the configured values are measured first; the second trial is the sampler's
+    assert study.trials[0].params == {k: getattr(base, k) for k in SEARCH_SPACE}
+    assert study.trials[1].params != study.trials[0].params
+
+    # resuming the study does not measure the defaults again
+    tune(tiny["pre"], base, n_trials=1, storage=storage, study_name="unit", seed=0, progress=False)
+    study = optuna.load_study(study_name="unit", storage=storage)
+    assert len(study.trials) == 3 and study.trials[2].params != study.trials[0].params
+
+
+def test_tune_baseline_is_the_configured_values_inside_the_space() -> None:
+    from medseg.training.tuning import SEARCH_SPACE, baseline_params
+
+    assert baseline_params(TrainConfig(), SEARCH_SPACE) == {"learning_rate": 3e-3, "foreground_share": 1 / 3, "weight_decay": 1e-5}
+    assert baseline_params(TrainConfig(learning_rate=0.5), SEARCH_SPACE) == {}  # outside the range: no baseline trial
+    assert baseline_params(TrainConfig(optimizer="sgd"), {"optimizer": ("categorical", ("adamw", "sgd"))}) == {"optimizer": "sgd"}
 
 
 def test_tune_redacts_database_password() -> None:

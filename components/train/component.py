@@ -1,3 +1,5 @@
+from typing import List
+
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
@@ -6,7 +8,8 @@ from components.image import COMPONENT_OPTIONS, image
 
 @dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)
 def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_params: dict, configuration: str, mlflow_tracking_uri: str, pipeline_run_id: str,
-          model: Output[Model], gpus: int = 0, nproc_per_node: int = 1, nnodes: int = 1, checkpoint_store: str = "", resume_run: str = ""):
+          model: Output[Model], gpus: int = 0, nproc_per_node: int = 1, nnodes: int = 1, checkpoint_store: str = "", resume_run: str = "",
+          fold: int = -1, accelerator_type: str = ""):
     """Final training of the chosen configuration with the tuned parameters; writes the model package. Network and
     loss follow the dataset's task unless ``train_params`` name them; ``3d_cascade_fullres`` trains both stages.
 
@@ -19,6 +22,10 @@ def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_para
     ``checkpoint_store`` (``s3://bucket/prefix`` or a mounted folder): every epoch's checkpoint is copied there under
     ``<run>/<configuration>/fold_<k>``, ``<run>`` being ``resume_run`` or else this pipeline run; a restarted pod or a
     retried task finds it and resumes (medseg/training/checkpoint_store.py). Deleted once the model is written.
+
+    ``fold`` ≥ 0: train that fold of the splits (the pipeline's ``ParallelFor`` over folds); -1: ``train_params``' fold.
+    ``accelerator_type`` is the pod's GPU resource name, recorded with the model; it is an argument so that KFP 2.17
+    hands it into the ``ParallelFor`` body (see the tune worker).
     """
     import dataclasses
     import shutil
@@ -32,6 +39,8 @@ def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_para
 
     launch = train_launch(int(gpus), int(nproc_per_node))
     cfg = dataclasses.replace(merged_params(train_params, Path(best_params.path)), device=launch.device)
+    if int(fold) >= 0:
+        cfg = dataclasses.replace(cfg, fold=int(fold))
     work = Path(model.path + ".work")
     key = checkpoint_key(resume_run or pipeline_run_id, configuration, cfg.fold)
     with CheckpointMirror(checkpoint_store, key, work) as mirror:
@@ -46,7 +55,49 @@ def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_para
     trained = schemas.ModelPackage.load(Path(model.path)).training.get("config") or {}
     model.metadata.update({"val_metric": result.metric, "best_val_score": result.best_val_dice, "best_epoch": result.best_epoch,
                            "seconds_per_step": result.seconds_per_step, "world_size": result.world_size, "configuration": configuration,
-                           "device": launch.device, "gpus": int(gpus), "network": trained.get("network"), "loss": trained.get("loss")})
+                           "device": launch.device, "gpus": int(gpus), "network": trained.get("network"), "loss": trained.get("loss"), "fold": cfg.fold,
+                           "accelerator_type": accelerator_type})
+
+
+@dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)
+def training_folds(preprocessed: Input[Dataset], folds: str) -> list:
+    """The folds to train, one pod each: ``folds`` is a fold number, a list ``N,M,...`` or ``all`` (every fold of the
+    splits the ingest step wrote)."""
+    from pathlib import Path
+
+    from medseg import schemas
+    from medseg.training.stage import parse_folds
+
+    return parse_folds(folds, len(schemas.Splits.load(Path(preprocessed.path)).folds))
+
+
+@dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)
+def fold_ensemble(preprocessed: Input[Dataset], fold_models: Input[List[Model]], train_params: dict, mlflow_tracking_uri: str, pipeline_run_id: str,
+                  model: Output[Model]):
+    """The model of the trained folds: one fold's package as it is, or the ensemble package of several (their
+    probabilities averaged at inference) with postprocessing chosen on their out-of-fold predictions, as nnU-Net
+    ensembles its five folds."""
+    import shutil
+    from pathlib import Path
+
+    from medseg import schemas
+    from medseg.tracking import resolve_tracking_uri
+    from medseg.training.stage import build_fold_ensemble, merged_params
+
+    members = [Path(m.path) for m in fold_models]
+    if len(members) == 1:
+        shutil.copytree(members[0], model.path)
+        model.metadata.update({**fold_models[0].metadata, "folds": [fold_models[0].metadata.get("fold")]})
+        return
+    cfg = merged_params(train_params, None)
+    work = Path(model.path + ".work")
+    built, cv = build_fold_ensemble(Path(preprocessed.path), members, work / "model", cfg, resolve_tracking_uri(mlflow_tracking_uri),
+                                    {"pipeline_run_id": pipeline_run_id, "stage": "ensemble"})
+    shutil.move(str(built), model.path)
+    shutil.rmtree(work, ignore_errors=True)
+    package = schemas.ModelPackage.load(Path(model.path))
+    model.metadata.update({"configuration": package.configuration, "folds": package.training.get("folds"), "network": package.network.get("name"),
+                           **{f"cv_{k}": v for k, v in cv.items()}})
 
 
 @dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)

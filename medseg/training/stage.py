@@ -242,15 +242,30 @@ def run_train_folds(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, fol
     members = [r.model_dir for r in results.values() if r.model_dir is not None]
     if not ensemble or len(members) < 2 or ddp.env_rank() != 0:
         return FoldsResult(results, None)
-    from medseg.inference.sliding_window import select_device
+    model_dir, cv_dice = build_fold_ensemble(preprocessed_dir, members, out_dir / "model", cfg, tracking_uri, tags, progress, dataset_dir)
+    return FoldsResult(results, model_dir, cv_dice)
 
+
+def build_fold_ensemble(preprocessed_dir: Path, members: list[Path], model_dir: Path, cfg: TrainConfig, tracking_uri: str | None = None,
+                        tags: dict[str, str] | None = None, progress: bool = True, dataset_dir: Path | None = None) -> tuple[Path, dict[str, float]]:
+    """The ensemble package of single-fold packages ``members`` at ``model_dir``, with postprocessing chosen on their
+    out-of-fold predictions (nnU-Net's cross-validation postprocessing); returns it and the out-of-fold scores
+    (Dice per region or label; a classifier's accuracy, balanced accuracy and cross-entropy). Logged as one MLflow
+    run (``train-ensemble``). Used by ``medseg train --fold all`` and by the pipeline's ensemble step, whose folds
+    trained in parallel pods."""
+    from medseg.inference.sliding_window import select_device
+    from medseg.training import ensemble as ens
+
+    members = [Path(m) for m in members]
     device = select_device(cfg.device)
-    first = schemas.ModelPackage.load(members[0])
+    packages = [schemas.ModelPackage.load(m) for m in members]
+    first = packages[0]
     classifier = ens.network_output(first.network) == "classes"
+    cascade_members = bool(cfg.cascade_from) or bool(first.previous_stage)
     if classifier:
         post, cv_dice = {}, ens.cross_validation_classification(preprocessed_dir, members, device, dataset_dir)
         training = {"cv_classification": cv_dice}
-    elif cfg.cascade_from:  # a cascade's folds: validation inputs carry the previous stage
+    elif cascade_members:  # a cascade's folds: validation inputs carry the previous stage
         from medseg.training import cascade
 
         cascade.members_previous_stage(members)
@@ -259,25 +274,29 @@ def run_train_folds(preprocessed_dir: Path, out_dir: Path, cfg: TrainConfig, fol
     else:
         post, cv_dice = ens.cross_validation_postprocessing(preprocessed_dir, members, cfg.max_val_cases, cfg.val_overlap, device)
         training = {"cv_dice": cv_dice}
-    model_dir = ens.save_ensemble_package(out_dir / "model", members, training=training, postprocessing=post)
-    if cfg.cascade_from:  # the ensemble carries the folds' shared low-resolution stage
+    model_dir = ens.save_ensemble_package(model_dir, members, training=training, postprocessing=post)
+    if cascade_members:  # the ensemble carries the folds' shared low-resolution stage
         from medseg.training import cascade
 
         cascade.attach_previous_stage(model_dir, members[0])
+    folds = sorted(int((p.training.get("config") or {}).get("fold", i)) for i, p in enumerate(packages))
     if progress:
-        log.info("ensemble of folds %s → %s (out-of-fold %s %s)", sorted(results), model_dir, "scores" if classifier else "Dice", " ".join(f"{k} {v:.3f}" for k, v in cv_dice.items()))
+        log.info("ensemble of folds %s → %s (out-of-fold %s %s)", folds, model_dir, "scores" if classifier else "Dice", " ".join(f"{k} {v:.3f}" for k, v in cv_dice.items()))
+    score = "best_val_balanced_accuracy" if classifier else "best_val_dice"
+    fold_scores = [float(p.training[score]) for p in packages if isinstance(p.training.get(score), (int, float))]
     with mlflow_run(tracking_uri, "train-ensemble", tags) as run:
         if run is not None:
             import mlflow
 
-            prefix, mean_key = ("cv_", f"mean_fold_{results[sorted(results)[0]].metric}") if classifier else ("cv_dice_", "mean_fold_val_dice")
-            mlflow.log_params({"folds": ",".join(map(str, sorted(results))), "combine": ens.combine_rule(first.network)})
-            mlflow.log_metrics({**{f"{prefix}{k}": v for k, v in cv_dice.items()}, mean_key: float(np.mean([r.best_val_dice for r in results.values()]))})
+            metric = str(first.training.get("val_metric") or ("val_balanced_accuracy" if classifier else "val_dice_mean"))
+            prefix, mean_key = ("cv_", f"mean_fold_{metric}") if classifier else ("cv_dice_", "mean_fold_val_dice")
+            mlflow.log_params({"folds": ",".join(map(str, folds)), "combine": ens.combine_rule(first.network)})
+            mlflow.log_metrics({**{f"{prefix}{k}": v for k, v in cv_dice.items()}, **({mean_key: float(np.mean(fold_scores))} if fold_scores else {})})
             package = schemas.ModelPackage.load(model_dir)
             package.training["mlflow_run_id"] = run.info.run_id
             package.save(model_dir)
             log_training_curves(model_dir)
-    return FoldsResult(results, model_dir, cv_dice)
+    return Path(model_dir), cv_dice
 
 
-__all__ = ["SEARCH_SPACE", "FoldsResult", "log_training_curves", "merged_params", "parse_folds", "run_train", "run_train_configuration", "run_train_folds", "run_tune"]
+__all__ = ["SEARCH_SPACE", "FoldsResult", "build_fold_ensemble", "log_training_curves", "merged_params", "parse_folds", "run_train", "run_train_configuration", "run_train_folds", "run_tune"]

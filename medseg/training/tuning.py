@@ -57,6 +57,21 @@ def suggest(trial, space: dict[str, tuple]) -> dict[str, Any]:
     return params
 
 
+def baseline_params(base: TrainConfig, space: dict[str, tuple]) -> dict[str, Any]:
+    """The configured values of the searched parameters, when every one lies inside its search range (else none:
+    a value outside the space is not a point of it)."""
+    values: dict[str, Any] = {}
+    for name, spec in space.items():
+        value = getattr(base, name, None)
+        if spec[0] in ("float", "int") and isinstance(value, (int, float)) and spec[1] <= value <= spec[2]:
+            values[name] = value
+        elif spec[0] == "categorical" and value in spec[1]:
+            values[name] = value
+        else:
+            return {}
+    return values
+
+
 def tune(preprocessed_dir: Path, base: TrainConfig, n_trials: int, storage: str, study_name: str, space: dict[str, tuple] | None = None, seed: int = 0, on_trial: Callable[[int, dict[str, Any], float, str], None] | None = None, progress: bool = True) -> schemas.BestParams:
     """Run ``n_trials`` short trainings; returns the best parameters (merged into ``base`` by the caller).
 
@@ -68,6 +83,12 @@ def tune(preprocessed_dir: Path, base: TrainConfig, n_trials: int, storage: str,
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, n_trials // 3))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1)
     study = optuna.create_study(study_name=study_name, storage=_storage(storage), direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True)
+    baseline = baseline_params(base, space)
+    if baseline and not study.trials:
+        # the configured values are the study's first trial (Optuna's enqueue_trial): the tuned result is never a
+        # sample that merely beat nothing, and a budget of few trials still measures the defaults. Workers sharing
+        # a new study may each enqueue it; skip_if_exists drops the copies it can see
+        study.enqueue_trial(baseline, skip_if_exists=True)
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space)
