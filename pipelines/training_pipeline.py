@@ -37,7 +37,17 @@ PIPELINE_NAME = "medseg-training"
 # params.yaml is the single place for defaults: the compiled pipeline's defaults are read from it
 PARAMS = load_params(os.environ.get("MEDSEG_PARAMS") or Path(__file__).resolve().parents[1] / "params.yaml")
 DEFAULTS = pipeline_arguments(PARAMS, source="", tracking_uri="", optuna_storage="", target="cluster")
-TRAIN_RETRIES = 3  # restarts of a failed train pod within one run, each resuming from the stored checkpoint
+#: restarts of a failed train pod within one run, each resuming from the stored checkpoint (60 s, 120 s, 240 s apart)
+TRAIN_RETRY = {"num_retries": 3, "backoff_duration": "60s", "backoff_factor": 2.0}
+#: under kfp.local (``medseg pipeline run``, which sets LOCAL_RUN_ENV): one restart after 5 s, so a killed training
+#: process resumes while a broken configuration still fails within seconds
+LOCAL_TRAIN_RETRY = {"num_retries": 1, "backoff_duration": "5s", "backoff_factor": 2.0}
+LOCAL_RUN_ENV = "MEDSEG_KFP_LOCAL"
+
+
+def train_retry_policy() -> dict:
+    """The train task's retry policy: :data:`LOCAL_TRAIN_RETRY` in a kfp.local run, else :data:`TRAIN_RETRY`."""
+    return LOCAL_TRAIN_RETRY if os.environ.get(LOCAL_RUN_ENV) == "1" else TRAIN_RETRY
 CLUSTER = PARAMS.get("cluster", {})
 #: The predictor image of the InferenceService: the serve image of this build (same registry and tag).
 SERVE_IMAGE = image("serve")
@@ -200,13 +210,14 @@ def training_pipeline(
     fold_list.set_display_name("Folds to train")
     fold_list.set_caching_options(False)  # milliseconds
     with dsl.ParallelFor(fold_list.output, name="train-folds") as fold:
+        # the configuration preprocessing chose is read from its plan (see the train component)
         trained = train(preprocessed=pre.outputs["preprocessed"], best_params=tuned.outputs["best_params"], train_params=train_params,
-                        configuration=pre.outputs["configuration"], mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                        mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                         gpus=train_gpus, checkpoint_store=checkpoint_store, resume_run=resume_run, fold=fold, accelerator_type=accelerator_type)
         trained.set_display_name("Train a fold")
         # a preempted or failed train pod is started again within the same run: it finds the run's checkpoints in
-        # checkpoint_store and resumes after the last complete epoch (kfp.local runs a task once; see resume_run)
-        trained.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+        # checkpoint_store and resumes after the last complete epoch (kfp.local honours the retries too)
+        trained.set_retry(**train_retry_policy())
         _training_resources(trained, accelerator_type, train_gpus, train_node_selector)
         _mount_secrets(trained, "mlflow", "mlflow_user", "s3")
     combined = fold_ensemble(preprocessed=pre.outputs["preprocessed"], fold_models=dsl.Collected(trained.outputs["model"]), train_params=train_params,

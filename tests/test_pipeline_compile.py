@@ -347,7 +347,7 @@ def test_raw_data_pvc_is_mounted_on_ingest_only(tmp_path):
 def test_the_train_step_is_retried_and_resumes_from_the_checkpoint_store(compiled):
     """A failed or preempted train pod is started again within the run (KFP's retry policy) and finds the run's
     checkpoints in ``checkpoint_store`` (``cluster.checkpoint_store``, a run parameter, as is ``resume_run``)."""
-    from pipelines.training_pipeline import TRAIN_RETRIES
+    from pipelines.training_pipeline import LOCAL_TRAIN_RETRY, TRAIN_RETRY
 
     spec, _, _, params = compiled
     defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
@@ -355,5 +355,6 @@ def test_the_train_step_is_retried_and_resumes_from_the_checkpoint_store(compile
     train = _in_loop(spec, "train")
     assert train["inputs"]["parameters"]["checkpoint_store"] == {"componentInputParameter": "pipelinechannel--checkpoint_store"}
     assert train["inputs"]["parameters"]["resume_run"] == {"componentInputParameter": "pipelinechannel--resume_run"}
-    assert train["retryPolicy"]["maxRetryCount"] == TRAIN_RETRIES >= 1
+    assert train["retryPolicy"]["maxRetryCount"] == TRAIN_RETRY["num_retries"] >= 1  # the compiled (cluster) policy
+    assert train["retryPolicy"]["backoffDuration"] == TRAIN_RETRY["backoff_duration"] and LOCAL_TRAIN_RETRY["num_retries"] >= 1
     assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["register"]  # side effects are not blindly replayed

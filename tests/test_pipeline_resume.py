@@ -1,9 +1,11 @@
 """A train step killed mid-epoch resumes from the run's checkpoint store and ends with the same weights.
 
-Under the real kfp.local runner: ``medseg pipeline run`` is SIGKILLed (its whole process group, as a node that
-dies takes the pod) once the train step's first checkpoint is in the store (``WORK/checkpoints/<run>/...``); the
-pipeline is then run again with ``--resume-run <run>``, and its train step must restore that checkpoint, resume after
-its epoch and end with weights bitwise equal to those of an uninterrupted run of the same pipeline (deterministic
+Under the real kfp.local runner, once the train step's first checkpoint is in the store (``WORK/checkpoints/<run>/...``):
+1. only the train task's process is SIGKILLed (a preempted pod): the run's retry policy starts the task again, which
+   restores the checkpoint, resumes after its epoch and the run completes;
+2. the whole ``medseg pipeline run`` is SIGKILLed (its process group: a run that is gone); the pipeline is run again
+   with ``--resume-run <run>`` and its train step resumes from that run's checkpoint.
+Both must end with weights bitwise equal to those of an uninterrupted run of the same pipeline (deterministic
 training, the same tuned parameters: the study is seeded).
 """
 
@@ -62,6 +64,36 @@ def _weights(summary: dict) -> dict[str, torch.Tensor]:
     return torch.load(model / package.weights_file, map_location="cpu", weights_only=True)
 
 
+def _start_and_wait_for_a_checkpoint(argv: list[str], env: dict[str, str], work: Path, store: Path, log_path: Path) -> tuple[subprocess.Popen, Path]:
+    """Start ``medseg pipeline run`` in its own session; return it once its train step's first checkpoint is stored."""
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(argv, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()  # the child holds its own descriptor
+    deadline = time.monotonic() + 900
+    stored: list[Path] = []
+    while not stored:
+        assert proc.poll() is None, f"the run ended before its first checkpoint was stored:\n{log_path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint reached the store"
+        time.sleep(0.1)
+        stored = list(store.glob(f"*/3d_fullres/fold_0/{CHECKPOINT_NAME}"))
+    return proc, stored[0]
+
+
+def _train_task_processes(session: int) -> list:
+    """The process running the train component inside the run's session (kfp.local's executor_main, function train)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if os.getsid(p.pid) == session and "kfp.dsl.executor_main" in cmd and "train" in cmd:
+                found.append(p)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return found
+
+
 def test_a_train_step_killed_mid_epoch_resumes_from_the_store_with_the_same_weights(tmp_path: Path) -> None:
     from medseg.synth_layouts import generate_layout
 
@@ -70,21 +102,23 @@ def test_a_train_step_killed_mid_epoch_resumes_from_the_store_with_the_same_weig
     work = tmp_path / "work"
     store = work / "checkpoints"
 
-    # 1. the run that dies: killed as soon as its train step's first checkpoint is in the store
+    # 1. a preempted train pod: only the train task's process is killed; the run's retry resumes it
     argv, env = _command(work, source)
-    log_path = work / "killed.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 900
-        stored: list[Path] = []
-        while not stored:
-            assert proc.poll() is None, f"the run ended before its first checkpoint was stored:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint reached the store"
-            time.sleep(0.1)
-            stored = list(store.glob(f"*/3d_fullres/fold_0/{CHECKPOINT_NAME}"))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    run_key = stored[0].relative_to(store).parts[0]
+    proc, _ = _start_and_wait_for_a_checkpoint(argv, env, work, store, work / "retried.log")
+    victims = _train_task_processes(proc.pid)
+    assert len(victims) == 1, victims
+    victims[0].kill()
+    assert proc.wait(timeout=1200) == 0, (work / "retried.log").read_text()[-3000:]
+    retried_log = (work / "retried.log").read_text()
+    assert "Retrying in" in retried_log and f"restored {CHECKPOINT_NAME}" in retried_log and "resumed from" in retried_log, retried_log[-3000:]
+    retried = json.loads([line for line in retried_log.splitlines() if line.startswith("{") and '"run_dir"' in line][-1])
+
+    # 2. the run that dies as a whole: killed as soon as its train step's first checkpoint is in the store
+    proc, stored = _start_and_wait_for_a_checkpoint(argv, env, work, store, work / "killed.log")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_key = stored.relative_to(store).parts[0]
+    stored = [stored]
     stored_epoch = torch.load(stored[0], map_location="cpu", weights_only=True)["epoch"]
     assert stored_epoch < PARAMS["train"]["epochs"] - 1, "the kill came after the last epoch"
 
@@ -96,12 +130,14 @@ def test_a_train_step_killed_mid_epoch_resumes_from_the_store_with_the_same_weig
     history = schemas.ModelPackage.load(Path(resumed["tasks"]["train-0"]["model"])).training["history"]
     assert [h["epoch"] for h in history] == list(range(PARAMS["train"]["epochs"]))  # the killed run's epochs, then the rest
 
-    # 3. an uninterrupted run: the same weights, bit for bit
+    # 3. an uninterrupted run: the same weights, bit for bit, as both resumed ones
     fresh, _ = _run(work, source)
-    a, b = _weights(resumed), _weights(fresh)
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensor(s) differ after the resume, e.g. {different[:3]}"
+    reference = _weights(fresh)
+    for name, summary in (("retried in its run", retried), ("resumed in a new run", resumed)):
+        weights = _weights(summary)
+        assert weights.keys() == reference.keys()
+        different = [k for k in weights if not torch.equal(weights[k], reference[k])]
+        assert not different, f"{name}: {len(different)} tensor(s) differ from the uninterrupted run, e.g. {different[:3]}"
 
     # an unknown run to resume is refused before anything runs
     argv, env = _command(work, source, "--resume-run", "no-such-run")

@@ -7,9 +7,9 @@ from components.image import COMPONENT_OPTIONS, image
 
 
 @dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)
-def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_params: dict, configuration: str, mlflow_tracking_uri: str, pipeline_run_id: str,
+def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_params: dict, mlflow_tracking_uri: str, pipeline_run_id: str,
           model: Output[Model], gpus: int = 0, nproc_per_node: int = 1, nnodes: int = 1, checkpoint_store: str = "", resume_run: str = "",
-          fold: int = -1, accelerator_type: str = ""):
+          fold: int = -1, accelerator_type: str = "", configuration: str = ""):
     """Final training of the chosen configuration with the tuned parameters; writes the model package. Network and
     loss follow the dataset's task unless ``train_params`` name them; ``3d_cascade_fullres`` trains both stages.
 
@@ -23,6 +23,8 @@ def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_para
     ``<run>/<configuration>/fold_<k>``, ``<run>`` being ``resume_run`` or else this pipeline run; a restarted pod or a
     retried task finds it and resumes (medseg/training/checkpoint_store.py). Deleted once the model is written.
 
+    ``configuration``: empty = the one preprocessing chose, read from the plan (inside a ``ParallelFor``, kfp.local
+    hands a task the loop item in place of an upstream task's output parameter, so the pipeline does not pass it).
     ``fold`` ≥ 0: train that fold of the splits (the pipeline's ``ParallelFor`` over folds); -1: ``train_params``' fold.
     ``accelerator_type`` is the pod's GPU resource name, recorded with the model; it is an argument so that KFP 2.17
     hands it into the ``ParallelFor`` body (see the tune worker).
@@ -38,6 +40,7 @@ def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_para
     from medseg.training.stage import merged_params, run_train_configuration
 
     launch = train_launch(int(gpus), int(nproc_per_node))
+    configuration = configuration or schemas.Plans.load(Path(preprocessed.path)).chosen_configuration or "3d_fullres"
     cfg = dataclasses.replace(merged_params(train_params, Path(best_params.path)), device=launch.device)
     if int(fold) >= 0:
         cfg = dataclasses.replace(cfg, fold=int(fold))

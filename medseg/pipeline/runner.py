@@ -178,12 +178,18 @@ def run_local(arguments: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
     # kfp.local indents task logs by swapping builtins.print per task; with ParallelFor tasks on threads the
     # swaps interleave and an indenting print can outlive the run, so the caller's print is put back
     original_print = builtins.print
+    previous_local = os.environ.get("MEDSEG_KFP_LOCAL")
+    os.environ["MEDSEG_KFP_LOCAL"] = "1"  # pipelines/training_pipeline.py: the local retry policy of the train task
     try:
         pipeline(**arguments)
     except RuntimeError as exc:
         raise MedsegError(f"pipeline run failed: {exc}") from None
     finally:
         builtins.print = original_print
+        if previous_local is None:
+            os.environ.pop("MEDSEG_KFP_LOCAL", None)
+        else:
+            os.environ["MEDSEG_KFP_LOCAL"] = previous_local
     seconds = time.perf_counter() - t0
     new_runs = sorted(set(pipeline_root.glob(f"{name}-*")) - before, key=lambda p: p.stat().st_mtime)
     if not new_runs:
