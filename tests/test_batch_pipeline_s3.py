@@ -134,6 +134,9 @@ def test_missing_or_empty_input_names_the_uri(buckets: tuple[str, str], package:
     assert str(tmp_path / "nope") in str(err.value)
     with pytest.raises(MedsegError, match="the output is the input itself"):
         predict_batch(package, f"s3://{source}/cases/", f"s3://{source}/cases", progress=False)
+    with pytest.raises(MedsegError, match="the output is the input itself"):  # the pipeline's output_uri: refused before predicting
+        predict_batch(package, f"s3://{source}/cases", tmp_path / "artefact", publish_to=f"s3://{source}/cases/", progress=False)
+    assert not (tmp_path / "artefact").exists()
     assert _objects(dest, "") == {}  # nothing was written anywhere
     # the CLI: one line naming the URI, exit 2, no traceback
     assert main(["predict", "--model", str(package), "--input", missing, "--out", f"s3://{dest}/out"]) == 2

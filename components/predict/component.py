@@ -13,15 +13,13 @@ def predict(model_uri: str, input_uri: str, overlap: float, mirror: bool, mlflow
     import os
     from pathlib import Path
 
-    from medseg.inference.batch import predict_batch, publish_outputs
+    from medseg.inference.batch import predict_batch
     from medseg.pipeline.gpu import step_device
     from medseg.tracking import resolve_tracking_uri
 
     device = step_device(int(gpus))
     if model_uri.startswith("models:/"):
         os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(mlflow_tracking_uri)
-    rows = predict_batch(model_uri, input_uri, Path(predictions.path), overlap=overlap, mirror=mirror, device=device, progress=False)
-    if output_uri:
-        publish_outputs(Path(predictions.path), output_uri, progress=False)
+    rows = predict_batch(model_uri, input_uri, Path(predictions.path), overlap=overlap, mirror=mirror, device=device, progress=False, publish_to=output_uri)
     predictions.metadata.update({"device": device, "n_cases": len(rows), "model_version": rows[0]["model_version"] if rows else "",
                                  "input_uri": input_uri, "output_uri": output_uri})

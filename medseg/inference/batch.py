@@ -133,7 +133,8 @@ def predict_folder(model: str | Path, input_dir: Path, out_dir: Path, overlap: f
 
 
 def predict_batch(model: str | Path, source: str | Path, output: str | Path, overlap: float = 0.5, mirror: bool = False, device: str = "auto",
-                  progress: bool = True, covariates: Path | None = None, backend: str | None = None, work_dir: Path | None = None) -> list[dict]:
+                  progress: bool = True, covariates: Path | None = None, backend: str | None = None, work_dir: Path | None = None,
+                  publish_to: str | Path = "") -> list[dict]:
     """:func:`predict_folder` from and to a folder or ``s3://bucket/prefix``.
 
     Args:
@@ -142,6 +143,8 @@ def predict_batch(model: str | Path, source: str | Path, output: str | Path, ove
         output: folder (segmentations and the table written there, file by file, each atomically), or
             ``s3://bucket/prefix`` (predicted into a temporary folder, then uploaded: :func:`publish_outputs`).
         work_dir: where the temporary folders go (default: the system's temporary folder); removed at the end.
+        publish_to: a second place (folder or ``s3://bucket/prefix``) the results are copied to once complete, e.g.
+            when ``output`` is a pipeline's artefact folder (:func:`publish_outputs`); "" = none.
         overlap, mirror, device, progress, covariates, backend: as :func:`predict_folder`.
 
     Returns:
@@ -152,6 +155,7 @@ def predict_batch(model: str | Path, source: str | Path, output: str | Path, ove
             and whatever :func:`predict_folder` and the S3 transfer refuse.
     """
     check_locations(source, output)
+    check_locations(source, publish_to)  # before the prediction, not after it
     with tempfile.TemporaryDirectory(prefix="medseg-predict-", dir=work_dir) as tmp:
         input_dir = stage_source(source, Path(tmp) / "input", progress=progress)
         out_dir = Path(tmp) / "output" if is_s3_uri(output) else Path(output)
@@ -159,6 +163,8 @@ def predict_batch(model: str | Path, source: str | Path, output: str | Path, ove
                               backend=backend, source_name=str(source) if is_s3_uri(source) else None)
         if is_s3_uri(output):
             publish_outputs(out_dir, output, progress=progress)
+        if str(publish_to).strip():
+            publish_outputs(out_dir, publish_to, progress=progress)
     return rows
 
 
@@ -184,7 +190,8 @@ def publish_outputs(out_dir: Path, destination: str | Path, progress: bool = Tru
     if is_s3_uri(destination):
         return [r["uri"] for r in upload_folder(out_dir, destination, last=tables, progress=progress)]
     dest = Path(destination)
-    files = sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
+    # hidden names are temporary files, as upload_folder skips them
+    files = sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(out_dir).parts))
     if not files:
         raise MedsegError("no predictions to publish", out_dir)
     written = []
