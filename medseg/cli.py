@@ -269,8 +269,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="with --url: the model's name on the server; else a model package folder or models:/NAME@ALIAS")
     p.add_argument("--url", default=None, help="model server base URL (V2 protocol), e.g. http://127.0.0.1:8080; without it, predict here")
-    p.add_argument("--input", type=Path, default=None, help="without --url: a folder of cases (CASE_0000.nii.gz … or CASE/CASE-<channel>.nii.gz …)")
-    add_case_arguments(p, out_help="; without --url: the output folder")  # --images/--image/--channels/--age/--out
+    p.add_argument("--input", default=None,
+                   help="without --url: a folder of cases (CASE_0000.nii.gz … or CASE/CASE-<channel>.nii.gz …) or s3://bucket/prefix of them")
+    add_case_arguments(p, out_help="; without --url: the output folder, or s3://bucket/prefix")  # --images/--image/--channels/--age/--out
     p.add_argument("--covariates", type=Path, default=None,
                    help="without --url, a classifier taking the age: a CSV with case_id and age columns (default: the manifest.json "
                         "of an ingested dataset in --input)")
@@ -294,14 +295,17 @@ def _run_predict(a: argparse.Namespace) -> int:
     if a.input is None:
         raise MedsegError("give --url (ask a model server) or --input DIR (predict a folder here)")
     if a.out is None:
-        raise MedsegError("give --out, the output folder")
+        raise MedsegError("give --out, the output folder or s3://bucket/prefix")
+    from medseg.data.s3 import is_s3_uri, parse_s3_uri
     from medseg.schemas import PREDICTIONS_CSV
 
-    rows = _stage("medseg.inference.batch").predict_folder(a.model, a.input, a.out, overlap=a.overlap, mirror=a.mirror, covariates=a.covariates,
-                                                              backend=a.backend)
+    # --out is a Path (shared with --url), which turns s3://b/p into s3:/b/p: say it back as the URI given
+    out = "s3://{}/{}".format(*parse_s3_uri(a.out)).rstrip("/") if is_s3_uri(a.out) else str(a.out)
+    rows = _stage("medseg.inference.batch").predict_batch(a.model, a.input, out, overlap=a.overlap, mirror=a.mirror, covariates=a.covariates,
+                                                             backend=a.backend)
     classified = bool(rows) and "label" in rows[0]
     what, table = ("labels and probabilities", PREDICTIONS_CSV) if classified else ("volumes", VOLUMES_CSV)
-    print(f"{len(rows)} case(s) predicted → {a.out} ({what} in {a.out / table})")
+    print(f"{len(rows)} case(s) predicted → {out} ({what} in {out}/{table})")
     return 0
 
 

@@ -89,7 +89,7 @@ def test_batch_inference_pipeline_runs_with_kfp_local(tmp_path, package):
     brats = _brats_folder(tmp_path / "in", n=1)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
     _, pipeline = _import_pipeline("batch-inference")
-    pipeline(input_dir=str(brats), model_uri=str(package), overlap=0.25)
+    pipeline(input_uri=str(brats), model_uri=str(package), overlap=0.25)
     outputs = list((tmp_path / "kfp").glob("medseg-batch-inference-*/predict/predictions/CASE-000.nii.gz"))
     assert len(outputs) == 1
 

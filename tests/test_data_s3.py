@@ -502,3 +502,41 @@ def test_ingest_reads_an_s3_source(bucket: str, tmp_path: Path) -> None:
     assert ingest(local, tmp_path / "from-local", progress=False).content_hash == manifest.content_hash
     assert Manifest.load(out).content_hash == manifest.content_hash
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s3-source-")]  # staging removed
+
+
+# --------------------------------------------------------------------------- upload_folder
+def test_upload_folder_round_trips_every_file_and_puts_the_named_ones_last(bucket: str, tmp_path: Path) -> None:
+    local = tmp_path / "out"
+    files = {"volumes.csv": b"case_id,WT_ml\nA,1.5\n", "A.nii.gz": _nifti_bytes(1), "sub/B.nii.gz": _nifti_bytes(2), "z.txt": b"z"}
+    for rel, data in files.items():
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(data)
+    (local / ".A.nii.gz.tmp").write_bytes(b"a leftover temporary name")  # not uploaded
+    records = s3.upload_folder(local, f"s3://{bucket}/pred/", last=("volumes.csv",), progress=False)
+    assert [r["key"] for r in records] == ["pred/A.nii.gz", "pred/sub/B.nii.gz", "pred/z.txt", "pred/volumes.csv"]
+    assert all(r["md5"] == hashlib.md5(files[r["key"][len("pred/"):]]).hexdigest() for r in records)
+    back = tmp_path / "back"
+    s3.download_prefix(f"s3://{bucket}/pred", back, progress=False)
+    assert _tree_hashes(back) == {rel: _sha256(data) for rel, data in files.items()}
+    # a second upload replaces objects of the same name and leaves the others
+    (local / "z.txt").unlink()
+    (local / "A.nii.gz").write_bytes(_nifti_bytes(3))
+    s3.upload_folder(local, f"s3://{bucket}/pred", progress=False)
+    s3.download_prefix(f"s3://{bucket}/pred", back, progress=False)
+    assert _tree_hashes(back)["A.nii.gz"] == _sha256(_nifti_bytes(3)) and (back / "z.txt").read_bytes() == b"z"
+
+
+def test_upload_folder_errors_name_the_folder_or_the_uri(s3_env: str, bucket: str, tmp_path: Path) -> None:
+    with pytest.raises(MedsegError, match="folder to upload not found") as err:
+        s3.upload_folder(tmp_path / "missing", f"s3://{bucket}/x", progress=False)
+    assert str(tmp_path / "missing") in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MedsegError, match="no files to upload"):
+        s3.upload_folder(tmp_path / "empty", f"s3://{bucket}/x", progress=False)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.csv").write_text("a\n")
+    with pytest.raises(MedsegError, match="bucket not found") as err:
+        s3.upload_folder(tmp_path / "one", "s3://medseg-no-such-bucket/x", progress=False)
+    assert "s3://medseg-no-such-bucket/x/a.csv" in str(err.value) and "Traceback" not in str(err.value)
+    with pytest.raises(MedsegError, match="not an S3 URI"):
+        s3.upload_folder(tmp_path / "one", "/tmp/x", progress=False)

@@ -192,10 +192,10 @@ def test_predict_component_on_the_cpu_path(tmp_path: Path, ingested) -> None:
     _, model = ingested
     cases = _brats_folder(tmp_path / "in", n=1)
     predictions = _artifact(Dataset, tmp_path / "out")
-    predict.python_func(model_uri=str(model), input_dir=str(cases), overlap=0.0, mirror=False, mlflow_tracking_uri="", predictions=predictions, gpus=0)
+    predict.python_func(model_uri=str(model), input_uri=str(cases), overlap=0.0, mirror=False, mlflow_tracking_uri="", predictions=predictions, gpus=0)
     assert predictions.metadata["device"] == "cpu" and predictions.metadata["n_cases"] == 1
     assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 1
     if NO_GPU:
         with pytest.raises(MedsegError, match="visible in this container"):
-            predict.python_func(model_uri=str(model), input_dir=str(cases), overlap=0.0, mirror=False, mlflow_tracking_uri="",
+            predict.python_func(model_uri=str(model), input_uri=str(cases), overlap=0.0, mirror=False, mlflow_tracking_uri="",
                                 predictions=_artifact(Dataset, tmp_path / "out2"), gpus=1)

@@ -358,3 +358,22 @@ def test_the_train_step_is_retried_and_resumes_from_the_checkpoint_store(compile
     assert train["retryPolicy"]["maxRetryCount"] == TRAIN_RETRY["num_retries"] >= 1  # the compiled (cluster) policy
     assert train["retryPolicy"]["backoffDuration"] == TRAIN_RETRY["backoff_duration"] and LOCAL_TRAIN_RETRY["num_retries"] >= 1
     assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["register"]  # side effects are not blindly replayed
+
+
+def test_batch_inference_mounts_the_data_pvc_and_takes_an_output_uri(tmp_path):
+    """Input and output of the batch predict step: ``s3://`` (the S3 Secret) or a folder on the data PVC
+    (``cluster.data_pvc``, mounted on that step); ``output_uri`` "" keeps the results in the run's artefact only."""
+    from medseg.pipeline.runner import compile_pipeline
+    from pipelines.training_pipeline import CLUSTER
+
+    docs = list(yaml.safe_load_all(compile_pipeline(tmp_path, "batch-inference").read_text()))
+    spec, k8s = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert "defaultValue" not in params["input_uri"] and params["output_uri"]["defaultValue"] == ""
+    assert "input_dir" not in params
+    inputs = spec["root"]["dag"]["tasks"]["predict"]["inputs"]["parameters"]
+    assert inputs["input_uri"] == {"componentInputParameter": "input_uri"} and inputs["output_uri"] == {"componentInputParameter": "output_uri"}
+    pvc = CLUSTER["data_pvc"]
+    mounts = k8s["exec-predict"]["pvcMount"]
+    assert [(m["mountPath"], m["pvcNameParameter"]["runtimeValue"]["constant"]) for m in mounts] == [(pvc["mount_path"], pvc["name"])]
+    assert "medseg-s3" in {s["secretName"] for s in k8s["exec-predict"]["secretAsEnv"]}

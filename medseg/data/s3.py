@@ -1,4 +1,4 @@
-"""S3 access: a client built from the environment, and a verified, atomic download of a prefix.
+"""S3 access: a client built from the environment, a verified, atomic download of a prefix, and a verified upload of a folder.
 
 Credentials and the endpoint come from the environment only, never from a file of this project:
 
@@ -14,7 +14,8 @@ object's size; the folder appears only once every object is in it and verified. 
 that stops is retried by botocore (3 attempts, exponential backoff with jitter, connect/read timeouts), a body
 cut mid-way is downloaded again from its start as many times; then one clear error names the endpoint and
 the object. :func:`stage_source`
-turns a ``--source`` argument (local folder or ``s3://`` URI) into a local folder.
+turns a ``--source`` argument (local folder or ``s3://`` URI) into a local folder. :func:`upload_folder` is the way
+back: every file of a folder under a prefix, one verified PUT each (an object is stored whole or not at all).
 
 boto3 is imported on first use, so importing this module (e.g. from ``medseg ingest`` on a local
 folder) costs nothing.
@@ -454,3 +455,85 @@ def stage_source(source: str | Path, workdir: str | Path, progress: bool = True,
     dest = Path(workdir).joinpath(bucket, *parts)
     download_prefix(uri, dest, progress=progress, client=client)
     return dest
+
+
+# --------------------------------------------------------------------------- upload
+#: Largest object a single PUT may carry (S3's limit); larger files would need a multipart upload.
+MAX_PUT_BYTES = 5 * 1024**3
+
+
+def upload_folder(local_dir: str | Path, uri: str | Path, last: tuple[str, ...] = (), progress: bool = True,
+                  client: BaseClient | None = None) -> list[dict[str, Any]]:
+    """Upload every file under ``local_dir`` to ``s3://bucket/prefix/<its relative path>``, each verified.
+
+    Each file is one PUT carrying its MD5 (``Content-MD5``): S3 stores the object whole or rejects it, so a reader
+    sees the previous object under that key or the new one, never part of it; the returned ETag is checked against
+    the MD5 too (unless server-side encryption makes it something else). Objects of other names under the prefix are
+    left as they are. The files named in ``last`` (paths relative to ``local_dir``, e.g. ``volumes.csv``) are
+    uploaded after all the others, so a reader who finds them finds everything they list.
+
+    Args:
+        local_dir: folder to upload (its files, recursively; hidden temporary names ``.*`` are skipped).
+        uri: ``s3://bucket/prefix`` (a trailing ``/`` is optional).
+        last: relative paths to upload last, in this order.
+        progress: show a progress bar in bytes.
+        client: an S3 client (default: :func:`make_client` from the environment).
+
+    Returns:
+        One record per object, in upload order: ``{"key", "uri", "size", "md5"}``.
+
+    Raises:
+        MedsegError: bad URI, ``local_dir`` missing or without files, a file over :data:`MAX_PUT_BYTES`, bucket not
+            found, missing or rejected credentials, unreachable endpoint, or an upload S3 did not store as sent.
+            The message names the folder or the object's URI.
+    """
+    uri = _uri_text(uri)
+    bucket, key = parse_s3_uri(uri)
+    prefix = _folder_prefix(key)
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise MedsegError("folder to upload not found", local_dir)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(local_dir).parts))
+    if not files:
+        raise MedsegError("no files to upload", local_dir)
+    relative = [p.relative_to(local_dir).as_posix() for p in files]
+    order = [r for r in relative if r not in last] + [r for r in last if r in relative]
+    too_big = [r for r in order if (local_dir / r).stat().st_size > MAX_PUT_BYTES]
+    if too_big:
+        raise MedsegError(f"larger than a single S3 PUT takes ({MAX_PUT_BYTES} bytes): {', '.join(too_big)}", local_dir)
+    client = client or make_client()
+    endpoint = _client_endpoint(client)
+    attempts = _client_attempts(client)
+    total = sum((local_dir / r).stat().st_size for r in order)
+    logger.info("uploading %d file(s), %d bytes, from %s to %s", len(order), total, local_dir, uri)
+    records: list[dict[str, Any]] = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"upload {uri}", disable=not progress) as bar:
+        for rel in order:
+            object_key = prefix + rel
+            name = f"{S3_SCHEME}{bucket}/{object_key}"
+            size, md5_hex = _upload_object(client, local_dir / rel, bucket, object_key, name, endpoint, attempts)
+            bar.update(size)
+            records.append({"key": object_key, "uri": name, "size": size, "md5": md5_hex})
+    return records
+
+
+def _upload_object(client: BaseClient, path: Path, bucket: str, key: str, name: str, endpoint: str, attempts: int | None) -> tuple[int, str]:
+    """PUT one file with its Content-MD5 (S3 refuses a body that does not match: BadDigest); ``(size, md5 hex)``."""
+    import base64
+
+    md5 = hashlib.md5(usedforsecurity=False)
+    size = 0
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
+                md5.update(chunk)
+                size += len(chunk)
+        with open(path, "rb") as fh, s3_errors(name, endpoint, attempts):
+            # a file-like body: botocore streams it, and rewinds it when it retries the request
+            response = client.put_object(Bucket=bucket, Key=key, Body=fh, ContentLength=size, ContentMD5=base64.b64encode(md5.digest()).decode("ascii"))
+    except OSError as exc:
+        raise MedsegError(f"cannot read the file to upload: {exc.strerror or exc}", path) from None
+    etag = response.get("ETag")
+    if _etag_is_md5(response) and is_md5_etag(etag) and etag.strip('"').lower() != md5.hexdigest():
+        raise MedsegError(f"checksum mismatch: S3 stored ETag {etag} for a file of MD5 {md5.hexdigest()} (corrupted transfer)", name)
+    return size, md5.hexdigest()
