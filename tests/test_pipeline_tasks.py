@@ -68,6 +68,10 @@ def _write_source(layout: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
+#: layouts whose first run trains every fold (2 here) as parallel tasks and ships their ensemble (train.folds: all)
+ALL_FOLDS_LAYOUTS = ("brats2023",)
+
+
 def _run_pipeline(work: Path, source: Path, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """``medseg pipeline run`` as a user runs it, in its own process; returns its summary line (run folder, task outputs)."""
     params = {**GENERIC_PARAMS, **(params or {}), "work_dir": str(work)}
@@ -140,6 +144,30 @@ def _check_first_run(layout: str, work: Path, result: dict[str, Any]) -> dict[st
     return {"task": task, "name": name, "client": client}
 
 
+def _check_fold_ensemble(result: dict[str, Any], client: Any) -> None:
+    """``folds: all`` on 2 folds: one train task per fold (``train-0``, ``train-1``), and the fold-ensemble step's
+    ensemble of both (postprocessing chosen out of fold, its MLflow run holding the out-of-fold Dice) is what
+    evaluate and register took."""
+    from medseg.tracking import DEFAULT_EXPERIMENT
+
+    tasks = result["tasks"]
+    folds = sorted(schemas.ModelPackage.load(Path(tasks[name]["model"])).training["config"]["fold"] for name in ("train-0", "train-1"))
+    assert folds == [0, 1]
+    ensemble = Path(tasks["fold-ensemble"]["model"])
+    package = schemas.ModelPackage.load(ensemble)
+    assert sorted(package.training["folds"]) == [0, 1] and all((ensemble / f).is_file() for f in package.training["ensemble"]["weights_files"])
+    assert set(package.training["cv_dice"]) == set(Task.from_folder(ensemble).reported_groups)
+    evaluated = json.loads((Path(tasks["evaluate"]["evaluation"]) / schemas.METRICS_JSON).read_text())
+    assert evaluated["n_cases"] >= 1
+    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'ensemble'")
+    assert len(runs) == 1 and runs[0].info.run_id == package.training["mlflow_run_id"]
+    assert {f"cv_dice_{g}" for g in package.training["cv_dice"]} <= set(runs[0].data.metrics)
+    # the registered version is that ensemble: its lineage names the ensemble's training run
+    registered = _output_parameters(Path(result["run_dir"]), "register")
+    assert client.get_model_version(registered["model_name"], registered["version"]).tags["training_run_id"] == package.training["mlflow_run_id"]
+
+
 def _check_gated(result: dict[str, Any], task: Task, name: str, client: Any) -> dict[str, Any]:
     decision = json.loads(Path(result["tasks"]["promote"]["decision"]).read_text())
     assert decision["compared_with"] == "1", decision
@@ -155,8 +183,11 @@ def _check_gated(result: dict[str, Any], task: Task, name: str, client: Any) -> 
 def test_every_task_runs_the_whole_loop_and_gates_a_second_run(layout: str, tmp_path: Path) -> None:
     source = _write_source(layout, tmp_path / "raw")
     work = tmp_path / "work"
-    first = _run_pipeline(work, source)
+    all_folds = layout in ALL_FOLDS_LAYOUTS
+    first = _run_pipeline(work, source, {"train": {**GENERIC_PARAMS["train"], "folds": "all"}} if all_folds else None)
     checked = _check_first_run(layout, work, first)
+    if all_folds:
+        _check_fold_ensemble(first, checked["client"])
     if layout not in GATED_LAYOUTS:
         return
     # the same data again, another training seed (the same seed trains the same model: an equal model is never
