@@ -33,15 +33,23 @@ What is compared, in one run:
   better for us). The absolute speed of this machine varies between days, the ratio within one run is what counts.
 - **Equality**: the segmentations of the last repeat, per label: Dice between ours and nnU-Net's (pooled over
   all cases; null when neither has the label) and the fraction of voxels with equal labels. The preprocessed
-  arrays are equal and the two networks agree to float rounding (the mapping check), yet a few voxels differ:
-  nnU-Net's sliding window accumulates the Gaussian-weighted logits and the weights in float16 (``torch.half``),
-  with a Gaussian of peak 10 whose far corners are fp16 subnormals, so near window borders its logits keep only a
-  few bits (up to ~0.5 off on an untrained network's logits of a few units), and near-ties flip. ``differences``
-  shows it: nnU-Net predicts ``--explain-cases`` cases again with those accumulators in float32 (a diagnostic
-  process rebinding ``torch.half``, never timed) and that is compared with ours. Other known differences that
-  only matter where windows overlap: window placement (ours: step ``int(patch × (1 − overlap))``, the last
-  window moved back; nnU-Net: steps spread evenly) and the Gaussian (ours: exact centre, floored at
-  max(min, 1e-3) of peak 1; nnU-Net: a filtered delta at ``size // 2``, zeros set to the smallest nonzero value).
+  arrays are equal and the two networks agree to float rounding (the mapping check); what is left differs in
+  the sliding window, and ``differences`` measures each part on ``--explain-cases`` cases (diagnostics, never timed):
+
+  1. nnU-Net accumulates the Gaussian-weighted logits and the weights in float16 (``torch.half``), with a
+     Gaussian of peak 10 whose far corners are fp16 subnormals, so near window borders its logits keep only a
+     few bits (up to ~0.5 off on an untrained network's logits of a few units) and near-ties flip. nnU-Net
+     predicts the cases again with those accumulators in float32 (a process of its venv rebinding
+     ``torch.half``; its code otherwise as ``nnUNetv2_predict`` runs it): ``ours_vs_nnunet_fp32_accumulators``.
+  2. The Gaussians differ: ours is centred at (size − 1) / 2 and floored at 1e-3 of its peak; nnU-Net's is a
+     delta at ``size // 2`` blurred with σ = size / 8, its zeros raised to the smallest nonzero value. Where
+     windows overlap, an untrained network's logits differ a lot between windows, so the blend shows it. Ours
+     predicts the cases again with a Gaussian made nnU-Net's way (:func:`delta_gaussian`, patched into this
+     process): ``ours_with_a_delta_gaussian_vs_nnunet_fp32_accumulators``.
+
+  A case fitting in one window is unaffected by 2. Window placement could differ too (ours: step
+  ``int(patch × (1 − overlap))``, the last window moved back; nnU-Net: steps spread evenly); the two coincide
+  whenever an axis needs at most two windows.
 
 The last line printed is one JSON object::
 
@@ -446,9 +454,49 @@ def explain_differences(venv: Path, work: Path, inputs: Path, cases: list[str], 
                 "outputs": [str(out / c) for c in cases]}
     timed([str(venv / "bin" / "python"), str(script), json.dumps(settings)], nnunet_env(work, threads), work / "logs" / "nnunet_fp32.log",
           "nnU-Net float32 diagnostic")
-    same = compare_segmentations(ours_dir, out, cases, labels)
-    return {"cases": cases, "what": "ours against nnU-Net with its sliding-window accumulators in float32 instead of float16 (diagnostic, not timed)",
-            "dice_per_label": same["dice_per_label"], "voxels_equal_fraction": same["voxels_equal_fraction"]}
+    ours_delta = work / "pred_ours_delta_gaussian"
+    predict_with_delta_gaussian(work / "ours_package", inputs, cases, n_channels, ours_delta, overlap, mirror)
+    fp32 = compare_segmentations(ours_dir, out, cases, labels)
+    both = compare_segmentations(ours_delta, out, cases, labels)
+    return {"cases": cases,
+            "ours_vs_nnunet_fp32_accumulators": {"dice_per_label": fp32["dice_per_label"], "voxels_equal_fraction": fp32["voxels_equal_fraction"]},
+            "ours_with_a_delta_gaussian_vs_nnunet_fp32_accumulators": {"dice_per_label": both["dice_per_label"], "voxels_equal_fraction": both["voxels_equal_fraction"]},
+            "what": "diagnostics, not timed: nnU-Net with its sliding-window accumulators in float32 instead of float16; then also ours with the "
+                    "Gaussian made as nnU-Net makes it (a delta at size // 2 blurred with sigma = size / 8, zeros raised to the smallest "
+                    "nonzero value) instead of ours (centred at (size - 1) / 2, floored at 1e-3)"}
+
+
+def delta_gaussian(patch_size: list[int], sigma_scale: float = 0.125) -> Any:
+    """A Gaussian importance map made the way nnU-Net's sliding window makes its own (diagnostic only): a unit delta
+    at index ``size // 2`` of each axis blurred with σ = ``sigma_scale`` × size (scipy, zero outside), peak 1,
+    zeros raised to the smallest nonzero weight. Ours is centred between voxels for even sizes and floored at 1e-3."""
+    import torch
+    from scipy.ndimage import gaussian_filter
+
+    delta = np.zeros(patch_size, dtype=np.float64)
+    delta[tuple(s // 2 for s in patch_size)] = 1.0
+    g = gaussian_filter(delta, [s * sigma_scale for s in patch_size], 0, mode="constant", cval=0.0)
+    g /= g.max()
+    g[g == 0] = g[g > 0].min()
+    return torch.from_numpy(g.astype(np.float32))
+
+
+def predict_with_delta_gaussian(package: Path, inputs: Path, cases: list[str], n_channels: int, out: Path, overlap: float, mirror: bool) -> None:
+    """Our predictor on ``cases`` with :func:`delta_gaussian` in place of our window weights (in this process only)."""
+    from medseg.inference import sliding_window
+    from medseg.inference.predictor import Predictor
+    from medseg.io import save_nifti
+
+    original = sliding_window.gaussian_importance
+    sliding_window.gaussian_importance = lambda patch, sigma_scale=0.125, device=None: delta_gaussian(list(patch), sigma_scale).to(device or "cpu")
+    try:
+        predictor = Predictor.from_package(package, device="cpu", overlap=overlap, mirror=mirror, backend="torch")
+        out.mkdir(parents=True, exist_ok=True)
+        for case in cases:
+            prediction = predictor.predict_files([inputs / f"{case}_{c:04d}.nii.gz" for c in range(n_channels)])
+            save_nifti(out / f"{case}.nii.gz", prediction.segmentation, prediction.affine, prediction.header)
+    finally:
+        sliding_window.gaussian_importance = original
 
 
 # --------------------------------------------------------------------------- main

@@ -149,3 +149,15 @@ def test_mapped_weights_give_nnunet_plainconvunet_our_logits(bench, ours) -> Non
     x = torch.randn((1, 2, 8, 8, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(net(x.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2), ours(x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_diagnostic_gaussian_peaks_at_the_voxel_nnunet_uses_and_has_no_zeros(bench) -> None:
+    from medseg.inference.sliding_window import gaussian_importance
+
+    g = bench.delta_gaussian([8, 6, 5]).numpy()
+    assert g.shape == (8, 6, 5)
+    assert np.unravel_index(int(g.argmax()), g.shape) == (4, 3, 2) and g.max() == pytest.approx(1.0)
+    assert g.min() > 0
+    # ours is centred between the two middle voxels of an even axis: symmetric, where the delta one is not
+    ours = gaussian_importance([8, 6, 5]).numpy()
+    assert np.allclose(ours, ours[::-1, ::-1, ::-1]) and not np.allclose(g, g[::-1, ::-1, ::-1])
