@@ -30,7 +30,8 @@ What is compared, in one run:
 - **Timing**: the wall time of each tool's whole command over the whole folder (interpreter start, imports,
   model loading, reading, predicting and writing every case), repeated ``--repeats`` times, alternating which
   tool goes first. Cases per minute from each tool's median wall time; ``ratio`` = ours / nnU-Net (higher is
-  better for us). The absolute speed of this machine varies between days, the ratio within one run is what counts.
+  better for us); ``ratio_per_repeat`` pairs each repeat's two runs (run back to back, so they share the
+  machine's load of the moment) and ``ratio_median_of_repeats`` is their median. The absolute speed of this machine varies between days, the ratio within one run is what counts.
 - **Equality**: the segmentations of the last repeat, per label: Dice between ours and nnU-Net's (pooled over
   all cases; null when neither has the label) and the fraction of voxels with equal labels. The preprocessed
   arrays are equal and the two networks agree to float rounding (the mapping check); what is left differs in
@@ -592,6 +593,7 @@ def main() -> int:
         report["ratio"] = round(report["ours_cases_per_min"] / report["nnunet_cases_per_min"], 3)
         report["wall_s"] = walls
         report["ratio_per_repeat"] = [round(n / o, 3) for o, n in zip(walls["ours"], walls["nnunet"])]
+        report["ratio_median_of_repeats"] = round(statistics.median(report["ratio_per_repeat"]), 3)  # paired: robust to load shifting between repeats
         report["commands"] = {"ours": "python -m medseg predict --model PACKAGE --input DIR --out DIR --overlap O --backend torch" + (" --mirror" if args.mirror else ""),
                               "nnunet": " ".join(nnunet_command(Path("VENV"), Path("DIR"), Path("OUT"), args.overlap, args.mirror, args.nnunet_npp, args.nnunet_nps)[1:])}
         report["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
