@@ -58,7 +58,7 @@ def test_every_task_wrote_its_artefacts(demo_run):
     assert (run_dir / "preprocess" / "preprocessed" / schemas.PLANS_JSON).is_file()
     best = json.loads((run_dir / "tune" / "best_params" / "best_params.json").read_text())
     assert best["n_trials"] == 2 and set(best["params"]) == {"learning_rate", "foreground_share", "weight_decay"}
-    assert (run_dir / "train" / "model" / schemas.WEIGHTS_FILE).is_file()
+    assert (run_dir / "fold-ensemble" / "model" / schemas.WEIGHTS_FILE).is_file()  # one fold: its package, passed through
     metrics = schemas.Metrics.load(run_dir / "evaluate" / "evaluation")
     assert metrics.n_cases == 2 and {"WT", "TC", "ET"} <= set(metrics.mean)
     assert {"lesionwise_dice_2023", "lesionwise_hd95_2023", "lesion_tp_2023"} <= set(metrics.mean["ET"])  # BraTS data: official lesion-wise numbers
