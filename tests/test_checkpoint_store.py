@@ -119,3 +119,15 @@ def test_a_store_that_is_away_is_retried_while_training_goes_on(tmp_path: Path, 
             _write(work / CHECKPOINT_NAME, "epoch 1")
             _wait_for(lambda: caplog.text.count("retrying") >= 2)
     assert mirror.copied == 0
+
+
+def test_a_training_error_is_not_hidden_by_a_store_that_is_away(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Training fails and the last copy fails too: the training error is raised, the store's is logged."""
+    root = tmp_path / "volume"
+    root.write_text("a file where the volume's folder should be")
+    work = tmp_path / "work"
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="loss is NaN"):
+        with CheckpointMirror(CheckpointStore(root / "sub"), "run/3d_fullres/fold_0", work, interval_s=60):
+            _write(work / CHECKPOINT_NAME, "epoch 1")
+            raise RuntimeError("loss is NaN")
+    assert "the last copy" in caplog.text and "failed too" in caplog.text

@@ -173,13 +173,19 @@ class CheckpointMirror:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if not self.enabled:
             return
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.sync()  # the last epoch's checkpoint, whatever the loop last saw
+        try:
+            self.sync()  # the last epoch's checkpoint, whatever the loop last saw
+        except (MedsegError, OSError) as error:
+            if exc is None:
+                raise
+            # training failed already: its error is the one to see; the store's is logged beside it
+            log.warning("checkpoint store: the last copy to %s failed too (%s)", self.store.describe(self.key), error)
 
     @staticmethod
     def _signature(path: Path) -> tuple[int, int, int]:
