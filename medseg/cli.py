@@ -65,7 +65,9 @@ def _params(a: argparse.Namespace) -> dict:
 
 def _train_params(a: argparse.Namespace) -> dict:
     """``train:`` of the parameter file as TrainConfig fields (``folds``, which folds to train, is the caller's)."""
-    return {k: v for k, v in (_params(a).get("train") or {}).items() if k != "folds"}
+    from medseg.training.config import split_train_section
+
+    return split_train_section(_params(a).get("train"))[0]
 
 
 def _tracking(a: argparse.Namespace) -> str | None:
@@ -167,7 +169,9 @@ def _run_train(a: argparse.Namespace) -> int:
     if a.cascade_from is not None:
         overrides["cascade_from"] = str(a.cascade_from.resolve())
     cfg = dataclasses.replace(cfg, **overrides)
-    fold_choice = a.fold if a.fold is not None else (_params(a).get("train") or {}).get("folds")  # --fold, else the file's train.folds
+    from medseg.training.config import split_train_section
+
+    fold_choice = a.fold if a.fold is not None else split_train_section(_params(a).get("train"))[1]  # --fold, else the file's train.folds
     folds = parse_folds(fold_choice, len(schemas.Splits.load(a.preprocessed).folds))
     launch = {"resume": a.resume, "nproc_per_node": a.nproc_per_node, "nnodes": a.nnodes}
     if folds is None or len(folds) == 1:

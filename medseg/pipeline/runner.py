@@ -67,6 +67,9 @@ def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri:
     deploy_default = deploy_config.pop("target", "kserve")
     deploy_config.pop("image", None)  # the pipeline passes the serve image it was compiled with
     gpu = gpu_arguments(params, target)
+    from medseg.training.config import split_train_section
+
+    train_fields, folds = split_train_section(params.get("train"))
     return {
         "source": str(source),
         "mlflow_tracking_uri": tracking_uri,
@@ -78,8 +81,8 @@ def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri:
         "seed": int(ing.get("seed", 0)),
         "device_budget": gpu.pop("device_budget"),
         "configuration": str(params.get("preprocess", {}).get("configuration", "auto")),
-        "train_params": {k: v for k, v in (params.get("train") or {}).items() if k != "folds"},
-        "folds": str((params.get("train") or {}).get("folds", (params.get("train") or {}).get("fold", 0))),
+        "train_params": train_fields,
+        "folds": folds if folds is not None else str(train_fields.get("fold", 0)),
         "tune_params": dict(tune.get("trial_params", {})),
         "n_trials": int(tune.get("n_trials", 3)),
         "overlap": float(params.get("evaluate", {}).get("overlap", 0.5)),

@@ -99,6 +99,16 @@ class TrainConfig:
             raise MedsegError(f"invalid training parameter: {exc}") from None
 
 
+def split_train_section(train: dict[str, Any] | None) -> tuple[dict[str, Any], str | None]:
+    """A parameter file's ``train:`` section as (its :class:`TrainConfig` fields, its ``folds`` choice or None).
+
+    ``folds`` (``N``, ``N,M,...`` or ``all``) says which folds to train, one run each, so it is not a field of one
+    run's config; ``medseg train`` and the pipeline both read it here."""
+    fields = dict(train or {})
+    folds = fields.pop("folds", None)
+    return fields, None if folds is None else str(folds)
+
+
 # --------------------------------------------------------------------------- augmentation knobs
 #: group → knob → nnU-Net v2's default (``auto``: derived from the patch, see :class:`AugmentationConfig`; a string, not
 #: null, because a KFP dict parameter cannot carry a null).
@@ -285,4 +295,4 @@ class TrainResult:
         return cls(**d)
 
 
-__all__ = ["AUGMENTATION_DEFAULTS", "AUGMENTATION_LAYOUT", "AUGMENTATION_ON_P", "AUTO", "AugmentationConfig", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "TrainConfig", "TrainResult"]
+__all__ = ["split_train_section", "AUGMENTATION_DEFAULTS", "AUGMENTATION_LAYOUT", "AUGMENTATION_ON_P", "AUTO", "AugmentationConfig", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "TrainConfig", "TrainResult"]
