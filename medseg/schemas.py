@@ -45,6 +45,7 @@ MODEL_PACKAGE_JSON = "model_package.json"
 WEIGHTS_FILE = "weights.pt"
 ONNX_NETWORK_FILE = "network.onnx"  # the network exported for the torch-free backend (medseg.inference.onnx_export)
 TRAINING_CURVES_PNG = "training_curves.png"  # loss and validation metrics per epoch (model package, training run, report)
+CONFIGURATION_SELECTION_JSON = "configuration_selection.json"  # MLflow artefact of the select-configuration run: every candidate's score
 MODEL_CARD_MD = "model_card.md"  # a registered version's model card, in its run
 MODEL_CARD_JSON = "model_card.json"  # what the card is rendered from (re-rendered with the gate decision at promotion)
 SYNTH_MARKER_JSON = "medseg_synth.json"  # written by `medseg synth` beside the cases it makes: the data are synthetic
@@ -390,6 +391,9 @@ class ModelPackage(Artifact):
     # the network exported for the torch-free backend (medseg.inference.onnx_export): {file: "network.onnx", opset,
     # patch_size, torch, max_abs_diff} or {file: None, reason}; empty in packages written before the export existed
     onnx: dict[str, Any] = field(default_factory=dict)
+    # an ensemble of configurations chosen by cross-validation (medseg.inference.configuration_ensemble): one entry per
+    # member, {configuration, package (folder inside this one), cv_score}, best first; empty for any other package
+    configuration_ensemble: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- evaluate

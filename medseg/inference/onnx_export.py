@@ -208,8 +208,17 @@ def write_onnx(model_dir: str | Path, force: bool = False) -> dict[str, Any]:
 
     Packaging calls it with ``force=False``: ``MEDSEG_ONNX_EXPORT=0`` then records why there is no file instead.
     ``medseg export-onnx`` forces it."""
-    if not force and not export_enabled():
-        info: dict[str, Any] = {"file": None, "reason": f"export switched off at packaging ({EXPORT_ENV}=0): add it with medseg export-onnx"}
+    package = schemas.ModelPackage.load(model_dir)
+    if package.configuration_ensemble:  # each member package gets (or keeps) its own file; the ensemble runs them all
+        from medseg.inference.configuration_ensemble import member_folders
+
+        results = {m["configuration"]: write_onnx(folder, force) for m, folder in zip(package.configuration_ensemble, member_folders(model_dir, package))}
+        missing = [c for c, r in results.items() if not r.get("file")]
+        info: dict[str, Any] = {"file": None, "members": not missing,
+                                "reason": f"member(s) without {ONNX_FILE}: " + "; ".join(f"{c}: {results[c].get('reason')}" for c in missing) if missing else
+                                "a configuration ensemble: each member package carries its own network.onnx"}
+    elif not force and not export_enabled():
+        info = {"file": None, "reason": f"export switched off at packaging ({EXPORT_ENV}=0): add it with medseg export-onnx"}
     else:
         info = export_onnx(model_dir)
     package = schemas.ModelPackage.load(model_dir)

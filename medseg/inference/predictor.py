@@ -43,6 +43,7 @@ from medseg.inference.package_info import network_output, network_patch_size
 from medseg.inference.postprocess import relabel_small_enhancing, remove_small_components
 from medseg.io import load_nifti, nifti_spacing, stack_channels
 from medseg.preprocessing.classifier_input import fit_volume
+from medseg.preprocessing.inversion import probabilities_to_original
 from medseg.preprocessing.preprocess import preprocess_case, restore_labels_to_original, restore_to_original
 from medseg.task import Task, regions_to_labels
 
@@ -146,6 +147,10 @@ class Predictor:
         if not (model_dir / schemas.MODEL_PACKAGE_JSON).is_file():
             raise MedsegError(f"not a model package (no {schemas.MODEL_PACKAGE_JSON})", model_dir)
         package = schemas.ModelPackage.load(model_dir)
+        if package.configuration_ensemble:  # several configurations' packages inside this one, averaged on the input grid
+            from medseg.inference.configuration_ensemble import ConfigurationEnsemblePredictor
+
+            return ConfigurationEnsemblePredictor.load(model_dir, package, device, overlap, mirror, backend)
         plans = schemas.Plans.load(model_dir)
         dataset = schemas.DatasetJson.load(model_dir)
         backend = resolve_backend(backend)
@@ -227,6 +232,15 @@ class Predictor:
             prev = previous_stage_on_grid(self.previous.segment(images, affine, spacing), props, self.config)
             data = with_previous_stage(data, prev, [int(v) for v in self.previous_stage["labels"]])
         return data, props
+
+    def original_probabilities(self, images: np.ndarray, affine: np.ndarray, spacing: list[float]) -> np.ndarray:
+        """The network's probabilities on the input grid, K×I×J×K float32: the softmax over the label values, or a
+        sigmoid per region (before any label decision; what an ensemble of configurations averages)."""
+        if self.output == "classes":
+            raise MedsegError("this model package is a classifier (output: classes): use predict_class")
+        data, props = self.network_input(images, affine, spacing)
+        probs = grid_probabilities(self.network, data, self.patch_size, self.output, overlap=self.overlap, mirror=self.mirror, device=self.device)
+        return probabilities_to_original(probs, props, background_channel=None if self.output == "regions" else 0)
 
     def segment(self, images: np.ndarray, affine: np.ndarray, spacing: list[float]) -> np.ndarray:
         """The segmentation (uint8) on the input grid before postprocessing: what a cascade's next stage receives."""

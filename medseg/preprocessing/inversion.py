@@ -32,6 +32,19 @@ def restore_to_original(probabilities: np.ndarray, props: schemas.CaseProperties
     return uncrop(labels, props.crop_bbox, props.original_shape, fill=0)
 
 
+def probabilities_to_original(probabilities: np.ndarray, props: schemas.CaseProperties, background_channel: int | None = 0) -> np.ndarray:
+    """Probabilities K×I'×J'×K' on the preprocessed grid → float32 K×I×J×K on the original grid (resampled linearly,
+    as :func:`restore_to_original` before its arg-max): what an ensemble of configurations with different grids
+    averages. Outside the crop box every channel is 0 except ``background_channel`` (1; None for sigmoid outputs,
+    whose channels are independent regions)."""
+    probabilities = probabilities.astype(np.float32, copy=False)
+    if list(probabilities.shape[1:]) != list(props.shape_after_crop):
+        probabilities = resample(probabilities, props.shape_after_crop, order=1, anisotropic_axis=_axis_back(props))
+    out = np.stack([uncrop(channel, props.crop_bbox, props.original_shape, fill=1.0 if k == background_channel else 0.0)
+                    for k, channel in enumerate(probabilities)])
+    return out.astype(np.float32, copy=False)
+
+
 def restore_labels_to_original(labels: np.ndarray, props: schemas.CaseProperties, method: str = "nearest") -> np.ndarray:
     """A label map I'×J'×K' on the preprocessed grid → uint8 I×J×K on the original grid.
 

@@ -71,8 +71,11 @@ def model_requirements(model_dir: str | Path | None = None) -> list[str]:
     ``[serve]`` runs a package's ``network.onnx`` without torch; a package without one (a network the export
     refuses, or the export switched off) needs torch, so it pins ``[serve-torch]``."""
     extra = SERVE_EXTRA
-    if model_dir is not None and not (schemas.ModelPackage.load(model_dir).onnx or {}).get("file"):
-        extra = SERVE_TORCH_EXTRA
+    if model_dir is not None:
+        onnx = schemas.ModelPackage.load(model_dir).onnx or {}
+        # a configuration ensemble runs torch-free when every member package carries its network.onnx
+        if not (onnx.get("file") or onnx.get("members")):
+            extra = SERVE_TORCH_EXTRA
     return [f"{DISTRIBUTION}[{extra}]=={installed_version()}"]
 
 

@@ -128,6 +128,9 @@ def training_config(package_dir: Path) -> dict[str, Any]:
         MedsegError: an ensemble or a cascade (not rebuilt: several trainings), or a package without its config.
     """
     package = schemas.ModelPackage.load(package_dir)
+    if package.configuration_ensemble:
+        raise MedsegError(f"the version is a configuration ensemble ({package.configuration}: several trainings chosen by cross-validation): "
+                          "rebuilding it is not supported", package_dir)
     if package.training.get("ensemble"):
         raise MedsegError("the version is a fold ensemble: rebuilding it (one training per fold) is not supported", package_dir)
     config = package.training.get("config")

@@ -102,7 +102,12 @@ def minimum_shape(predictor: Any) -> tuple[int, ...] | None:
     """The smallest volume, per axis at the model's spacing, the network can segment: its total downsampling (the product
     of its strides), below which its coarsest feature map would hold less than one voxel of the case. Networks without
     strides in their configuration (transformers) use an eighth of their window. Smaller inputs than the window itself
-    are fine (the sliding window pads them)."""
+    are fine (the sliding window pads them). A configuration ensemble: the largest of its 3D members' per axis."""
+    members = getattr(predictor, "members", None)
+    if members:
+        shapes = [minimum_shape(m) for m in members]
+        volumes = [s for s in shapes if s is not None and len(s) == 3]
+        return tuple(max(axis) for axis in zip(*volumes)) if volumes else shapes[0]
     config = getattr(predictor, "config", None)
     network = getattr(config, "network", None)
     network = network if isinstance(network, dict) else {}
