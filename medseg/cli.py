@@ -31,6 +31,8 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configuration", default=None, choices=["auto", "2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"],
                    help="the configuration to train; auto picks as nnU-Net (2d for slice sets and strongly anisotropic data, else 3d_fullres) and the "
                         "plan records the choice (replaces --configurations)")
+    p.add_argument("--candidates", default="", help="with --configuration: the configurations cross-validation will choose among, preprocessed too: "
+                        "all (2d, 3d_fullres and the cascade when planned) or a list such as 2d,3d_fullres (default: none)")
     p.add_argument("--configurations", nargs="+", default=["3d_fullres"], help="which planned configurations to preprocess (and train): 2d, 3d_fullres, 3d_lowres (default: 3d_fullres)")
     p.add_argument("--plans", type=Path, default=None, help="use this (hand-edited) plans.json instead of planning (no new fingerprint: the one beside it is copied)")
     p.add_argument("--workers", type=int, default=None, help="parallel cases (default: cores)")
@@ -38,7 +40,7 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
 
 def _run_preprocess(a: argparse.Namespace) -> int:
     plans = _stage("medseg.preprocessing.preprocess").run_preprocessing(a.dataset, a.out, a.device_budget, tuple(a.configurations), a.workers, plans=a.plans,
-                                                                        configuration=a.configuration)
+                                                                        configuration=a.configuration, candidates=a.candidates)
     if plans.chosen_configuration:
         print(f"configuration: {plans.chosen_configuration} ({plans.configuration_reason})")
     c = plans.configuration(plans.trained_configurations[-1] if plans.trained_configurations else None)
@@ -313,6 +315,33 @@ def _run_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_select_configuration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preprocessed", required=True, type=Path, help="preprocessed folder every candidate was trained on (medseg preprocess --candidates)")
+    p.add_argument("--dataset", required=True, type=Path, help="the ingested dataset: its raw cases are scored in their own geometry")
+    p.add_argument("--models", required=True, nargs="+", type=Path, metavar="PACKAGE",
+                   help="single-fold model packages of every candidate configuration, trained on the same folds")
+    p.add_argument("--out", required=True, type=Path, help="the chosen model package to write (written to a temporary name, then renamed)")
+    p.add_argument("--params", type=Path, default=None, metavar="FILE",
+                   help="parameter file for train.max_val_cases (cases per fold), val_overlap and device (default: params.yaml, if present)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI; 'none' disables)")
+
+
+def _run_select_configuration(a: argparse.Namespace) -> int:
+    """``medseg select-configuration``: nnU-Net's find_best_configuration on trained fold packages."""
+    from medseg.training.config import split_train_section
+    from medseg.training.stage import build_selected_model
+    from medseg.training.trainer import TrainConfig
+
+    train_fields, _ = split_train_section(_params(a).get("train"))
+    model, report = build_selected_model(a.preprocessed, a.dataset, list(a.models), a.out, TrainConfig.from_dict(train_fields), _tracking(a), {"stage": "select"})
+    selection = report.get("selection")
+    if selection:
+        for name, score in sorted(selection["scores"].items(), key=lambda kv: -kv[1]):
+            print(f"{name:32s} out-of-fold Dice {score:.4f}{'  ← chosen' if name == selection['chosen'] else ''}")
+    print(f"model: {model}")
+    return 0
+
+
 def _add_export_onnx(p: argparse.ArgumentParser) -> None:
     p.add_argument("packages", nargs="+", type=Path, metavar="PACKAGE", help="model package folder(s) (with model_package.json)")
 
@@ -327,7 +356,9 @@ def _run_export_onnx(a: argparse.Namespace) -> int:
     for package in a.packages:
         schemas.ModelPackage.load(package)  # not a package: a clear error before the exporter loads anything
         info = export.write_onnx(package, force=True)
-        if info.get("file"):
+        if info.get("members"):
+            print(f"{package}: every member of the configuration ensemble has its {export.ONNX_FILE}")
+        elif info.get("file"):
             print(f"{package}: {info['file']} written (opset {info['opset']}, windows {info['patch_size']}, "
                   f"max |logit difference| to torch {info['max_abs_diff']})")
         else:
@@ -401,6 +432,8 @@ COMMANDS: dict[str, tuple[str, object]] = {
     "registry": ("MLflow registry: list, show, promote, rollback", "medseg.registry.registry"),
     "serve": ("start the KServe model server on 127.0.0.1", "medseg.serving.server"),
     "predict": ("predict a folder of cases with a model here, or send one case to a model server (--url)", (_add_predict, _run_predict)),
+    "select-configuration": ("choose the best configuration or pair by cross-validation from trained fold packages (nnU-Net's find_best_configuration)",
+                             (_add_select_configuration, _run_select_configuration)),
     "export-onnx": ("write network.onnx into model packages for the torch-free model server (packages from before the export)",
                     (_add_export_onnx, _run_export_onnx)),
     "pipeline": ("run the Kubeflow pipeline locally (kfp.local) or compile it", (_add_pipeline, _run_pipeline)),
@@ -414,7 +447,7 @@ COMMANDS: dict[str, tuple[str, object]] = {
 # the extra of medseg-ops each command needs beyond the core install (pyproject.toml)
 COMMAND_EXTRAS: dict[str, str] = {
     "synth": "data", "ingest": "data", "data": "data",
-    "preprocess": "train", "tune": "train", "train": "train", "evaluate-model": "train", "evaluate": "train", "registry": "train", "export-onnx": "train",
+    "preprocess": "train", "tune": "train", "train": "train", "evaluate-model": "train", "evaluate": "train", "registry": "train", "export-onnx": "train", "select-configuration": "train",
     "serve": "serve", "predict": "serve", "viewer": "serve",
     "pipeline": "pipelines", "deploy": "pipelines", "demo": "all",
 }

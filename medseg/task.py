@@ -431,6 +431,36 @@ class Task:
             return "2d", f"strongly anisotropic spacing {[round(float(s), 3) for s in spacing]} mm (ratio > {ANISOTROPY_FOR_2D:g})"
         return "3d_fullres", "3D volumes"
 
+    def candidate_configurations(self, requested: str, planned: Sequence[str], chosen: str = "") -> list[str]:
+        """The configurations cross-validation chooses among (nnU-Net's ``find_best_configuration``), ``chosen`` first.
+
+        ``requested``: ``""``/``none`` → none (only the chosen configuration is trained, nothing is selected);
+        ``all`` → nnU-Net's candidates for this task: ``2d`` and ``3d_fullres``, and ``3d_cascade_fullres`` when the
+        plan has a ``3d_lowres`` (a slice set or a classifier has only one configuration, so none); or a
+        comma-separated list of configurations the plan has (``2d,3d_fullres``). A single candidate selects nothing.
+
+        Raises:
+            MedsegError: an unknown name, or a configuration the plan does not have.
+        """
+        text = str(requested or "").strip().lower()
+        planned = list(planned)
+        if text in ("", "none"):
+            return []
+        if text == "all":
+            if self.is_classification or self.is_slice_set or "3d_fullres" not in planned:
+                return []
+            names = [c for c in ("2d", "3d_fullres") if c in planned] + ([CASCADE] if "3d_lowres" in planned else [])
+        else:
+            names = [c.strip() for c in text.split(",") if c.strip()]
+            for name in names:
+                if name not in CONFIGURATIONS or name == "auto":
+                    raise MedsegError(f"unknown candidate configuration {name!r} (choose from {', '.join(CONFIGURATIONS[1:])}, or all)")
+                missing = [c for c in configuration_stages(name) if c not in planned]
+                if missing:
+                    raise MedsegError(f"candidate configuration {name!r} needs {', '.join(missing)}, which the plan does not have (planned: {', '.join(planned)})")
+        ordered = ([chosen] if chosen in names else []) + [c for c in dict.fromkeys(names) if c != chosen]
+        return ordered if len(ordered) > 1 else []
+
     def configurations_to_preprocess(self, requested: str) -> tuple[str, ...]:
         """What preprocessing prepares for ``requested``: every candidate for ``auto`` (the choice needs the plan)."""
         if requested == "auto":

@@ -140,6 +140,7 @@ def training_pipeline(
     deploy_target: str = DEFAULTS["deploy_target"],
     deploy_config: dict = DEFAULTS["deploy_config"],
     folds: str = DEFAULTS["folds"],
+    candidate_configurations: str = DEFAULTS["candidate_configurations"],
     checkpoint_store: str = DEFAULTS["checkpoint_store"],
     resume_run: str = "",
     train_gpus: int = DEFAULTS["train_gpus"],
@@ -174,6 +175,7 @@ def training_pipeline(
         deploy_target: Where the champion is deployed: kserve (InferenceService in deploy_config's namespace) or local (127.0.0.1, kfp.local runs).
         deploy_config: medseg.deploy.DeployConfig fields (namespace, replicas, resources, gpu, canary, Prometheus URL, Secrets by name).
         folds: Folds to train, each in its own pod at the same time: a fold number, a list N,M,... or all; several folds are combined into one ensemble package with postprocessing chosen on their out-of-fold predictions.
+        candidate_configurations: Configurations to train beside the chosen one and choose among by cross-validation, the best one or the best pair ensemble (nnU-Net's find_best_configuration): all (2d, 3d_fullres and the cascade when planned), a list such as 2d,3d_fullres, or empty for none.
         checkpoint_store: Where the train step keeps its checkpoints while it runs (s3://bucket/prefix, or a mounted folder), under <run>/<configuration>/fold_<k>: a restarted or retried train pod resumes from the last epoch; empty = none.
         resume_run: The id of an earlier run whose stored checkpoints this run's train step resumes from (empty: this run's own id).
         train_gpus: GPUs per train pod; one DDP process per GPU (torchrun, NCCL); 0 trains on the CPU.
@@ -190,7 +192,7 @@ def training_pipeline(
     budget = plan_budget(device_budget=device_budget, gpus=train_gpus, gpu_memory_gib=gpu_memory_gib, node_selector=train_node_selector)
     budget.set_display_name("Device budget for the requested GPU")
     budget.set_caching_options(False)  # a few milliseconds; the preprocess step after it is the one worth caching
-    pre = preprocess(dataset=ingested.outputs["dataset"], device_budget=budget.output, configuration=configuration)
+    pre = preprocess(dataset=ingested.outputs["dataset"], device_budget=budget.output, configuration=configuration, candidates=candidate_configurations)
     pre.set_display_name("Fingerprint, plan, preprocess")
     pre.set_caching_options(True)  # deterministic given the dataset and the budget
     shards = tune_shards(n_workers=tune_workers, n_trials=n_trials, optuna_storage=optuna_storage, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
@@ -206,23 +208,24 @@ def training_pipeline(
     tuned = tune(workers=dsl.Collected(worker.outputs["Output"]), train_params=train_params, tune_params=tune_params, optuna_storage=optuna_storage,
                  pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     tuned.set_display_name("Tune: best parameters of the study")
-    fold_list = training_folds(preprocessed=pre.outputs["preprocessed"], folds=folds)
-    fold_list.set_display_name("Folds to train")
+    fold_list = training_folds(preprocessed=pre.outputs["preprocessed"], folds=folds, candidates=candidate_configurations)
+    fold_list.set_display_name("Configurations and folds to train")
     fold_list.set_caching_options(False)  # milliseconds
-    with dsl.ParallelFor(fold_list.output, name="train-folds") as fold:
-        # the configuration preprocessing chose is read from its plan (see the train component)
+    with dsl.ParallelFor(fold_list.output, name="train-folds") as unit:
+        # the configuration comes with the loop item (kfp.local would hand an upstream output parameter over as the item)
         trained = train(preprocessed=pre.outputs["preprocessed"], best_params=tuned.outputs["best_params"], train_params=train_params,
                         mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                        gpus=train_gpus, checkpoint_store=checkpoint_store, resume_run=resume_run, fold=fold, accelerator_type=accelerator_type)
+                        gpus=train_gpus, checkpoint_store=checkpoint_store, resume_run=resume_run, fold=unit.fold, accelerator_type=accelerator_type,
+                        configuration=unit.configuration)
         trained.set_display_name("Train a fold")
         # a preempted or failed train pod is started again within the same run: it finds the run's checkpoints in
         # checkpoint_store and resumes after the last complete epoch (kfp.local honours the retries too)
         trained.set_retry(**train_retry_policy())
         _training_resources(trained, accelerator_type, train_gpus, train_node_selector)
         _mount_secrets(trained, "mlflow", "mlflow_user", "s3")
-    combined = fold_ensemble(preprocessed=pre.outputs["preprocessed"], fold_models=dsl.Collected(trained.outputs["model"]), train_params=train_params,
+    combined = fold_ensemble(preprocessed=pre.outputs["preprocessed"], dataset=ingested.outputs["dataset"], fold_models=dsl.Collected(trained.outputs["model"]), train_params=train_params,
                              mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-    combined.set_display_name("Fold ensemble (out-of-fold postprocessing)")
+    combined.set_display_name("Fold ensemble; configuration chosen by cross-validation")
     _mount_secrets(combined, "mlflow", "mlflow_user")
     evaluated = evaluate(model=combined.outputs["model"], dataset=ingested.outputs["dataset"], overlap=overlap, gpus=evaluate_gpus, mirror=evaluate_mirror)
     evaluated.set_display_name("Evaluate on held-out cases")

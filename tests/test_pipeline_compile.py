@@ -94,8 +94,16 @@ def test_folds_train_in_parallel_pods_and_one_step_ensembles_them(compiled):
     name, loop = _loop_of(spec, "train")
     assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--training-folds-Output"}
     assert tasks["training-folds"]["inputs"]["parameters"]["folds"] == {"componentInputParameter": "folds"}
+    assert tasks["training-folds"]["inputs"]["parameters"]["candidates"] == {"componentInputParameter": "candidate_configurations"}
+    assert tasks["preprocess"]["inputs"]["parameters"]["candidates"] == {"componentInputParameter": "candidate_configurations"}
+    assert defaults["candidate_configurations"] == str(params["preprocess"].get("candidates") or "")
     train = _in_loop(spec, "train")
-    assert train["inputs"]["parameters"]["fold"] == {"componentInputParameter": loop["parameterIterator"]["itemInput"]}
+    # each loop item is {"configuration", "fold"}: one pod per candidate configuration and fold
+    item = loop["parameterIterator"]["itemInput"]
+    assert train["inputs"]["parameters"]["fold"] == {"componentInputParameter": item, "parameterExpressionSelector": 'parseJson(string_value)["fold"]'}
+    assert train["inputs"]["parameters"]["configuration"] == {"componentInputParameter": item,
+                                                               "parameterExpressionSelector": 'parseJson(string_value)["configuration"]'}
+    assert tasks["fold-ensemble"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"] == {"outputArtifactKey": "dataset", "producerTask": "ingest"}
     collected = tasks["fold-ensemble"]["inputs"]["artifacts"]["fold_models"]["taskOutputArtifact"]
     assert collected == {"outputArtifactKey": "pipelinechannel--train-model", "producerTask": name}
     for consumer in ("evaluate", "register"):

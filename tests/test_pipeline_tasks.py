@@ -70,6 +70,9 @@ def _write_source(layout: str, out: Path, seed: int = 0) -> Path:
 
 #: layouts whose first run trains every fold (2 here) as parallel tasks and ships their ensemble (train.folds: all)
 ALL_FOLDS_LAYOUTS = ("brats2023",)
+#: layouts whose first run also trains the 2d configuration and keeps the best of 3d_fullres, 2d and their pair by
+#: cross-validation (preprocess.candidates), as nnU-Net's find_best_configuration
+CANDIDATE_LAYOUTS = ("brats2024",)
 
 
 def _run_pipeline(work: Path, source: Path, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -168,6 +171,31 @@ def _check_fold_ensemble(result: dict[str, Any], client: Any) -> None:
     assert client.get_model_version(registered["model_name"], registered["version"]).tags["training_run_id"] == package.training["mlflow_run_id"]
 
 
+def _check_configuration_choice(result: dict[str, Any], client: Any) -> None:
+    """``preprocess.candidates: 2d,3d_fullres`` on fold 0: one train task per configuration, and the fold-ensemble
+    step's model is the best of 3d_fullres, 2d and their pair by out-of-fold Dice, which evaluate, register and serve took."""
+    from medseg.tracking import DEFAULT_EXPERIMENT
+
+    tasks = result["tasks"]
+    trained = {schemas.ModelPackage.load(Path(tasks[name]["model"])).configuration for name in ("train-0", "train-1")}
+    assert trained == {"3d_fullres", "2d"}
+    model = Path(tasks["fold-ensemble"]["model"])
+    package = schemas.ModelPackage.load(model)
+    selection = package.training["configuration_selection"]
+    assert set(selection["scores"]) == {"3d_fullres", "2d", "3d_fullres+2d"}
+    assert selection["scores"][selection["chosen"]] == max(selection["scores"].values())
+    assert package.configuration == selection["chosen"]
+    if "+" in selection["chosen"]:
+        assert [m["configuration"] for m in package.configuration_ensemble] == selection["members"]
+    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'select-configuration'")
+    assert len(runs) == 1 and runs[0].data.params["chosen"] == selection["chosen"]
+    assert runs[0].info.run_id == package.training["selection_mlflow_run_id"]
+    registered = _output_parameters(Path(result["run_dir"]), "register")
+    version = client.get_model_version(registered["model_name"], registered["version"])
+    assert client.get_run(version.run_id).data.params["configuration"] == selection["chosen"]  # the registration run says what was chosen
+
+
 def _check_gated(result: dict[str, Any], task: Task, name: str, client: Any) -> dict[str, Any]:
     decision = json.loads(Path(result["tasks"]["promote"]["decision"]).read_text())
     assert decision["compared_with"] == "1", decision
@@ -184,10 +212,17 @@ def test_every_task_runs_the_whole_loop_and_gates_a_second_run(layout: str, tmp_
     source = _write_source(layout, tmp_path / "raw")
     work = tmp_path / "work"
     all_folds = layout in ALL_FOLDS_LAYOUTS
-    first = _run_pipeline(work, source, {"train": {**GENERIC_PARAMS["train"], "folds": "all"}} if all_folds else None)
+    if all_folds:
+        first = _run_pipeline(work, source, {"train": {**GENERIC_PARAMS["train"], "folds": "all"}})
+    elif layout in CANDIDATE_LAYOUTS:
+        first = _run_pipeline(work, source, {"preprocess": {**GENERIC_PARAMS["preprocess"], "candidates": "2d,3d_fullres"}})
+    else:
+        first = _run_pipeline(work, source)
     checked = _check_first_run(layout, work, first)
     if all_folds:
         _check_fold_ensemble(first, checked["client"])
+    if layout in CANDIDATE_LAYOUTS:
+        _check_configuration_choice(first, checked["client"])
     if layout not in GATED_LAYOUTS:
         return
     # the same data again, another training seed (the same seed trains the same model: an equal model is never

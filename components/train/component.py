@@ -63,44 +63,40 @@ def train(preprocessed: Input[Dataset], best_params: Input[Artifact], train_para
 
 
 @dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)
-def training_folds(preprocessed: Input[Dataset], folds: str) -> list:
-    """The folds to train, one pod each: ``folds`` is a fold number, a list ``N,M,...`` or ``all`` (every fold of the
-    splits the ingest step wrote)."""
+def training_folds(preprocessed: Input[Dataset], folds: str, candidates: str = "") -> list:
+    """The train tasks, one pod each: ``{"configuration", "fold"}`` for every fold of ``folds`` (a fold number, a list
+    ``N,M,...`` or ``all``: every fold of the splits the ingest step wrote) and every configuration: the one preprocessing
+    chose, plus with ``candidates`` (``all``, or a list such as ``2d,3d_fullres``) the others cross-validation chooses among."""
     from pathlib import Path
 
-    from medseg import schemas
-    from medseg.training.stage import parse_folds
+    from medseg.training.stage import training_units
 
-    return parse_folds(folds, len(schemas.Splits.load(Path(preprocessed.path)).folds))
+    return training_units(Path(preprocessed.path), folds, candidates)
 
 
 @dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)
-def fold_ensemble(preprocessed: Input[Dataset], fold_models: Input[List[Model]], train_params: dict, mlflow_tracking_uri: str, pipeline_run_id: str,
-                  model: Output[Model]):
-    """The model of the trained folds: one fold's package as it is, or the ensemble package of several (their
+def fold_ensemble(preprocessed: Input[Dataset], dataset: Input[Dataset], fold_models: Input[List[Model]], train_params: dict, mlflow_tracking_uri: str,
+                  pipeline_run_id: str, model: Output[Model]):
+    """The run's model from the trained folds: one fold's package as it is, or the ensemble package of several (their
     probabilities averaged at inference) with postprocessing chosen on their out-of-fold predictions, as nnU-Net
-    ensembles its five folds."""
-    import shutil
+    ensembles its five folds; with several configurations, the best one or the best pair by cross-validation, as
+    nnU-Net's find_best_configuration (scored on the dataset's raw cases, in their own geometry)."""
     from pathlib import Path
 
     from medseg import schemas
     from medseg.tracking import resolve_tracking_uri
-    from medseg.training.stage import build_fold_ensemble, merged_params
+    from medseg.training.stage import build_selected_model, merged_params
 
-    members = [Path(m.path) for m in fold_models]
-    if len(members) == 1:
-        shutil.copytree(members[0], model.path)
-        model.metadata.update({**fold_models[0].metadata, "folds": [fold_models[0].metadata.get("fold")]})
-        return
     cfg = merged_params(train_params, None)
-    work = Path(model.path + ".work")
-    built, cv = build_fold_ensemble(Path(preprocessed.path), members, work / "model", cfg, resolve_tracking_uri(mlflow_tracking_uri),
-                                    {"pipeline_run_id": pipeline_run_id, "stage": "ensemble"})
-    shutil.move(str(built), model.path)
-    shutil.rmtree(work, ignore_errors=True)
-    package = schemas.ModelPackage.load(Path(model.path))
-    model.metadata.update({"configuration": package.configuration, "folds": package.training.get("folds"), "network": package.network.get("name"),
-                           **{f"cv_{k}": v for k, v in cv.items()}})
+    built, report = build_selected_model(Path(preprocessed.path), Path(dataset.path), [Path(m.path) for m in fold_models], Path(model.path), cfg,
+                                         resolve_tracking_uri(mlflow_tracking_uri), {"pipeline_run_id": pipeline_run_id, "stage": "ensemble"})
+    package = schemas.ModelPackage.load(built)
+    selection = report.pop("selection", None) or {}
+    folds = package.training.get("folds") or [(package.training.get("config") or {}).get("fold")]
+    model.metadata.update({"configuration": package.configuration, "folds": folds, "network": package.network.get("name"),
+                           **{k: v for k, v in report.items() if isinstance(v, (int, float))}})
+    if selection:
+        model.metadata.update({"chosen_configuration": selection["chosen"], **{f"cv_score_{k}": v for k, v in selection["scores"].items()}})
 
 
 @dsl.component(base_image=image("train"), **COMPONENT_OPTIONS)

@@ -81,6 +81,7 @@ def pipeline_arguments(params: dict[str, Any], source: str | Path, tracking_uri:
         "seed": int(ing.get("seed", 0)),
         "device_budget": gpu.pop("device_budget"),
         "configuration": str(params.get("preprocess", {}).get("configuration", "auto")),
+        "candidate_configurations": str(params.get("preprocess", {}).get("candidates") or ""),
         "train_params": train_fields,
         "folds": folds if folds is not None else str(train_fields.get("fold", 0)),
         "tune_params": dict(tune.get("trial_params", {})),

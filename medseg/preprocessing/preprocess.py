@@ -182,7 +182,7 @@ def _load_plans(plans: schemas.Plans | str | Path, dataset: schemas.DatasetJson)
 
 
 def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", configurations: tuple[str, ...] = ("3d_fullres",), workers: int | None = None, progress: bool = True, plans: schemas.Plans | str | Path | None = None, timings: dict[str, Any] | None = None,
-                      configuration: str | None = None) -> schemas.Plans:
+                      configuration: str | None = None, candidates: str = "") -> schemas.Plans:
     """Fingerprint, plan and preprocess the training cases of a canonical dataset into ``out_dir``.
 
     Args:
@@ -197,6 +197,9 @@ def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", con
             (:meth:`medseg.task.Task.choose_configuration`: ``auto`` is 2d for slice sets and strongly anisotropic
             data, else 3d_fullres) and only what the choice trains is preprocessed; the plan records the choice
             and why (``chosen_configuration``, ``configuration_reason``).
+        candidates: with ``configuration``, the configurations cross-validation will choose among
+            (:meth:`medseg.task.Task.candidate_configurations`: ``all`` or ``2d,3d_fullres``...): every one of them is
+            preprocessed too. Empty: only what the chosen configuration trains.
         timings: when given, filled with wall seconds per phase (``fingerprint_s``, ``plan_s``,
             ``preprocess_s``, ``total_s``) and the case and worker counts.
 
@@ -235,13 +238,15 @@ def run_preprocessing(dataset_dir: Path, out_dir: Path, budget: str = "cpu", con
             fingerprint_source = source.parent / schemas.FINGERPRINT_JSON
             fingerprint = schemas.Fingerprint.load(fingerprint_source)
     if configuration is not None:
-        from medseg.task import Task
+        from medseg.task import Task, configuration_stages
 
         task = Task.from_dataset(dataset)
         full = plan.configurations.get("3d_fullres")
         chosen, reason = task.choose_configuration(configuration, list(plan.configurations), full["spacing"] if full else None)
         plan.chosen_configuration, plan.configuration_reason = chosen, reason
         plan.trained_configurations = list(task.configurations_to_preprocess(chosen))
+        for candidate in task.candidate_configurations(candidates, list(plan.configurations), chosen):
+            plan.trained_configurations += [c for c in configuration_stages(candidate) if c not in plan.trained_configurations]
         configurations = tuple(plan.trained_configurations)
         logger.info("configuration %s: %s (requested %s)", chosen, reason, configuration)
     skipped = [c for c in configurations if c not in plan.trained_configurations]

@@ -299,4 +299,98 @@ def build_fold_ensemble(preprocessed_dir: Path, members: list[Path], model_dir: 
     return Path(model_dir), cv_dice
 
 
-__all__ = ["SEARCH_SPACE", "FoldsResult", "build_fold_ensemble", "log_training_curves", "merged_params", "parse_folds", "run_train", "run_train_configuration", "run_train_folds", "run_tune"]
+def training_units(preprocessed_dir: Path, folds: str | int, candidates: str = "") -> list[dict[str, Any]]:
+    """The train tasks of a pipeline run, one pod each: ``{"configuration", "fold"}`` for every fold of ``folds``
+    (:func:`parse_folds`) and every configuration: the one preprocessing chose, and with ``candidates`` (``all`` or a
+    list, :meth:`medseg.task.Task.candidate_configurations`) the others cross-validation will choose among.
+
+    Raises:
+        MedsegError: a fold the splits lack, an unknown candidate, or one that was not preprocessed.
+    """
+    from medseg.task import Task, configuration_stages
+
+    preprocessed_dir = Path(preprocessed_dir)
+    plans = schemas.Plans.load(preprocessed_dir)
+    chosen = plans.chosen_configuration or (plans.trained_configurations[-1] if plans.trained_configurations else "3d_fullres")
+    configurations = Task.from_folder(preprocessed_dir).candidate_configurations(candidates, list(plans.configurations), chosen) or [chosen]
+    for configuration in configurations:
+        missing = [c for c in configuration_stages(configuration) if c not in plans.trained_configurations]
+        if missing:
+            raise MedsegError(f"candidate {configuration} needs {', '.join(missing)} preprocessed (preprocess with the same candidates)", preprocessed_dir)
+    fold_list = parse_folds(folds, len(schemas.Splits.load(preprocessed_dir).folds)) or [0]
+    return [{"configuration": c, "fold": f} for c in configurations for f in fold_list]
+
+
+def build_selected_model(preprocessed_dir: Path, dataset_dir: Path | None, fold_packages: list[Path], model_dir: Path, cfg: TrainConfig,
+                         tracking_uri: str | None = None, tags: dict[str, str] | None = None, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The run's model from its trained single-fold packages: per configuration the fold ensemble (one fold: its
+    package as is), then, with several configurations, the best one or the best pair by cross-validation
+    (:func:`medseg.training.model_selection.select_configuration`, on ``dataset_dir``'s raw cases). Returns the
+    package folder (``model_dir``) and what to report: ``cv_*`` scores of the fold ensemble and, after a selection,
+    ``selection`` (:meth:`~medseg.training.model_selection.Selection.to_dict`). Logged to MLflow as ``select-configuration``."""
+    import shutil
+
+    from medseg.training import model_selection as sel
+
+    model_dir = Path(model_dir)
+    work = model_dir.parent / f".{model_dir.name}.work"
+    by_configuration: dict[str, list[Path]] = {}
+    for folder in fold_packages:
+        by_configuration.setdefault(sel.trained_configuration(schemas.ModelPackage.load(folder)), []).append(Path(folder))
+    models: dict[str, Path] = {}
+    report: dict[str, Any] = {}
+    for configuration, members in by_configuration.items():
+        if len(members) == 1:
+            models[configuration] = members[0]
+            continue
+        built, cv = build_fold_ensemble(preprocessed_dir, members, work / configuration / "model", cfg, tracking_uri,
+                                        {**(tags or {}), "configuration": configuration}, progress)
+        models[configuration] = built
+        report.update({f"cv_{configuration}_{k}" if len(by_configuration) > 1 else f"cv_{k}": v for k, v in cv.items()})
+    if len(models) == 1:
+        only = next(iter(models.values()))
+        if only.resolve() != model_dir.resolve():
+            if model_dir.exists():
+                shutil.rmtree(model_dir)
+            shutil.copytree(only, model_dir)
+        shutil.rmtree(work, ignore_errors=True)
+        return model_dir, report
+    if dataset_dir is None:
+        raise MedsegError("choosing among configurations needs the ingested dataset (its raw cases are scored in their own geometry)")
+    selection, winner_pairs = sel.select_configuration(dataset_dir, by_configuration, work, cfg.max_val_cases, cfg.val_overlap, cfg.device, progress=progress)
+    if progress:
+        log.info("configurations by out-of-fold Dice: %s → %s", ", ".join(f"{k} {v:.4f}" for k, v in sorted(selection.scores.items(), key=lambda kv: -kv[1])), selection.name)
+    if len(selection.chosen) == 1:
+        winner = models[selection.chosen[0]]
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(winner, model_dir)
+        package = schemas.ModelPackage.load(model_dir)
+        package.training["configuration_selection"] = selection.to_dict()
+        package.save(model_dir)
+    else:
+        from medseg.task import Task
+        from medseg.training.validation import postprocessing_from_pairs
+
+        plans = schemas.Plans.load(models[selection.chosen[0]])
+        post = postprocessing_from_pairs(winner_pairs, plans, selection.spacing, Task.from_folder(dataset_dir))
+        if post:
+            post["chosen_on"] = "out-of-fold predictions of the configuration ensemble, input geometry"
+        sel.save_configuration_ensemble(model_dir, {c: models[c] for c in selection.chosen}, selection, post)
+    report["selection"] = selection.to_dict()
+    with mlflow_run(tracking_uri, "select-configuration", tags) as run:
+        if run is not None:
+            import mlflow
+
+            mlflow.log_params({"candidates": ",".join(by_configuration), "chosen": selection.name, "cases": selection.n_cases})
+            mlflow.log_metrics({f"cv_dice_{name.replace(sel.PAIR_JOIN, '_and_')}": v for name, v in selection.scores.items()})
+            mlflow.log_dict(selection.to_dict(), schemas.CONFIGURATION_SELECTION_JSON)
+            package = schemas.ModelPackage.load(model_dir)
+            package.training["selection_mlflow_run_id"] = run.info.run_id
+            package.training.setdefault("mlflow_run_id", run.info.run_id)  # a pair's package: this run is its training lineage
+            package.save(model_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    return model_dir, report
+
+
+__all__ = ["SEARCH_SPACE", "FoldsResult", "build_fold_ensemble", "build_selected_model", "training_units", "log_training_curves", "merged_params", "parse_folds", "run_train", "run_train_configuration", "run_train_folds", "run_tune"]
