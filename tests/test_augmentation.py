@@ -9,7 +9,9 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from medseg.training import augmentation
 from medseg.training.augmentation import (
     Compose,
     Contrast,
@@ -242,3 +244,108 @@ def test_sampler_without_augmentation_keeps_its_behaviour() -> None:
     np.testing.assert_array_equal(a[1], b[1])
     with pytest.raises(ValueError, match="produces patches of"):
         PatchSampler(cases, [8, 8, 8], 2, augmentation=default_augmentation([16, 16, 16]))
+
+
+# --------------------------------------------------------------------------- resampling only the bounding box
+def _full_input_reference(t: SpatialTransform, image: torch.Tensor, label: torch.Tensor, rng: np.random.Generator):
+    """The straightforward spatial transform: the same draws as ``t``, then one ``grid_sample`` of the WHOLE input
+    (labels converted to float, nearest neighbour) on the grid normalised to the whole input."""
+    b, dims = image.shape[0], image.ndim - 2
+    in_size = np.array(image.shape[2:])
+    mats, changed = t._matrices(b, rng)
+    elastic = rng.random(b) < t.p_elastic
+    fields = {int(i): t._elastic(rng) for i in np.flatnonzero(elastic)}
+    changed = changed | elastic
+    start = (in_size - t.patch_size) // 2
+    crop = tuple(slice(int(s), int(s) + p) for s, p in zip(start, t.patch_size))
+    out_img, out_lab = image[(slice(None), slice(None), *crop)].clone(), label[(slice(None), slice(None), *crop)].clone()
+    offsets = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in t.patch_size], indexing="ij"), dim=-1)
+    for i in np.flatnonzero(changed):
+        coords = offsets @ torch.from_numpy(mats[i].astype(np.float32)).T
+        if int(i) in fields:
+            coords = coords + fields[int(i)].movedim(0, -1)
+        coords = coords + torch.as_tensor((in_size - 1) / 2, dtype=torch.float32)
+        grid = (2 * coords / torch.as_tensor(np.maximum(in_size - 1, 1), dtype=torch.float32) - 1).flip(-1)[None]
+        out_img[i] = F.grid_sample(image[i : i + 1], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+        out_lab[i] = F.grid_sample(label[i : i + 1].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)[0].round().to(label.dtype)
+    return out_img, out_lab, changed
+
+
+BOX_CASES = {
+    "rotation": (dict(p_rotation=1.0, p_scaling=0.0), [20, 18, 16], [31, 30, 29]),
+    "scaling": (dict(p_rotation=0.0, p_scaling=1.0), [20, 18, 16], [24, 26, 23]),
+    "elastic": (dict(p_rotation=0.0, p_scaling=0.0, p_elastic=1.0, elastic_alpha=(200.0, 900.0), elastic_sigma=(3.0, 4.0)), [20, 18, 16], [28, 28, 28]),
+    "all_three": (dict(p_rotation=1.0, p_scaling=1.0, p_elastic=1.0, elastic_sigma=(3.0, 4.0)), [20, 18, 16], [31, 30, 29]),
+    "2d": (dict(rotation=(-math.pi, math.pi), p_rotation=1.0, p_scaling=1.0, p_elastic=0.5, elastic_alpha=(0.0, 200.0), elastic_sigma=(3.0, 4.0)), [24, 20], [36, 33]),
+    "past_the_border": (dict(p_rotation=1.0, p_scaling=1.0, scaling=(0.3, 3.0)), [20, 18, 16], [21, 19, 16]),  # boxes clipped, zeros outside
+    "one_slice": (dict(p_rotation=1.0, p_scaling=1.0, rotation_axes=[2], scale_axes=[0, 1]), [20, 18, 1], [30, 29, 1]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOX_CASES))
+def test_spatial_transform_equals_resampling_the_whole_input(name: str) -> None:
+    kwargs, patch, in_size = BOX_CASES[name]
+    t = SpatialTransform(patch, **kwargs)
+    for seed in range(3):
+        g = np.random.default_rng(seed)
+        ramp = torch.linspace(0, 4, in_size[0]).reshape(1, 1, -1, *([1] * (len(in_size) - 1)))
+        img = torch.from_numpy(g.normal(size=(3, 2, *in_size)).astype(np.float32)) + ramp
+        lab = torch.from_numpy(g.integers(0, 6, size=(3, 1, *in_size)).astype(np.int8))
+        out, out_lab = t(img, lab, np.random.default_rng(100 + seed))
+        ref, ref_lab, changed = _full_input_reference(t, img, lab, np.random.default_rng(100 + seed))
+        assert changed.any()
+        assert out.shape == ref.shape and out.dtype == ref.dtype and out_lab.dtype == lab.dtype
+        # positions shifted into the box differ by float32 rounding (a few 1e-6 voxel), times this white noise's
+        # voxel-to-voxel differences (up to ~8): ≲ 5e-5; a wrong box or normalisation would be off by O(1)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=5e-5)
+        assert torch.equal(out_lab, ref_lab)  # nearest neighbour: the very same voxels
+        if name == "past_the_border":
+            assert (ref[changed] == 0).any() and (ref_lab[changed] == 0).any()  # parts sampled beyond the input
+    img_before, lab_before = img.clone(), lab.clone()
+    t(img, lab, np.random.default_rng(0))
+    assert torch.equal(img, img_before) and torch.equal(lab, lab_before)
+
+
+def test_nearest_label_gather_breaks_ties_like_grid_sample() -> None:
+    # positions exactly halfway between voxels (and beyond the map): grid_sample's nearbyint rounds them half to even
+    label = torch.arange(7 * 6 * 5, dtype=torch.int64).reshape(1, 1, 7, 6, 5) % 11 + 1
+    axes = [torch.arange(-1.5, n + 1.0, 0.5) for n in (7, 6, 5)]
+    u = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    n = torch.tensor([6.0, 5.0, 4.0])
+    grid = 2 * u / n - 1
+    u_exact = (grid + 1) / 2 * n  # what grid_sample computes from the grid
+    expected = F.grid_sample(label.float(), grid.flip(-1)[None], mode="nearest", padding_mode="zeros", align_corners=True)[0, 0].to(torch.int64)
+    got = augmentation._nearest(label[0, 0], u_exact)
+    assert torch.equal(got, expected)
+    assert (expected == 0).any() and (expected > 0).any()  # positions beyond the map and inside it
+    ties = (u_exact.frac().abs() == 0.5).any(-1) & (expected > 0)
+    assert ties.sum() > 100  # the comparison covers exact ties
+    # large label values are taken as they are (no float round trip)
+    big = label * (1 << 40)
+    assert torch.equal(augmentation._nearest(big[0, 0], u_exact), expected * (1 << 40))
+
+
+def test_sampler_batches_equal_resampling_the_whole_input() -> None:
+    """The default pipeline's batches with the box resampling equal those of a pipeline whose spatial transform
+    resamples the whole input (same draws, same later transforms)."""
+
+    changed_samples = []
+
+    class WholeInput(SpatialTransform):
+        def __call__(self, image, label, rng):
+            img, lab, changed = _full_input_reference(self, image, label, rng)
+            changed_samples.append(int(changed.sum()))
+            return img, lab
+
+    cases = _fake_cases(shape=(30, 28, 26))
+    box = PatchSampler(cases, [16, 16, 16], 3, foreground_share=0.5, seed=11, augmentation=True)
+    whole_aug = default_augmentation([16, 16, 16])
+    spatial = whole_aug.transforms[0]
+    whole_aug.transforms[0] = WholeInput(spatial.patch_size, rotation=spatial.rotation, rotation_axes=spatial.rotation_axes, p_rotation=spatial.p_rotation,
+                                         scaling=spatial.scaling, p_scaling=spatial.p_scaling, scale_axes=spatial.scale_axes, p_elastic=spatial.p_elastic)
+    whole = PatchSampler(cases, [16, 16, 16], 3, foreground_share=0.5, seed=11, augmentation=Compose(whole_aug.transforms))
+    for i in range(12):
+        (x1, y1), (x2, y2) = box.sample_at(i), whole.sample_at(i)
+        np.testing.assert_allclose(x1, x2, rtol=1e-4, atol=1e-4)  # intensity transforms may amplify the 1e-5 differences a little
+        np.testing.assert_array_equal(y1, y2)
+    assert sum(changed_samples) >= 3 and len(changed_samples) == 12  # rotated / scaled samples were compared

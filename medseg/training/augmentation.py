@@ -1,8 +1,9 @@
 """On-the-fly data augmentation of training batches, nnU-Net's default pipeline (Isensee et al. 2021).
 
 Every transform works on a whole batch at once — images (B, C, X, Y[, Z]) float32 and label maps
-(B, 1, X, Y[, Z]) integer — as torch tensors on the CPU (vectorised: one ``grid_sample`` for all spatially
-transformed samples, separable convolutions for the filters), decides per sample with its probability
+(B, 1, X, Y[, Z]) integer — as torch tensors on the CPU (vectorised: one ``grid_sample`` per spatially
+transformed sample over the bounding box of its sampling positions, an index gather for its labels, separable
+convolutions for the filters), decides per sample with its probability
 ``p`` whether it applies, and draws every random number from the ``numpy.random.Generator`` it is given,
 so a batch is reproducible from the sampler's seed and a resumed run continues the same sequence. Labels
 follow the spatial transforms (rotation, scaling, elastic deformation: nearest-neighbour sampling;
@@ -130,6 +131,46 @@ def rotation_matrix(angles: Sequence[float]) -> np.ndarray:
     return r
 
 
+def _nearest(label: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour resampling of one label map (*S) at positions ``u`` (*patch, d) in voxels: the value of
+    the voxel at round-half-to-even(u) (``grid_sample``'s ``nearbyint``), 0 outside the map. An index gather:
+    no float copy of the map, the values (any integer) are taken as they are."""
+    shape = label.shape
+    flat = torch.zeros(u.shape[:-1], dtype=torch.int64)
+    inside = torch.ones(u.shape[:-1], dtype=torch.bool)
+    for a in range(u.shape[-1]):
+        r = torch.round(u[..., a]).to(torch.int64)
+        inside &= (r >= 0) & (r < shape[a])
+        flat.mul_(shape[a]).add_(r)
+    flat.masked_fill_(~inside, 0)
+    out = torch.take(label, flat)
+    return out.masked_fill_(~inside, 0)
+
+
+def _linear_in_box(image: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(Tri)linear resampling of one sample's channels (C, *S) at positions ``u`` (*patch, d) in voxels, zeros
+    outside (``grid_sample(align_corners=True, padding_mode="zeros")``), reading only the bounding box of the
+    positions: ``u`` is shifted into a view of that box (every voxel interpolation can touch, clipped to the
+    input), so the result is that of resampling the whole input up to float rounding of the shifted positions.
+    ``u`` is overwritten."""
+    dims = u.shape[-1]
+    flat = u.reshape(-1, dims)
+    low, high = flat.amin(0).floor().tolist(), flat.amax(0).floor().tolist()
+    box, lows, sizes = [], [], []
+    for a in range(dims):
+        n = image.shape[1 + a]
+        lo = int(min(max(low[a], 0), max(n - 2, 0)))  # at least 2 voxels where the input has them:
+        hi = int(min(max(high[a] + 1, lo + 1), n - 1))  # a 1-voxel box would pin every position to it
+        box.append(slice(lo, hi + 1))
+        lows.append(lo)
+        sizes.append(hi + 1 - lo)
+    view = image[(slice(None), *box)][None]
+    view = view if view.dtype == torch.float32 else view.float()  # a copy of the box only
+    u.sub_(torch.tensor(lows, dtype=torch.float32)).mul_(2)
+    u.div_(torch.tensor([max(m - 1, 1) for m in sizes], dtype=torch.float32)).sub_(1)
+    return F.grid_sample(view, u.flip(-1)[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+
+
 class SpatialTransform(Transform):
     """Rotation, scaling and elastic deformation in one resampling, then the central ``patch_size``.
 
@@ -226,28 +267,42 @@ class SpatialTransform(Transform):
         elastic = rng.random(b) < self.p_elastic
         fields = {int(i): self._elastic(rng) for i in np.flatnonzero(elastic)}
         changed = changed | elastic
-        # unchanged samples: the central crop, exactly
+        # unchanged samples: the central crop, exactly (changed ones are written below)
         start = (in_size - self.patch_size) // 2
         crop = tuple(slice(int(s), int(s) + p) for s, p in zip(start, self.patch_size))
-        out_img = image[(slice(None), slice(None), *crop)].clone()
-        out_lab = label[(slice(None), slice(None), *crop)].clone() if label is not None else None
+        out_img = image.new_empty((b, image.shape[1], *self.patch_size))
+        out_lab = label.new_empty((b, 1, *self.patch_size)) if label is not None else None
+        for i in np.flatnonzero(~changed):
+            out_img[i] = image[(int(i), slice(None), *crop)]
+            if label is not None and out_lab is not None:
+                out_lab[i] = label[(int(i), slice(None), *crop)]
         idx = np.flatnonzero(changed)
         if idx.size == 0:
             return out_img, out_lab
-        offsets = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in self.patch_size], indexing="ij"), dim=-1)
-        a = torch.from_numpy(mats[idx].astype(np.float32))  # (n, d, d)
-        coords = torch.einsum("nij,...j->n...i", a, offsets)  # (n, *patch, d)
+        source = self._source_coordinates(mats[idx], [fields.get(int(i)) for i in idx], in_size)  # (n, *patch, d)
         for k, i in enumerate(idx):
-            if int(i) in fields:
-                coords[k] += fields[int(i)].movedim(0, -1)
-        coords = coords + torch.as_tensor((in_size - 1) / 2, dtype=torch.float32)
-        grid = (2 * coords / torch.as_tensor(np.maximum(in_size - 1, 1), dtype=torch.float32) - 1).flip(-1)  # grid_sample wants (…, W, H, D) order
-        sel = torch.from_numpy(idx)
-        out_img[sel] = F.grid_sample(image[sel].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True).to(image.dtype)
-        if label is not None and out_lab is not None:
-            lab = F.grid_sample(label[sel].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
-            out_lab[sel] = lab.round().to(label.dtype)
+            u = source[k]
+            if label is not None and out_lab is not None:
+                out_lab[i, 0] = _nearest(label[int(i), 0], u)
+            out_img[i] = _linear_in_box(image[int(i)], u)
         return out_img, out_lab
+
+    def _source_coordinates(self, mats: np.ndarray, fields: list[torch.Tensor | None], in_size: np.ndarray) -> torch.Tensor:
+        """The input position (voxels, float32) every output voxel samples, (n, *patch, d) for n sampling
+        matrices (and elastic fields or None).
+
+        Computed with the float32 operations ``grid_sample(align_corners=True)`` performs on the whole input's
+        normalised grid g = 2c/(N−1) − 1, i.e. u = (g + 1)/2·(N−1), so the positions (and with them the
+        nearest-neighbour voxels, ties included) are bit for bit those of resampling the whole input."""
+        offsets = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in self.patch_size], indexing="ij"), dim=-1)
+        a = torch.from_numpy(mats.astype(np.float32))  # (n, d, d)
+        coords = torch.einsum("nij,...j->n...i", a, offsets)  # (n, *patch, d)
+        for k, field in enumerate(fields):
+            if field is not None:
+                coords[k] += field.movedim(0, -1)
+        coords += torch.as_tensor((in_size - 1) / 2, dtype=torch.float32)
+        coords.mul_(2).div_(torch.as_tensor(np.maximum(in_size - 1, 1), dtype=torch.float32)).sub_(1)  # the normalised grid
+        return coords.add_(1).div_(2).mul_(torch.as_tensor(in_size - 1, dtype=torch.float32))
 
 
 class Mirror(Transform):
