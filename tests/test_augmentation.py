@@ -332,7 +332,7 @@ def test_sampler_batches_equal_resampling_the_whole_input() -> None:
     changed_samples = []
 
     class WholeInput(SpatialTransform):
-        def __call__(self, image, label, rng):
+        def __call__(self, image, label, rng, inplace=False):
             img, lab, changed = _full_input_reference(self, image, label, rng)
             changed_samples.append(int(changed.sum()))
             return img, lab

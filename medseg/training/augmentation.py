@@ -45,6 +45,7 @@ stay inside real data (nnU-Net's "initial patch size").
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -97,17 +98,23 @@ def gaussian_smooth(x: torch.Tensor, sigmas: Sequence[float], mode: str = "refle
 
 class Transform:
     """Base class: ``transform(image, label, rng) → (image, label)`` on batches, applied to each sample with
-    probability ``p``. ``image`` (B, C, *S) float32, ``label`` (B, 1, *S) integer or ``None``."""
+    probability ``p``. ``image`` (B, C, *S) float32, ``label`` (B, 1, *S) integer or ``None``.
+
+    The inputs are left as they are (a transform that changes something returns new tensors) unless
+    ``inplace=True``: then the transform may write into ``image`` and ``label`` and return them (what
+    :class:`Compose` does with the tensors it owns; the values are the same either way)."""
 
     p: float = 1.0
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator) -> Pair:
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator, inplace: bool = False) -> Pair:
         chosen = np.flatnonzero(rng.random(image.shape[0]) < self.p)
         if chosen.size == 0:
             return image, label
-        return self.apply(image, label, chosen, rng)
+        return self.apply(image if inplace else image.clone(), label, chosen, rng)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
+        """Transform the ``chosen`` samples of ``image`` (a tensor the transform may write into) and ``label`` (not
+        to be written into: only :class:`Mirror`, which has its own ``__call__``, changes labels)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -129,6 +136,12 @@ def rotation_matrix(angles: Sequence[float]) -> np.ndarray:
         m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
         r = m @ r
     return r
+
+
+@functools.lru_cache(maxsize=4)
+def _offsets(patch_size: tuple[int, ...]) -> torch.Tensor:
+    """(*patch, d) voxel offsets of every output voxel from the patch centre (shared: never written into)."""
+    return torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in patch_size], indexing="ij"), dim=-1)
 
 
 def _nearest(label: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -256,7 +269,7 @@ class SpatialTransform(Transform):
                 field[a] = 0
         return field
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator) -> Pair:
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator, inplace: bool = False) -> Pair:
         b, dims = image.shape[0], image.ndim - 2
         if dims != len(self.patch_size):
             raise ValueError(f"patch size {self.patch_size} has {len(self.patch_size)} axes, the batch {tuple(image.shape)} has {dims}")
@@ -294,7 +307,7 @@ class SpatialTransform(Transform):
         Computed with the float32 operations ``grid_sample(align_corners=True)`` performs on the whole input's
         normalised grid g = 2c/(N−1) − 1, i.e. u = (g + 1)/2·(N−1), so the positions (and with them the
         nearest-neighbour voxels, ties included) are bit for bit those of resampling the whole input."""
-        offsets = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in self.patch_size], indexing="ij"), dim=-1)
+        offsets = _offsets(tuple(self.patch_size))
         a = torch.from_numpy(mats.astype(np.float32))  # (n, d, d)
         coords = torch.einsum("nij,...j->n...i", a, offsets)  # (n, *patch, d)
         for k, field in enumerate(fields):
@@ -311,11 +324,12 @@ class Mirror(Transform):
     def __init__(self, axes: Sequence[int] = (0, 1, 2), p: float = 0.5):
         self.axes, self.p = [int(a) for a in axes], float(p)
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator) -> Pair:
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator, inplace: bool = False) -> Pair:
         flips = rng.random((image.shape[0], len(self.axes))) < self.p
         if not flips.any():
             return image, label
-        image, label = image.clone(), (label.clone() if label is not None else None)
+        if not inplace:
+            image, label = image.clone(), (label.clone() if label is not None else None)
         for b in np.flatnonzero(flips.any(1)):
             dims = [1 + a for a, f in zip(self.axes, flips[b]) if f and a < image.ndim - 2]  # image[b] is (C, *S)
             if dims:
@@ -333,7 +347,6 @@ class GaussianNoise(Transform):
         self.variance, self.p = variance, float(p)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         for b in chosen:
             std = math.sqrt(rng.uniform(*self.variance))
             image[b] += torch.from_numpy(rng.standard_normal(image.shape[1:], dtype=np.float32) * std).to(image.dtype)
@@ -347,7 +360,6 @@ class GaussianBlur(Transform):
         self.sigma, self.p, self.p_per_channel, self.axes = sigma, float(p), float(p_per_channel), axes
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         dims = image.ndim - 2
         axes = list(range(dims)) if self.axes is None else list(self.axes)
         for b in chosen:
@@ -364,7 +376,6 @@ class MultiplicativeBrightness(Transform):
         self.multiplier, self.p = multiplier, float(p)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         f = _bg_factor(rng, *self.multiplier, (len(chosen), image.shape[1])).astype(np.float32)
         shape = (len(chosen), image.shape[1]) + (1,) * (image.ndim - 2)
         image[torch.from_numpy(chosen)] *= torch.from_numpy(f).reshape(shape).to(image.dtype)
@@ -379,7 +390,6 @@ class Contrast(Transform):
         self.contrast, self.preserve_range, self.p = contrast, preserve_range, float(p)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         sel = torch.from_numpy(chosen)
         x = image[sel]
         flat = x.flatten(2)
@@ -402,7 +412,6 @@ class SimulateLowResolution(Transform):
         self.zoom, self.p, self.p_per_channel, self.ignore_axes = zoom, float(p), float(p_per_channel), list(ignore_axes)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         shape = list(image.shape[2:])
         mode = "trilinear" if len(shape) == 3 else "bilinear"
         for b in chosen:
@@ -424,19 +433,26 @@ class Gamma(Transform):
         self.gamma, self.invert, self.retain_stats, self.p = gamma, invert, retain_stats, float(p)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         eps = 1e-7
         for b in chosen:
             for c in range(image.shape[1]):
-                x = image[b, c].float()
-                x = -x if self.invert else x
+                # y = ((x − lo)/(range + eps)).clamp(0, 1)^γ·(range + eps) + lo, then mean and std restored: the same
+                # float32 operations in place on one array (negation is exact, so inverting in place is too)
+                x = image[b, c] if image.dtype == torch.float32 else image[b, c].float()
+                if self.invert:
+                    x.neg_()
                 mean, std = x.mean(), x.std()
-                lo, rng_ = x.min(), x.max() - x.min()
+                lo, hi = torch.aminmax(x)
+                scale = (hi - lo) + eps
                 g = float(_bg_factor(rng, *self.gamma))
-                y = ((x - lo) / (rng_ + eps)).clamp(0, 1) ** g * (rng_ + eps) + lo
+                x.sub_(lo).div_(scale).clamp_(0, 1).pow_(g).mul_(scale).add_(lo)
                 if self.retain_stats:
-                    y = (y - y.mean()) / (y.std() + 1e-8) * std + mean
-                image[b, c] = (-y if self.invert else y).to(image.dtype)
+                    y_mean, y_std = x.mean(), x.std()
+                    x.sub_(y_mean).div_(y_std + 1e-8).mul_(std).add_(mean)
+                if self.invert:
+                    x.neg_()
+                if x.data_ptr() != image[b, c].data_ptr():
+                    image[b, c] = x.to(image.dtype)
         return image, label
 
 
@@ -470,8 +486,10 @@ class Compose:
             raise ValueError(f"labels {tuple(lab.shape)} do not match the images {tuple(img.shape)} (expected (B, 1, *S))")
         img_dtype = img.dtype
         img = img.float()
+        owned = False  # img and lab are new tensors of the pipeline's (not the caller's): transforms may write into them
         for t in self.transforms:
-            img, lab = t(img, lab, rng)
+            img, lab = t(img, lab, rng, inplace=owned)
+            owned = owned or isinstance(t, SpatialTransform)  # its outputs are always new tensors
         img = img.to(img_dtype)
         if is_numpy:
             return img.numpy(), (None if lab is None else lab.numpy())
