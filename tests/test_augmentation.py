@@ -17,6 +17,7 @@ from medseg.training.augmentation import (
     Contrast,
     Gamma,
     GaussianBlur,
+    LazyBatch,
     GaussianNoise,
     Mirror,
     MultiplicativeBrightness,
@@ -25,7 +26,7 @@ from medseg.training.augmentation import (
     default_augmentation,
     gaussian_smooth,
 )
-from medseg.training.sampler import PatchSampler
+from medseg.training.sampler import PatchSampler, _padded_crop, _Windows
 
 
 @pytest.fixture(autouse=True)
@@ -315,25 +316,34 @@ def test_nearest_label_gather_breaks_ties_like_grid_sample() -> None:
     grid = 2 * u / n - 1
     u_exact = (grid + 1) / 2 * n  # what grid_sample computes from the grid
     expected = F.grid_sample(label.float(), grid.flip(-1)[None], mode="nearest", padding_mode="zeros", align_corners=True)[0, 0].to(torch.int64)
-    got = augmentation._nearest(label[0, 0], u_exact)
-    assert torch.equal(got, expected)
+    whole = tuple(slice(0, n) for n in (7, 6, 5))
+    assert torch.equal(augmentation._nearest(label[0, 0], u_exact, whole), expected)
     assert (expected == 0).any() and (expected > 0).any()  # positions beyond the map and inside it
     ties = (u_exact.frac().abs() == 0.5).any(-1) & (expected > 0)
     assert ties.sum() > 100  # the comparison covers exact ties
+    # only the positions' box of the map: the same values
+    part = u_exact[2:9, 3:8, 4:7].contiguous()
+    box = augmentation._box(part, (7, 6, 5))
+    assert box != whole
+    assert torch.equal(augmentation._nearest(label[0, 0][box], part, box), expected[2:9, 3:8, 4:7])
     # large label values are taken as they are (no float round trip)
     big = label * (1 << 40)
-    assert torch.equal(augmentation._nearest(big[0, 0], u_exact), expected * (1 << 40))
+    assert torch.equal(augmentation._nearest(big[0, 0], u_exact, whole), expected * (1 << 40))
 
 
 def test_sampler_batches_equal_resampling_the_whole_input() -> None:
     """The default pipeline's batches with the box resampling equal those of a pipeline whose spatial transform
     resamples the whole input (same draws, same later transforms)."""
 
-    changed_samples = []
+    changed_samples, lazy = [], []
+
+    def dense(x):  # the sampler's windows, read whole
+        lazy.append(isinstance(x, LazyBatch))
+        return torch.stack([x.read(b, tuple(slice(0, n) for n in x.shape[2:])) for b in range(x.shape[0])]) if isinstance(x, LazyBatch) else x
 
     class WholeInput(SpatialTransform):
         def __call__(self, image, label, rng, inplace=False):
-            img, lab, changed = _full_input_reference(self, image, label, rng)
+            img, lab, changed = _full_input_reference(self, dense(image), dense(label), rng)
             changed_samples.append(int(changed.sum()))
             return img, lab
 
@@ -349,3 +359,19 @@ def test_sampler_batches_equal_resampling_the_whole_input() -> None:
         np.testing.assert_allclose(x1, x2, rtol=1e-4, atol=1e-4)  # intensity transforms may amplify the 1e-5 differences a little
         np.testing.assert_array_equal(y1, y2)
     assert sum(changed_samples) >= 3 and len(changed_samples) == 12  # rotated / scaled samples were compared
+    assert all(lazy)  # the sampler hands the spatial transform windows to read
+
+
+def test_sampler_windows_read_what_cropping_gives() -> None:
+    data = np.random.default_rng(0).normal(size=(2, 9, 8, 7)).astype(np.float32)
+    seg = np.random.default_rng(1).integers(0, 3, size=(9, 8, 7)).astype(np.int8)
+    starts = [np.array([-3, 2, -1]), np.array([4, -2, 3])]  # windows hanging over both ends
+    size = [12, 11, 10]
+    images = _Windows([data, data], starts, size, 0.0, np.float32)
+    labels = _Windows([seg, seg], starts, size, 0, np.dtype(np.int8))
+    assert images.shape == (2, 2, 12, 11, 10) and labels.shape == (2, 1, 12, 11, 10) and labels.dtype == torch.int8
+    for b, start in enumerate(starts):
+        whole_img, whole_seg = _padded_crop(data, start, size, 0.0), _padded_crop(seg, start, size, 0)
+        for box in [(slice(0, 12), slice(0, 11), slice(0, 10)), (slice(0, 5), slice(3, 11), slice(2, 4)), (slice(7, 12), slice(0, 2), slice(9, 10))]:
+            assert torch.equal(images.read(b, box), torch.from_numpy(whole_img[(slice(None), *box)]))
+            assert torch.equal(labels.read(b, box), torch.from_numpy(whole_seg[box][None]))

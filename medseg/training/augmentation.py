@@ -45,7 +45,6 @@ stay inside real data (nnU-Net's "initial patch size").
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -138,49 +137,65 @@ def rotation_matrix(angles: Sequence[float]) -> np.ndarray:
     return r
 
 
-@functools.lru_cache(maxsize=4)
-def _offsets(patch_size: tuple[int, ...]) -> torch.Tensor:
-    """(*patch, d) voxel offsets of every output voxel from the patch centre (shared: never written into)."""
-    return torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in patch_size], indexing="ij"), dim=-1)
+class LazyBatch:
+    """A batch (B, C, *S) that is read region by region instead of held in memory: what the sampler hands the
+    spatial transform, which reads of each sample only the voxels it resamples (the central patch of an untouched
+    sample, the bounding box of a rotated or scaled one). ``read(b, box)`` returns sample ``b``'s ``box`` (a tuple
+    of slices within S) as a (C, *box) tensor, the same values as slicing the whole batch would give; with ``out``
+    (a (C, *box) tensor of ``dtype``) it writes them there."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def read(self, b: int, box: tuple[slice, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
 
 
-def _nearest(label: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour resampling of one label map (*S) at positions ``u`` (*patch, d) in voxels: the value of
-    the voxel at round-half-to-even(u) (``grid_sample``'s ``nearbyint``), 0 outside the map. An index gather:
-    no float copy of the map, the values (any integer) are taken as they are."""
+def _region(x: torch.Tensor | LazyBatch, b: int, box: tuple[slice, ...]) -> torch.Tensor:
+    """Sample ``b``'s ``box``, (C, *box): a view of a tensor, or read from a :class:`LazyBatch`."""
+    return x.read(b, box) if isinstance(x, LazyBatch) else x[(b, slice(None), *box)]
+
+
+def _box(u: torch.Tensor, in_size: Sequence[int]) -> tuple[slice, ...]:
+    """The input region resampling at positions ``u`` (*patch, d) can touch: from floor(min u) to floor(max u) + 1
+    per axis (the far corner of linear interpolation, which also holds every nearest voxel), clipped to the input,
+    at least 2 voxels where the input has them (a 1-voxel box would pin every position to it)."""
+    flat = u.reshape(-1, u.shape[-1])
+    low, high = flat.amin(0).floor().tolist(), flat.amax(0).floor().tolist()
+    box = []
+    for a, n in enumerate(in_size):
+        lo = int(min(max(low[a], 0), max(n - 2, 0)))
+        hi = int(min(max(high[a] + 1, lo + 1), n - 1))
+        box.append(slice(lo, hi + 1))
+    return tuple(box)
+
+
+def _nearest(label: torch.Tensor, u: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
+    """Nearest-neighbour resampling of one label map at positions ``u`` (*patch, d), voxels of the whole input;
+    ``label`` is the map's ``box`` (from :func:`_box`, so every nearest voxel inside the input lies in it). The
+    value of the voxel at round-half-to-even(u) (``grid_sample``'s ``nearbyint``), 0 outside the input. An index
+    gather: no float copy of the map, the values (any integer) are taken as they are."""
     shape = label.shape
     flat = torch.zeros(u.shape[:-1], dtype=torch.int64)
     inside = torch.ones(u.shape[:-1], dtype=torch.bool)
     for a in range(u.shape[-1]):
-        r = torch.round(u[..., a]).to(torch.int64)
+        r = torch.round(u[..., a]).to(torch.int64).sub_(box[a].start)
         inside &= (r >= 0) & (r < shape[a])
         flat.mul_(shape[a]).add_(r)
     flat.masked_fill_(~inside, 0)
-    out = torch.take(label, flat)
+    out = torch.take(label if label.is_contiguous() else label.contiguous(), flat)
     return out.masked_fill_(~inside, 0)
 
 
-def _linear_in_box(image: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """(Tri)linear resampling of one sample's channels (C, *S) at positions ``u`` (*patch, d) in voxels, zeros
-    outside (``grid_sample(align_corners=True, padding_mode="zeros")``), reading only the bounding box of the
-    positions: ``u`` is shifted into a view of that box (every voxel interpolation can touch, clipped to the
-    input), so the result is that of resampling the whole input up to float rounding of the shifted positions.
-    ``u`` is overwritten."""
-    dims = u.shape[-1]
-    flat = u.reshape(-1, dims)
-    low, high = flat.amin(0).floor().tolist(), flat.amax(0).floor().tolist()
-    box, lows, sizes = [], [], []
-    for a in range(dims):
-        n = image.shape[1 + a]
-        lo = int(min(max(low[a], 0), max(n - 2, 0)))  # at least 2 voxels where the input has them:
-        hi = int(min(max(high[a] + 1, lo + 1), n - 1))  # a 1-voxel box would pin every position to it
-        box.append(slice(lo, hi + 1))
-        lows.append(lo)
-        sizes.append(hi + 1 - lo)
-    view = image[(slice(None), *box)][None]
-    view = view if view.dtype == torch.float32 else view.float()  # a copy of the box only
-    u.sub_(torch.tensor(lows, dtype=torch.float32)).mul_(2)
-    u.div_(torch.tensor([max(m - 1, 1) for m in sizes], dtype=torch.float32)).sub_(1)
+def _linear_in_box(image: torch.Tensor, u: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
+    """(Tri)linear resampling of one sample's channels at positions ``u`` (*patch, d), voxels of the whole input,
+    zeros outside it (``grid_sample(align_corners=True, padding_mode="zeros")``); ``image`` (C, *box) is the
+    input's ``box`` (:func:`_box`: every voxel interpolation can touch). ``u`` is shifted into the box and
+    normalised to it (overwritten), so the result is that of resampling the whole input up to float rounding of
+    the shifted positions."""
+    view = image[None] if image.dtype == torch.float32 else image[None].float()  # a copy of the box only
+    u.sub_(torch.tensor([float(b.start) for b in box], dtype=torch.float32)).mul_(2)
+    u.div_(torch.tensor([float(max(b.stop - b.start - 1, 1)) for b in box], dtype=torch.float32)).sub_(1)
     return F.grid_sample(view, u.flip(-1)[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0]
 
 
@@ -270,7 +285,7 @@ class SpatialTransform(Transform):
         return field
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator, inplace: bool = False) -> Pair:
-        b, dims = image.shape[0], image.ndim - 2
+        b, dims = image.shape[0], len(image.shape) - 2
         if dims != len(self.patch_size):
             raise ValueError(f"patch size {self.patch_size} has {len(self.patch_size)} axes, the batch {tuple(image.shape)} has {dims}")
         in_size = np.array(image.shape[2:])
@@ -283,21 +298,26 @@ class SpatialTransform(Transform):
         # unchanged samples: the central crop, exactly (changed ones are written below)
         start = (in_size - self.patch_size) // 2
         crop = tuple(slice(int(s), int(s) + p) for s, p in zip(start, self.patch_size))
-        out_img = image.new_empty((b, image.shape[1], *self.patch_size))
-        out_lab = label.new_empty((b, 1, *self.patch_size)) if label is not None else None
+        out_img = torch.empty((b, image.shape[1], *self.patch_size), dtype=image.dtype)
+        out_lab = torch.empty((b, 1, *self.patch_size), dtype=label.dtype) if label is not None else None
         for i in np.flatnonzero(~changed):
-            out_img[i] = image[(int(i), slice(None), *crop)]
-            if label is not None and out_lab is not None:
-                out_lab[i] = label[(int(i), slice(None), *crop)]
+            for x, out in ((image, out_img), (label, out_lab)):
+                if x is None or out is None:
+                    continue
+                if isinstance(x, LazyBatch):
+                    x.read(int(i), crop, out=out[i])
+                else:
+                    out[i] = x[(int(i), slice(None), *crop)]
         idx = np.flatnonzero(changed)
         if idx.size == 0:
             return out_img, out_lab
         source = self._source_coordinates(mats[idx], [fields.get(int(i)) for i in idx], in_size)  # (n, *patch, d)
         for k, i in enumerate(idx):
             u = source[k]
+            box = _box(u, in_size)  # all the resampling reads of the input
             if label is not None and out_lab is not None:
-                out_lab[i, 0] = _nearest(label[int(i), 0], u)
-            out_img[i] = _linear_in_box(image[int(i)], u)
+                out_lab[i, 0] = _nearest(_region(label, int(i), box)[0], u, box)
+            out_img[i] = _linear_in_box(_region(image, int(i), box), u, box)
         return out_img, out_lab
 
     def _source_coordinates(self, mats: np.ndarray, fields: list[torch.Tensor | None], in_size: np.ndarray) -> torch.Tensor:
@@ -307,7 +327,7 @@ class SpatialTransform(Transform):
         Computed with the float32 operations ``grid_sample(align_corners=True)`` performs on the whole input's
         normalised grid g = 2c/(N−1) − 1, i.e. u = (g + 1)/2·(N−1), so the positions (and with them the
         nearest-neighbour voxels, ties included) are bit for bit those of resampling the whole input."""
-        offsets = _offsets(tuple(self.patch_size))
+        offsets = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in self.patch_size], indexing="ij"), dim=-1)
         a = torch.from_numpy(mats.astype(np.float32))  # (n, d, d)
         coords = torch.einsum("nij,...j->n...i", a, offsets)  # (n, *patch, d)
         for k, field in enumerate(fields):
@@ -477,15 +497,17 @@ class Compose:
         return self._spatial.input_size if self._spatial is not None else list(self.patch_size)
 
     def __call__(self, image: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor | None, rng: np.random.Generator) -> tuple:
-        is_numpy = isinstance(image, np.ndarray)
-        img = torch.from_numpy(np.ascontiguousarray(image)) if is_numpy else image
+        is_numpy = not isinstance(image, torch.Tensor)
+        if isinstance(image, LazyBatch) and not (self.transforms and isinstance(self.transforms[0], SpatialTransform)):
+            raise ValueError("a LazyBatch is read by a spatial transform: the pipeline must start with one")
+        img = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
         lab = None if label is None else (torch.from_numpy(np.ascontiguousarray(label)) if isinstance(label, np.ndarray) else label)
-        if img.ndim not in (4, 5):
+        if len(img.shape) not in (4, 5):
             raise ValueError(f"expected a batch (B, C, X, Y[, Z]), got shape {tuple(img.shape)}")
-        if lab is not None and (lab.shape[0] != img.shape[0] or lab.shape[1] != 1 or lab.shape[2:] != img.shape[2:]):
+        if lab is not None and (lab.shape[0] != img.shape[0] or lab.shape[1] != 1 or tuple(lab.shape[2:]) != tuple(img.shape[2:])):
             raise ValueError(f"labels {tuple(lab.shape)} do not match the images {tuple(img.shape)} (expected (B, 1, *S))")
         img_dtype = img.dtype
-        img = img.float()
+        img = img.float() if isinstance(img, torch.Tensor) else img  # a LazyBatch reads float32 (its dtype)
         owned = False  # img and lab are new tensors of the pipeline's (not the caller's): transforms may write into them
         for t in self.transforms:
             img, lab = t(img, lab, rng, inplace=owned)
