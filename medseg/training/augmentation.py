@@ -160,8 +160,7 @@ def _box(u: torch.Tensor, in_size: Sequence[int]) -> tuple[slice, ...]:
     """The input region resampling at positions ``u`` (*patch, d) can touch: from floor(min u) to floor(max u) + 1
     per axis (the far corner of linear interpolation, which also holds every nearest voxel), clipped to the input,
     at least 2 voxels where the input has them (a 1-voxel box would pin every position to it)."""
-    flat = u.reshape(-1, u.shape[-1])
-    low, high = flat.amin(0).floor().tolist(), flat.amax(0).floor().tolist()
+    low, high = (m.floor().tolist() for m in torch.aminmax(u.reshape(-1, u.shape[-1]), dim=0))
     box = []
     for a, n in enumerate(in_size):
         lo = int(min(max(low[a], 0), max(n - 2, 0)))

@@ -7,7 +7,9 @@ Without ``augmentation`` each patch is only mirrored (each axis with p ½, ``mir
 (``augmentation=True`` for :func:`~medseg.training.augmentation.default_augmentation`, or a
 :class:`~medseg.training.augmentation.Compose`) the sampler crops the pipeline's larger ``input_size``
 around the same centre and passes the batch through the pipeline (which mirrors itself), drawing its random
-numbers from the sampler's generator: one seed, one state to checkpoint.
+numbers from the sampler's generator: one seed, one state to checkpoint. When the pipeline starts with its spatial
+transform (always, for the built-in ones) that crop is not copied: the transform reads of each sample's window
+only the region it resamples (:class:`~medseg.training.augmentation.LazyBatch`), with the same values.
 
 Classification (dataset.json ``task: "classification"``) trains on whole volumes, not patches:
 :class:`VolumeCase` is a preprocessed case with its class and age, :func:`fit_volume` turns a whole volume
