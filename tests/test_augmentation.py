@@ -375,3 +375,26 @@ def test_sampler_windows_read_what_cropping_gives() -> None:
         for box in [(slice(0, 12), slice(0, 11), slice(0, 10)), (slice(0, 5), slice(3, 11), slice(2, 4)), (slice(7, 12), slice(0, 2), slice(9, 10))]:
             assert torch.equal(images.read(b, box), torch.from_numpy(whole_img[(slice(None), *box)]))
             assert torch.equal(labels.read(b, box), torch.from_numpy(whole_seg[box][None]))
+
+
+def test_pipelines_never_write_into_the_callers_arrays() -> None:
+    """The transforms after the spatial transform work in place on its new tensors; the caller's arrays (numpy
+    arrays share memory with the tensors made of them) stay as they were, with or without a spatial transform."""
+    img, lab = _batch((20, 20, 20), b=3)
+    forced = [FORCED[name]() for name in ("noise", "blur", "brightness", "contrast", "low_resolution", "gamma", "gamma_inverted", "mirror")]
+    with_spatial = Compose([SpatialTransform([16, 16, 16], p_rotation=0.5, p_scaling=0.5), *forced])
+    without = Compose(forced, patch_size=[20, 20, 20])
+    for aug in (with_spatial, without):
+        for as_numpy in (True, False):
+            x, y = (img.numpy().copy(), lab.numpy().copy()) if as_numpy else (img.clone(), lab.clone())
+            out, out_lab = aug(x, y, np.random.default_rng(1))
+            assert np.array_equal(np.asarray(x), img.numpy()) and np.array_equal(np.asarray(y), lab.numpy())
+            assert not np.array_equal(np.asarray(out)[:, :, :16, :16, :16], img.numpy()[:, :, :16, :16, :16])  # it did change the batch
+    # in place or not, the values are the same: each transform on its own (copying) equals the pipeline
+    x = img.clone()
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    out_a, lab_a = with_spatial(img, lab, rng_a)
+    a, b = with_spatial.transforms[0](x, lab, rng_b)
+    for t in forced:
+        a, b = t(a, b, rng_b)
+    assert torch.equal(out_a, a) and torch.equal(lab_a, b)

@@ -482,7 +482,10 @@ class Compose:
     ``__call__(image, label, rng)`` takes numpy arrays or torch tensors (images (B, C, *S) float, labels
     (B, 1, *S) integer or ``None``) and returns the same kind, shapes (the spatial transform yields
     ``patch_size``) and dtypes. ``input_size`` is the spatial size the first spatial transform expects (the
-    crop the sampler takes), the patch size when there is none.
+    crop the sampler takes), the patch size when there is none. A pipeline that starts with its spatial
+    transform also takes :class:`LazyBatch` images and labels (returning numpy arrays): it reads of them only
+    what it resamples. The transforms after the spatial transform work in place on the new tensors it returns
+    (never on the caller's arrays).
     """
 
     def __init__(self, transforms: Sequence[Transform], patch_size: Sequence[int] | None = None):
