@@ -9,12 +9,15 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from medseg.training import augmentation
 from medseg.training.augmentation import (
     Compose,
     Contrast,
     Gamma,
     GaussianBlur,
+    LazyBatch,
     GaussianNoise,
     Mirror,
     MultiplicativeBrightness,
@@ -23,7 +26,7 @@ from medseg.training.augmentation import (
     default_augmentation,
     gaussian_smooth,
 )
-from medseg.training.sampler import PatchSampler
+from medseg.training.sampler import PatchSampler, _padded_crop, _Windows
 
 
 @pytest.fixture(autouse=True)
@@ -242,3 +245,156 @@ def test_sampler_without_augmentation_keeps_its_behaviour() -> None:
     np.testing.assert_array_equal(a[1], b[1])
     with pytest.raises(ValueError, match="produces patches of"):
         PatchSampler(cases, [8, 8, 8], 2, augmentation=default_augmentation([16, 16, 16]))
+
+
+# --------------------------------------------------------------------------- resampling only the bounding box
+def _full_input_reference(t: SpatialTransform, image: torch.Tensor, label: torch.Tensor, rng: np.random.Generator):
+    """The straightforward spatial transform: the same draws as ``t``, then one ``grid_sample`` of the WHOLE input
+    (labels converted to float, nearest neighbour) on the grid normalised to the whole input."""
+    b, dims = image.shape[0], image.ndim - 2
+    in_size = np.array(image.shape[2:])
+    mats, changed = t._matrices(b, rng)
+    elastic = rng.random(b) < t.p_elastic
+    fields = {int(i): t._elastic(rng) for i in np.flatnonzero(elastic)}
+    changed = changed | elastic
+    start = (in_size - t.patch_size) // 2
+    crop = tuple(slice(int(s), int(s) + p) for s, p in zip(start, t.patch_size))
+    out_img, out_lab = image[(slice(None), slice(None), *crop)].clone(), label[(slice(None), slice(None), *crop)].clone()
+    offsets = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in t.patch_size], indexing="ij"), dim=-1)
+    for i in np.flatnonzero(changed):
+        coords = offsets @ torch.from_numpy(mats[i].astype(np.float32)).T
+        if int(i) in fields:
+            coords = coords + fields[int(i)].movedim(0, -1)
+        coords = coords + torch.as_tensor((in_size - 1) / 2, dtype=torch.float32)
+        grid = (2 * coords / torch.as_tensor(np.maximum(in_size - 1, 1), dtype=torch.float32) - 1).flip(-1)[None]
+        out_img[i] = F.grid_sample(image[i : i + 1], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+        out_lab[i] = F.grid_sample(label[i : i + 1].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)[0].round().to(label.dtype)
+    return out_img, out_lab, changed
+
+
+BOX_CASES = {
+    "rotation": (dict(p_rotation=1.0, p_scaling=0.0), [20, 18, 16], [31, 30, 29]),
+    "scaling": (dict(p_rotation=0.0, p_scaling=1.0), [20, 18, 16], [24, 26, 23]),
+    "elastic": (dict(p_rotation=0.0, p_scaling=0.0, p_elastic=1.0, elastic_alpha=(200.0, 900.0), elastic_sigma=(3.0, 4.0)), [20, 18, 16], [28, 28, 28]),
+    "all_three": (dict(p_rotation=1.0, p_scaling=1.0, p_elastic=1.0, elastic_sigma=(3.0, 4.0)), [20, 18, 16], [31, 30, 29]),
+    "2d": (dict(rotation=(-math.pi, math.pi), p_rotation=1.0, p_scaling=1.0, p_elastic=0.5, elastic_alpha=(0.0, 200.0), elastic_sigma=(3.0, 4.0)), [24, 20], [36, 33]),
+    "past_the_border": (dict(p_rotation=1.0, p_scaling=1.0, scaling=(0.3, 3.0)), [20, 18, 16], [21, 19, 16]),  # boxes clipped, zeros outside
+    "one_slice": (dict(p_rotation=1.0, p_scaling=1.0, rotation_axes=[2], scale_axes=[0, 1]), [20, 18, 1], [30, 29, 1]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOX_CASES))
+def test_spatial_transform_equals_resampling_the_whole_input(name: str) -> None:
+    kwargs, patch, in_size = BOX_CASES[name]
+    t = SpatialTransform(patch, **kwargs)
+    for seed in range(3):
+        g = np.random.default_rng(seed)
+        ramp = torch.linspace(0, 4, in_size[0]).reshape(1, 1, -1, *([1] * (len(in_size) - 1)))
+        img = torch.from_numpy(g.normal(size=(3, 2, *in_size)).astype(np.float32)) + ramp
+        lab = torch.from_numpy(g.integers(0, 6, size=(3, 1, *in_size)).astype(np.int8))
+        out, out_lab = t(img, lab, np.random.default_rng(100 + seed))
+        ref, ref_lab, changed = _full_input_reference(t, img, lab, np.random.default_rng(100 + seed))
+        assert changed.any()
+        assert out.shape == ref.shape and out.dtype == ref.dtype and out_lab.dtype == lab.dtype
+        # positions shifted into the box differ by float32 rounding (a few 1e-6 voxel), times this white noise's
+        # voxel-to-voxel differences (up to ~8): ≲ 5e-5; a wrong box or normalisation would be off by O(1)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=5e-5)
+        assert torch.equal(out_lab, ref_lab)  # nearest neighbour: the very same voxels
+        if name == "past_the_border":
+            assert (ref[changed] == 0).any() and (ref_lab[changed] == 0).any()  # parts sampled beyond the input
+    img_before, lab_before = img.clone(), lab.clone()
+    t(img, lab, np.random.default_rng(0))
+    assert torch.equal(img, img_before) and torch.equal(lab, lab_before)
+
+
+def test_nearest_label_gather_breaks_ties_like_grid_sample() -> None:
+    # positions exactly halfway between voxels (and beyond the map): grid_sample's nearbyint rounds them half to even
+    label = torch.arange(7 * 6 * 5, dtype=torch.int64).reshape(1, 1, 7, 6, 5) % 11 + 1
+    axes = [torch.arange(-1.5, n + 1.0, 0.5) for n in (7, 6, 5)]
+    u = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    n = torch.tensor([6.0, 5.0, 4.0])
+    grid = 2 * u / n - 1
+    u_exact = (grid + 1) / 2 * n  # what grid_sample computes from the grid
+    expected = F.grid_sample(label.float(), grid.flip(-1)[None], mode="nearest", padding_mode="zeros", align_corners=True)[0, 0].to(torch.int64)
+    whole = tuple(slice(0, n) for n in (7, 6, 5))
+    assert torch.equal(augmentation._nearest(label[0, 0], u_exact, whole), expected)
+    assert (expected == 0).any() and (expected > 0).any()  # positions beyond the map and inside it
+    ties = (u_exact.frac().abs() == 0.5).any(-1) & (expected > 0)
+    assert ties.sum() > 100  # the comparison covers exact ties
+    # only the positions' box of the map: the same values
+    part = u_exact[2:9, 3:8, 4:7].contiguous()
+    box = augmentation._box(part, (7, 6, 5))
+    assert box != whole
+    assert torch.equal(augmentation._nearest(label[0, 0][box], part, box), expected[2:9, 3:8, 4:7])
+    # large label values are taken as they are (no float round trip)
+    big = label * (1 << 40)
+    assert torch.equal(augmentation._nearest(big[0, 0], u_exact, whole), expected * (1 << 40))
+
+
+def test_sampler_batches_equal_resampling_the_whole_input() -> None:
+    """The default pipeline's batches with the box resampling equal those of a pipeline whose spatial transform
+    resamples the whole input (same draws, same later transforms)."""
+
+    changed_samples, lazy = [], []
+
+    def dense(x):  # the sampler's windows, read whole
+        lazy.append(isinstance(x, LazyBatch))
+        return torch.stack([x.read(b, tuple(slice(0, n) for n in x.shape[2:])) for b in range(x.shape[0])]) if isinstance(x, LazyBatch) else x
+
+    class WholeInput(SpatialTransform):
+        def __call__(self, image, label, rng, inplace=False):
+            img, lab, changed = _full_input_reference(self, dense(image), dense(label), rng)
+            changed_samples.append(int(changed.sum()))
+            return img, lab
+
+    cases = _fake_cases(shape=(30, 28, 26))
+    box = PatchSampler(cases, [16, 16, 16], 3, foreground_share=0.5, seed=11, augmentation=True)
+    whole_aug = default_augmentation([16, 16, 16])
+    spatial = whole_aug.transforms[0]
+    whole_aug.transforms[0] = WholeInput(spatial.patch_size, rotation=spatial.rotation, rotation_axes=spatial.rotation_axes, p_rotation=spatial.p_rotation,
+                                         scaling=spatial.scaling, p_scaling=spatial.p_scaling, scale_axes=spatial.scale_axes, p_elastic=spatial.p_elastic)
+    whole = PatchSampler(cases, [16, 16, 16], 3, foreground_share=0.5, seed=11, augmentation=Compose(whole_aug.transforms))
+    for i in range(12):
+        (x1, y1), (x2, y2) = box.sample_at(i), whole.sample_at(i)
+        np.testing.assert_allclose(x1, x2, rtol=1e-4, atol=1e-4)  # intensity transforms may amplify the 1e-5 differences a little
+        np.testing.assert_array_equal(y1, y2)
+    assert sum(changed_samples) >= 3 and len(changed_samples) == 12  # rotated / scaled samples were compared
+    assert all(lazy)  # the sampler hands the spatial transform windows to read
+
+
+def test_sampler_windows_read_what_cropping_gives() -> None:
+    data = np.random.default_rng(0).normal(size=(2, 9, 8, 7)).astype(np.float32)
+    seg = np.random.default_rng(1).integers(0, 3, size=(9, 8, 7)).astype(np.int8)
+    starts = [np.array([-3, 2, -1]), np.array([4, -2, 3])]  # windows hanging over both ends
+    size = [12, 11, 10]
+    images = _Windows([data, data], starts, size, 0.0, np.float32)
+    labels = _Windows([seg, seg], starts, size, 0, np.dtype(np.int8))
+    assert images.shape == (2, 2, 12, 11, 10) and labels.shape == (2, 1, 12, 11, 10) and labels.dtype == torch.int8
+    for b, start in enumerate(starts):
+        whole_img, whole_seg = _padded_crop(data, start, size, 0.0), _padded_crop(seg, start, size, 0)
+        for box in [(slice(0, 12), slice(0, 11), slice(0, 10)), (slice(0, 5), slice(3, 11), slice(2, 4)), (slice(7, 12), slice(0, 2), slice(9, 10))]:
+            assert torch.equal(images.read(b, box), torch.from_numpy(whole_img[(slice(None), *box)]))
+            assert torch.equal(labels.read(b, box), torch.from_numpy(whole_seg[box][None]))
+
+
+def test_pipelines_never_write_into_the_callers_arrays() -> None:
+    """The transforms after the spatial transform work in place on its new tensors; the caller's arrays (numpy
+    arrays share memory with the tensors made of them) stay as they were, with or without a spatial transform."""
+    img, lab = _batch((20, 20, 20), b=3)
+    forced = [FORCED[name]() for name in ("noise", "blur", "brightness", "contrast", "low_resolution", "gamma", "gamma_inverted", "mirror")]
+    with_spatial = Compose([SpatialTransform([16, 16, 16], p_rotation=0.5, p_scaling=0.5), *forced])
+    without = Compose(forced, patch_size=[20, 20, 20])
+    for aug in (with_spatial, without):
+        for as_numpy in (True, False):
+            x, y = (img.numpy().copy(), lab.numpy().copy()) if as_numpy else (img.clone(), lab.clone())
+            out, out_lab = aug(x, y, np.random.default_rng(1))
+            assert np.array_equal(np.asarray(x), img.numpy()) and np.array_equal(np.asarray(y), lab.numpy())
+            assert not np.array_equal(np.asarray(out)[:, :, :16, :16, :16], img.numpy()[:, :, :16, :16, :16])  # it did change the batch
+    # in place or not, the values are the same: each transform on its own (copying) equals the pipeline
+    x = img.clone()
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    out_a, lab_a = with_spatial(img, lab, rng_a)
+    a, b = with_spatial.transforms[0](x, lab, rng_b)
+    for t in forced:
+        a, b = t(a, b, rng_b)
+    assert torch.equal(out_a, a) and torch.equal(lab_a, b)

@@ -1,8 +1,9 @@
 """On-the-fly data augmentation of training batches, nnU-Net's default pipeline (Isensee et al. 2021).
 
 Every transform works on a whole batch at once — images (B, C, X, Y[, Z]) float32 and label maps
-(B, 1, X, Y[, Z]) integer — as torch tensors on the CPU (vectorised: one ``grid_sample`` for all spatially
-transformed samples, separable convolutions for the filters), decides per sample with its probability
+(B, 1, X, Y[, Z]) integer — as torch tensors on the CPU (vectorised: one ``grid_sample`` per spatially
+transformed sample over the bounding box of its sampling positions, an index gather for its labels, separable
+convolutions for the filters), decides per sample with its probability
 ``p`` whether it applies, and draws every random number from the ``numpy.random.Generator`` it is given,
 so a batch is reproducible from the sampler's seed and a resumed run continues the same sequence. Labels
 follow the spatial transforms (rotation, scaling, elastic deformation: nearest-neighbour sampling;
@@ -96,17 +97,23 @@ def gaussian_smooth(x: torch.Tensor, sigmas: Sequence[float], mode: str = "refle
 
 class Transform:
     """Base class: ``transform(image, label, rng) → (image, label)`` on batches, applied to each sample with
-    probability ``p``. ``image`` (B, C, *S) float32, ``label`` (B, 1, *S) integer or ``None``."""
+    probability ``p``. ``image`` (B, C, *S) float32, ``label`` (B, 1, *S) integer or ``None``.
+
+    The inputs are left as they are (a transform that changes something returns new tensors) unless
+    ``inplace=True``: then the transform may write into ``image`` and ``label`` and return them (what
+    :class:`Compose` does with the tensors it owns; the values are the same either way)."""
 
     p: float = 1.0
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator) -> Pair:
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator, inplace: bool = False) -> Pair:
         chosen = np.flatnonzero(rng.random(image.shape[0]) < self.p)
         if chosen.size == 0:
             return image, label
-        return self.apply(image, label, chosen, rng)
+        return self.apply(image if inplace else image.clone(), label, chosen, rng)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
+        """Transform the ``chosen`` samples of ``image`` (a tensor the transform may write into) and ``label`` (not
+        to be written into: only :class:`Mirror`, which has its own ``__call__``, changes labels)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -128,6 +135,67 @@ def rotation_matrix(angles: Sequence[float]) -> np.ndarray:
         m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
         r = m @ r
     return r
+
+
+class LazyBatch:
+    """A batch (B, C, *S) that is read region by region instead of held in memory: what the sampler hands the
+    spatial transform, which reads of each sample only the voxels it resamples (the central patch of an untouched
+    sample, the bounding box of a rotated or scaled one). ``read(b, box)`` returns sample ``b``'s ``box`` (a tuple
+    of slices within S) as a (C, *box) tensor, the same values as slicing the whole batch would give; with ``out``
+    (a (C, *box) tensor of ``dtype``) it writes them there."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def read(self, b: int, box: tuple[slice, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _region(x: torch.Tensor | LazyBatch, b: int, box: tuple[slice, ...]) -> torch.Tensor:
+    """Sample ``b``'s ``box``, (C, *box): a view of a tensor, or read from a :class:`LazyBatch`."""
+    return x.read(b, box) if isinstance(x, LazyBatch) else x[(b, slice(None), *box)]
+
+
+def _box(u: torch.Tensor, in_size: Sequence[int]) -> tuple[slice, ...]:
+    """The input region resampling at positions ``u`` (*patch, d) can touch: from floor(min u) to floor(max u) + 1
+    per axis (the far corner of linear interpolation, which also holds every nearest voxel), clipped to the input,
+    at least 2 voxels where the input has them (a 1-voxel box would pin every position to it)."""
+    low, high = (m.floor().tolist() for m in torch.aminmax(u.reshape(-1, u.shape[-1]), dim=0))
+    box = []
+    for a, n in enumerate(in_size):
+        lo = int(min(max(low[a], 0), max(n - 2, 0)))
+        hi = int(min(max(high[a] + 1, lo + 1), n - 1))
+        box.append(slice(lo, hi + 1))
+    return tuple(box)
+
+
+def _nearest(label: torch.Tensor, u: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
+    """Nearest-neighbour resampling of one label map at positions ``u`` (*patch, d), voxels of the whole input;
+    ``label`` is the map's ``box`` (from :func:`_box`, so every nearest voxel inside the input lies in it). The
+    value of the voxel at round-half-to-even(u) (``grid_sample``'s ``nearbyint``), 0 outside the input. An index
+    gather: no float copy of the map, the values (any integer) are taken as they are."""
+    shape = label.shape
+    flat = torch.zeros(u.shape[:-1], dtype=torch.int64)
+    inside = torch.ones(u.shape[:-1], dtype=torch.bool)
+    for a in range(u.shape[-1]):
+        r = torch.round(u[..., a]).to(torch.int64).sub_(box[a].start)
+        inside &= (r >= 0) & (r < shape[a])
+        flat.mul_(shape[a]).add_(r)
+    flat.masked_fill_(~inside, 0)
+    out = torch.take(label if label.is_contiguous() else label.contiguous(), flat)
+    return out.masked_fill_(~inside, 0)
+
+
+def _linear_in_box(image: torch.Tensor, u: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
+    """(Tri)linear resampling of one sample's channels at positions ``u`` (*patch, d), voxels of the whole input,
+    zeros outside it (``grid_sample(align_corners=True, padding_mode="zeros")``); ``image`` (C, *box) is the
+    input's ``box`` (:func:`_box`: every voxel interpolation can touch). ``u`` is shifted into the box and
+    normalised to it (overwritten), so the result is that of resampling the whole input up to float rounding of
+    the shifted positions."""
+    view = image[None] if image.dtype == torch.float32 else image[None].float()  # a copy of the box only
+    u.sub_(torch.tensor([float(b.start) for b in box], dtype=torch.float32)).mul_(2)
+    u.div_(torch.tensor([float(max(b.stop - b.start - 1, 1)) for b in box], dtype=torch.float32)).sub_(1)
+    return F.grid_sample(view, u.flip(-1)[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0]
 
 
 class SpatialTransform(Transform):
@@ -215,8 +283,8 @@ class SpatialTransform(Transform):
                 field[a] = 0
         return field
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator) -> Pair:
-        b, dims = image.shape[0], image.ndim - 2
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator, inplace: bool = False) -> Pair:
+        b, dims = image.shape[0], len(image.shape) - 2
         if dims != len(self.patch_size):
             raise ValueError(f"patch size {self.patch_size} has {len(self.patch_size)} axes, the batch {tuple(image.shape)} has {dims}")
         in_size = np.array(image.shape[2:])
@@ -226,28 +294,47 @@ class SpatialTransform(Transform):
         elastic = rng.random(b) < self.p_elastic
         fields = {int(i): self._elastic(rng) for i in np.flatnonzero(elastic)}
         changed = changed | elastic
-        # unchanged samples: the central crop, exactly
+        # unchanged samples: the central crop, exactly (changed ones are written below)
         start = (in_size - self.patch_size) // 2
         crop = tuple(slice(int(s), int(s) + p) for s, p in zip(start, self.patch_size))
-        out_img = image[(slice(None), slice(None), *crop)].clone()
-        out_lab = label[(slice(None), slice(None), *crop)].clone() if label is not None else None
+        out_img = torch.empty((b, image.shape[1], *self.patch_size), dtype=image.dtype)
+        out_lab = torch.empty((b, 1, *self.patch_size), dtype=label.dtype) if label is not None else None
+        for i in np.flatnonzero(~changed):
+            for x, out in ((image, out_img), (label, out_lab)):
+                if x is None or out is None:
+                    continue
+                if isinstance(x, LazyBatch):
+                    x.read(int(i), crop, out=out[i])
+                else:
+                    out[i] = x[(int(i), slice(None), *crop)]
         idx = np.flatnonzero(changed)
         if idx.size == 0:
             return out_img, out_lab
-        offsets = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in self.patch_size], indexing="ij"), dim=-1)
-        a = torch.from_numpy(mats[idx].astype(np.float32))  # (n, d, d)
-        coords = torch.einsum("nij,...j->n...i", a, offsets)  # (n, *patch, d)
+        source = self._source_coordinates(mats[idx], [fields.get(int(i)) for i in idx], in_size)  # (n, *patch, d)
         for k, i in enumerate(idx):
-            if int(i) in fields:
-                coords[k] += fields[int(i)].movedim(0, -1)
-        coords = coords + torch.as_tensor((in_size - 1) / 2, dtype=torch.float32)
-        grid = (2 * coords / torch.as_tensor(np.maximum(in_size - 1, 1), dtype=torch.float32) - 1).flip(-1)  # grid_sample wants (…, W, H, D) order
-        sel = torch.from_numpy(idx)
-        out_img[sel] = F.grid_sample(image[sel].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True).to(image.dtype)
-        if label is not None and out_lab is not None:
-            lab = F.grid_sample(label[sel].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
-            out_lab[sel] = lab.round().to(label.dtype)
+            u = source[k]
+            box = _box(u, in_size)  # all the resampling reads of the input
+            if label is not None and out_lab is not None:
+                out_lab[i, 0] = _nearest(_region(label, int(i), box)[0], u, box)
+            out_img[i] = _linear_in_box(_region(image, int(i), box), u, box)
         return out_img, out_lab
+
+    def _source_coordinates(self, mats: np.ndarray, fields: list[torch.Tensor | None], in_size: np.ndarray) -> torch.Tensor:
+        """The input position (voxels, float32) every output voxel samples, (n, *patch, d) for n sampling
+        matrices (and elastic fields or None).
+
+        Computed with the float32 operations ``grid_sample(align_corners=True)`` performs on the whole input's
+        normalised grid g = 2c/(N−1) − 1, i.e. u = (g + 1)/2·(N−1), so the positions (and with them the
+        nearest-neighbour voxels, ties included) are bit for bit those of resampling the whole input."""
+        offsets = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in self.patch_size], indexing="ij"), dim=-1)
+        a = torch.from_numpy(mats.astype(np.float32))  # (n, d, d)
+        coords = torch.einsum("nij,...j->n...i", a, offsets)  # (n, *patch, d)
+        for k, field in enumerate(fields):
+            if field is not None:
+                coords[k] += field.movedim(0, -1)
+        coords += torch.as_tensor((in_size - 1) / 2, dtype=torch.float32)
+        coords.mul_(2).div_(torch.as_tensor(np.maximum(in_size - 1, 1), dtype=torch.float32)).sub_(1)  # the normalised grid
+        return coords.add_(1).div_(2).mul_(torch.as_tensor(in_size - 1, dtype=torch.float32))
 
 
 class Mirror(Transform):
@@ -256,11 +343,12 @@ class Mirror(Transform):
     def __init__(self, axes: Sequence[int] = (0, 1, 2), p: float = 0.5):
         self.axes, self.p = [int(a) for a in axes], float(p)
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator) -> Pair:
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None, rng: np.random.Generator, inplace: bool = False) -> Pair:
         flips = rng.random((image.shape[0], len(self.axes))) < self.p
         if not flips.any():
             return image, label
-        image, label = image.clone(), (label.clone() if label is not None else None)
+        if not inplace:
+            image, label = image.clone(), (label.clone() if label is not None else None)
         for b in np.flatnonzero(flips.any(1)):
             dims = [1 + a for a, f in zip(self.axes, flips[b]) if f and a < image.ndim - 2]  # image[b] is (C, *S)
             if dims:
@@ -278,7 +366,6 @@ class GaussianNoise(Transform):
         self.variance, self.p = variance, float(p)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         for b in chosen:
             std = math.sqrt(rng.uniform(*self.variance))
             image[b] += torch.from_numpy(rng.standard_normal(image.shape[1:], dtype=np.float32) * std).to(image.dtype)
@@ -292,7 +379,6 @@ class GaussianBlur(Transform):
         self.sigma, self.p, self.p_per_channel, self.axes = sigma, float(p), float(p_per_channel), axes
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         dims = image.ndim - 2
         axes = list(range(dims)) if self.axes is None else list(self.axes)
         for b in chosen:
@@ -309,7 +395,6 @@ class MultiplicativeBrightness(Transform):
         self.multiplier, self.p = multiplier, float(p)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         f = _bg_factor(rng, *self.multiplier, (len(chosen), image.shape[1])).astype(np.float32)
         shape = (len(chosen), image.shape[1]) + (1,) * (image.ndim - 2)
         image[torch.from_numpy(chosen)] *= torch.from_numpy(f).reshape(shape).to(image.dtype)
@@ -324,7 +409,6 @@ class Contrast(Transform):
         self.contrast, self.preserve_range, self.p = contrast, preserve_range, float(p)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         sel = torch.from_numpy(chosen)
         x = image[sel]
         flat = x.flatten(2)
@@ -347,7 +431,6 @@ class SimulateLowResolution(Transform):
         self.zoom, self.p, self.p_per_channel, self.ignore_axes = zoom, float(p), float(p_per_channel), list(ignore_axes)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         shape = list(image.shape[2:])
         mode = "trilinear" if len(shape) == 3 else "bilinear"
         for b in chosen:
@@ -369,19 +452,26 @@ class Gamma(Transform):
         self.gamma, self.invert, self.retain_stats, self.p = gamma, invert, retain_stats, float(p)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, chosen: np.ndarray, rng: np.random.Generator) -> Pair:
-        image = image.clone()
         eps = 1e-7
         for b in chosen:
             for c in range(image.shape[1]):
-                x = image[b, c].float()
-                x = -x if self.invert else x
+                # y = ((x − lo)/(range + eps)).clamp(0, 1)^γ·(range + eps) + lo, then mean and std restored: the same
+                # float32 operations in place on one array (negation is exact, so inverting in place is too)
+                x = image[b, c] if image.dtype == torch.float32 else image[b, c].float()
+                if self.invert:
+                    x.neg_()
                 mean, std = x.mean(), x.std()
-                lo, rng_ = x.min(), x.max() - x.min()
+                lo, hi = torch.aminmax(x)
+                scale = (hi - lo) + eps
                 g = float(_bg_factor(rng, *self.gamma))
-                y = ((x - lo) / (rng_ + eps)).clamp(0, 1) ** g * (rng_ + eps) + lo
+                x.sub_(lo).div_(scale).clamp_(0, 1).pow_(g).mul_(scale).add_(lo)
                 if self.retain_stats:
-                    y = (y - y.mean()) / (y.std() + 1e-8) * std + mean
-                image[b, c] = (-y if self.invert else y).to(image.dtype)
+                    y_mean, y_std = x.mean(), x.std()
+                    x.sub_(y_mean).div_(y_std + 1e-8).mul_(std).add_(mean)
+                if self.invert:
+                    x.neg_()
+                if x.data_ptr() != image[b, c].data_ptr():
+                    image[b, c] = x.to(image.dtype)
         return image, label
 
 
@@ -392,7 +482,10 @@ class Compose:
     ``__call__(image, label, rng)`` takes numpy arrays or torch tensors (images (B, C, *S) float, labels
     (B, 1, *S) integer or ``None``) and returns the same kind, shapes (the spatial transform yields
     ``patch_size``) and dtypes. ``input_size`` is the spatial size the first spatial transform expects (the
-    crop the sampler takes), the patch size when there is none.
+    crop the sampler takes), the patch size when there is none. A pipeline that starts with its spatial
+    transform also takes :class:`LazyBatch` images and labels (returning numpy arrays): it reads of them only
+    what it resamples. The transforms after the spatial transform work in place on the new tensors it returns
+    (never on the caller's arrays).
     """
 
     def __init__(self, transforms: Sequence[Transform], patch_size: Sequence[int] | None = None):
@@ -406,17 +499,21 @@ class Compose:
         return self._spatial.input_size if self._spatial is not None else list(self.patch_size)
 
     def __call__(self, image: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor | None, rng: np.random.Generator) -> tuple:
-        is_numpy = isinstance(image, np.ndarray)
-        img = torch.from_numpy(np.ascontiguousarray(image)) if is_numpy else image
+        is_numpy = not isinstance(image, torch.Tensor)
+        if isinstance(image, LazyBatch) and not (self.transforms and isinstance(self.transforms[0], SpatialTransform)):
+            raise ValueError("a LazyBatch is read by a spatial transform: the pipeline must start with one")
+        img = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
         lab = None if label is None else (torch.from_numpy(np.ascontiguousarray(label)) if isinstance(label, np.ndarray) else label)
-        if img.ndim not in (4, 5):
+        if len(img.shape) not in (4, 5):
             raise ValueError(f"expected a batch (B, C, X, Y[, Z]), got shape {tuple(img.shape)}")
-        if lab is not None and (lab.shape[0] != img.shape[0] or lab.shape[1] != 1 or lab.shape[2:] != img.shape[2:]):
+        if lab is not None and (lab.shape[0] != img.shape[0] or lab.shape[1] != 1 or tuple(lab.shape[2:]) != tuple(img.shape[2:])):
             raise ValueError(f"labels {tuple(lab.shape)} do not match the images {tuple(img.shape)} (expected (B, 1, *S))")
         img_dtype = img.dtype
-        img = img.float()
+        img = img.float() if isinstance(img, torch.Tensor) else img  # a LazyBatch reads float32 (its dtype)
+        owned = False  # img and lab are new tensors of the pipeline's (not the caller's): transforms may write into them
         for t in self.transforms:
-            img, lab = t(img, lab, rng)
+            img, lab = t(img, lab, rng, inplace=owned)
+            owned = owned or isinstance(t, SpatialTransform)  # its outputs are always new tensors
         img = img.to(img_dtype)
         if is_numpy:
             return img.numpy(), (None if lab is None else lab.numpy())

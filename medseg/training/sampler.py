@@ -7,7 +7,9 @@ Without ``augmentation`` each patch is only mirrored (each axis with p ½, ``mir
 (``augmentation=True`` for :func:`~medseg.training.augmentation.default_augmentation`, or a
 :class:`~medseg.training.augmentation.Compose`) the sampler crops the pipeline's larger ``input_size``
 around the same centre and passes the batch through the pipeline (which mirrors itself), drawing its random
-numbers from the sampler's generator: one seed, one state to checkpoint.
+numbers from the sampler's generator: one seed, one state to checkpoint. When the pipeline starts with its spatial
+transform (always, for the built-in ones) that crop is not copied: the transform reads of each sample's window
+only the region it resamples (:class:`~medseg.training.augmentation.LazyBatch`), with the same values.
 
 Classification (dataset.json ``task: "classification"``) trains on whole volumes, not patches:
 :class:`VolumeCase` is a preprocessed case with its class and age, :func:`fit_volume` turns a whole volume
@@ -25,11 +27,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.preprocessing.classifier_input import fit_volume
-from medseg.training.augmentation import Compose, default_augmentation
+from medseg.training.augmentation import Compose, LazyBatch, SpatialTransform, default_augmentation
 
 
 #: Cases opened in this process by unpickling, keyed by how they were opened. Loader workers receive a sampler
@@ -111,7 +114,7 @@ def _padded_crop(array: np.ndarray, start: np.ndarray, size: list[int], fill: fl
     ``out``: write into this array instead (already holding ``fill``; its dtype converts the values)."""
     shape = np.array(array.shape[-3:])
     lo = np.maximum(start, 0)
-    hi = np.minimum(start + np.array(size), shape)
+    hi = np.maximum(np.minimum(start + np.array(size), shape), lo)  # a crop wholly beyond the array: all fill
     lead = array.shape[:-3]
     if out is None:
         out = np.full(tuple(lead) + tuple(size), fill, dtype=array.dtype)
@@ -119,6 +122,29 @@ def _padded_crop(array: np.ndarray, start: np.ndarray, size: list[int], fill: fl
     src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     out[(Ellipsis,) + dst] = array[(Ellipsis,) + src]
     return out
+
+
+class _Windows(LazyBatch):
+    """The batch of padded crops ``size`` at ``starts`` (one per sample) of ``arrays`` (each C×I×J×K, or I×J×K: one
+    channel), ``fill`` beyond the array, as ``dtype``: read box by box by the spatial transform, so only what it
+    resamples is copied out of the (memory-mapped) cases. Reading a box gives exactly the values cropping the whole
+    window first would."""
+
+    def __init__(self, arrays: list[np.ndarray], starts: list[np.ndarray], size: list[int], fill: float, dtype: np.dtype):
+        self.arrays, self.starts, self.fill, self.np_dtype = arrays, starts, fill, np.dtype(dtype)
+        channels = arrays[0].shape[0] if arrays[0].ndim == 4 else 1
+        self.shape = (len(arrays), channels, *size)
+        self.dtype = torch.from_numpy(np.empty(0, self.np_dtype)).dtype
+
+    def read(self, b: int, box: tuple[slice, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+        array, size = self.arrays[b], [s.stop - s.start for s in box]
+        if out is None:  # zeros: calloc'd, pages of the padding never written
+            target = np.zeros((self.shape[1], *size), self.np_dtype) if self.fill == 0 else np.full((self.shape[1], *size), self.fill, self.np_dtype)
+        else:
+            target = out.fill_(self.fill).numpy()
+        start = np.asarray(self.starts[b]) + np.array([s.start for s in box])
+        _padded_crop(array, start, size, self.fill, out=target if array.ndim == 4 else target[0])
+        return torch.from_numpy(target) if out is None else out
 
 
 class PatchSampler:
@@ -173,8 +199,8 @@ class PatchSampler:
             previous = getattr(case, "prev", None)  # cascade: the previous stage's map (CascadeCase only)
             if self.augmentation is not None:  # the larger crop around the same centre; the pipeline mirrors
                 start = start - (np.array(self.crop_size) - np.array(self.patch_size)) // 2
-                images.append((_images_of(case), start))  # cropped below, straight into the batch array
-                labels.append(_padded_crop(case.seg, start, self.crop_size, 0))
+                images.append((_images_of(case), start))  # cropped below (or read box by box by the spatial transform)
+                labels.append((case.seg, start))
                 if previous is not None:
                     prevs.append(_padded_crop(previous, start, self.crop_size, 0))
                 continue
@@ -193,7 +219,15 @@ class PatchSampler:
                 prevs.append(np.ascontiguousarray(prev))
         if prevs and len(prevs) != len(images):
             raise MedsegError("a batch mixes cascade cases (with a previous-stage segmentation) and plain ones")
+        if self.augmentation is not None and not prevs and self.augmentation.transforms and isinstance(self.augmentation.transforms[0], SpatialTransform):
+            # the pipeline's spatial transform reads of each window only what it resamples (an untouched sample: its
+            # central patch); the same values as cropping the windows first, without copying ~250³ voxels a sample
+            windows = _Windows([a for a, _ in images], [s for _, s in images], self.crop_size, 0.0, np.float32)
+            seg_windows = _Windows([a for a, _ in labels], [s for _, s in labels], self.crop_size, 0, np.result_type(*[a.dtype for a, _ in labels]))
+            batch_img, batch_seg = self.augmentation(windows, seg_windows, self.rng)
+            return batch_img, batch_seg.astype(np.int64)
         if self.augmentation is not None:
+            labels = [_padded_crop(array, start, self.crop_size, 0) for array, start in labels]
             # one float32 batch array filled in place: with 128³ patches the augmentation's input is ~250³ voxels a
             # sample and channel, and stacking then converting would copy all of it twice more (same values)
             batch_img = np.zeros((len(images), images[0][0].shape[0], *self.crop_size), dtype=np.float32)
