@@ -62,8 +62,9 @@ test-tools:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null && echo "installed:$$missing"; } || \
 	  echo "not available:$$missing (tests that need them will be skipped)"; fi
 
+# two workers on the two cores, one test file each at a time (module fixtures built once; pipeline runs of one file in order)
 test: $(STAMP) test-tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
