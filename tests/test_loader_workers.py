@@ -279,3 +279,22 @@ def test_whole_volume_batches_with_and_without_ages_through_a_worker(mini: Path)
                 _assert_same_batches([tuple(a for a in want if a is not None)], [tuple(a for a in have if a is not None)])
             if ages:  # every case once in the first pass (5 cases: slots 0-4 of batches 0-2; the age tells the case)
                 assert sorted(np.concatenate([g[2] for g in got])[:5].tolist()) == [40.0, 41.0, 42.0, 43.0, 44.0]
+
+
+def test_batches_cross_shared_memory_unchanged_and_labels_travel_narrow() -> None:
+    """A batch through one shared-memory block: every array arrives equal, with its own dtype (pinned too, where CUDA is); int64
+    label maps whose values fit in int8 take an eighth of the block, wider values travel as they are."""
+    from medseg.training.loader import _pack, _unpack
+
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((2, 4, 8, 8, 8)).astype(np.float32)
+    labels = rng.integers(-1, 4, (2, 1, 8, 8, 8)).astype(np.int64)
+    wide = np.array([0, 1000, -5], dtype=np.int64)
+    for pin in (False, True) if torch.cuda.is_available() else (False,):  # pinned memory needs CUDA
+        name, meta = _pack((images, labels, None, wide))
+        assert meta[1] is not None and np.dtype(meta[1][3]) == np.int8 and meta[2] is None and np.dtype(meta[3][3]) == np.int64
+        out = _unpack(name, meta, pin)
+        got = [o.numpy() if hasattr(o, "numpy") else o for o in (out[0], out[1], out[3])]
+        for sent, arrived in zip((images, labels, wide), got):
+            assert arrived.dtype == sent.dtype and np.array_equal(arrived, sent)
+        assert out[2] is None

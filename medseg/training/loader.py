@@ -52,8 +52,19 @@ from medseg.errors import MedsegError
 #: checks its workers while it waits for a batch (seconds)
 _POLL_S = 0.5
 
-# a batch is a tuple of arrays (or None: a classifier without ages); each travels as (shape, dtype, offset) in one block
-_Meta = list[tuple[tuple[int, ...], str, int] | None]
+# a batch is a tuple of arrays (or None: a classifier without ages); each travels as (shape, dtype, offset, wire dtype)
+# in one block
+_Meta = list[tuple[tuple[int, ...], str, int, str] | None]
+
+
+def _wire_dtype(a: np.ndarray) -> np.dtype:
+    """The narrowest dtype a batch array travels in without loss: int64 label maps whose values fit in int8 go as int8
+    (an eighth of the bytes to write into and copy out of shared memory; widened again on arrival), others as they are."""
+    if a.dtype == np.int64 and a.size:
+        lo, hi = int(a.min()), int(a.max())
+        if -128 <= lo and hi <= 127:
+            return np.dtype(np.int8)
+    return a.dtype
 
 
 class LoaderWorkerError(MedsegError):
@@ -70,14 +81,15 @@ def _pack(batch: tuple[Any, ...]) -> tuple[str, _Meta]:
         if a is None:
             meta.append(None)
             continue
+        wire = _wire_dtype(a)
         offset = -(-offset // 64) * 64  # 64-byte aligned, as numpy and SIMD copies like it
-        meta.append((tuple(a.shape), a.dtype.str, offset))
-        offset += a.nbytes
+        meta.append((tuple(a.shape), a.dtype.str, offset, wire.str))
+        offset += a.size * wire.itemsize
     block = shared_memory.SharedMemory(create=True, size=max(offset, 1))
     try:
         for a, m in zip(arrays, meta):
             if a is not None and m is not None:
-                np.ndarray(m[0], dtype=m[1], buffer=block.buf, offset=m[2])[...] = a
+                np.ndarray(m[0], dtype=m[3], buffer=block.buf, offset=m[2])[...] = a
     except BaseException:
         block.close()
         block.unlink()  # nobody will hear of this block
@@ -133,15 +145,16 @@ def _unpack(name: str, meta: _Meta, pin: bool) -> tuple[Any, ...]:
             if m is None:
                 out.append(None)
                 continue
-            view = np.ndarray(m[0], dtype=m[1], buffer=block.buf, offset=m[2])
+            view = np.ndarray(m[0], dtype=m[3], buffer=block.buf, offset=m[2])
+            dtype = np.dtype(m[1])  # the array's own dtype (it may have travelled narrower)
             if pin:
                 import torch
 
-                tensor = torch.empty(m[0], dtype=torch.from_numpy(np.empty(0, dtype=view.dtype)).dtype, pin_memory=True)
+                tensor = torch.empty(m[0], dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype, pin_memory=True)
                 tensor.numpy()[...] = view
                 out.append(tensor)
             else:
-                out.append(view.copy())
+                out.append(view.astype(dtype))
             del view  # the block cannot be closed while a view exports its buffer
         return tuple(out)
     finally:
