@@ -127,6 +127,7 @@ class ProcessTreeSampler:
     samples: list[TreeSample] = field(default_factory=list)
     role_peak_rss: dict[str, int] = field(default_factory=dict)
     pids_seen: set[int] = field(default_factory=set)
+    cpu_s_by_pid: dict[int, float] = field(default_factory=dict)  # last seen user + system seconds of each process
     _roles: dict[int, str] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -165,6 +166,8 @@ class ProcessTreeSampler:
                 else:
                     mem = proc.memory_info()
                 rss = mem.rss
+                cpu = proc.cpu_times()
+                self.cpu_s_by_pid[proc.pid] = cpu.user + cpu.system
                 if proc.pid not in self._roles:
                     self._roles[proc.pid] = process_role(proc.pid, self.root_pid, proc.cmdline())
             except psutil.Error:  # ended (or became a zombie) between listing and reading
@@ -197,6 +200,8 @@ class ProcessTreeSampler:
             "peak_rss_max_process_mb": to_mb(max(s.rss_max_process for s in self.samples)),
             "peak_rss_tree_mb": to_mb(max(s.rss_tree for s in self.samples)),
             "peak_rss_by_role_mb": {role: to_mb(v) for role, v in sorted(self.role_peak_rss.items())},
+            # a check of the CPU seconds from wait4: misses each process's last interval, and processes shorter than one
+            "cpu_s_sampled": round(sum(self.cpu_s_by_pid.values()), 2),
             "rss_tree_mb_peak_per_tenth": [to_mb(v) if v else None for v in by_slice],
         }
         if self.full:

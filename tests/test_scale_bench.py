@@ -51,6 +51,7 @@ def test_run_monitored_sees_the_memory_of_the_child_and_its_grandchild(bench, tm
     assert len(mem["rss_tree_mb_peak_per_tenth"]) == 10
     assert run["kernel_maxrss_mb"] >= 0.9 * mem["peak_rss_max_process_mb"]  # the kernel's high-water mark agrees
     assert run["wall_s"] >= 1.5 and run["cpu_s"] > 0
+    assert 0 < mem["cpu_s_sampled"] <= run["cpu_s"] + 0.1  # sampled: never more than the kernel's count
     assert "held_mb" in (tmp_path / "child.log").read_text()
 
 
