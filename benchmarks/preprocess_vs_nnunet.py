@@ -169,11 +169,28 @@ def run_ours(dataset: Path, out: Path, workers: int, budget: str) -> dict[str, A
 NNUNET_MARKERS = {"Fingerprint extraction...": "fingerprint_s", "Experiment planning...": "plan_s", "Preprocessing...": "preprocess_s"}
 
 
+def nnunet_env(work: Path) -> dict[str, str]:
+    """The environment nnU-Net reads its folders from (all under ``work``), output unbuffered for the phase markers."""
+    return dict(os.environ, nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
+                nnUNet_results=str(work / "nnUNet_results"), PYTHONUNBUFFERED="1")
+
+
+def nnunet_plan_and_preprocess_command(venv: Path, dataset_id: int, workers: int) -> list[str]:
+    return [str(venv / "bin" / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres",
+            "-np", str(workers), "-npfp", str(workers), "--no_pbar"]
+
+
+def nnunet_phases(marks: list[tuple[str, float]], wall: float) -> dict[str, float | None]:
+    """Phase seconds from (phase key, seconds since start) marks: each phase lasts until the next one (the last until ``wall``)."""
+    phases: dict[str, float | None] = {"startup_s": round(marks[0][1], 2) if marks else None}
+    for (key, start), nxt in zip(marks, marks[1:] + [("end", wall)]):
+        phases[key] = round(nxt[1] - start, 2)
+    return phases
+
+
 def run_nnunet(venv: Path, work: Path, dataset_id: int, workers: int, log: Path) -> dict[str, Any]:
-    env = dict(os.environ, nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
-               nnUNet_results=str(work / "nnUNet_results"), PYTHONUNBUFFERED="1")
-    cmd = [str(venv / "bin" / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres",
-           "-np", str(workers), "-npfp", str(workers), "--no_pbar"]
+    env = nnunet_env(work)
+    cmd = nnunet_plan_and_preprocess_command(venv, dataset_id, workers)
     marks: list[tuple[str, float]] = []
     t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as fh:
@@ -189,10 +206,7 @@ def run_nnunet(venv: Path, work: Path, dataset_id: int, workers: int, log: Path)
     if proc.returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
         raise BenchmarkError(f"nnUNetv2_plan_and_preprocess failed (exit {proc.returncode}); log {log}:\n{tail}")
-    phases: dict[str, float] = {"startup_s": round(marks[0][1], 2) if marks else None}  # type: ignore[dict-item]
-    for (key, start), nxt in zip(marks, marks[1:] + [("end", wall)]):
-        phases[key] = round(nxt[1] - start, 2)
-    return {"wall_s": round(wall, 2), "phases": phases, "command": " ".join(["nnUNetv2_plan_and_preprocess"] + cmd[1:])}
+    return {"wall_s": round(wall, 2), "phases": nnunet_phases(marks, wall), "command": " ".join(["nnUNetv2_plan_and_preprocess"] + cmd[1:])}
 
 
 # --------------------------------------------------------------------------- agreement
