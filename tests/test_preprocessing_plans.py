@@ -549,3 +549,17 @@ def test_run_cases_keeps_job_order_and_raises_the_first_failure() -> None:
     assert run_cases(_fail_on_two, [0, 1, 3, 4], workers=2, desc="t", progress=False) == [0, 10, 30, 40]
     with pytest.raises(MedsegError, match="case 2 is bad"):
         run_cases(_fail_on_two, [0, 1, 2, 3], workers=2, desc="t", progress=False)
+
+
+def test_the_pooled_intensity_sample_is_capped_so_memory_does_not_grow_with_the_cases() -> None:
+    """nnU-Net draws 10⁸ / n_cases voxels per case; we draw 10⁴ per case up to 50 cases, then fewer, so the pooled
+    sample held until the statistics are taken stays at MAX_SAMPLES per channel (benchmarks/scale.py measured the
+    uncapped sample growing the preprocessing process by ~0.16 MB per case)."""
+    from medseg.preprocessing.fingerprint import MAX_SAMPLES, SAMPLES_PER_CASE, capped_samples_per_case
+
+    assert capped_samples_per_case(6) == SAMPLES_PER_CASE and capped_samples_per_case(50) == SAMPLES_PER_CASE
+    for n in (51, 200, 1251, 10_000):
+        assert MAX_SAMPLES - n < capped_samples_per_case(n) * n <= MAX_SAMPLES  # flat in n
+    assert capped_samples_per_case(1251) == 399
+    assert capped_samples_per_case(10**7) == 1  # every case still seen
+    assert capped_samples_per_case(200, wanted=5000) == 2500

@@ -5,7 +5,9 @@ box and the fraction of voxels it keeps. Per channel: mean, std, median, 0.5/99.
 of *foreground* (label > 0) voxels. As in nnU-Net the statistics come from a fixed number of foreground
 voxels drawn per case with replacement (so every case weighs the same and the cost does not grow with the
 image size); nnU-Net draws 10⁸ / n_cases per case, we draw :data:`SAMPLES_PER_CASE` (10⁴: percentiles of
-the pooled sample are then stable to well under 1 %). The draw is seeded per case id, so the result does
+the pooled sample are then stable to well under 1 %), and at most :data:`MAX_SAMPLES` per channel in all
+(:func:`capped_samples_per_case`: fewer per case beyond 50 cases, so the pooled sample, held in memory until the
+statistics are taken, does not grow with the dataset). The draw is seeded per case id, so the result does
 not depend on case order or worker count. Class voxel frequencies are counted exactly.
 
 Written as ``fingerprint.json`` beside ``plans.json``.
@@ -24,7 +26,15 @@ from medseg.preprocessing.cropping import bounding_box, crop, nonzero_mask
 from medseg.preprocessing.parallel import run_cases
 
 SAMPLES_PER_CASE = 10_000
+#: The pooled sample's cap per channel (float32: 2 MB a channel), reached at 50 cases of :data:`SAMPLES_PER_CASE`.
+MAX_SAMPLES = 500_000
 SEED = 1234
+
+
+def capped_samples_per_case(n_cases: int, wanted: int = SAMPLES_PER_CASE, total: int = MAX_SAMPLES) -> int:
+    """Foreground voxels drawn per case: ``wanted``, or fewer so that ``n_cases`` of them stay within ``total`` (as
+    nnU-Net's 10⁸ / n_cases; at least one, so every case is seen)."""
+    return int(min(wanted, max(1, total // max(int(n_cases), 1))))
 
 
 def case_files(dataset_dir: Path, case_id: str, n_channels: int, images_folder: str = schemas.IMAGES_TR) -> list[Path]:
@@ -156,6 +166,7 @@ def compute_fingerprint(dataset_dir: Path, case_ids: list[str], workers: int = 1
     dataset_dir = Path(dataset_dir)
     ds = schemas.DatasetJson.load(dataset_dir)
     n_labels = max(ds.label_values) + 1
+    samples_per_case = capped_samples_per_case(len(case_ids), samples_per_case)  # the pooled sample is capped
     with_label = ds.task != "classification"  # a classification case has a class, not a label map
     jobs = [(dataset_dir, cid, len(ds.channel_names), ds.channels, n_labels, samples_per_case, seed, with_label) for cid in case_ids]
     rows = run_cases(_fingerprint_job, jobs, workers, "fingerprint", progress)
