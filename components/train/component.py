@@ -91,6 +91,8 @@ def fold_ensemble(preprocessed: Input[Dataset], dataset: Input[Dataset], fold_mo
     built, report = build_selected_model(Path(preprocessed.path), Path(dataset.path), [Path(m.path) for m in fold_models], Path(model.path), cfg,
                                          resolve_tracking_uri(mlflow_tracking_uri), {"pipeline_run_id": pipeline_run_id, "stage": "ensemble"})
     package = schemas.ModelPackage.load(built)
+    if len(fold_models) == 1:  # one fold of one configuration: its package as it is, with what its train task recorded
+        model.metadata.update(fold_models[0].metadata)
     selection = report.pop("selection", None) or {}
     folds = package.training.get("folds") or [(package.training.get("config") or {}).get("fold")]
     model.metadata.update({"configuration": package.configuration, "folds": folds, "network": package.network.get("name"),
