@@ -253,10 +253,7 @@ def _full_input_reference(t: SpatialTransform, image: torch.Tensor, label: torch
     (labels converted to float, nearest neighbour) on the grid normalised to the whole input."""
     b, dims = image.shape[0], image.ndim - 2
     in_size = np.array(image.shape[2:])
-    mats, changed = t._matrices(b, rng)
-    elastic = rng.random(b) < t.p_elastic
-    fields = {int(i): t._elastic(rng) for i in np.flatnonzero(elastic)}
-    changed = changed | elastic
+    mats, fields, changed = t.draw(b, rng)
     start = (in_size - t.patch_size) // 2
     crop = tuple(slice(int(s), int(s) + p) for s, p in zip(start, t.patch_size))
     out_img, out_lab = image[(slice(None), slice(None), *crop)].clone(), label[(slice(None), slice(None), *crop)].clone()

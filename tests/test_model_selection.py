@@ -19,8 +19,8 @@ from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.inference.configuration_ensemble import ConfigurationEnsemblePredictor
 from medseg.inference.predictor import Predictor, grid_labels
-from medseg.io import load_nifti, nifti_spacing, stack_channels
-from medseg.preprocessing.fingerprint import case_files, label_file
+from medseg.io import load_nifti
+from medseg.preprocessing.fingerprint import case_files, label_file, load_case
 from medseg.preprocessing.preprocess import run_preprocessing
 from medseg.task import Task
 from medseg.training import model_selection as sel
@@ -54,9 +54,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _case(dataset: Path, case_id: str):
-    paths = case_files(dataset, case_id, len(schemas.DatasetJson.load(dataset).channel_names))
-    images, affine, header = stack_channels([load_nifti(p) for p in paths], [str(p) for p in paths])
-    return images, affine, list(nifti_spacing(header))
+    images, _, affine, spacing = load_case(dataset, case_id, len(schemas.DatasetJson.load(dataset).channel_names))
+    return images, affine, spacing
 
 
 def test_candidates_follow_the_task_and_the_plan(trained: dict) -> None:

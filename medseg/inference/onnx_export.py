@@ -203,6 +203,15 @@ def _check_against_torch(path: Path, network: Any, example: Any) -> float | None
     return float(np.abs(onnx_network(example.numpy()) - reference).max())
 
 
+def members_onnx(members: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``onnx`` entry of a configuration ensemble from its members' (configuration → their ``onnx``): no file of its
+    own; ``members`` true when every member has one (the ensemble then runs torch-free), else the reasons."""
+    missing = [c for c, info in members.items() if not info.get("file")]
+    if missing:
+        return {"file": None, "members": False, "reason": f"member(s) without {ONNX_FILE}: " + "; ".join(f"{c}: {members[c].get('reason')}" for c in missing)}
+    return {"file": None, "members": True, "reason": f"a configuration ensemble: each member package carries its own {ONNX_FILE}"}
+
+
 def write_onnx(model_dir: str | Path, force: bool = False) -> dict[str, Any]:
     """:func:`export_onnx` into a package folder and record the result as ``onnx`` in its ``model_package.json``.
 
@@ -212,11 +221,8 @@ def write_onnx(model_dir: str | Path, force: bool = False) -> dict[str, Any]:
     if package.configuration_ensemble:  # each member package gets (or keeps) its own file; the ensemble runs them all
         from medseg.inference.configuration_ensemble import member_folders
 
-        results = {m["configuration"]: write_onnx(folder, force) for m, folder in zip(package.configuration_ensemble, member_folders(model_dir, package))}
-        missing = [c for c, r in results.items() if not r.get("file")]
-        info: dict[str, Any] = {"file": None, "members": not missing,
-                                "reason": f"member(s) without {ONNX_FILE}: " + "; ".join(f"{c}: {results[c].get('reason')}" for c in missing) if missing else
-                                "a configuration ensemble: each member package carries its own network.onnx"}
+        info: dict[str, Any] = members_onnx({m["configuration"]: write_onnx(folder, force)
+                                             for m, folder in zip(package.configuration_ensemble, member_folders(model_dir, package))})
     elif not force and not export_enabled():
         info = {"file": None, "reason": f"export switched off at packaging ({EXPORT_ENV}=0): add it with medseg export-onnx"}
     else:
@@ -229,4 +235,4 @@ def write_onnx(model_dir: str | Path, force: bool = False) -> dict[str, Any]:
     return info
 
 
-__all__ = ["EXPORT_ENV", "MAX_ABS_DIFF", "OPSET", "SUPPORTED_NETWORKS", "export_enabled", "export_onnx", "refusal", "write_onnx"]
+__all__ = ["EXPORT_ENV", "MAX_ABS_DIFF", "OPSET", "SUPPORTED_NETWORKS", "export_enabled", "export_onnx", "members_onnx", "refusal", "write_onnx"]

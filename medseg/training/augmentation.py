@@ -45,6 +45,7 @@ stay inside real data (nnU-Net's "initial patch size").
 
 from __future__ import annotations
 
+import abc
 import itertools
 import math
 from collections.abc import Sequence
@@ -137,7 +138,7 @@ def rotation_matrix(angles: Sequence[float]) -> np.ndarray:
     return r
 
 
-class LazyBatch:
+class LazyBatch(abc.ABC):
     """A batch (B, C, *S) that is read region by region instead of held in memory: what the sampler hands the
     spatial transform, which reads of each sample only the voxels it resamples (the central patch of an untouched
     sample, the bounding box of a rotated or scaled one). ``read(b, box)`` returns sample ``b``'s ``box`` (a tuple
@@ -147,8 +148,9 @@ class LazyBatch:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    @abc.abstractmethod
     def read(self, b: int, box: tuple[slice, ...], out: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """Sample ``b``'s ``box`` as a (C, *box) tensor (written into ``out`` when given)."""
 
 
 def _region(x: torch.Tensor | LazyBatch, b: int, box: tuple[slice, ...]) -> torch.Tensor:
@@ -272,6 +274,14 @@ class SpatialTransform(Transform):
                 mats[b] = mats[b] @ np.diag([s if a in self.scale_axes else 1.0 for a in range(dims)])
         return mats, rotate | scale
 
+    def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[int, torch.Tensor], np.ndarray]:
+        """The random part for a batch of ``n``, in the order the generator is read: the (n, d, d) sampling matrices,
+        the elastic displacement fields of the samples that get one (index → (d, *patch)), and which samples change."""
+        mats, changed = self._matrices(n, rng)
+        elastic = rng.random(n) < self.p_elastic
+        fields = {int(i): self._elastic(rng) for i in np.flatnonzero(elastic)}
+        return mats, fields, changed | elastic
+
     def _elastic(self, rng: np.random.Generator) -> torch.Tensor:
         """One displacement field (d, *patch) in voxels."""
         dims = len(self.patch_size)
@@ -290,10 +300,7 @@ class SpatialTransform(Transform):
         in_size = np.array(image.shape[2:])
         if (in_size < self.patch_size).any():
             raise ValueError(f"input {list(in_size)} is smaller than the patch {self.patch_size}")
-        mats, changed = self._matrices(b, rng)
-        elastic = rng.random(b) < self.p_elastic
-        fields = {int(i): self._elastic(rng) for i in np.flatnonzero(elastic)}
-        changed = changed | elastic
+        mats, fields, changed = self.draw(b, rng)
         # unchanged samples: the central crop, exactly (changed ones are written below)
         start = (in_size - self.patch_size) // 2
         crop = tuple(slice(int(s), int(s) + p) for s, p in zip(start, self.patch_size))

@@ -30,9 +30,10 @@ import medseg
 from medseg import schemas
 from medseg.errors import MedsegError
 from medseg.inference.configuration_ensemble import MEMBERS_DIR
+from medseg.inference.onnx_export import members_onnx
 from medseg.inference.predictor import Predictor, grid_labels
-from medseg.io import atomic_dir, load_nifti, nifti_spacing
-from medseg.preprocessing.fingerprint import case_files, label_file
+from medseg.io import atomic_dir
+from medseg.preprocessing.fingerprint import load_case
 from medseg.task import CASCADE, Task
 
 #: How the name of a pair reads (the ensemble package's ``configuration``).
@@ -73,34 +74,46 @@ class Selection:
                 "rule": "nnU-Net find_best_configuration: every configuration and every pair; ties go to the single configuration"}
 
 
-def _out_of_fold(dataset_dir: Path, configuration: str, fold_packages: list[Path], store: Path, cases_per_fold: int | None, overlap: float, device: str,
-                 progress: bool) -> dict[str, Path]:
-    """Each fold package predicts its own fold's validation cases; probabilities saved as float16 ``.npy``."""
+@dataclass
+class _OutOfFold:
+    """Where the out-of-fold predictions were kept: per case its reference (uint8 ``.npy``), its input spacing, and per
+    configuration its probabilities (float16 ``.npy``)."""
+
+    references: dict[str, Path]
+    spacings: dict[str, list[float]]
+    probabilities: dict[str, dict[str, Path]]  # configuration → case → file
+
+    def probs(self, configuration: str, case_id: str) -> np.ndarray:
+        return np.load(self.probabilities[configuration][case_id]).astype(np.float32)
+
+
+def _out_of_fold(dataset_dir: Path, fold_packages: dict[str, list[Path]], store: Path, cases_per_fold: int | None, overlap: float, device: str,
+                 progress: bool) -> _OutOfFold:
+    """Fold by fold, every configuration's model of that fold predicts the fold's validation cases, each case read
+    once for all of them; probabilities saved as float16 ``.npy``, the references as uint8."""
     dataset = schemas.DatasetJson.load(dataset_dir)
     splits = schemas.Splits.load(dataset_dir)
-    saved: dict[str, Path] = {}
-    folder = store / configuration
-    folder.mkdir(parents=True, exist_ok=True)
-    for package_dir in fold_packages:
-        fold = _fold(schemas.ModelPackage.load(package_dir))
+    by_fold: dict[int, dict[str, Path]] = {}
+    for configuration, packages in fold_packages.items():
+        for package_dir in packages:
+            by_fold.setdefault(_fold(schemas.ModelPackage.load(package_dir)), {})[configuration] = package_dir
+    found = _OutOfFold({}, {}, {c: {} for c in fold_packages})
+    for folder in [store / "references", *(store / c for c in fold_packages)]:
+        folder.mkdir(parents=True, exist_ok=True)
+    for fold, packages in sorted(by_fold.items()):
         if not 0 <= fold < len(splits.folds):
-            raise MedsegError(f"the model was trained on fold {fold}, which the splits do not have", package_dir)
-        predictor = Predictor.from_package(package_dir, device=device, overlap=overlap)
-        cases = list(splits.folds[fold]["val"])[:cases_per_fold]
-        for case_id in tqdm(cases, desc=f"out-of-fold {configuration} fold {fold}", disable=not progress):
-            images, affine, header = _read_case(dataset_dir, case_id, len(dataset.channel_names))
-            probs = predictor.original_probabilities(images, affine, list(nifti_spacing(header)))
-            path = folder / f"{case_id}.npy"
-            np.save(path, probs.astype(np.float16))
-            saved[case_id] = path
-    return saved
-
-
-def _read_case(dataset_dir: Path, case_id: str, n_channels: int) -> tuple[np.ndarray, np.ndarray, Any]:
-    from medseg.io import stack_channels
-
-    paths = case_files(dataset_dir, case_id, n_channels)
-    return stack_channels([load_nifti(p) for p in paths], [str(p) for p in paths])
+            raise MedsegError(f"the model was trained on fold {fold}, which the splits do not have", next(iter(packages.values())))
+        predictors = {c: Predictor.from_package(p, device=device, overlap=overlap) for c, p in packages.items()}
+        for case_id in tqdm(list(splits.folds[fold]["val"])[:cases_per_fold], desc=f"out-of-fold fold {fold}", disable=not progress):
+            images, ref, affine, spacing = load_case(dataset_dir, case_id, len(dataset.channel_names))
+            found.references[case_id] = store / "references" / f"{case_id}.npy"
+            np.save(found.references[case_id], ref)
+            found.spacings[case_id] = [float(s) for s in spacing]
+            for configuration, predictor in predictors.items():
+                path = store / configuration / f"{case_id}.npy"
+                np.save(path, predictor.original_probabilities(images, affine, spacing).astype(np.float16))
+                found.probabilities[configuration][case_id] = path
+    return found
 
 
 def _case_dice(probs: np.ndarray, ref: np.ndarray, regions: dict[str, list[int]], labels: list[int], groups: dict[str, list[int]]) -> dict[str, float]:
@@ -137,19 +150,15 @@ def select_configuration(dataset_dir: str | Path, fold_packages: dict[str, list[
     first = schemas.ModelPackage.load(next(iter(fold_packages.values()))[0])
     regions = {str(k): [int(v) for v in vs] for k, vs in (first.network.get("regions") or {}).items()} if first.network.get("output") == "regions" else {}
     labels, groups = dataset.label_values, task.reported_groups
-    store = work_dir / "out_of_fold"
-    saved = {c: _out_of_fold(dataset_dir, c, paths, store, cases_per_fold, overlap, device, progress) for c, paths in fold_packages.items()}
-    case_ids = sorted(set.intersection(*[set(s) for s in saved.values()]))
+    saved = _out_of_fold(dataset_dir, fold_packages, work_dir / "out_of_fold", cases_per_fold, overlap, device, progress)
+    case_ids = sorted(saved.references)
     if not case_ids:
         raise MedsegError("no out-of-fold cases to score the configurations on (the folds have no validation cases)", dataset_dir / schemas.SPLITS_JSON)
     candidates = [[c] for c in fold_packages] + ([list(p) for p in itertools.combinations(fold_packages, 2)] if pairs else [])
     per_case: dict[str, list[dict[str, float]]] = {PAIR_JOIN.join(c): [] for c in candidates}
-    spacings = []
     for case_id in tqdm(case_ids, desc="score configurations", disable=not progress):
-        ref_img, _, header = load_nifti(label_file(dataset_dir, case_id), dtype=np.float32)
-        ref = np.rint(ref_img).astype(np.uint8)
-        spacings.append(list(nifti_spacing(header)))
-        probs = {c: np.load(saved[c][case_id]).astype(np.float32) for c in fold_packages}
+        ref = np.load(saved.references[case_id])
+        probs = {c: saved.probs(c, case_id) for c in fold_packages}
         for members in candidates:
             mean = probs[members[0]] if len(members) == 1 else np.mean([probs[m] for m in members], axis=0)
             per_case[PAIR_JOIN.join(members)].append(_case_dice(mean, ref, regions, labels, groups))
@@ -159,12 +168,9 @@ def select_configuration(dataset_dir: str | Path, fold_packages: dict[str, list[
     best = max(candidates, key=lambda c: (round(scores[PAIR_JOIN.join(c)], 6), -len(c), -candidates.index(c)))
     chosen = sorted(best, key=lambda c: -scores[c])  # the better member first: its plan and grid describe the package
     selection = Selection(scores=scores, group_scores=group_scores, chosen=chosen, n_cases=len(case_ids), folds=next(iter(fold_sets.values())),
-                          spacing=[float(s) for s in np.median(np.array(spacings), axis=0)])
-    winner_pairs = []
-    for case_id in case_ids:
-        ref_img, _, _ = load_nifti(label_file(dataset_dir, case_id), dtype=np.float32)
-        mean = np.mean([np.load(saved[c][case_id]).astype(np.float32) for c in chosen], axis=0)
-        winner_pairs.append((grid_labels(mean, regions, labels), np.rint(ref_img).astype(np.uint8)))
+                          spacing=[float(s) for s in np.median(np.array([saved.spacings[c] for c in case_ids]), axis=0)])
+    winner_pairs = [(grid_labels(np.mean([saved.probs(c, case_id) for c in chosen], axis=0), regions, labels), np.load(saved.references[case_id]))
+                    for case_id in case_ids]
     return selection, winner_pairs
 
 
@@ -190,10 +196,7 @@ def save_configuration_ensemble(model_dir: str | Path, members: dict[str, Path],
                   "mlflow_run_id": packages[c].training.get("mlflow_run_id")} for c in names]
     training = {"config": dict(first.training.get("config") or {}), "val_metric": first.training.get("val_metric"), "folds": selection.folds,
                 "configuration_selection": selection.to_dict()}
-    onnx_members = [bool((packages[c].onnx or {}).get("file")) for c in names]
-    onnx = {"file": None, "members": all(onnx_members),
-            "reason": "a configuration ensemble: each member package carries its own network.onnx" if all(onnx_members) else
-                      f"member(s) without network.onnx: {', '.join(c for c, ok in zip(names, onnx_members) if not ok)}"}
+    onnx = members_onnx({c: dict(packages[c].onnx or {"reason": "written before the export existed"}) for c in names})
     with atomic_dir(Path(model_dir)) as tmp:
         for c in names:
             shutil.copytree(members[c], tmp / MEMBERS_DIR / c)

@@ -343,7 +343,9 @@ def build_selected_model(preprocessed_dir: Path, dataset_dir: Path | None, fold_
         if len(members) == 1:
             models[configuration] = members[0]
             continue
-        built, cv = build_fold_ensemble(preprocessed_dir, members, work / configuration / "model", cfg, tracking_uri,
+        # one configuration: its fold ensemble is the model, written in place (no copy out of the work folder)
+        target = model_dir if len(by_configuration) == 1 else work / configuration / "model"
+        built, cv = build_fold_ensemble(preprocessed_dir, members, target, cfg, tracking_uri,
                                         {**(tags or {}), "configuration": configuration}, progress)
         models[configuration] = built
         report.update({f"cv_{configuration}_{k}" if len(by_configuration) > 1 else f"cv_{k}": v for k, v in cv.items()})
